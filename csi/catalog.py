@@ -1,0 +1,135 @@
+"""The controller's records: volumes, their names, and their attachments to nodes.
+
+Kinds in the store:
+  volume      key volume_id            -> VolumeRecord fields
+  volume-name key name                 -> {"volume_id": ...}   (the idempotency index)
+  attachment  key volume_id|node_id    -> {"read_only": bool}
+A volume is listed only once it is "ready", so a crash mid-create never shows a
+half-made entry; reconcile() settles such records at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.state import Store
+
+VOLUME, VOLUME_NAME, ATTACHMENT = "volume", "volume-name", "attachment"
+CREATING, READY, DELETING = "creating", "ready", "deleting"
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    volume_id: str
+    name: str
+    capacity_bytes: int
+    node_id: str
+    zone: str
+    access_types: tuple[str, ...]
+    parameters: dict[str, str] = field(default_factory=dict)
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
+    qos_json: str = ""
+    source_kind: str = ""  # "", "volume" or "snapshot"
+    source_id: str = ""
+    state: str = CREATING
+    created_at: float = 0.0
+
+    def to_record(self) -> dict:
+        rec = dataclasses.asdict(self)
+        rec["access_types"] = list(self.access_types)
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "VolumeRecord":
+        rec = dict(rec)
+        rec["access_types"] = tuple(rec["access_types"])
+        return cls(**rec)
+
+    def replace(self, **changes) -> "VolumeRecord":
+        return dataclasses.replace(self, **changes)
+
+
+def new_volume_id() -> str:
+    return f"vol-{uuid.uuid4().hex}"
+
+
+def _attach_key(volume_id: str, node_id: str) -> str:
+    return f"{volume_id}|{node_id}"
+
+
+class Catalog:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # --- volumes -----------------------------------------------------------------
+    def volume(self, volume_id: str, *, any_state: bool = False) -> VolumeRecord | None:
+        rec = self.store.get(VOLUME, volume_id)
+        if rec is None:
+            return None
+        vol = VolumeRecord.from_record(rec)
+        return vol if any_state or vol.state == READY else None
+
+    def volume_by_name(self, name: str) -> VolumeRecord | None:
+        ref = self.store.get(VOLUME_NAME, name)
+        return self.volume(ref["volume_id"], any_state=True) if ref else None
+
+    def begin_create(self, vol: VolumeRecord) -> None:
+        with self.store.txn() as t:
+            t.put(VOLUME, vol.volume_id, vol.to_record())
+            t.put(VOLUME_NAME, vol.name, {"volume_id": vol.volume_id})
+
+    def save(self, vol: VolumeRecord) -> None:
+        self.store.put(VOLUME, vol.volume_id, vol.to_record())
+
+    def forget(self, vol: VolumeRecord) -> None:
+        with self.store.txn() as t:
+            t.delete(VOLUME, vol.volume_id)
+            ref = t.get(VOLUME_NAME, vol.name)
+            if ref is not None and ref["volume_id"] == vol.volume_id:
+                t.delete(VOLUME_NAME, vol.name)
+
+    def volumes(self, *, after: str = "", limit: int = 0) -> list[VolumeRecord]:
+        """Ready volumes in ID order, starting after `after`."""
+        out: list[VolumeRecord] = []
+        cursor = after
+        while True:
+            batch = self.store.list(VOLUME, after=cursor, limit=max(limit, 256))
+            if not batch:
+                return out
+            for key, rec in batch:
+                cursor = key
+                if rec["state"] == READY:
+                    out.append(VolumeRecord.from_record(rec))
+                    if limit and len(out) == limit:
+                        return out
+
+    def all_volumes(self, *, any_state: bool = False) -> list[VolumeRecord]:
+        vols = [VolumeRecord.from_record(r) for _, r in self.store.list(VOLUME)]
+        return vols if any_state else [v for v in vols if v.state == READY]
+
+    def provisioned_bytes(self, node_id: str) -> int:
+        return sum(v.capacity_bytes for v in self.all_volumes(any_state=True)
+                   if v.node_id == node_id)
+
+    # --- attachments ---------------------------------------------------------------
+    def attachment(self, volume_id: str, node_id: str) -> dict | None:
+        return self.store.get(ATTACHMENT, _attach_key(volume_id, node_id))
+
+    def attachments_of(self, volume_id: str) -> dict[str, dict]:
+        return {
+            key.split("|", 1)[1]: rec
+            for key, rec in self.store.list(ATTACHMENT, prefix=f"{volume_id}|")
+        }
+
+    def attached_volume_count(self, node_id: str) -> int:
+        return sum(1 for key, _ in self.store.list(ATTACHMENT) if key.split("|", 1)[1] == node_id)
+
+    def attach(self, volume_id: str, node_id: str, read_only: bool) -> None:
+        self.store.put(ATTACHMENT, _attach_key(volume_id, node_id),
+                       {"read_only": read_only, "at": time.time()})
+
+    def detach(self, volume_id: str, node_id: str) -> None:
+        self.store.delete(ATTACHMENT, _attach_key(volume_id, node_id))

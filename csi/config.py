@@ -1,0 +1,46 @@
+"""The driver's configuration: one object, built once at start-up and passed in."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from engine.qos.tiers import DEFAULT_TIERS, QosSpec
+
+DRIVER_NAME = "tandem.csi.dev"
+TOPOLOGY_NODE_KEY = "topology.tandem.csi.dev/node"
+TOPOLOGY_ZONE_KEY = "topology.tandem.csi.dev/zone"
+DEFAULT_ZONE = "default"
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: str
+    node_id: str
+    state_dir: str
+    zone: str = DEFAULT_ZONE
+    pool_dir: str = ""  # default: <state_dir>/pool
+    pool_image_bytes: int = 100 * GIB
+    overcommit_ratio: float = 20.0
+    max_volumes_per_node: int = 128
+    default_volume_bytes: int = 1 * GIB
+    allowed_path_roots: tuple[str, ...] = ()  # opt-in restriction of target paths
+    tiers: dict[str, QosSpec] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    workers: int = 16
+
+    @property
+    def pool_directory(self) -> str:
+        return self.pool_dir or os.path.join(self.state_dir, "pool")
+
+    @property
+    def pool_image_path(self) -> str:
+        return os.path.join(self.state_dir, "pool.xfs.img")
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.state_dir, "state.sqlite")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.state_dir, "tandem.lock")

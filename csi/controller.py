@@ -1,0 +1,430 @@
+"""CSI Controller service: volumes' life cycle, attachments, capacity.
+
+A thin adapter: it validates, keeps the controller's records (csi/catalog.py) and asks
+the owning node's engine to do the storage work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from csi import sizes, validation
+from csi.catalog import CREATING, DELETING, READY, Catalog, VolumeRecord, new_volume_id
+from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
+from csi.errors import RpcError, invalid, not_found, translated
+from csi.locks import KeyLocks
+from engine import crash
+from engine.errors import InUse, OutOfCapacity
+from engine.filesystem import XFS_MIN_BYTES
+from engine.node_engine import NodeEngine
+from engine.qos.tiers import resolve_qos
+from proto import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Cap = csi_pb2.ControllerServiceCapability.RPC
+CAPABILITIES = (
+    Cap.CREATE_DELETE_VOLUME,
+    Cap.PUBLISH_UNPUBLISH_VOLUME,
+    Cap.LIST_VOLUMES,
+    Cap.GET_CAPACITY,
+    Cap.EXPAND_VOLUME,
+    Cap.LIST_VOLUMES_PUBLISHED_NODES,
+    Cap.PUBLISH_READONLY,
+    Cap.SINGLE_NODE_MULTI_WRITER,
+    Cap.VOLUME_CONDITION,
+    Cap.GET_VOLUME,
+    Cap.MODIFY_VOLUME,
+    Cap.CLONE_VOLUME,
+)
+TOKEN_PREFIX = "v1."
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, config: Config, catalog: Catalog, nodes: dict[str, NodeEngine]):
+        self.config = config
+        self.catalog = catalog
+        self.nodes = nodes
+        self.locks = KeyLocks()
+
+    # --- helpers -----------------------------------------------------------------
+    def _topology(self, node: NodeEngine) -> dict[str, str]:
+        return {TOPOLOGY_NODE_KEY: node.identity.node_id, TOPOLOGY_ZONE_KEY: node.identity.zone}
+
+    def _available_bytes(self, node: NodeEngine) -> int:
+        usage = node.usage()
+        thin = int((usage.free_bytes - usage.reserve_bytes) * self.config.overcommit_ratio)
+        return max(0, thin - self.catalog.provisioned_bytes(node.identity.node_id))
+
+    def _matches(self, node: NodeEngine, segments) -> bool:
+        mine = self._topology(node)
+        return all(mine.get(k) == v for k, v in segments.items())
+
+    def _place(self, req: csi_pb2.CreateVolumeRequest) -> NodeEngine:
+        reqs = req.accessibility_requirements
+        candidates = list(self.nodes.values())
+        if reqs.requisite:
+            candidates = [n for n in candidates
+                          if any(self._matches(n, t.segments) for t in reqs.requisite)]
+        if not candidates:
+            raise OutOfCapacity("no node matches the volume's accessibility requirements")
+        for topo in reqs.preferred:
+            for node in candidates:
+                if self._matches(node, topo.segments):
+                    return node
+        return candidates[0]
+
+    def _volume(self, vol: VolumeRecord) -> csi_pb2.Volume:
+        node = self.nodes.get(vol.node_id)
+        topology = [csi_pb2.Topology(segments=self._topology(node))] if node else [
+            csi_pb2.Topology(segments={TOPOLOGY_NODE_KEY: vol.node_id, TOPOLOGY_ZONE_KEY: vol.zone})
+        ]
+        source = None
+        if vol.source_kind == "volume":
+            source = csi_pb2.VolumeContentSource(
+                volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vol.source_id))
+        elif vol.source_kind == "snapshot":
+            source = csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=vol.source_id))
+        return csi_pb2.Volume(
+            volume_id=vol.volume_id,
+            capacity_bytes=vol.capacity_bytes,
+            accessible_topology=topology,
+            content_source=source,
+        )
+
+    def _condition(self, vol: VolumeRecord) -> csi_pb2.VolumeCondition:
+        node = self.nodes.get(vol.node_id)
+        if node is None:
+            return csi_pb2.VolumeCondition(abnormal=True, message=f"node {vol.node_id} is unknown")
+        backing = node.volume(vol.volume_id)
+        if backing is None or not node.pool.file_exists(backing.file_name):
+            return csi_pb2.VolumeCondition(abnormal=True, message="backing file is missing")
+        usage = node.usage()
+        if usage.free_bytes <= usage.reserve_bytes:
+            return csi_pb2.VolumeCondition(
+                abnormal=True,
+                message=f"pool on {vol.node_id} is nearly full ({usage.free_bytes} bytes free): "
+                "writes to unallocated space may fail",
+            )
+        return csi_pb2.VolumeCondition(abnormal=False, message="")
+
+    def _require_volume(self, volume_id: str) -> VolumeRecord:
+        vol = self.catalog.volume(volume_id) if validation.well_formed_id(volume_id) else None
+        if vol is None:
+            raise not_found(f"volume {volume_id!r} does not exist")
+        return vol
+
+    # --- create / delete -----------------------------------------------------------
+    @translated
+    def CreateVolume(self, req: csi_pb2.CreateVolumeRequest, context) -> csi_pb2.CreateVolumeResponse:
+        name = validation.check_name(req.name)
+        access_types = validation.check_capabilities(req.volume_capabilities)
+        params = validation.check_parameters(
+            req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
+        mutable = validation.check_parameters(
+            req.mutable_parameters, validation.MUTABLE_PARAMETER_KEYS, "mutable parameter")
+        qos = resolve_qos(params, mutable, self.config.tiers)
+        minimum = sizes.MIN_VOLUME_BYTES
+        if any(c.WhichOneof("access_type") == "mount" and c.mount.fs_type == "xfs"
+               for c in req.volume_capabilities):
+            minimum = XFS_MIN_BYTES
+        size = sizes.volume_size(
+            req.capacity_range.required_bytes, req.capacity_range.limit_bytes,
+            self.config.default_volume_bytes, minimum)
+        source_kind, source_id = self._content_source(req)
+
+        with self.locks.hold(f"name:{name}"):
+            existing = self.catalog.volume_by_name(name)
+            if existing is not None and existing.state == READY:
+                self._check_same_request(existing, req, access_types, source_kind, source_id)
+                return csi_pb2.CreateVolumeResponse(volume=self._volume(existing))
+            if existing is not None:  # a failed earlier attempt: start over
+                self._roll_back(existing)
+            if source_kind == "volume":
+                source = self._require_volume(source_id)
+                if source.capacity_bytes > size:
+                    raise RpcError(grpc.StatusCode.OUT_OF_RANGE,
+                                   f"source volume is {source.capacity_bytes} bytes, "
+                                   f"larger than the {size} asked for")
+            node = self._place(req)
+            if source_kind == "volume" and source.node_id != node.identity.node_id:
+                raise OutOfCapacity("the source volume lives on another node than allowed")
+            available = self._available_bytes(node)
+            if size > available:
+                raise OutOfCapacity(
+                    f"{size} bytes asked, {available} bytes available on {node.identity.node_id}")
+            vol = VolumeRecord(
+                volume_id=new_volume_id(), name=name, capacity_bytes=size,
+                node_id=node.identity.node_id, zone=node.identity.zone,
+                access_types=tuple(sorted(set(access_types))), parameters=params,
+                mutable_parameters=mutable, qos_json=qos.to_json(),
+                source_kind=source_kind, source_id=source_id, state=CREATING,
+                created_at=time.time(),
+            )
+            self.catalog.begin_create(vol)
+            crash.point("create-volume-after-intent")
+            try:
+                node.create_volume(vol.volume_id, size,
+                                   clone_from_volume=source_id if source_kind == "volume" else "")
+            except BaseException:
+                self._roll_back(vol)
+                raise
+            crash.point("create-volume-after-engine")
+            vol = vol.replace(state=READY)
+            self.catalog.save(vol)
+            log.info("created volume %s (%s, %d bytes) on %s", vol.volume_id, name, size,
+                     vol.node_id)
+            return csi_pb2.CreateVolumeResponse(volume=self._volume(vol))
+
+    def _content_source(self, req: csi_pb2.CreateVolumeRequest) -> tuple[str, str]:
+        if not req.HasField("volume_content_source"):
+            return "", ""
+        src = req.volume_content_source
+        kind = src.WhichOneof("type")
+        if kind == "volume":
+            validation.require(src.volume.volume_id, "volume_content_source.volume.volume_id")
+            return "volume", src.volume.volume_id
+        if kind == "snapshot":
+            raise invalid("restoring from snapshots is not supported yet")
+        raise invalid("volume_content_source has no type")
+
+    def _check_same_request(self, vol: VolumeRecord, req, access_types, source_kind, source_id):
+        rng = req.capacity_range
+        if rng.required_bytes and vol.capacity_bytes < rng.required_bytes:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {vol.name!r} exists with {vol.capacity_bytes} bytes")
+        if rng.limit_bytes and vol.capacity_bytes > rng.limit_bytes:
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {vol.name!r} exists with {vol.capacity_bytes} bytes")
+        if (source_kind, source_id) != (vol.source_kind, vol.source_id):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {vol.name!r} exists with another content source")
+        if not set(access_types) <= set(vol.access_types):
+            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {vol.name!r} exists with other access types")
+
+    def _roll_back(self, vol: VolumeRecord) -> None:
+        node = self.nodes.get(vol.node_id)
+        if node is not None:
+            node.delete_volume(vol.volume_id)
+        self.catalog.forget(vol)
+
+    @translated
+    def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context) -> csi_pb2.DeleteVolumeResponse:
+        volume_id = validation.require(req.volume_id, "volume_id")
+        if not validation.well_formed_id(volume_id):
+            return csi_pb2.DeleteVolumeResponse()  # never ours, so already gone
+        with self.locks.hold(volume_id):
+            vol = self.catalog.volume(volume_id, any_state=True)
+            if vol is None:
+                return csi_pb2.DeleteVolumeResponse()
+            attached = self.catalog.attachments_of(volume_id)
+            if attached:
+                raise InUse(f"volume {volume_id} is still published to {', '.join(attached)}")
+            node = self.nodes.get(vol.node_id)
+            if node is not None and node.is_staged(volume_id):
+                raise InUse(f"volume {volume_id} is still staged on {vol.node_id}")
+            self.catalog.save(vol.replace(state=DELETING))
+            crash.point("delete-volume-after-intent")
+            if node is not None:
+                node.delete_volume(volume_id)
+            crash.point("delete-volume-after-engine")
+            self.catalog.forget(vol)
+            log.info("deleted volume %s (%s)", volume_id, vol.name)
+        return csi_pb2.DeleteVolumeResponse()
+
+    # --- publish -------------------------------------------------------------------
+    @translated
+    def ControllerPublishVolume(self, req, context) -> csi_pb2.ControllerPublishVolumeResponse:
+        volume_id = validation.require(req.volume_id, "volume_id")
+        node_id = validation.require(req.node_id, "node_id")
+        if not req.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        kind = validation.check_capability(req.volume_capability)
+        with self.locks.hold(volume_id):
+            vol = self._require_volume(volume_id)
+            if node_id not in self.nodes:
+                raise not_found(f"node {node_id!r} is not known")
+            if kind not in vol.access_types:
+                raise invalid(f"volume {volume_id} was created for {', '.join(vol.access_types)}")
+            if node_id != vol.node_id:
+                raise InUse(f"volume {volume_id} is local to node {vol.node_id}")
+            current = self.catalog.attachment(volume_id, node_id)
+            if current is not None:
+                if current["read_only"] != req.readonly:
+                    raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"volume {volume_id} is published to {node_id} with "
+                                   f"readonly={current['read_only']}")
+                return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
+            if self.catalog.attached_volume_count(node_id) >= self.config.max_volumes_per_node:
+                raise OutOfCapacity(f"node {node_id} has its maximum of "
+                                    f"{self.config.max_volumes_per_node} volumes attached")
+            self.catalog.attach(volume_id, node_id, req.readonly)
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
+
+    @translated
+    def ControllerUnpublishVolume(self, req, context) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        volume_id = validation.require(req.volume_id, "volume_id")
+        if not validation.well_formed_id(volume_id):
+            return csi_pb2.ControllerUnpublishVolumeResponse()
+        with self.locks.hold(volume_id):
+            nodes = [req.node_id] if req.node_id else list(self.catalog.attachments_of(volume_id))
+            for node_id in nodes:
+                self.catalog.detach(volume_id, node_id)
+        return csi_pb2.ControllerUnpublishVolumeResponse()
+
+    # --- queries -------------------------------------------------------------------
+    @translated
+    def ValidateVolumeCapabilities(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        if not req.volume_capabilities:
+            raise invalid("volume_capabilities are required")
+        vol = self._require_volume(volume_id)
+        validation.check_parameters(req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
+        for cap in req.volume_capabilities:
+            why = validation.unsupported_capability(cap)
+            if not why and validation.access_type(cap) not in vol.access_types:
+                why = f"volume was created for {', '.join(vol.access_types)}"
+            if why:
+                return csi_pb2.ValidateVolumeCapabilitiesResponse(message=why)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=req.volume_context,
+            volume_capabilities=req.volume_capabilities,
+            parameters=req.parameters,
+            mutable_parameters=req.mutable_parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def _status(self, vol: VolumeRecord):
+        return dict(
+            published_node_ids=sorted(self.catalog.attachments_of(vol.volume_id)),
+            volume_condition=self._condition(vol),
+        )
+
+    @translated
+    def ListVolumes(self, req: csi_pb2.ListVolumesRequest, context) -> csi_pb2.ListVolumesResponse:
+        if req.max_entries < 0:
+            raise invalid("max_entries must not be negative")
+        after = ""
+        if req.starting_token:
+            token = req.starting_token
+            after = token[len(TOKEN_PREFIX):]
+            if not token.startswith(TOKEN_PREFIX) or not validation.well_formed_id(after):
+                raise RpcError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not ours")
+        limit = req.max_entries
+        vols = self.catalog.volumes(after=after, limit=limit + 1 if limit else 0)
+        next_token = ""
+        if limit and len(vols) > limit:
+            vols = vols[:limit]
+            next_token = TOKEN_PREFIX + vols[-1].volume_id
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=self._volume(v),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(**self._status(v)),
+            )
+            for v in vols
+        ]
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    @translated
+    def ControllerGetVolume(self, req, context) -> csi_pb2.ControllerGetVolumeResponse:
+        vol = self._require_volume(validation.require(req.volume_id, "volume_id"))
+        return csi_pb2.ControllerGetVolumeResponse(
+            volume=self._volume(vol),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(**self._status(vol)),
+        )
+
+    @translated
+    def GetCapacity(self, req: csi_pb2.GetCapacityRequest, context) -> csi_pb2.GetCapacityResponse:
+        params = validation.check_parameters(
+            req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
+        resolve_qos(params, {}, self.config.tiers)
+        for cap in req.volume_capabilities:
+            if validation.unsupported_capability(cap):
+                return csi_pb2.GetCapacityResponse(available_capacity=0)
+        nodes = [n for n in self.nodes.values()
+                 if not req.HasField("accessible_topology")
+                 or self._matches(n, req.accessible_topology.segments)]
+        available = sum(self._available_bytes(n) for n in nodes)
+        largest = max((self._available_bytes(n) for n in nodes), default=0)
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=available,
+            maximum_volume_size={"value": min(largest, sizes.MAX_VOLUME_BYTES)},
+            minimum_volume_size={"value": sizes.MIN_VOLUME_BYTES},
+        )
+
+    @translated
+    def ControllerGetCapabilities(self, req, context):
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=c))
+            for c in CAPABILITIES
+        ])
+
+    # --- changes to a live volume --------------------------------------------------
+    @translated
+    def ControllerExpandVolume(self, req, context) -> csi_pb2.ControllerExpandVolumeResponse:
+        volume_id = validation.require(req.volume_id, "volume_id")
+        if not req.HasField("capacity_range"):
+            raise invalid("capacity_range is required")
+        if req.HasField("volume_capability"):
+            validation.check_capability(req.volume_capability)
+        with self.locks.hold(volume_id):
+            vol = self._require_volume(volume_id)
+            rng = req.capacity_range
+            size = sizes.volume_size(rng.required_bytes, rng.limit_bytes, vol.capacity_bytes)
+            if size <= vol.capacity_bytes:
+                return csi_pb2.ControllerExpandVolumeResponse(
+                    capacity_bytes=vol.capacity_bytes, node_expansion_required=True)
+            node = self.nodes[vol.node_id]
+            growth = size - vol.capacity_bytes
+            available = self._available_bytes(node)
+            if growth > available:
+                raise OutOfCapacity(f"growing by {growth} bytes; {available} bytes available")
+            node.expand_volume(volume_id, size)
+            self.catalog.save(vol.replace(capacity_bytes=size))
+        # The loop device (and the filesystem) must be told on the node, block included.
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=size, node_expansion_required=True)
+
+    @translated
+    def ControllerModifyVolume(self, req, context) -> csi_pb2.ControllerModifyVolumeResponse:
+        volume_id = validation.require(req.volume_id, "volume_id")
+        mutable = validation.check_parameters(
+            req.mutable_parameters, validation.MUTABLE_PARAMETER_KEYS, "mutable parameter")
+        with self.locks.hold(volume_id):
+            vol = self._require_volume(volume_id)
+            merged = {**vol.mutable_parameters, **mutable}
+            qos = resolve_qos(vol.parameters, merged, self.config.tiers)
+            self.catalog.save(vol.replace(mutable_parameters=merged, qos_json=qos.to_json()))
+        return csi_pb2.ControllerModifyVolumeResponse()
+
+    # --- not offered (yet): the spec's answer is UNIMPLEMENTED -----------------------
+    def _unimplemented(self, context, what: str):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported")
+
+    def CreateSnapshot(self, req, context):
+        self._unimplemented(context, "CreateSnapshot")
+
+    def DeleteSnapshot(self, req, context):
+        self._unimplemented(context, "DeleteSnapshot")
+
+    def ListSnapshots(self, req, context):
+        self._unimplemented(context, "ListSnapshots")
+
+    def GetSnapshot(self, req, context):
+        self._unimplemented(context, "GetSnapshot")
+
+
+def reconcile(catalog: Catalog, nodes: dict[str, NodeEngine]) -> None:
+    """At start-up: finish deletes and roll back creates that a crash interrupted."""
+    for vol in catalog.all_volumes(any_state=True):
+        if vol.state in (CREATING, DELETING):
+            log.warning("settling interrupted %s of volume %s", vol.state, vol.volume_id)
+            node = nodes.get(vol.node_id)
+            if node is not None:
+                node.delete_volume(vol.volume_id)
+            catalog.forget(vol)

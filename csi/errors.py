@@ -1,0 +1,72 @@
+"""The single translator from domain errors to gRPC status codes.
+
+Handlers raise; this decorator maps. Anything unexpected is logged with its traceback
+and returned as INTERNAL. Handlers never set codes themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from engine import errors
+
+log = logging.getLogger(__name__)
+
+
+class RpcError(Exception):
+    """A CSI-level error with an explicit code (request validation, mostly)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.NOT_FOUND, message)
+
+
+CODES: dict[type[Exception], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.InvalidSpec: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.OutOfCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.InUse: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Busy: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode | None:
+    if isinstance(exc, RpcError):
+        return exc.code
+    for cls in type(exc).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return None
+
+
+def translated(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method: domain errors become their status codes."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - this is the one place that maps all
+            code = code_for(exc)
+            if code is None:
+                log.exception("%s failed unexpectedly", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            log.info("%s: %s: %s", method.__name__, code.name, exc)
+            context.abort(code, str(exc))
+
+    return wrapper

@@ -1,0 +1,148 @@
+"""CSI Node service: stage, publish and measure volumes on this node."""
+
+from __future__ import annotations
+
+import logging
+
+from csi import validation
+from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
+from csi.errors import invalid, not_found, translated
+from csi.locks import KeyLocks
+from engine.node_engine import NodeEngine
+from engine.node_volumes import BLOCK, PublishRequest, StageRequest
+from proto import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+NodeCap = csi_pb2.NodeServiceCapability.RPC
+CAPABILITIES = (
+    NodeCap.STAGE_UNSTAGE_VOLUME,
+    NodeCap.GET_VOLUME_STATS,
+    NodeCap.EXPAND_VOLUME,
+    NodeCap.VOLUME_CONDITION,
+    NodeCap.SINGLE_NODE_MULTI_WRITER,
+)
+POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, config: Config, engine: NodeEngine):
+        self.config = config
+        self.engine = engine
+        self.locks = KeyLocks()
+
+    def _require_volume(self, volume_id: str) -> None:
+        if not validation.well_formed_id(volume_id) or self.engine.volume(volume_id) is None:
+            raise not_found(f"volume {volume_id!r} does not exist on node {self.config.node_id}")
+
+    def _path(self, value: str, what: str) -> str:
+        return validation.check_path(value, what, self.config.allowed_path_roots)
+
+    @translated
+    def NodeStageVolume(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        staging = self._path(req.staging_target_path, "staging_target_path")
+        if not req.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        cap = req.volume_capability
+        kind = validation.check_capability(cap)
+        with self.locks.hold(volume_id):
+            self._require_volume(volume_id)
+            self.engine.volumes.stage(StageRequest(
+                volume_id=volume_id,
+                staging_path=staging,
+                access_type=kind,
+                fs_type=cap.mount.fs_type if kind != BLOCK else "",
+                mount_flags=tuple(cap.mount.mount_flags) if kind != BLOCK else (),
+                read_only=cap.access_mode.mode in validation.READER_ONLY_MODES,
+            ))
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @translated
+    def NodeUnstageVolume(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        staging = self._path(req.staging_target_path, "staging_target_path")
+        with self.locks.hold(volume_id):
+            self._require_volume(volume_id)
+            self.engine.volumes.unstage(volume_id, staging)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    @translated
+    def NodePublishVolume(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        target = self._path(req.target_path, "target_path")
+        if not req.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        staging = self._path(req.staging_target_path, "staging_target_path")
+        cap = req.volume_capability
+        kind = validation.check_capability(cap)
+        with self.locks.hold(volume_id):
+            self._require_volume(volume_id)
+            self.engine.volumes.publish(PublishRequest(
+                volume_id=volume_id,
+                staging_path=staging,
+                target_path=target,
+                access_type=kind,
+                read_only=req.readonly or cap.access_mode.mode in validation.READER_ONLY_MODES,
+                mount_flags=tuple(cap.mount.mount_flags) if kind != BLOCK else (),
+                single_writer=cap.access_mode.mode == validation.Mode.SINGLE_NODE_SINGLE_WRITER,
+                pod_uid=req.volume_context.get(POD_UID_KEY, ""),
+            ))
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @translated
+    def NodeUnpublishVolume(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        target = self._path(req.target_path, "target_path")
+        with self.locks.hold(volume_id):
+            self._require_volume(volume_id)
+            self.engine.volumes.unpublish(volume_id, target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @translated
+    def NodeGetVolumeStats(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        path = validation.require(req.volume_path, "volume_path")
+        self._require_volume(volume_id)
+        stats = self.engine.volumes.stats(volume_id, path)
+        usage = [csi_pb2.VolumeUsage(
+            unit=csi_pb2.VolumeUsage.BYTES, total=stats.total_bytes,
+            available=stats.available_bytes, used=stats.used_bytes)]
+        if not stats.block:
+            usage.append(csi_pb2.VolumeUsage(
+                unit=csi_pb2.VolumeUsage.INODES, total=stats.total_inodes,
+                available=stats.free_inodes, used=stats.used_inodes))
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=usage,
+            volume_condition=csi_pb2.VolumeCondition(abnormal=stats.abnormal,
+                                                     message=stats.message),
+        )
+
+    @translated
+    def NodeExpandVolume(self, req, context):
+        volume_id = validation.require(req.volume_id, "volume_id")
+        path = validation.require(req.volume_path, "volume_path")
+        if req.HasField("volume_capability"):
+            validation.check_capability(req.volume_capability)
+        with self.locks.hold(volume_id):
+            self._require_volume(volume_id)
+            size = self.engine.volumes.expand(volume_id, path)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
+
+    @translated
+    def NodeGetCapabilities(self, req, context):
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=c))
+            for c in CAPABILITIES
+        ])
+
+    @translated
+    def NodeGetInfo(self, req, context):
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.config.node_id,
+            max_volumes_per_node=self.config.max_volumes_per_node,
+            accessible_topology=csi_pb2.Topology(segments={
+                TOPOLOGY_NODE_KEY: self.config.node_id,
+                TOPOLOGY_ZONE_KEY: self.config.zone,
+            }),
+        )

@@ -1,0 +1,186 @@
+"""`tandem-csi`: the all-in-one driver (Identity + Controller + Node on one socket)."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+import grpc
+
+from csi import controller as controller_mod
+from csi.catalog import Catalog
+from csi.config import DEFAULT_ZONE, GIB, Config
+from csi.controller import ControllerService
+from csi.identity import IdentityService
+from csi.node import NodeService
+from engine.errors import EngineError
+from engine.loopdev import LoopDevices
+from engine.mounts import Mounts
+from engine.node_engine import NodeEngine, NodeIdentity
+from engine.pool import Pool
+from engine.qos.tiers import load_tiers
+from engine.state import SqliteStore
+from proto import csi_pb2_grpc
+
+log = logging.getLogger("tandem")
+
+
+class StartupError(Exception):
+    """Something a person must fix before the driver can start; printed, no traceback."""
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="tandem-csi", description=__doc__)
+    p.add_argument("--endpoint", default="unix:///run/tandem/csi.sock",
+                   help="unix:///path/to/csi.sock")
+    p.add_argument("--node-id", default=socket.gethostname())
+    p.add_argument("--state-dir", default="/var/lib/tandem")
+    p.add_argument("--zone", default=DEFAULT_ZONE)
+    p.add_argument("--pool", default="", help="pool directory (default: STATE_DIR/pool)")
+    p.add_argument("--pool-size-gib", type=int, default=100,
+                   help="size of the XFS pool image made when --pool is not reflink-capable")
+    p.add_argument("--overcommit-ratio", type=float, default=20.0)
+    p.add_argument("--max-volumes-per-node", type=int, default=128)
+    p.add_argument("--allowed-path-root", action="append", default=[],
+                   help="opt-in: refuse staging/target paths outside these roots (repeatable)")
+    p.add_argument("--tiers-file", default="", help="JSON file of QoS tiers")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    if not a.endpoint.startswith("unix://"):
+        p.error("--endpoint must be unix:///path")
+    if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0:
+        p.error("--overcommit-ratio, --pool-size-gib must be positive, "
+                "--max-volumes-per-node not negative")
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kwargs = {}
+    if a.tiers_file:
+        kwargs["tiers"] = load_tiers(a.tiers_file)
+    return Config(
+        endpoint=a.endpoint, node_id=a.node_id, state_dir=os.path.abspath(a.state_dir),
+        zone=a.zone, pool_dir=os.path.abspath(a.pool) if a.pool else "",
+        pool_image_bytes=a.pool_size_gib * GIB, overcommit_ratio=a.overcommit_ratio,
+        max_volumes_per_node=a.max_volumes_per_node,
+        allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root), **kwargs,
+    )
+
+
+def socket_path(endpoint: str) -> str:
+    path = endpoint[len("unix://"):]
+    return path if path.startswith("/") else "/" + path
+
+
+def take_state_lock(config: Config) -> int:
+    """One driver per state dir: a second one would corrupt the other's work."""
+    os.makedirs(config.state_dir, exist_ok=True)
+    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(
+            f"another tandem-csi (pid {holder}) is already using state dir {config.state_dir}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def clear_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead driver; refuse one a live server still answers on."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            raise
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"{path} is in use by another running server")
+
+
+class Driver:
+    """Wires store, engine and services; start() serves, stop() shuts down cleanly."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.ready = threading.Event()
+        self.server: grpc.Server | None = None
+        self.store: SqliteStore | None = None
+        self._lock_fd = -1
+
+    def start(self) -> None:
+        cfg = self.config
+        self._lock_fd = take_state_lock(cfg)
+        path = socket_path(cfg.endpoint)
+        clear_stale_socket(path)
+        self.store = SqliteStore(cfg.store_path)
+        loops, mounts = LoopDevices(), Mounts()
+        pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
+                    loops=loops, mounts=mounts)
+        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts)
+        engine.open()
+        catalog = Catalog(self.store)
+        nodes = {cfg.node_id: engine}
+        controller_mod.reconcile(catalog, nodes)
+
+        self.server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=cfg.workers),
+            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.ready), self.server)
+        csi_pb2_grpc.add_ControllerServicer_to_server(
+            ControllerService(cfg, catalog, nodes), self.server)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
+        self.server.add_insecure_port(f"unix://{path}")
+        self.server.start()
+        os.chmod(path, 0o600)
+        self.ready.set()
+        log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
+                 cfg.zone, cfg.pool_directory)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.ready.clear()
+        if self.server is not None:
+            self.server.stop(grace_s).wait()
+        if self.store is not None:
+            self.store.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    driver = Driver(config)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    try:
+        driver.start()
+    except (StartupError, EngineError) as e:
+        log.error("cannot start: %s", e)
+        driver.stop(0)
+        return 2
+    stopping.wait()
+    log.info("stopping")
+    driver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Request checks shared by the controller and node services.
+
+Required fields are checked before any lookup (the spec's order, and csi-sanity's),
+and every string that could reach a path or a command is checked here first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from csi.errors import invalid
+from engine.filesystem import check_fs_type
+from engine.node_volumes import BLOCK, MOUNT
+from engine.qos.tiers import QOS_KEYS
+from proto import csi_pb2
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+SUPPORTED_MODES = frozenset({
+    Mode.SINGLE_NODE_WRITER,
+    Mode.SINGLE_NODE_READER_ONLY,
+    Mode.SINGLE_NODE_SINGLE_WRITER,
+    Mode.SINGLE_NODE_MULTI_WRITER,
+})
+READER_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+
+# Parameters the sidecars add (pvc/pv names, secrets' names): accepted and ignored.
+SIDECAR_PREFIX = "csi.storage.k8s.io/"
+VOLUME_PARAMETER_KEYS = QOS_KEYS
+MUTABLE_PARAMETER_KEYS = QOS_KEYS
+MAX_NAME_CHARS = 1024
+
+
+def require(value: str, what: str) -> str:
+    if not value:
+        raise invalid(f"{what} is required")
+    if "\0" in value:
+        raise invalid(f"{what} contains a NUL byte")
+    return value
+
+
+def check_name(name: str) -> str:
+    require(name, "name")
+    if len(name) > MAX_NAME_CHARS:
+        raise invalid(f"name is longer than {MAX_NAME_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise invalid("name contains control characters")
+    return name
+
+
+def check_path(path: str, what: str, allowed_roots: tuple[str, ...] = ()) -> str:
+    """An absolute path without NUL; inside allowed_roots when that opt-in is set."""
+    require(path, what)
+    if not os.path.isabs(path):
+        raise invalid(f"{what} must be an absolute path, not {path!r}")
+    norm = os.path.normpath(path)
+    if allowed_roots:
+        real = os.path.realpath(norm)
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in allowed_roots):
+            raise invalid(f"{what} {path!r} is outside the allowed roots")
+    return norm
+
+
+def access_type(cap: csi_pb2.VolumeCapability) -> str:
+    kind = cap.WhichOneof("access_type")
+    if kind == "mount":
+        return MOUNT
+    if kind == "block":
+        return BLOCK
+    raise invalid("volume capability has neither mount nor block access type")
+
+
+def check_capability(cap: csi_pb2.VolumeCapability) -> str:
+    """Validate one capability; returns its access type. InvalidArgument if unsupported."""
+    kind = access_type(cap)
+    mode = cap.access_mode.mode
+    if mode not in SUPPORTED_MODES:
+        name = Mode.Name(mode) if mode in Mode.values() else str(mode)
+        raise invalid(f"access mode {name} is not supported by local volumes")
+    if kind == MOUNT:
+        try:
+            check_fs_type(cap.mount.fs_type)
+        except Exception as e:  # InvalidSpec -> same code, clearer context
+            raise invalid(str(e)) from None
+        for flag in cap.mount.mount_flags:
+            if not flag or "," in flag or "\0" in flag:
+                raise invalid(f"bad mount flag {flag!r}")
+    return kind
+
+
+def check_capabilities(caps) -> list[str]:
+    if not caps:
+        raise invalid("volume_capabilities are required")
+    return [check_capability(c) for c in caps]
+
+
+def unsupported_capability(cap: csi_pb2.VolumeCapability) -> str:
+    """'' when supported, else why not (for ValidateVolumeCapabilities)."""
+    try:
+        check_capability(cap)
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+    return ""
+
+
+def check_parameters(params, allowed: frozenset[str], what: str) -> dict[str, str]:
+    """Our keys only; sidecar keys dropped; anything else is INVALID_ARGUMENT."""
+    ours = {}
+    for key, value in params.items():
+        if key.startswith(SIDECAR_PREFIX):
+            continue
+        if key not in allowed:
+            raise invalid(f"unknown {what} key {key!r} (known: {', '.join(sorted(allowed))})")
+        ours[key] = value
+    return ours
+
+
+_ID = re.compile(r"^[a-z]{3,4}-[0-9a-f]{32}$")
+
+
+def well_formed_id(value: str) -> bool:
+    return bool(_ID.match(value))

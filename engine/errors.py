@@ -1,0 +1,54 @@
+"""Domain errors raised by the engine (and the mirror).
+
+No gRPC here: the CSI layer translates these in one place (csi/errors.py).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class NotFound(EngineError):
+    pass
+
+
+class AlreadyExists(EngineError):
+    pass
+
+
+class InvalidSpec(EngineError):
+    """The request is malformed or asks for something impossible."""
+
+
+class OutOfRange(EngineError):
+    """A size or count outside what can be satisfied (CSI OUT_OF_RANGE)."""
+
+
+class OutOfCapacity(EngineError):
+    """Not enough room (pool bytes, guaranteed IOPS, attach slots): may succeed later."""
+
+
+class InUse(EngineError):
+    """The object is held by something else (published elsewhere, has dependants)."""
+
+
+class Busy(EngineError):
+    """Another operation on the same object is under way: retry later (CSI ABORTED)."""
+
+
+class Unavailable(EngineError):
+    """A dependency (arbiter, replica, device) cannot be reached right now."""
+
+
+class CommandFailed(EngineError):
+    """An external command exited non-zero or timed out; keeps its output for the log."""
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        super().__init__(f"{argv[0]} exited {returncode}: {' | '.join(tail)}")

@@ -1,0 +1,74 @@
+"""Filesystems on block devices: detect, make, grow, measure."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from engine import command
+from engine.errors import CommandFailed, InvalidSpec
+
+SUPPORTED_FS = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+# mkfs.xfs refuses filesystems smaller than this (xfsprogs >= 5.19).
+XFS_MIN_BYTES = 300 * 1024 * 1024
+
+
+def check_fs_type(fs_type: str) -> str:
+    fs_type = fs_type or DEFAULT_FS
+    if fs_type not in SUPPORTED_FS:
+        raise InvalidSpec(f"filesystem {fs_type!r} is not supported (use one of {SUPPORTED_FS})")
+    return fs_type
+
+
+def detect(device: str) -> str | None:
+    """The filesystem type on device, None when blank. Probes the device itself (no cache)."""
+    proc = command.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
+    if proc.returncode == 2:  # nothing recognised
+        return None
+    if proc.returncode != 0:
+        raise CommandFailed(["blkid", device], proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout.strip() or None
+
+
+def make(device: str, fs_type: str) -> None:
+    # Skip discard: the device is a fresh sparse file (or a new namespace), already zero.
+    if fs_type == "ext4":
+        command.run(["mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1", device])
+    elif fs_type == "xfs":
+        command.run(["mkfs.xfs", "-f", "-q", "-K", device])
+    else:
+        raise InvalidSpec(f"cannot make filesystem {fs_type!r}")
+
+
+def grow(fs_type: str, device: str, mount_point: str) -> None:
+    """Grow a mounted filesystem to its device's size, online."""
+    if fs_type == "ext4":
+        command.run(["resize2fs", device])
+    elif fs_type == "xfs":
+        command.run(["xfs_growfs", mount_point])
+    else:
+        raise InvalidSpec(f"cannot grow filesystem {fs_type!r}")
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    free_inodes: int
+    used_inodes: int
+
+
+def usage(path: str) -> FsUsage:
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    return FsUsage(
+        total_bytes=total,
+        available_bytes=st.f_bavail * st.f_frsize,
+        used_bytes=total - st.f_bfree * st.f_frsize,
+        total_inodes=st.f_files,
+        free_inodes=st.f_ffree,
+        used_inodes=st.f_files - st.f_ffree,
+    )

@@ -1,0 +1,89 @@
+"""Running fio for IOPS measurements (node capacity, benchmark, tests) and reading its JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from engine import command
+from engine.errors import CommandFailed
+
+
+@dataclass(frozen=True)
+class FioJob:
+    filename: str
+    rw: str  # randread | randwrite | randrw
+    runtime_s: float = 2.0
+    block_size_bytes: int = 4096
+    iodepth: int = 1
+    numjobs: int = 1
+    ioengine: str = "libaio"
+    size_bytes: int = 0  # 0: the whole device or file
+    rwmixread_percent: int = 50
+    ramp_s: float = 0.0  # excluded from the figures
+    name: str = "qos"
+
+    def argv(self) -> list[str]:
+        argv = [
+            "fio",
+            f"--name={self.name}",
+            f"--filename={self.filename}",
+            f"--rw={self.rw}",
+            f"--bs={self.block_size_bytes}",
+            f"--iodepth={self.iodepth}",
+            f"--numjobs={self.numjobs}",
+            f"--ioengine={self.ioengine}",
+            "--direct=1",
+            "--time_based",
+            f"--runtime={self.runtime_s:g}s",
+            "--group_reporting",
+            "--randrepeat=0",
+            "--norandommap",
+            "--output-format=json",
+        ]
+        if self.size_bytes:
+            argv.append(f"--size={self.size_bytes}")
+        if self.rw == "randrw":
+            argv.append(f"--rwmixread={self.rwmixread_percent}")
+        if self.ramp_s:
+            argv.append(f"--ramp_time={self.ramp_s:g}s")
+        return argv
+
+
+@dataclass(frozen=True)
+class FioResult:
+    read_iops: float
+    write_iops: float
+    read_bytes_per_s: float
+    write_bytes_per_s: float
+
+    @property
+    def iops(self) -> float:
+        return self.read_iops + self.write_iops
+
+
+def parse_json(text: str) -> FioResult:
+    # fio may print warnings before the JSON document.
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in fio output")
+    doc = json.loads(text[start:])
+    read = write = 0.0
+    read_bw = write_bw = 0.0
+    for job in doc["jobs"]:
+        read += float(job["read"]["iops"])
+        write += float(job["write"]["iops"])
+        read_bw += float(job["read"]["bw_bytes"])
+        write_bw += float(job["write"]["bw_bytes"])
+    return FioResult(read, write, read_bw, write_bw)
+
+
+def run(job: FioJob, timeout_s: float | None = None) -> FioResult:
+    """Run the job to its end; CommandFailed if fio fails or its output cannot be read."""
+    argv = job.argv()
+    limit = timeout_s if timeout_s is not None else job.runtime_s + job.ramp_s + 60.0
+    proc = command.run(argv, timeout_s=limit)
+    try:
+        return parse_json(proc.stdout)
+    except (ValueError, KeyError) as e:
+        raise CommandFailed(argv, 0, proc.stdout, f"unreadable fio output: {e}") from None

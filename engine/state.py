@@ -1,0 +1,126 @@
+"""The state store: a small, crash-safe record store behind one interface.
+
+Records are JSON objects filed under (kind, key). Each carries a schema version so a
+later release can migrate it. The embedded implementation is SQLite in WAL mode with
+synchronous=FULL: a committed transaction survives a crash or power cut, and a torn
+one is rolled back. A cluster store (etcd) implements the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from typing import Any, Iterator, Protocol
+
+SCHEMA_VERSION = 1
+
+Record = dict[str, Any]
+
+
+class Txn(Protocol):
+    def get(self, kind: str, key: str) -> Record | None: ...
+    def put(self, kind: str, key: str, value: Record) -> None: ...
+    def delete(self, kind: str, key: str) -> None: ...
+
+
+class Store(Protocol):
+    """What every state backend offers. Keys sort as byte strings within a kind."""
+
+    def get(self, kind: str, key: str) -> Record | None: ...
+    def list(
+        self, kind: str, *, prefix: str = "", after: str = "", limit: int = 0
+    ) -> list[tuple[str, Record]]: ...
+    def put(self, kind: str, key: str, value: Record) -> None: ...
+    def delete(self, kind: str, key: str) -> None: ...
+    def txn(self) -> contextlib.AbstractContextManager[Txn]: ...
+    def close(self) -> None: ...
+
+
+class _SqliteTxn:
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def get(self, kind: str, key: str) -> Record | None:
+        row = self._conn.execute(
+            "SELECT schema, data FROM records WHERE kind=? AND key=?", (kind, key)
+        ).fetchone()
+        return _decode(row) if row else None
+
+    def put(self, kind: str, key: str, value: Record) -> None:
+        self._conn.execute(
+            "INSERT INTO records(kind, key, schema, data) VALUES (?,?,?,?) "
+            "ON CONFLICT(kind, key) DO UPDATE SET schema=excluded.schema, data=excluded.data",
+            (kind, key, SCHEMA_VERSION, json.dumps(value, sort_keys=True)),
+        )
+
+    def delete(self, kind: str, key: str) -> None:
+        self._conn.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key))
+
+
+def _decode(row: tuple[int, str]) -> Record:
+    schema, data = row
+    if schema > SCHEMA_VERSION:
+        raise RuntimeError(f"state record has schema {schema}, newer than this driver")
+    return json.loads(data)
+
+
+class SqliteStore:
+    """Embedded store: one SQLite file, one connection guarded by a lock."""
+
+    def __init__(self, path: str):
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS records ("
+            " kind TEXT NOT NULL, key TEXT NOT NULL, schema INTEGER NOT NULL,"
+            " data TEXT NOT NULL, PRIMARY KEY (kind, key))"
+        )
+
+    @contextlib.contextmanager
+    def txn(self) -> Iterator[Txn]:
+        """All-or-nothing group of reads and writes, isolated from other threads."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTxn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def get(self, kind: str, key: str) -> Record | None:
+        with self._lock:
+            return _SqliteTxn(self._conn).get(kind, key)
+
+    def list(
+        self, kind: str, *, prefix: str = "", after: str = "", limit: int = 0
+    ) -> list[tuple[str, Record]]:
+        sql = "SELECT key, schema, data FROM records WHERE kind=? AND key > ?"
+        args: list[Any] = [kind, after]
+        if prefix:
+            # keys in [prefix, prefix + U+10FFFF) start with prefix
+            sql += " AND key >= ? AND key < ?"
+            args += [prefix, prefix + "\U0010ffff"]
+        sql += " ORDER BY key"
+        if limit > 0:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [(key, _decode((schema, data))) for key, schema, data in rows]
+
+    def put(self, kind: str, key: str, value: Record) -> None:
+        with self.txn() as t:
+            t.put(kind, key, value)
+
+    def delete(self, kind: str, key: str) -> None:
+        with self.txn() as t:
+            t.delete(kind, key)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,149 @@
+"""Volume backing files in the pool, with their records.
+
+A volume ID never becomes a path: each volume's file name is drawn at creation and
+kept in its record (kind "backing"). Every change writes its intent to the store
+before touching the pool and marks it done after, so `reconcile()` can finish or
+roll back whatever a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from engine import crash
+from engine.errors import AlreadyExists, InvalidSpec, NotFound, OutOfRange
+from engine.pool import Pool
+from engine.state import Store
+
+log = logging.getLogger(__name__)
+
+KIND = "backing"
+CREATING, READY, DELETING = "creating", "ready", "deleting"
+DEFAULT_SECTOR_BYTES = 512
+
+
+@dataclass(frozen=True)
+class Backing:
+    volume_id: str
+    file_name: str
+    size_bytes: int
+    sector_size_bytes: int
+    state: str
+    created_at: float
+
+    @classmethod
+    def from_record(cls, volume_id: str, rec: dict) -> "Backing":
+        return cls(
+            volume_id,
+            rec["file"],
+            rec["size_bytes"],
+            rec["sector_size_bytes"],
+            rec["state"],
+            rec["created_at"],
+        )
+
+    def record(self) -> dict:
+        return {
+            "file": self.file_name,
+            "size_bytes": self.size_bytes,
+            "sector_size_bytes": self.sector_size_bytes,
+            "state": self.state,
+            "created_at": self.created_at,
+        }
+
+
+class VolumeFiles:
+    def __init__(self, store: Store, pool: Pool):
+        self.store = store
+        self.pool = pool
+
+    def get(self, volume_id: str) -> Backing | None:
+        rec = self.store.get(KIND, volume_id)
+        if rec is None or rec["state"] != READY:
+            return None
+        return Backing.from_record(volume_id, rec)
+
+    def require(self, volume_id: str) -> Backing:
+        backing = self.get(volume_id)
+        if backing is None:
+            raise NotFound(f"volume {volume_id} has no backing file on this node")
+        return backing
+
+    def path(self, backing: Backing) -> str:
+        return self.pool.file_path(backing.file_name)
+
+    def create(
+        self, volume_id: str, size_bytes: int, *, clone_from: str | None = None
+    ) -> Backing:
+        """Create the sparse file (or a reflink of `clone_from`, a pool file name)."""
+        existing = self.store.get(KIND, volume_id)
+        if existing is not None:
+            if existing["state"] == READY and existing["size_bytes"] == size_bytes:
+                return Backing.from_record(volume_id, existing)
+            raise AlreadyExists(f"volume {volume_id} already has a backing file")
+        backing = Backing(
+            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, DEFAULT_SECTOR_BYTES, CREATING,
+            time.time(),
+        )
+        self.store.put(KIND, volume_id, backing.record())
+        crash.point("volume-create-after-intent")
+        try:
+            if clone_from is None:
+                self.pool.create_file(backing.file_name, size_bytes)
+            else:
+                self.pool.clone_file(clone_from, backing.file_name)
+                self.pool.resize_file(backing.file_name, size_bytes)
+        except BaseException:
+            self.pool.delete_file(backing.file_name)
+            self.store.delete(KIND, volume_id)
+            raise
+        crash.point("volume-create-after-file")
+        ready = Backing(**{**backing.__dict__, "state": READY})
+        self.store.put(KIND, volume_id, ready.record())
+        return ready
+
+    def delete(self, volume_id: str) -> None:
+        rec = self.store.get(KIND, volume_id)
+        if rec is None:
+            return
+        rec["state"] = DELETING
+        self.store.put(KIND, volume_id, rec)
+        crash.point("volume-delete-after-intent")
+        self.pool.delete_file(rec["file"])
+        crash.point("volume-delete-after-file")
+        self.store.delete(KIND, volume_id)
+
+    def expand(self, volume_id: str, size_bytes: int) -> Backing:
+        backing = self.require(volume_id)
+        if size_bytes < backing.size_bytes:
+            raise OutOfRange(
+                f"volume {volume_id} is {backing.size_bytes} bytes; shrinking is not supported"
+            )
+        if size_bytes % backing.sector_size_bytes:
+            raise InvalidSpec(f"size {size_bytes} is not a multiple of the sector size")
+        # Growing a sparse file is atomic and idempotent: no intent needed.
+        self.pool.resize_file(backing.file_name, size_bytes)
+        grown = Backing(**{**backing.__dict__, "size_bytes": size_bytes})
+        self.store.put(KIND, volume_id, grown.record())
+        return grown
+
+    def all(self) -> list[Backing]:
+        return [Backing.from_record(k, r) for k, r in self.store.list(KIND) if r["state"] == READY]
+
+    def reconcile(self) -> None:
+        """Roll back interrupted creates, finish interrupted deletes, drop unrecorded files."""
+        known = set()
+        for volume_id, rec in self.store.list(KIND):
+            if rec["state"] in (CREATING, DELETING):
+                log.warning("finishing interrupted %s of volume %s", rec["state"], volume_id)
+                self.pool.delete_file(rec["file"])
+                self.store.delete(KIND, volume_id)
+            else:
+                known.add(rec["file"])
+        for name in self.pool.list_files():
+            if name not in known:
+                log.warning("removing pool file %s: no volume record owns it", name)
+                self.pool.delete_file(name)

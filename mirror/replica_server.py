@@ -1,0 +1,308 @@
+"""The replica service: holds replicas in the node's pool and serves them over TCP.
+
+One thread per connection (a frontend keeps one connection per volume). Each
+thread takes everything the socket has, applies the whole batch in order, and
+answers it with one send: that, not threads, is what makes a Python server fast
+enough here (see docs/mirror.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from engine.errors import AlreadyExists, EngineError, InvalidSpec, NotFound
+
+from . import auth, wire
+from .replica_store import ReplicaVolume, check_volume_id
+from .spec import REGION_BYTES
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER_BYTES = 4 * 1024 * 1024
+WRITE_OPS = (wire.WRITE, wire.DISCARD, wire.WRITE_ZEROES)
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, NotFound):
+        return errno.ENOENT
+    if isinstance(exc, AlreadyExists):
+        return errno.EEXIST
+    if isinstance(exc, InvalidSpec):
+        return errno.EINVAL
+    return errno.EIO
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class ReplicaService:
+    """Serve the replicas under pool_dir on listen_addr ("host:port"; port 0 picks one)."""
+
+    def __init__(self, pool_dir: str, listen_addr: str, key: bytes):
+        self.pool_dir = pool_dir
+        host, _, port = listen_addr.rpartition(":")
+        self._bind = (host or "0.0.0.0", int(port))
+        self._key = key
+        self._vols: dict[str, list] = {}  # volume id -> [ReplicaVolume, open connections]
+        self._vols_lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._stopping = False
+        self.test_delay_s = 0.0  # test hook: a slow replica (this kernel has no netem)
+
+    # --- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        os.makedirs(self.pool_dir, exist_ok=True)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(self._bind)
+        s.listen(64)
+        self._listener = s
+        threading.Thread(target=self._accept_loop, name="replica-accept", daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return self._listener.getsockname()[1]
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        for c in list(self._conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), name="replica-conn", daemon=True).start()
+
+    # --- volumes -------------------------------------------------------------
+    def _acquire(self, volume_id: str, size_bytes: int, create: bool) -> ReplicaVolume:
+        with self._vols_lock:
+            ent = self._vols.get(volume_id)
+            if ent is None:
+                try:
+                    vol = ReplicaVolume.open(self.pool_dir, volume_id)
+                except NotFound:
+                    if not create:
+                        raise
+                    vol = ReplicaVolume.create(self.pool_dir, volume_id, size_bytes)
+                ent = self._vols[volume_id] = [vol, 0]
+            vol = ent[0]
+            if size_bytes and vol.size_bytes != size_bytes:
+                raise AlreadyExists(f"{volume_id} has {vol.size_bytes} bytes, not {size_bytes}")
+            ent[1] += 1
+            return vol
+
+    def _release(self, vol: ReplicaVolume) -> None:
+        with self._vols_lock:
+            ent = self._vols[vol.volume_id]
+            ent[1] -= 1
+            if ent[1] == 0:
+                del self._vols[vol.volume_id]
+                vol.close()
+
+    def _delete(self, volume_id: str) -> None:
+        check_volume_id(volume_id)
+        with self._vols_lock:
+            if volume_id in self._vols:
+                raise OSError(errno.EBUSY, f"{volume_id} is open")
+            ReplicaVolume.delete(self.pool_dir, volume_id)
+
+    def _list(self) -> list[str]:
+        try:
+            names = os.listdir(self.pool_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if os.path.exists(os.path.join(self.pool_dir, n, "meta.json")))
+
+    # --- connections -----------------------------------------------------------
+    def _serve(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conns.add(sock)
+        conn = _Conn(self, sock)
+        try:
+            sock.settimeout(10.0)
+            auth.server_handshake(sock, self._key)
+            sock.settimeout(None)
+            conn.run()
+        except auth.AuthFailed as e:
+            log.warning("refused a peer: %s", e)
+        except (OSError, ProtocolError) as e:
+            if not self._stopping:
+                log.info("connection ended: %s", e)
+        finally:
+            self._conns.discard(sock)
+            if conn.vol is not None:
+                self._release(conn.vol)
+            sock.close()
+
+
+class _Conn:
+    def __init__(self, svc: ReplicaService, sock: socket.socket):
+        self.svc = svc
+        self.sock = sock
+        self.vol: ReplicaVolume | None = None
+        self.generation = -1
+
+    def run(self) -> None:
+        buf = bytearray(RECV_BUFFER_BYTES)
+        fill = 0
+        unpack = wire.REQ.unpack_from
+        while True:
+            mv = memoryview(buf)
+            n = self.sock.recv_into(mv[fill:])
+            if n == 0:
+                return
+            fill += n
+            msgs = []
+            pos = 0
+            while fill - pos >= wire.REQ_BYTES:
+                length, op, flags, _, rid, off, cnt = unpack(buf, pos)
+                if length < wire.REQ_BYTES or length > wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES:
+                    raise ProtocolError(f"bad length {length}")
+                if fill - pos < length:
+                    break
+                msgs.append((op, flags, rid, off, cnt, pos + wire.REQ_BYTES, pos + length))
+                pos += length
+            if msgs:
+                out = self._apply(mv, msgs)
+                if self.svc.test_delay_s:
+                    time.sleep(self.svc.test_delay_s)
+                self.sock.sendall(out)
+            mv.release()
+            if pos:
+                buf[: fill - pos] = buf[pos:fill]
+                fill -= pos
+            if fill == len(buf):  # one message larger than the buffer: grow once
+                buf.extend(bytes(len(buf)))
+
+    def _apply(self, mv: memoryview, msgs: list) -> bytearray:
+        out = bytearray()
+        rep = wire.REP.pack
+        vol = self.vol
+        premarked = False
+        if vol is not None and vol.tracking:
+            # dirty bits for the whole batch in one durable update, before any data lands
+            regions: set[int] = set()
+            for op, _, _, off, cnt, p, e in msgs:
+                if op in WRITE_OPS and cnt and 0 <= off and off + cnt <= vol.size_bytes:
+                    regions.update(range(off // REGION_BYTES, (off + cnt - 1) // REGION_BYTES + 1))
+            if regions:
+                vol.mark_dirty(regions)
+            premarked = True
+        for op, flags, rid, off, cnt, p, e in msgs:
+            vol = self.vol
+            try:
+                if op == wire.WRITE and vol is not None and vol.generation == self.generation:
+                    # the hot path, kept flat
+                    if e - p != cnt or off + cnt > vol.size_bytes:
+                        raise InvalidSpec("write length mismatch or out of range")
+                    if vol.tracking and not premarked:
+                        vol.mark_dirty_range(off, cnt)
+                    os.pwrite(vol.fd, mv[p:e], off)
+                    out += rep(wire.REP_BYTES, 0, rid)
+                    continue
+                payload = self._slow_op(op, flags, off, cnt, mv[p:e], premarked)
+                out += rep(wire.REP_BYTES + len(payload), 0, rid)
+                out += payload
+            except ProtocolError:
+                raise
+            except (OSError, EngineError, ValueError, KeyError, TypeError) as exc:
+                out += rep(wire.REP_BYTES, -_errno_of(exc), rid)
+            except Exception:  # a bug must not kill the connection silently
+                log.exception("op %s failed", op)
+                out += rep(wire.REP_BYTES, -errno.EIO, rid)
+        return out
+
+    def _slow_op(self, op: int, flags: int, off: int, cnt: int, payload: memoryview, premarked: bool) -> bytes:
+        svc = self.svc
+        if op == wire.OPEN:
+            if self.vol is not None:
+                raise InvalidSpec("already open")
+            req = json.loads(bytes(payload))
+            vol = svc._acquire(req["volume_id"], int(req.get("size_bytes", 0)), bool(req.get("create")))
+            gen = int(req["generation"])
+            if gen < vol.generation:
+                svc._release(vol)
+                raise OSError(errno.ESTALE, f"generation {gen} < {vol.generation}: fenced")
+            vol.raise_generation(gen)  # fences every connection of an older frontend
+            self.vol, self.generation = vol, gen
+            return json.dumps(vol.info()).encode()
+        if op == wire.PING:
+            return b""
+        if op == wire.LIST:
+            return json.dumps(svc._list()).encode()
+        if op == wire.DELETE:
+            svc._delete(json.loads(bytes(payload))["volume_id"])
+            return b""
+        vol = self.vol
+        if vol is None:
+            raise OSError(errno.EBADF, "no volume open on this connection")
+        if vol.generation != self.generation:
+            raise OSError(errno.ESTALE, "a newer frontend opened this volume")
+        if op == wire.READ:
+            vol.check_range(off, cnt)
+            if flags & wire.F_SPARSE and vol.is_hole(off, cnt):
+                return b""
+            data = os.pread(vol.fd, cnt, off)
+            return data + bytes(cnt - len(data))
+        if op in (wire.DISCARD, wire.WRITE_ZEROES, wire.WRITE):
+            vol.check_range(off, cnt)
+            if vol.tracking and not premarked:
+                vol.mark_dirty_range(off, cnt)
+            if op == wire.WRITE:
+                if len(payload) != cnt:
+                    raise InvalidSpec("write length mismatch")
+                os.pwrite(vol.fd, payload, off)
+            elif op == wire.DISCARD:
+                vol.punch(off, cnt)
+            else:
+                vol.zero(off, cnt)
+            return b""
+        if op == wire.SYNC:
+            vol.sync()
+            return b""
+        if op == wire.INFO:
+            return json.dumps(vol.info()).encode()
+        if op == wire.GET_MAPS:
+            with vol.lock:
+                return bytes(vol.dirty) + bytes(vol.al)
+        if op == wire.AL_ADD:
+            vol.al_add(wire.unpack_u32s(payload))
+            return b""
+        if op == wire.AL_REMOVE:
+            vol.al_remove(wire.unpack_u32s(payload))
+            return b""
+        if op == wire.DEGRADE:
+            vol.start_tracking()
+            vol.mark_dirty(wire.unpack_u32s(payload))
+            return b""
+        if op == wire.CLEAR_DIRTY:
+            vol.clear_dirty(None if flags & wire.F_ALL else wire.unpack_u32s(payload))
+            return b""
+        if op == wire.CHECKSUM:
+            vol.check_range(off, cnt)
+            return vol.checksum(off, cnt)
+        raise OSError(errno.EOPNOTSUPP, f"op {op}")

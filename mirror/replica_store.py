@@ -1,0 +1,233 @@
+"""One replica of one volume on the replica node's disk.
+
+Layout under <pool>/<volume_id>/:
+  data       sparse file, the volume's bytes
+  meta.json  schema, size, generation, whether dirty tracking is on (atomic replace)
+  dirty.map  1 byte per REGION_BYTES: written while some peer was out of sync
+  al.map     1 byte per AL_EXTENT_BYTES: activity log (regions maybe in flight)
+
+Map bytes are set with in-place pwrite + fdatasync before the writes they cover
+are applied; clears are lazy (flushed on SYNC), since a stale set bit only costs
+a needless copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import threading
+from typing import Iterable
+
+from engine.errors import AlreadyExists, InvalidSpec, NotFound
+
+from . import durable
+from .spec import AL_EXTENT_BYTES, REGION_BYTES
+
+SCHEMA_VERSION = 1
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def check_volume_id(volume_id: str) -> str:
+    if not _ID_RE.match(volume_id):
+        raise InvalidSpec(f"bad volume id {volume_id!r}")
+    return volume_id
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, offset: int, count: int) -> None:
+    """os has only posix_fallocate; hole punching needs the Linux call."""
+    if _libc.fallocate(fd, mode, offset, count) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ReplicaVolume:
+    def __init__(self, path: str):
+        self.path = path
+        meta = durable.read_json(os.path.join(path, "meta.json"))
+        if meta.get("schema") != SCHEMA_VERSION:
+            raise InvalidSpec(f"{path}: unknown schema {meta.get('schema')}")
+        self.volume_id: str = meta["volume_id"]
+        self.size_bytes: int = meta["size_bytes"]
+        self.generation: int = meta["generation"]
+        self.tracking: bool = meta["tracking"]
+        self.region_bytes = REGION_BYTES
+        self.lock = threading.Lock()  # metadata only; data pwrites run unlocked
+        self.fd = os.open(os.path.join(path, "data"), os.O_RDWR)
+        self._dirty_fd = os.open(os.path.join(path, "dirty.map"), os.O_RDWR)
+        self._al_fd = os.open(os.path.join(path, "al.map"), os.O_RDWR)
+        self.dirty = bytearray(os.pread(self._dirty_fd, self.regions, 0))
+        self.al = bytearray(os.pread(self._al_fd, self.extents, 0))
+        self._maps_unsynced = False
+
+    @property
+    def regions(self) -> int:
+        return _ceil_div(self.size_bytes, REGION_BYTES)
+
+    @property
+    def extents(self) -> int:
+        return _ceil_div(self.size_bytes, AL_EXTENT_BYTES)
+
+    # --- lifecycle -------------------------------------------------------
+    @classmethod
+    def create(cls, pool_dir: str, volume_id: str, size_bytes: int) -> ReplicaVolume:
+        check_volume_id(volume_id)
+        if size_bytes <= 0 or size_bytes % 4096:
+            raise InvalidSpec(f"size {size_bytes} is not a positive multiple of 4096")
+        path = os.path.join(pool_dir, volume_id)
+        if os.path.exists(os.path.join(path, "meta.json")):
+            raise AlreadyExists(volume_id)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "data"), "wb") as f:
+            f.truncate(size_bytes)
+            os.fsync(f.fileno())
+        for name, n in (("dirty.map", _ceil_div(size_bytes, REGION_BYTES)),
+                        ("al.map", _ceil_div(size_bytes, AL_EXTENT_BYTES))):
+            with open(os.path.join(path, name), "wb") as f:
+                f.truncate(n)
+                os.fsync(f.fileno())
+        meta = {"schema": SCHEMA_VERSION, "volume_id": volume_id, "size_bytes": size_bytes,
+                "generation": 0, "tracking": False}
+        durable.write_json(os.path.join(path, "meta.json"), meta)  # last: marks it complete
+        return cls(path)
+
+    @classmethod
+    def open(cls, pool_dir: str, volume_id: str) -> ReplicaVolume:
+        path = os.path.join(pool_dir, check_volume_id(volume_id))
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            raise NotFound(volume_id)
+        return cls(path)
+
+    @staticmethod
+    def delete(pool_dir: str, volume_id: str) -> None:
+        shutil.rmtree(os.path.join(pool_dir, check_volume_id(volume_id)), ignore_errors=True)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._dirty_fd, self._al_fd):
+            os.close(fd)
+
+    def _save_meta(self) -> None:
+        durable.write_json(os.path.join(self.path, "meta.json"), {
+            "schema": SCHEMA_VERSION, "volume_id": self.volume_id, "size_bytes": self.size_bytes,
+            "generation": self.generation, "tracking": self.tracking})
+
+    # --- generation ------------------------------------------------------
+    def raise_generation(self, generation: int) -> None:
+        with self.lock:
+            if generation > self.generation:
+                self.generation = generation
+                self._save_meta()
+
+    # --- data ------------------------------------------------------------
+    def check_range(self, offset: int, count: int) -> None:
+        if offset < 0 or count < 0 or offset + count > self.size_bytes:
+            raise InvalidSpec(f"range {offset}+{count} outside {self.size_bytes}")
+
+    def punch(self, offset: int, count: int) -> None:
+        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+
+    def zero(self, offset: int, count: int) -> None:
+        # punching also reads back zeros and frees space; the data file is ours alone
+        self.punch(offset, count)
+
+    def is_hole(self, offset: int, count: int) -> bool:
+        try:
+            nxt = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            return True
+        return nxt >= offset + count
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        with self.lock:
+            if self._maps_unsynced:
+                os.pwrite(self._dirty_fd, self.dirty, 0)
+                os.pwrite(self._al_fd, self.al, 0)
+                os.fdatasync(self._dirty_fd)
+                os.fdatasync(self._al_fd)
+                self._maps_unsynced = False
+
+    def checksum(self, offset: int, count: int) -> bytes:
+        h = hashlib.sha256()
+        end = offset + count
+        while offset < end:
+            chunk = os.pread(self.fd, min(4 << 20, end - offset), offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+        return h.digest()
+
+    # --- maps --------------------------------------------------------------
+    def _set_bytes(self, fd: int, table: bytearray, idx: Iterable[int], limit: int) -> None:
+        """Set entries and make them durable before returning (write-intent)."""
+        lo, hi = limit, -1
+        for i in idx:
+            if not 0 <= i < limit:
+                raise InvalidSpec(f"map index {i} outside {limit}")
+            if not table[i]:
+                table[i] = 1
+                lo, hi = min(lo, i), max(hi, i)
+        if hi >= 0:
+            os.pwrite(fd, table[lo:hi + 1], lo)
+            os.fdatasync(fd)
+
+    def mark_dirty(self, regions: Iterable[int]) -> None:
+        with self.lock:
+            self._set_bytes(self._dirty_fd, self.dirty, regions, self.regions)
+
+    def mark_dirty_range(self, offset: int, count: int) -> None:
+        if count:
+            self.mark_dirty(range(offset // REGION_BYTES, (offset + count - 1) // REGION_BYTES + 1))
+
+    def start_tracking(self) -> None:
+        with self.lock:
+            if not self.tracking:
+                self.tracking = True
+                self._save_meta()
+
+    def clear_dirty(self, regions: Iterable[int] | None) -> None:
+        """None: clear all and stop tracking (the last out-of-sync peer is back)."""
+        with self.lock:
+            if regions is None:
+                self.dirty[:] = bytes(len(self.dirty))
+                os.pwrite(self._dirty_fd, self.dirty, 0)
+                os.fdatasync(self._dirty_fd)
+                if self.tracking:
+                    self.tracking = False
+                    self._save_meta()
+                return
+            for r in regions:
+                if 0 <= r < len(self.dirty):
+                    self.dirty[r] = 0
+            self._maps_unsynced = True
+
+    def al_add(self, extents: Iterable[int]) -> None:
+        with self.lock:
+            self._set_bytes(self._al_fd, self.al, extents, self.extents)
+
+    def al_remove(self, extents: Iterable[int]) -> None:
+        with self.lock:
+            for e in extents:
+                if 0 <= e < len(self.al):
+                    self.al[e] = 0
+            self._maps_unsynced = True
+
+    def info(self) -> dict:
+        return {"volume_id": self.volume_id, "size_bytes": self.size_bytes,
+                "generation": self.generation, "region_bytes": REGION_BYTES,
+                "al_extent_bytes": AL_EXTENT_BYTES, "tracking": self.tracking,
+                "dirty_regions": self.dirty.count(1), "al_extents": self.al.count(1)}
