@@ -76,7 +76,7 @@ def check_capability(cap: csi_pb2.VolumeCapability) -> str:
     kind = access_type(cap)
     mode = cap.access_mode.mode
     if mode not in SUPPORTED_MODES:
-        name = Mode.Name(mode) if mode in Mode.values() else str(mode)
+        name = Mode.Mode.Name(mode) if mode in Mode.Mode.values() else str(mode)
         raise invalid(f"access mode {name} is not supported by local volumes")
     if kind == MOUNT:
         try:

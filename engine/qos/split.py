@@ -12,7 +12,7 @@ from typing import Sequence
 
 # An idle member's floor, as a fraction of the budget: enough to start doing I/O before the
 # next rebalance notices it, small enough not to take much from the busy members.
-IDLE_FLOOR_FRACTION = 0.01
+IDLE_FLOOR_FRACTION = 0.005
 
 
 def split_budget(

@@ -1,0 +1,974 @@
+"""The mirror data path: fan writes out to replicas, collect acks, degrade, resync.
+
+Runs inside the frontend's single epoll loop; nothing here blocks except the
+start-up. Per replica there is one pipelined connection (a Link): requests are
+appended to its send buffer and flushed with one send per drained batch;
+replies come back in order and are matched to a FIFO of pending ops.
+
+Invariants (docs/mirror.md explains them):
+- a write is acknowledged only when every replica in `write_links` acked it;
+- overlapping writes are never in flight together (deferred in arrival order);
+- before a write leaves, its activity-log extent is durable on every replica
+  (AL_ADD goes first on the same ordered stream);
+- a replica is dropped only after survivors durably track dirty regions
+  (DEGRADE acked) and the arbiter recorded it out of sync; until then every
+  completion is held back (the gate);
+- a replica not in sync is never read and never a resync source.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Callable
+
+from engine.errors import NotFound, Unavailable
+
+from . import wire
+from .arbiter import Arbiter, VolumeRecord
+from .client import ReplicaClient, ReplicaError
+from .helpers import Helpers
+from .spec import AL_EXTENT_BYTES, REGION_BYTES, FrontendConfig, ReplicaAddr, ReplicaState, ReplicaStatus
+
+log = logging.getLogger(__name__)
+
+RSHIFT = REGION_BYTES.bit_length() - 1
+ESHIFT = AL_EXTENT_BYTES.bit_length() - 1
+IN_SYNC, OUT_OF_SYNC, RESYNCING = ReplicaState.IN_SYNC, ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING
+
+K_WRITE, K_READ, K_SYNC, K_CTRL, K_RREAD, K_RWRITE = range(6)
+
+Reply = Callable[[int, int, object], None]  # (fuse unique, -errno or 0, payload bytes/view or None)
+
+
+class Op:
+    __slots__ = ("kind", "unique", "wop", "offset", "length", "remaining", "r0", "r1", "data", "cb", "job", "e0", "e1")
+
+    def __init__(self, kind: int, unique: int = 0, wop: int = 0, offset: int = 0, length: int = 0):
+        self.kind, self.unique, self.wop, self.offset, self.length = kind, unique, wop, offset, length
+        self.remaining = 0
+        self.r0 = offset >> RSHIFT
+        self.r1 = (offset + length - 1) >> RSHIFT if length else self.r0
+        self.data: object = None
+        self.cb: Callable | None = None
+        self.job: ResyncJob | None = None
+        self.e0 = self.e1 = -1
+
+
+class Link:
+    """One replica: its state, its pipelined connection and what it lacks."""
+
+    def __init__(self, addr: ReplicaAddr, regions: int):
+        self.addr = addr
+        self.rid = addr.replica_id
+        self.state = OUT_OF_SYNC
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.out = bytearray()
+        self.fifo: deque = deque()  # (request id, op, monotonic send time)
+        self.inbuf = bytearray(wire.MAX_PAYLOAD_BYTES + 65536)
+        self.fill = 0
+        self.want_out = False
+        self.connecting = False
+        self.needs_create = False
+        self.last_attempt = 0.0
+        self.dirty = bytearray(regions)  # regions this replica may lack (frontend's copy)
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None
+
+
+class ResyncJob:
+    def __init__(self, target: Link, total_regions: int, mark_in_sync: bool):
+        self.target = target
+        self.total = max(total_regions, 0)
+        self.done = 0
+        self.inflight = 0
+        self.cursor = 0
+        self.mark_in_sync = mark_in_sync  # False: an activity-log repair of an in-sync replica
+        self.finishing = False
+        self.started = time.monotonic()
+
+
+class MirrorCore:
+    def __init__(self, cfg: FrontendConfig, key: bytes, arbiter: Arbiter, reply: Reply,
+                 ep: select.epoll, owner: str):
+        self.cfg = cfg
+        self.t = cfg.tuning
+        self.key = key
+        self.arbiter = arbiter
+        self.reply = reply
+        self.ep = ep
+        self.owner = owner
+        self.size = cfg.size_bytes
+        self.regions = -(-cfg.size_bytes // REGION_BYTES)
+        self.links = [Link(a, self.regions) for a in cfg.replicas]
+        self.by_fd: dict[int, Link] = {}
+        self.helpers = Helpers()
+        self.record: VolumeRecord | None = None
+        self.write_links: list[Link] = []
+        self.read_link: Link | None = None
+        self.missing: list[bytearray] = []  # dirty maps of replicas not receiving writes
+        self.busy: dict[int, list[Op]] = {}  # region -> ops in flight touching it
+        self.deferred: deque[Op] = deque()
+        self.al_hot: dict[int, int] = {}  # extent -> ops in flight (insertion order = LRU)
+        self.al_recovered: set[int] = set()
+        self.gate = 0  # > 0: completions are held (a replica is being dropped)
+        self.held: list[Op] = []
+        self.fenced = False
+        self.jobs: dict[str, ResyncJob] = {}
+        self.to_flush: set[Link] = set()
+        self._ids = 0
+        self._last_tick = 0.0
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Take ownership (generation + 1), connect every replica, plan repairs."""
+        self.record = self._take_ownership()
+        gen = self.record.generation
+        states = self.record.replicas
+        fresh = self.record.version == 1  # we just created it: every replica starts empty
+        results: dict[str, object] = {}
+        for link in self.links:
+            st = states.get(link.rid)
+            link.state = ReplicaState(st) if st else OUT_OF_SYNC
+            if st is None:
+                link.needs_create = True
+                link.dirty[:] = b"\1" * self.regions
+            link.needs_create = link.needs_create or fresh
+            link.connecting = True
+            self.helpers.submit(self._opener(link, gen), lambda res, err, l=link: results.__setitem__(l.rid, (res, err)))
+        deadline = time.monotonic() + self.t.io_timeout_s + 5
+        while len(results) < len(self.links) and time.monotonic() < deadline:
+            select.select([self.helpers.wake_fd], [], [], 0.2)
+            self.helpers.drain()
+        for link in self.links:
+            link.connecting = False
+            res, err = results.get(link.rid, (None, TimeoutError("connect timed out")))  # type: ignore[misc]
+            if err is None:
+                self._attach_socket(link, res)  # type: ignore[arg-type]
+            else:
+                self._note_open_error(link, err)
+        self._recompute()
+        in_sync = [l for l in self.links if l.state == IN_SYNC]
+        if not any(l.connected for l in in_sync):
+            log.error("no in-sync replica reachable; I/O fails until one returns")
+        for link in in_sync:
+            if not link.connected:
+                self._fail_link(link, "unreachable at start")
+        source = self.read_link
+        if source is not None:
+            self._ctrl(source, wire.GET_MAPS, cb=self._on_startup_maps)
+        self.flush()
+
+    def _take_ownership(self) -> VolumeRecord:
+        while True:
+            try:
+                try:
+                    rec = self.arbiter.get(self.cfg.volume_id)
+                except NotFound:
+                    new = VolumeRecord(self.cfg.volume_id, 1, self.owner,
+                                       {a.replica_id: IN_SYNC.value for a in self.cfg.replicas})
+                    got = self.arbiter.compare_and_set(new, 0)
+                else:
+                    got = self.arbiter.compare_and_set(
+                        replace(rec, generation=rec.generation + 1, owner=self.owner), rec.version)
+                if got is not None:
+                    log.info("own %s at generation %d", self.cfg.volume_id, got.generation)
+                    return got
+            except Unavailable as e:
+                log.warning("arbiter unreachable, waiting: %s", e)
+                time.sleep(0.5)
+
+    def _opener(self, link: Link, gen: int) -> Callable[[], tuple[socket.socket, dict]]:
+        addr, create, size, vid = link.addr, link.needs_create, self.size, self.cfg.volume_id
+        timeout = min(self.t.io_timeout_s, 5.0)
+
+        def open_() -> tuple[socket.socket, dict]:
+            c = ReplicaClient(addr, self.key, timeout)
+            try:
+                info = c.open(vid, gen, size, create=create)
+            except BaseException:
+                c.close()
+                raise
+            return c.sock, info
+
+        return open_
+
+    def _note_open_error(self, link: Link, err: BaseException) -> None:
+        if isinstance(err, ReplicaError) and err.errno == errno.ESTALE:
+            self._fence(f"replica {link.rid} has a newer generation")
+        elif isinstance(err, ReplicaError) and err.errno == errno.ENOENT:
+            # the replica lost the volume (node rebuilt): recreate it and copy everything
+            log.warning("replica %s has no copy of the volume: full rebuild", link.rid)
+            link.needs_create = True
+            link.dirty[:] = b"\1" * self.regions
+        else:
+            log.warning("replica %s unreachable: %s", link.rid, err)
+
+    def _attach_socket(self, link: Link, res: tuple[socket.socket, dict]) -> None:
+        sock, info = res
+        sock.setblocking(False)
+        link.sock, link.fd = sock, sock.fileno()
+        link.fill = 0
+        link.out.clear()
+        link.fifo.clear()
+        link.needs_create = False
+        self.by_fd[link.fd] = link
+        self.ep.register(link.fd, select.EPOLLIN)
+        log.info("replica %s connected (generation %s, %s dirty regions)", link.rid,
+                 info.get("generation"), info.get("dirty_regions"))
+
+    def _on_startup_maps(self, link: Link, status: int, payload: object) -> None:
+        if status < 0:
+            return
+        data = bytes(payload)  # type: ignore[arg-type]
+        dirty, al = data[: self.regions], data[self.regions:]
+        al_regions = bytearray(self.regions)
+        per = AL_EXTENT_BYTES // REGION_BYTES
+        for e, b in enumerate(al):
+            if b:
+                self.al_recovered.add(e)
+                al_regions[e * per:(e + 1) * per] = b"\1" * per
+        del al_regions[self.regions:]
+        for other in self.links:
+            if other is link:
+                continue
+            if other.state == IN_SYNC:
+                if self.al_recovered and other.connected:
+                    _or_into(other.dirty, al_regions)
+                    self._start_job(other, mark_in_sync=False)
+            else:
+                _or_into(other.dirty, dirty)
+                _or_into(other.dirty, al_regions)
+                if other.connected and other.state == OUT_OF_SYNC:
+                    other.state = RESYNCING
+                    self._recompute()
+                    self._start_job(other, mark_in_sync=True)
+        if not self.al_recovered:
+            return
+        log.info("activity log holds %d extents from the previous frontend", len(self.al_recovered))
+
+    # ------------------------------------------------------------------ membership
+    def _recompute(self) -> None:
+        self.write_links = [l for l in self.links if l.connected and l.state in (IN_SYNC, RESYNCING)]
+        self.missing = [l.dirty for l in self.links if l not in self.write_links]
+        readable = [l for l in self.links if l.connected and l.state == IN_SYNC]
+        pref = self.cfg.preferred_read_replica
+        readable.sort(key=lambda l: l.rid != pref)
+        self.read_link = readable[0] if readable else None
+
+    def in_sync_count(self) -> int:
+        return sum(1 for l in self.links if l.connected and l.state == IN_SYNC)
+
+    def status(self) -> list[ReplicaStatus]:
+        out = []
+        for l in self.links:
+            job = self.jobs.get(l.rid)
+            out.append(ReplicaStatus(l.rid, l.state, l.connected,
+                                     job.done * REGION_BYTES if job else 0,
+                                     job.total * REGION_BYTES if job else 0))
+        return out
+
+    # ------------------------------------------------------------------ submission
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _unavailable(self) -> bool:
+        return self.fenced or self.in_sync_count() < self.t.min_in_sync
+
+    def submit_write(self, unique: int, wop: int, offset: int, length: int, data: object) -> None:
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            self.reply(unique, -errno.EINVAL, None)
+            return
+        if self._unavailable():
+            self.reply(unique, -errno.EIO, None)
+            return
+        op = Op(K_WRITE, unique, wop, offset, length)
+        op.data = data
+        if self.deferred or self._conflicts(op):
+            op.data = bytes(data) if data is not None else None  # type: ignore[call-overload]
+            self.deferred.append(op)
+            return
+        self._issue_write(op)
+
+    def _conflicts(self, op: Op) -> bool:
+        busy = self.busy
+        end = op.offset + op.length
+        for r in range(op.r0, op.r1 + 1):
+            lst = busy.get(r)
+            if lst:
+                for o in lst:
+                    if o.offset < end and op.offset < o.offset + o.length:
+                        return True
+        return False
+
+    def _register(self, op: Op) -> None:
+        busy = self.busy
+        for r in range(op.r0, op.r1 + 1):
+            lst = busy.get(r)
+            if lst is None:
+                busy[r] = [op]
+            else:
+                lst.append(op)
+
+    def _unregister(self, op: Op) -> None:
+        busy = self.busy
+        for r in range(op.r0, op.r1 + 1):
+            lst = busy[r]
+            if len(lst) == 1:
+                del busy[r]
+            else:
+                lst.remove(op)
+
+    def _issue_write(self, op: Op) -> None:
+        self._register(op)
+        # activity log: the extent must be durable on every replica before the write lands
+        e0 = op.offset >> ESHIFT
+        e1 = (op.offset + op.length - 1) >> ESHIFT
+        op.e0, op.e1 = e0, e1
+        hot = self.al_hot
+        new = None
+        for e in range(e0, e1 + 1):
+            c = hot.pop(e, None)
+            if c is None:
+                new = new or []
+                new.append(e)
+                c = 0
+            hot[e] = c + 1
+        links = self.write_links
+        if new:
+            payload = wire.pack_u32s(new)
+            for link in links:
+                self._ctrl(link, wire.AL_ADD, payload=payload)
+        for dirty in self.missing:
+            dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
+        rid = self._next_id()
+        data = op.data
+        now = time.monotonic()
+        if op.wop == wire.WRITE:
+            hdr = wire.REQ.pack(wire.REQ_BYTES + op.length, wire.WRITE, 0, 0, rid, op.offset, op.length)
+        else:
+            hdr = wire.REQ.pack(wire.REQ_BYTES, op.wop, 0, 0, rid, op.offset, op.length)
+        op.data = None
+        op.remaining = len(links)
+        for link in links:
+            out = link.out
+            out += hdr
+            if data is not None:
+                out += data  # type: ignore[operator]
+            link.fifo.append((rid, op, now))
+            self.to_flush.add(link)
+        if not links:
+            self._complete(op)
+
+    def submit_read(self, unique: int, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self.reply(unique, -errno.EINVAL, None)
+            return
+        if self.fenced:
+            self.reply(unique, -errno.EIO, None)
+            return
+        link = self.read_link
+        if link is None:
+            self.reply(unique, -errno.EIO, None)
+            return
+        op = Op(K_READ, unique, wire.READ, offset, length)
+        self._send(link, op, wire.REQ.pack(wire.REQ_BYTES, wire.READ, 0, 0, self._next_id(), offset, length))
+
+    def submit_sync(self, unique: int) -> None:
+        if self._unavailable():
+            self.reply(unique, -errno.EIO, None)
+            return
+        op = Op(K_SYNC, unique)
+        links = self.write_links
+        op.remaining = len(links)
+        for link in links:
+            self._send(link, op, wire.REQ.pack(wire.REQ_BYTES, wire.SYNC, 0, 0, self._next_id(), 0, 0))
+        if not links:
+            self._complete(op)
+
+    def _send(self, link: Link, op: Op, hdr: bytes, payload: object = None) -> None:
+        link.out += hdr
+        if payload is not None:
+            link.out += payload  # type: ignore[operator]
+        link.fifo.append((wire.REQ.unpack_from(hdr)[4], op, time.monotonic()))
+        self.to_flush.add(link)
+
+    def _ctrl(self, link: Link, wop: int, payload: bytes = b"", flags: int = 0,
+              cb: Callable[[Link, int, object], None] | None = None, offset: int = 0, count: int = 0) -> None:
+        op = Op(K_CTRL, 0, wop)
+        op.cb = cb
+        self._send(link, op, wire.REQ.pack(wire.REQ_BYTES + len(payload), wop, flags, 0, self._next_id(),
+                                           offset, count), payload or None)
+
+    # ------------------------------------------------------------------ I/O events
+    def flush(self) -> None:
+        """One send per replica per drained batch."""
+        if not self.to_flush:
+            return
+        for link in self.to_flush:
+            self._send_out(link)
+        self.to_flush.clear()
+
+    def _send_out(self, link: Link) -> None:
+        if link.sock is None or not link.out:
+            return
+        try:
+            n = link.sock.send(link.out)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._fail_link(link, f"send: {e}")
+            return
+        del link.out[:n]
+        want = bool(link.out)
+        if want != link.want_out:
+            link.want_out = want
+            self.ep.modify(link.fd, select.EPOLLIN | (select.EPOLLOUT if want else 0))
+
+    def on_event(self, fd: int, ev: int) -> None:
+        link = self.by_fd.get(fd)
+        if link is None:
+            return
+        if ev & select.EPOLLOUT:
+            self._send_out(link)
+        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
+            self._on_readable(link)
+
+    def _on_readable(self, link: Link) -> None:
+        sock = link.sock
+        if sock is None:
+            return
+        buf = link.inbuf
+        try:
+            with memoryview(buf) as mv:
+                n = sock.recv_into(mv[link.fill:])
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail_link(link, f"recv: {e}")
+            return
+        if n == 0:
+            self._fail_link(link, "connection closed")
+            return
+        fill = link.fill + n
+        pos = 0
+        unpack = wire.REP.unpack_from
+        fifo = link.fifo
+        with memoryview(buf) as mv:
+            while fill - pos >= wire.REP_BYTES:
+                length, status, rid = unpack(buf, pos)
+                if fill - pos < length:
+                    break
+                if not fifo:
+                    self._fail_link(link, "reply without request")
+                    return
+                want, op, _ = fifo.popleft()
+                if want != rid:
+                    self._fail_link(link, f"reply {rid} for request {want}")
+                    return
+                self._on_reply(link, op, status, mv[pos + wire.REP_BYTES:pos + length])
+                if link.sock is None:  # failed while handling
+                    return
+                pos += length
+        if pos:
+            buf[: fill - pos] = buf[pos:fill]
+        link.fill = fill - pos
+
+    def _on_reply(self, link: Link, op: Op, status: int, payload: memoryview) -> None:
+        kind = op.kind
+        if status < 0:
+            if status == -errno.ESTALE:
+                self._fence(f"replica {link.rid} reports a newer generation")
+                return
+            if kind == K_READ and status == -errno.EINVAL:
+                self.reply(op.unique, status, None)
+                return
+            log.warning("replica %s failed %s: %s", link.rid, wire.OP_NAMES.get(op.wop), os.strerror(-status))
+            link.fifo.appendleft((0, op, 0.0))  # still pending on this link: the failure path owns it
+            self._fail_link(link, f"status {status}")
+            return
+        if kind == K_WRITE or kind == K_SYNC:
+            op.remaining -= 1
+            if op.remaining == 0:
+                self._complete(op)
+        elif kind == K_READ:
+            self.reply(op.unique, 0, payload)
+        elif kind == K_CTRL:
+            if op.cb is not None:
+                op.cb(link, status, payload)
+        elif kind == K_RREAD:
+            self._resync_read_done(op, payload)
+        elif kind == K_RWRITE:
+            self._resync_write_done(op)
+
+    def _complete(self, op: Op) -> None:
+        if op.kind == K_WRITE:
+            self._unregister(op)
+            hot = self.al_hot
+            for e in range(op.e0, op.e1 + 1):
+                hot[e] -= 1
+        if self.gate:
+            self.held.append(op)
+        else:
+            self.reply(op.unique, 0, op.length if op.wop == wire.WRITE else None)
+        if self.deferred and op.kind == K_WRITE:
+            self._run_deferred()
+
+    def _run_deferred(self) -> None:
+        blocked: set[int] = set()
+        keep: deque[Op] = deque()
+        while self.deferred:
+            op = self.deferred.popleft()
+            regs = range(op.r0, op.r1 + 1)
+            if any(r in blocked for r in regs) or self._conflicts(op):
+                keep.append(op)
+                blocked.update(regs)  # later overlapping ops stay behind this one
+                continue
+            if self._unavailable():
+                self.reply(op.unique, -errno.EIO, None)
+                continue
+            self._issue_write(op)
+        self.deferred = keep
+
+    # ------------------------------------------------------------------ periodic
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_tick < 0.1:
+            return
+        self._last_tick = now
+        for link in self.links:
+            if link.fifo and now - link.fifo[0][2] > self.t.io_timeout_s:
+                self._fail_link(link, f"no reply for {self.t.io_timeout_s}s")
+            elif (not link.connected and not link.connecting and not self.fenced
+                  and now - link.last_attempt > self.t.reconnect_interval_s and self.record):
+                link.connecting = True
+                link.last_attempt = now
+                self.helpers.submit(self._opener(link, self.record.generation),
+                                    lambda res, err, l=link: self._on_reconnect(l, res, err))
+        self._evict_al()
+        self._pump_jobs()
+        self.flush()
+
+    def _evict_al(self) -> None:
+        hot = self.al_hot
+        if len(hot) <= self.t.al_max_extents:
+            return
+        cold = []
+        target = int(self.t.al_max_extents * 0.9)
+        for e, c in hot.items():
+            if len(hot) - len(cold) <= target:
+                break
+            if c == 0:
+                cold.append(e)
+        for e in cold:
+            del hot[e]
+        if cold:
+            payload = wire.pack_u32s(cold)
+            for link in self.write_links:
+                self._ctrl(link, wire.AL_REMOVE, payload=payload)
+
+    # ------------------------------------------------------------------ failures
+    def _close(self, link: Link) -> None:
+        if link.sock is not None:
+            try:
+                self.ep.unregister(link.fd)
+            except OSError:
+                pass
+            self.by_fd.pop(link.fd, None)
+            link.sock.close()
+        link.sock, link.fd, link.want_out = None, -1, False
+        link.out.clear()
+        link.fill = 0
+        link.last_attempt = time.monotonic()
+
+    def _fail_link(self, link: Link, why: str) -> None:
+        """Drop a replica: survivors track, the arbiter records it, then acks resume."""
+        was = link.state
+        log.warning("replica %s (%s) failed: %s", link.rid, was.value, why)
+        self._close(link)
+        pending = list(link.fifo)
+        link.fifo.clear()
+        job = self.jobs.pop(link.rid, None)
+        drop_in_sync = was == IN_SYNC
+        if was == RESYNCING:
+            link.state = OUT_OF_SYNC
+        self._recompute()
+        if drop_in_sync and self.in_sync_count() >= self.t.min_in_sync and not self.fenced:
+            link.state = OUT_OF_SYNC
+            self._recompute()
+            self.gate += 1  # no ack without this replica until survivors and arbiter know
+        elif drop_in_sync:
+            link.state = IN_SYNC  # not dropped: with too few replicas I/O fails instead
+            self._recompute()
+        if drop_in_sync and link.state == IN_SYNC:
+            for _, op, _ in pending:
+                if op.kind in (K_WRITE, K_SYNC) and op.remaining > 0:
+                    op.remaining = -1
+                    if op.kind == K_WRITE:
+                        self._unregister(op)
+                    self.reply(op.unique, -errno.EIO, None)
+        marks: set[int] = set()
+        for _, op, _ in pending:
+            k = op.kind
+            if k == K_WRITE:
+                link.dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
+                marks.update(range(op.r0, op.r1 + 1))
+                if op.remaining > 0:
+                    op.remaining -= 1
+                    if op.remaining == 0:
+                        self._complete(op)
+            elif k == K_SYNC:
+                if op.remaining > 0:
+                    op.remaining -= 1
+                    if op.remaining == 0:
+                        self._complete(op)
+            elif k == K_READ:
+                self.submit_read(op.unique, op.offset, op.length)
+            elif k == K_CTRL:
+                if op.cb is not None:
+                    op.cb(link, -errno.EIO, None)
+            elif k in (K_RREAD, K_RWRITE):
+                self._resync_chunk_failed(op)
+        if job is not None:
+            job.inflight = 0
+        if drop_in_sync and link.state == OUT_OF_SYNC:
+            self._degrade(link, sorted(marks))
+        elif drop_in_sync:
+            self._fail_all(f"fewer than {self.t.min_in_sync} in-sync replicas reachable")
+        elif marks and self.write_links:
+            payload = wire.pack_u32s(sorted(marks))
+            for s in self.write_links:
+                self._ctrl(s, wire.DEGRADE, payload=payload)
+        self.flush()
+
+    def _degrade(self, link: Link, marks: list[int]) -> None:
+        state = {"acks": len(self.write_links), "arbiter": False}
+
+        def maybe_open() -> None:
+            if state["acks"] <= 0 and state["arbiter"]:
+                self._open_gate()
+
+        def on_ack(_l: Link, status: int, _p: object) -> None:
+            state["acks"] -= 1  # a survivor that fails here is dropped on its own
+            maybe_open()
+
+        payload = wire.pack_u32s(marks)
+        for s in list(self.write_links):
+            self._ctrl(s, wire.DEGRADE, payload=payload, cb=on_ack)
+
+        def arbiter_done(res: object, err: BaseException | None) -> None:
+            if err is not None:
+                if isinstance(err, _FencedError):
+                    self._fence(str(err))
+                    return
+                log.warning("arbiter: %s; I/O stays blocked, retrying", err)
+                self.helpers.submit(lambda: (time.sleep(0.5), self._cas_state(link.rid, OUT_OF_SYNC))[1], arbiter_done)
+                return
+            self.record = res  # type: ignore[assignment]
+            state["arbiter"] = True
+            maybe_open()
+
+        self.helpers.submit(lambda: self._cas_state(link.rid, OUT_OF_SYNC), arbiter_done)
+
+    def _cas_state(self, rid: str, st: ReplicaState | None) -> VolumeRecord:
+        """Runs on a helper thread. Raises Unavailable (retry) or _FencedError."""
+        assert self.record is not None
+        rec = self.record
+        for _ in range(10):
+            new = rec.without_replica(rid) if st is None else rec.with_replica(rid, st.value)
+            got = self.arbiter.compare_and_set(new, rec.version)
+            if got is not None:
+                return got
+            rec = self.arbiter.get(self.cfg.volume_id)
+            if rec.generation != self.record.generation or rec.owner != self.owner:
+                raise _FencedError(f"generation {rec.generation} owned by {rec.owner}")
+        raise Unavailable("arbiter CAS kept losing")
+
+    def _open_gate(self) -> None:
+        self.gate -= 1
+        if self.gate == 0:
+            held, self.held = self.held, []
+            for op in held:
+                self.reply(op.unique, 0, op.length if op.wop == wire.WRITE else None)
+
+    def _fail_all(self, why: str) -> None:
+        log.error("failing I/O: %s", why)
+        held, self.held = self.held, []
+        for op in held:
+            self.reply(op.unique, -errno.EIO, None)
+        for link in self.links:
+            for _, op, _ in list(link.fifo):
+                if op.kind in (K_WRITE, K_SYNC) and op.remaining > 0:
+                    op.remaining = -1
+                    self._unregister(op) if op.kind == K_WRITE else None
+                    self.reply(op.unique, -errno.EIO, None)
+        while self.deferred:
+            self.reply(self.deferred.popleft().unique, -errno.EIO, None)
+
+    def _fence(self, why: str) -> None:
+        if self.fenced:
+            return
+        log.error("fenced: %s; every request now fails", why)
+        self.fenced = True
+        self.gate = 0
+        self._fail_all(why)
+        for link in self.links:
+            link.fifo.clear()
+            self._close(link)
+        self._recompute()
+
+    # ------------------------------------------------------------------ resync
+    def _on_reconnect(self, link: Link, res: object, err: BaseException | None) -> None:
+        link.connecting = False
+        if err is not None:
+            self._note_open_error(link, err)
+            return
+        if self.fenced:
+            res[0].close()  # type: ignore[index]
+            return
+        self._attach_socket(link, res)  # type: ignore[arg-type]
+        if link.state == IN_SYNC:
+            # never dropped (too few replicas): the activity log covers what may differ
+            self._recompute()
+            if self.read_link is not None and self.read_link is not link:
+                self._ctrl(self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._al_repair(link, st, p))
+            return
+        link.state = RESYNCING  # receives every new write from now on
+        self._recompute()
+        src = self.read_link
+        if src is None:
+            return
+        self._ctrl(src, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p))
+        self.flush()
+
+    def _al_repair(self, link: Link, status: int, payload: object) -> None:
+        if status < 0 or not link.connected:
+            return
+        al = bytes(payload)[self.regions:]  # type: ignore[arg-type]
+        per = AL_EXTENT_BYTES // REGION_BYTES
+        for e, b in enumerate(al):
+            if b:
+                link.dirty[e * per:min((e + 1) * per, self.regions)] = b"\1" * (min((e + 1) * per, self.regions) - e * per)
+        self._start_job(link, mark_in_sync=False)
+
+    def _merge_and_start(self, link: Link, status: int, payload: object) -> None:
+        if status < 0 or link.state != RESYNCING:
+            return
+        data = bytes(payload)  # type: ignore[arg-type]
+        _or_into(link.dirty, data[: self.regions])
+        per = AL_EXTENT_BYTES // REGION_BYTES
+        for e, b in enumerate(data[self.regions:]):
+            if b:
+                hi = min((e + 1) * per, self.regions)
+                link.dirty[e * per:hi] = b"\1" * (hi - e * per)
+        self._start_job(link, mark_in_sync=True)
+
+    def _start_job(self, link: Link, mark_in_sync: bool) -> None:
+        job = ResyncJob(link, link.dirty.count(1), mark_in_sync)
+        self.jobs[link.rid] = job
+        log.info("resync of %s: %d regions", link.rid, job.total)
+        self._pump_jobs()
+
+    def add_full_rebuild(self, link: Link) -> None:
+        link.dirty[:] = b"\1" * self.regions
+
+    def _pump_jobs(self) -> None:
+        if not self.jobs or self.gate or self.fenced:
+            return
+        src = self.read_link
+        if src is None:
+            return
+        chunk_regions = max(1, self.t.resync_chunk_bytes // REGION_BYTES)
+        for job in list(self.jobs.values()):
+            link = job.target
+            if not link.connected or job.finishing:
+                continue
+            dirty = link.dirty
+            scanned_from_zero = job.cursor == 0
+            while job.inflight < self.t.resync_inflight_chunks:
+                i = dirty.find(1, job.cursor)
+                if i < 0:
+                    if not scanned_from_zero:
+                        job.cursor, scanned_from_zero = 0, True
+                        continue
+                    break
+                j = i + 1
+                while j < self.regions and j - i < chunk_regions and dirty[j]:
+                    j += 1
+                off = i * REGION_BYTES
+                length = min(j * REGION_BYTES, self.size) - off
+                op = Op(K_RREAD, 0, wire.READ, off, length)
+                if self._conflicts(op):
+                    job.cursor = j  # an application write is in flight there: come back later
+                    continue
+                op.job = job
+                job.cursor = j
+                dirty[i:j] = bytes(j - i)
+                self._register(op)
+                job.inflight += 1
+                op.cb = None
+                op.data = (link, j - i)
+                self._send(src, op, wire.REQ.pack(wire.REQ_BYTES, wire.READ, wire.F_SPARSE, 0,
+                                                  self._next_id(), off, length))
+            if job.inflight == 0 and dirty.find(1) < 0:
+                self._finish_job(job)
+
+    def _resync_read_done(self, op: Op, payload: memoryview) -> None:
+        link, _n = op.data  # type: ignore[misc]
+        job = op.job
+        if job is None or self.jobs.get(link.rid) is not job or not link.connected:
+            self._resync_chunk_failed(op)
+            return
+        wop = Op(K_RWRITE, 0, wire.WRITE, op.offset, op.length)
+        wop.job, wop.data, wop.r0, wop.r1 = job, op.data, op.r0, op.r1
+        wop.cb = op  # type: ignore[assignment]  # the busy registration to release
+        if len(payload) == 0:
+            self._send(link, wop, wire.REQ.pack(wire.REQ_BYTES, wire.DISCARD, 0, 0, self._next_id(), op.offset, op.length))
+        else:
+            self._send(link, wop, wire.REQ.pack(wire.REQ_BYTES + op.length, wire.WRITE, 0, 0, self._next_id(),
+                                                op.offset, op.length), payload)
+
+    def _resync_write_done(self, wop: Op) -> None:
+        rop: Op = wop.cb  # type: ignore[assignment]
+        self._unregister(rop)
+        job = wop.job
+        assert job is not None
+        job.inflight -= 1
+        job.done += wop.r1 - wop.r0 + 1
+        if self.deferred:
+            self._run_deferred()
+        others_out = any(l.state != IN_SYNC and l is not job.target for l in self.links)
+        if job.mark_in_sync and not others_out:
+            payload = wire.pack_u32s(range(wop.r0, wop.r1 + 1))
+            for s in self.links:
+                if s.connected and s.state == IN_SYNC:
+                    self._ctrl(s, wire.CLEAR_DIRTY, payload=payload)
+        self._pump_jobs()
+
+    def _resync_chunk_failed(self, op: Op) -> None:
+        link, n = op.data  # type: ignore[misc]
+        rop = op.cb if op.kind == K_RWRITE else op
+        if isinstance(rop, Op) and any(rop in self.busy.get(r, ()) for r in (rop.r0,)):
+            self._unregister(rop)
+        link.dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
+        if op.job is not None:
+            op.job.inflight = max(0, op.job.inflight - 1)
+        if self.deferred:
+            self._run_deferred()
+
+    def _finish_job(self, job: ResyncJob) -> None:
+        link = job.target
+        job.finishing = True
+        took = time.monotonic() - job.started
+        log.info("resync of %s copied %d regions in %.2fs", link.rid, job.done, took)
+        if not job.mark_in_sync:
+            del self.jobs[link.rid]
+            self._after_al_repair()
+            return
+
+        def done(res: object, err: BaseException | None) -> None:
+            if self.jobs.get(link.rid) is not job:
+                return
+            if err is not None:
+                if isinstance(err, _FencedError):
+                    self._fence(str(err))
+                    return
+                job.finishing = False  # retried on the next tick
+                return
+            self.record = res  # type: ignore[assignment]
+            del self.jobs[link.rid]
+            if link.state == RESYNCING and link.connected:
+                link.state = IN_SYNC
+                self._recompute()
+                log.info("replica %s is in sync again", link.rid)
+            if all(l.state == IN_SYNC for l in self.links):
+                for s in self.write_links:
+                    self._ctrl(s, wire.CLEAR_DIRTY, flags=wire.F_ALL)
+                self.flush()
+
+        self.helpers.submit(lambda: self._cas_state(link.rid, IN_SYNC), done)
+
+    def _after_al_repair(self) -> None:
+        if any(not j.mark_in_sync for j in self.jobs.values()):
+            return
+        stale = [e for e in self.al_recovered if e not in self.al_hot]
+        self.al_recovered.clear()
+        if stale:
+            payload = wire.pack_u32s(sorted(stale))
+            for s in self.write_links:
+                self._ctrl(s, wire.AL_REMOVE, payload=payload)
+
+    # ------------------------------------------------------------------ control plane
+    def add_replica(self, addr: ReplicaAddr) -> None:
+        """A new, empty replica: recorded out of sync, then fully rebuilt."""
+        if any(l.rid == addr.replica_id for l in self.links):
+            return
+        link = Link(addr, self.regions)
+        link.needs_create = True
+        link.dirty[:] = b"\1" * self.regions
+        self.links.append(link)
+        self._recompute()
+
+        def done(res: object, err: BaseException | None) -> None:
+            if err is None:
+                self.record = res  # type: ignore[assignment]
+
+        self.helpers.submit(lambda: self._cas_state(addr.replica_id, OUT_OF_SYNC), done)
+
+    def remove_replica(self, rid: str) -> None:
+        link = next((l for l in self.links if l.rid == rid), None)
+        if link is None:
+            return
+        if link.state == IN_SYNC and sum(1 for l in self.links if l.state == IN_SYNC) <= 1:
+            raise Unavailable(f"{rid} is the last in-sync replica")
+        if link.connected:
+            # drained like a failure, so nothing in flight waits on it
+            self._fail_link(link, "removed by the control plane")
+        self.links.remove(link)
+        self.jobs.pop(rid, None)
+        self._recompute()
+
+        def done(res: object, err: BaseException | None) -> None:
+            if err is None:
+                self.record = res  # type: ignore[assignment]
+
+        self.helpers.submit(lambda: self._cas_state(rid, None), done)
+
+    def idle(self) -> bool:
+        return not any(l.fifo for l in self.links) and not self.deferred and not self.held
+
+    def clear_activity_log(self) -> None:
+        """Clean shutdown: nothing in flight, so no extent needs repair next time."""
+        ext = list(self.al_hot) + list(self.al_recovered)
+        if ext and not self.jobs:
+            for s in self.write_links:
+                self._ctrl(s, wire.AL_REMOVE, payload=wire.pack_u32s(ext))
+                self._ctrl(s, wire.SYNC)
+            self.al_hot.clear()
+        self.flush()
+
+    def close(self) -> None:
+        for link in self.links:
+            self._close(link)
+        self.helpers.close()
+
+
+class _FencedError(Exception):
+    pass
+
+
+def _or_into(dst: bytearray, src: bytes) -> None:
+    i = src.find(1)
+    while i >= 0:
+        dst[i] = 1
+        i = src.find(1, i + 1)

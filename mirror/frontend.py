@@ -1,0 +1,185 @@
+"""The control plane's handle on one mirrored volume on this node.
+
+Frontend.start() mounts the one-file FUSE filesystem (fd holder process),
+starts the data-path worker and puts a direct-I/O loop device on the file;
+device_path is then an ordinary block device for mkfs/mount/publish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from engine.errors import CommandFailed, Unavailable
+
+from . import fuse_mount
+from .spec import FrontendTuning, ReplicaAddr, ReplicaState, ReplicaStatus
+
+FILE_NAME = "volume"
+
+
+def run(argv: list[str], timeout_s: float = 30.0) -> str:
+    env = {**os.environ, "LC_ALL": "C"}
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(argv, -1, "", f"timed out after {timeout_s}s") from e
+    if p.returncode != 0:
+        raise CommandFailed(argv, p.returncode, p.stdout, p.stderr)
+    return p.stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendStatus:
+    volume_id: str
+    generation: int
+    fenced: bool
+    replicas: tuple[ReplicaStatus, ...]
+    worker_pid: int
+
+
+class Frontend:
+    def __init__(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr], arbiter_url: str,
+                 state_dir: str, key_path: str, netns: str | None = None,
+                 tuning: FrontendTuning = FrontendTuning(), preferred_read_replica: str | None = None):
+        self.volume_id = volume_id
+        self.size_bytes = size_bytes
+        self.replicas = list(replicas)
+        self.state_dir = os.path.abspath(state_dir)
+        self.mountpoint = os.path.join(self.state_dir, "mnt")
+        self.config_path = os.path.join(self.state_dir, "frontend.json")
+        self._cfg = {"volume_id": volume_id, "size_bytes": size_bytes, "state_dir": self.state_dir,
+                     "replicas": [dataclasses.asdict(r) for r in replicas], "key_path": key_path,
+                     "arbiter_url": arbiter_url, "netns": netns, "tuning": dataclasses.asdict(tuning),
+                     "preferred_read_replica": preferred_read_replica}
+        self.holder: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.device_path: str | None = None
+
+    @property
+    def file_path(self) -> str:
+        return os.path.join(self.mountpoint, FILE_NAME)
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self, timeout_s: float = 30.0) -> str:
+        os.makedirs(self.mountpoint, exist_ok=True)
+        with open(self.config_path, "w") as f:
+            json.dump(self._cfg, f)
+        holder_sock = os.path.join(self.state_dir, "holder.sock")
+        if os.path.exists(holder_sock):
+            os.unlink(holder_sock)
+        self.holder = subprocess.Popen(
+            [sys.executable, "-m", "mirror.fdholder", "--mountpoint", self.mountpoint, "--socket", holder_sock,
+             "--name", f"tandem-{self.volume_id}"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "holder.log"), "ab"),
+            start_new_session=True, cwd=_package_root())
+        fuse_mount.wait_for(lambda: fuse_mount.is_mounted(self.mountpoint) and os.path.exists(holder_sock),
+                            timeout_s, "the FUSE mount")
+        self.start_worker(timeout_s)
+        out = run(["losetup", "--direct-io=on", "--find", "--show", self.file_path], timeout_s)
+        self.device_path = out.strip()
+        return self.device_path
+
+    def start_worker(self, timeout_s: float = 30.0) -> None:
+        ctl = os.path.join(self.state_dir, "control.sock")
+        if os.path.exists(ctl):
+            os.unlink(ctl)
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "mirror.frontend_worker", "--config", self.config_path],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "worker.log"), "ab"),
+            start_new_session=True, cwd=_package_root())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.worker.poll() is not None:
+                raise Unavailable(f"frontend worker exited {self.worker.returncode}; see {self.state_dir}/worker.log")
+            try:
+                self.control({"op": "status"})
+                return
+            except (Unavailable, OSError):
+                if time.monotonic() > deadline:
+                    raise Unavailable("frontend worker did not come up") from None
+                time.sleep(0.05)
+
+    def kill_worker(self) -> None:
+        """Crash the data path (tests, upgrades): the holder keeps the mount alive."""
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGKILL)
+            self.worker.wait()
+
+    def restart_worker(self, timeout_s: float = 30.0) -> None:
+        self.kill_worker()
+        self.start_worker(timeout_s)
+
+    def stop(self) -> None:
+        """Idempotent: detach the loop device, unmount, stop worker and holder."""
+        if self.device_path:
+            try:
+                run(["losetup", "-d", self.device_path])
+            except CommandFailed:
+                pass
+            self.device_path = None
+        if self.worker is not None and self.worker.poll() is None:
+            try:
+                self.control({"op": "shutdown"})
+                self.worker.wait(timeout=15)
+            except (Unavailable, OSError, subprocess.TimeoutExpired):
+                self.worker.kill()
+                self.worker.wait()
+        if fuse_mount.is_mounted(self.mountpoint):
+            fuse_mount.umount_lazy(self.mountpoint)
+        if self.holder is not None and self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait()
+
+    # --- control ---------------------------------------------------------------
+    def control(self, req: dict, timeout_s: float = 5.0) -> dict:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout_s)
+        try:
+            s.connect(os.path.join(self.state_dir, "control.sock"))
+            s.sendall((json.dumps(req) + "\n").encode())
+            line = s.makefile("rb").readline()
+        except OSError as e:
+            raise Unavailable(f"frontend control: {e}") from e
+        finally:
+            s.close()
+        resp = json.loads(line or b"{}")
+        if "error" in resp:
+            raise Unavailable(resp["error"])
+        return resp
+
+    def status(self) -> FrontendStatus:
+        d = self.control({"op": "status"})
+        return FrontendStatus(d["volume_id"], d["generation"], d["fenced"], tuple(
+            ReplicaStatus(r["replica_id"], ReplicaState(r["state"]), r["connected"], r["resync_done_bytes"],
+                          r["resync_total_bytes"]) for r in d["replicas"]), d["pid"])
+
+    def add_replica(self, addr: ReplicaAddr) -> None:
+        self.control({"op": "add_replica", "replica": dataclasses.asdict(addr)})
+
+    def remove_replica(self, replica_id: str) -> None:
+        self.control({"op": "remove_replica", "replica_id": replica_id})
+
+    def replace_replica(self, old_replica_id: str, new: ReplicaAddr) -> None:
+        self.add_replica(new)
+        self.remove_replica(old_replica_id)
+
+    def wait_in_sync(self, timeout_s: float = 60.0) -> FrontendStatus:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.status()
+            if all(r.state == ReplicaState.IN_SYNC and r.connected for r in st.replicas):
+                return st
+            if time.monotonic() > deadline:
+                raise Unavailable(f"replicas not in sync: {st.replicas}")
+            time.sleep(0.1)
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

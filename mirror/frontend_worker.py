@@ -1,0 +1,155 @@
+"""`python -m mirror.frontend_worker --config STATE_DIR/frontend.json`
+
+The frontend's data path: one epoll loop over /dev/fuse (borrowed from the fd
+holder), the replica connections, helper completions and a control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+import uuid
+
+from . import auth, fuse_mount, netns, nodesafety
+from .arbiter import open_arbiter
+from .core import MirrorCore
+from .fuse_server import FuseServer
+from .spec import FrontendConfig, FrontendTuning, ReplicaAddr
+
+log = logging.getLogger("mirror.worker")
+
+
+def load_config(path: str) -> FrontendConfig:
+    with open(path) as f:
+        d = json.load(f)
+    return FrontendConfig(
+        volume_id=d["volume_id"], size_bytes=d["size_bytes"],
+        replicas=tuple(ReplicaAddr(**r) for r in d["replicas"]), state_dir=d["state_dir"],
+        key_path=d["key_path"], arbiter_url=d["arbiter_url"], netns=d.get("netns"),
+        tuning=FrontendTuning(**d.get("tuning", {})), preferred_read_replica=d.get("preferred_read_replica"))
+
+
+class Worker:
+    def __init__(self, cfg: FrontendConfig):
+        self.cfg = cfg
+        self.sd = cfg.state_dir
+        self.stopping = False
+        self.stop_deadline = 0.0
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if cfg.tuning.node_safety:
+            nodesafety.harden()
+        state, fuse_fd = fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"), {"op": "get"})
+        assert fuse_fd is not None
+        os.set_blocking(fuse_fd, False)
+        ep = select.epoll()
+        self.fuse = FuseServer(fuse_fd, cfg.size_bytes, cfg.tuning)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.core = MirrorCore(cfg, auth.load_key(cfg.key_path), open_arbiter(cfg.arbiter_url),
+                               self.fuse.reply, ep, owner)
+        self.fuse.core = self.core
+        self.core.start()
+        if state.get("init") is None:
+            init = self.fuse.handshake()
+            fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"), {"op": "set_init", "init": init})
+        else:
+            log.info("taking over a live FUSE connection; asking the kernel to resend lost requests")
+            self.fuse.resend()
+        ctl_path = os.path.join(self.sd, "control.sock")
+        if os.path.exists(ctl_path):
+            os.unlink(ctl_path)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl.bind(ctl_path)
+        os.chmod(ctl_path, 0o600)
+        ctl.listen(8)
+        ctl.setblocking(False)
+        ep.register(fuse_fd, select.EPOLLIN)
+        ep.register(self.core.helpers.wake_fd, select.EPOLLIN)
+        ep.register(ctl.fileno(), select.EPOLLIN)
+        fuse, core, helpers_fd, ctl_fd = self.fuse, self.core, self.core.helpers.wake_fd, ctl.fileno()
+        print("ready", flush=True)
+        while not fuse.destroyed:
+            for fd, ev in ep.poll(0.1):
+                if fd == fuse_fd:
+                    fuse.drain()
+                elif fd == helpers_fd:
+                    core.helpers.drain()
+                elif fd == ctl_fd:
+                    self._control(ctl)
+                else:
+                    core.on_event(fd, ev)
+            core.flush()
+            core.tick()
+            if self.stopping and (core.idle() or time.monotonic() > self.stop_deadline):
+                break
+        if self.stopping:
+            core.clear_activity_log()
+            end = time.monotonic() + 2.0
+            while any(l.fifo for l in core.links if l.connected) and time.monotonic() < end:
+                for fd, ev in ep.poll(0.1):
+                    if fd not in (fuse_fd, ctl_fd, helpers_fd):
+                        core.on_event(fd, ev)
+                core.flush()
+        core.close()
+
+    def _control(self, ctl: socket.socket) -> None:
+        try:
+            conn, _ = ctl.accept()
+        except BlockingIOError:
+            return
+        conn.settimeout(2.0)
+        try:
+            req = json.loads(conn.makefile("rb").readline() or b"{}")
+            conn.sendall((json.dumps(self._handle(req)) + "\n").encode())
+        except Exception as e:  # the control channel must never take the data path down
+            try:
+                conn.sendall((json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n").encode())
+            except OSError:
+                pass
+        finally:
+            conn.close()
+
+    def _handle(self, req: dict) -> dict:
+        core = self.core
+        op = req.get("op")
+        if op == "status":
+            rec = core.record
+            return {"volume_id": self.cfg.volume_id, "generation": rec.generation if rec else 0,
+                    "fenced": core.fenced, "pid": os.getpid(),
+                    "replicas": [{"replica_id": s.replica_id, "state": s.state.value, "connected": s.connected,
+                                  "resync_done_bytes": s.resync_done_bytes,
+                                  "resync_total_bytes": s.resync_total_bytes} for s in core.status()]}
+        if op == "add_replica":
+            core.add_replica(ReplicaAddr(**req["replica"]))
+            return {}
+        if op == "remove_replica":
+            core.remove_replica(req["replica_id"])
+            return {}
+        if op == "shutdown":
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + 10.0
+            return {}
+        return {"error": f"unknown op {op}"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s frontend %(levelname)s %(name)s %(message)s")
+    cfg = load_config(args.config)
+    if cfg.netns:
+        netns.enter(cfg.netns)  # before any thread: setns is per thread
+    Worker(cfg).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Speaks the /dev/fuse protocol for a filesystem holding one file, `volume`.
+
+No coroutine framework: the worker's epoll loop calls drain() when the fd is
+readable; each request is parsed from one preallocated buffer and handed to
+the MirrorCore, whose completions come back through reply().
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+from . import fuse_proto as F
+from . import wire
+from .core import MirrorCore
+from .spec import FrontendTuning
+
+log = logging.getLogger(__name__)
+
+ATTR_VALID_S = 3600  # the file never changes size or identity while mounted
+DRAIN_BATCH = 64
+
+
+class FuseServer:
+    def __init__(self, fuse_fd: int, size_bytes: int, tuning: FrontendTuning):
+        self.fd = fuse_fd
+        self.size = size_bytes
+        self.t = tuning
+        self.core: MirrorCore | None = None
+        self.buf = bytearray(tuning.max_write_bytes + 2 * 4096)
+        self.mv = memoryview(self.buf)
+        self.destroyed = False
+        self.now = int(time.time())
+        self._hdr = F.OUT_HEADER.pack
+
+    # --- replies -------------------------------------------------------------
+    def reply(self, unique: int, err: int, payload: object) -> None:
+        try:
+            if payload is None:
+                os.write(self.fd, self._hdr(16, err, unique))
+            elif isinstance(payload, int):  # bytes written
+                os.write(self.fd, self._hdr(24, 0, unique) + F.WRITE_OUT.pack(payload, 0))
+            else:
+                os.writev(self.fd, [self._hdr(16 + len(payload), err, unique), payload])  # type: ignore[arg-type]
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # the request was interrupted meanwhile
+                return
+            if e.errno == errno.ENODEV:
+                self.destroyed = True
+                return
+            raise
+
+    # --- INIT ------------------------------------------------------------------
+    def handshake(self) -> dict:
+        """Blocking: read INIT, answer it. Returns what was negotiated."""
+        os.set_blocking(self.fd, True)
+        try:
+            while True:
+                n = os.readv(self.fd, [self.buf])
+                _, opcode, unique = F.IN_HEADER.unpack_from(self.buf)[:3]
+                if opcode == F.INIT:
+                    break
+                self.reply(unique, -errno.EIO, None)
+        finally:
+            os.set_blocking(self.fd, False)
+        major, minor, max_readahead, flags = F.INIT_IN.unpack_from(self.buf, 40)
+        flags2 = int.from_bytes(self.buf[56:60], "little") if n >= 60 and flags & F.INIT_EXT else 0
+        offered = flags | (flags2 << 32)
+        want = F.ASYNC_READ | F.BIG_WRITES | F.ASYNC_DIO | F.MAX_PAGES | F.INIT_EXT | F.HAS_RESEND
+        got = offered & want  # never WRITEBACK_CACHE: it would ack before the replicas have it
+        out = F.INIT_OUT.pack(F.KERNEL_MAJOR, min(minor, F.KERNEL_MINOR), max_readahead, got & 0xFFFFFFFF,
+                              self.t.max_background, self.t.max_background * 3 // 4,
+                              self.t.max_write_bytes, 1, self.t.max_write_bytes // 4096, 0, got >> 32,
+                              0, 0, 0, 0, 0, 0, 0)
+        self.reply(unique, 0, out)
+        info = {"minor": min(minor, F.KERNEL_MINOR), "flags": got, "resend": bool(got & F.HAS_RESEND)}
+        log.info("FUSE INIT 7.%d, flags %#x", info["minor"], got)
+        return info
+
+    def resend(self) -> None:
+        """Ask the kernel to queue again what a dead worker had read but not answered."""
+        os.write(self.fd, F.OUT_HEADER.pack(16, F.NOTIFY_RESEND, 0))
+
+    # --- requests --------------------------------------------------------------
+    def drain(self) -> None:
+        core = self.core
+        assert core is not None
+        buf, mv, fd = self.buf, self.mv, self.fd
+        unpack_hdr = F.IN_HEADER.unpack_from
+        unpack_rw = F.RW_IN.unpack_from
+        for _ in range(DRAIN_BATCH):
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                if e.errno == errno.ENODEV:
+                    self.destroyed = True
+                    return
+                raise
+            length, opcode, unique, nodeid = unpack_hdr(buf)[:4]
+            if opcode == F.WRITE:
+                _, off, size = unpack_rw(buf, 40)[:3]
+                core.submit_write(unique, wire.WRITE, off, size, mv[80:80 + size])
+            elif opcode == F.READ:
+                _, off, size = unpack_rw(buf, 40)[:3]
+                if off >= self.size:
+                    self.reply(unique, 0, b"")
+                else:
+                    core.submit_read(unique, off, min(size, self.size - off))
+            elif opcode == F.FSYNC:
+                core.submit_sync(unique)
+            else:
+                self._other(opcode, unique, nodeid, n)
+
+    def _attr(self, nodeid: int) -> bytes:
+        if nodeid == F.ROOT_ID:
+            mode, size, nlink = stat.S_IFDIR | 0o755, 0, 2
+        else:
+            mode, size, nlink = stat.S_IFREG | 0o600, self.size, 1
+        t = self.now
+        return F.ATTR.pack(nodeid, size, size // 512, t, t, t, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0)
+
+    def _other(self, opcode: int, unique: int, nodeid: int, n: int) -> None:
+        core = self.core
+        assert core is not None
+        r = self.reply
+        if opcode in (F.FORGET, F.BATCH_FORGET, F.INTERRUPT):
+            return  # no reply expected
+        if opcode == F.LOOKUP:
+            name = bytes(self.buf[40:n]).rstrip(b"\0")
+            if nodeid == F.ROOT_ID and name == F.FILE_NAME:
+                r(unique, 0, F.ENTRY_OUT.pack(F.FILE_ID, 1, ATTR_VALID_S, ATTR_VALID_S, 0, 0) + self._attr(F.FILE_ID))
+            else:
+                r(unique, -errno.ENOENT, None)
+        elif opcode == F.GETATTR:
+            if nodeid not in (F.ROOT_ID, F.FILE_ID):
+                r(unique, -errno.ENOENT, None)
+            else:
+                r(unique, 0, F.ATTR_OUT.pack(ATTR_VALID_S, 0, 0) + self._attr(nodeid))
+        elif opcode == F.SETATTR:
+            valid = F.SETATTR_IN.unpack_from(self.buf, 40)[0]
+            size = F.SETATTR_IN.unpack_from(self.buf, 40)[3]
+            if valid & F.FATTR_SIZE and size != self.size:
+                r(unique, -errno.EPERM, None)  # a mirrored volume is resized by the control plane
+            else:
+                r(unique, 0, F.ATTR_OUT.pack(ATTR_VALID_S, 0, 0) + self._attr(nodeid))
+        elif opcode in (F.OPEN, F.OPENDIR):
+            r(unique, 0, F.OPEN_OUT.pack(1, 0, 0))
+        elif opcode in (F.FLUSH, F.RELEASE, F.RELEASEDIR, F.FSYNCDIR, F.ACCESS):
+            r(unique, 0, None)
+        elif opcode == F.FALLOCATE:
+            _, off, length, mode, _ = F.FALLOCATE_IN.unpack_from(self.buf, 40)
+            if mode & F.FALLOC_FL_PUNCH_HOLE:
+                core.submit_write(unique, wire.DISCARD, off, length, None)
+            elif mode & F.FALLOC_FL_ZERO_RANGE:
+                core.submit_write(unique, wire.WRITE_ZEROES, off, length, None)
+            elif mode & ~F.FALLOC_FL_KEEP_SIZE == 0 and off + length <= self.size:
+                r(unique, 0, None)  # preallocation inside the fixed size: space is the replicas' business
+            else:
+                r(unique, -errno.EOPNOTSUPP, None)  # refused explicitly, never silently dropped
+        elif opcode == F.READDIR:
+            off = F.RW_IN.unpack_from(self.buf, 40)[1]
+            out = b""
+            for i, (ino, name, typ) in enumerate(((1, b".", 4), (1, b"..", 4), (F.FILE_ID, F.FILE_NAME, 8))):
+                if i < off:
+                    continue
+                ent = F.DIRENT.pack(ino, i + 1, len(name), typ) + name
+                out += ent + b"\0" * (-len(ent) % 8)
+            r(unique, 0, out)
+        elif opcode == F.STATFS:
+            blocks = self.size // 4096
+            r(unique, 0, F.STATFS_OUT.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0, 0, 0, 0, 0, 0, 0))
+        elif opcode == F.DESTROY:
+            r(unique, 0, None)
+            self.destroyed = True
+        else:
+            r(unique, -errno.ENOSYS, None)

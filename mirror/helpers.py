@@ -1,0 +1,47 @@
+"""Blocking work (connect + handshake, arbiter CAS) off the data-path loop.
+
+Jobs run on a small thread pool; their results come back through a queue and
+wake the loop through an eventfd, so the loop itself never blocks on them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+
+class Helpers:
+    def __init__(self, threads: int = 4):
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mirror-helper")
+        self._done: queue.SimpleQueue[tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]] = queue.SimpleQueue()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def submit(self, fn: Callable[[], Any], on_done: Callable[[Any, BaseException | None], None]) -> None:
+        def run() -> None:
+            try:
+                res, err = fn(), None
+            except BaseException as e:  # handed to the loop, which decides
+                res, err = None, e
+            self._done.put((on_done, res, err))
+            os.eventfd_write(self.wake_fd, 1)
+
+        self._pool.submit(run)
+
+    def drain(self) -> None:
+        """Run completions on the loop thread."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                cb, res, err = self._done.get_nowait()
+            except queue.Empty:
+                return
+            cb(res, err)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        os.close(self.wake_fd)

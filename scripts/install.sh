@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install Tandem and what it needs on a Debian (bookworm or later) machine, as root.
+#   scripts/install.sh          the driver, into $TANDEM_VENV (default /opt/tandem/venv),
+#                               with `tandem-csi` linked into /usr/local/bin
+#   scripts/install.sh --dev    the same, editable, with the test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${TANDEM_VENV:-/opt/tandem/venv}"
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+packages=(python3 python3-venv python3-pip xfsprogs e2fsprogs btrfs-progs util-linux mount fio
+          iproute2 iptables fuse3 kmod)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+if [ "$dev" = 1 ]; then
+  "$venv/bin/python" -m pip install -q -e ".[dev]"
+else
+  "$venv/bin/python" -m pip install -q .
+  ln -sf "$venv/bin/tandem-csi" /usr/local/bin/tandem-csi
+fi
+modprobe loop 2>/dev/null || true
+echo "installed tandem-csi into $venv"

@@ -1,0 +1,158 @@
+"""Shared test helpers: a driver in-process or as a process, and thorough cleanup.
+
+Everything a test makes lives under one temporary root; `cleanup_tree(root)` unmounts
+whatever is mounted below it, detaches every loop device whose file is below it, and
+removes it, whether the test passed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from csi.config import GIB, Config
+from csi.server import Driver
+from engine.loopdev import LoopDevices
+from engine.mounts import Mounts
+from proto import csi_pb2, csi_pb2_grpc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cleanup_tree(root: str) -> None:
+    root = os.path.realpath(root)
+    mounts = Mounts()
+    for _ in range(10):  # stacked mounts come off one layer per pass
+        under = [m for m in mounts.table()
+                 if m.target == root or m.target.startswith(root + "/")]
+        if not under:
+            break
+        for m in sorted(under, key=lambda m: -len(m.target)):
+            subprocess.run(["umount", "-l", m.target], capture_output=True)
+    loops = LoopDevices()
+    # volume devices first, the pool image (whose mount is gone now) last
+    for dev in sorted(loops.all(), key=lambda d: d.backing_file.endswith(".xfs.img")):
+        if dev.backing_file.startswith(root + "/"):
+            subprocess.run(["losetup", "-d", dev.path], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Stubs:
+    channel: grpc.Channel
+    identity: csi_pb2_grpc.IdentityStub = field(init=False)
+    controller: csi_pb2_grpc.ControllerStub = field(init=False)
+    node: csi_pb2_grpc.NodeStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+
+
+def make_root(prefix: str = "tdm-test-") -> str:
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def test_config(root: str, **overrides) -> Config:
+    base = dict(
+        endpoint=f"unix://{root}/csi.sock",
+        node_id="node-a",
+        state_dir=f"{root}/state",
+        zone="zone-a",
+        pool_image_bytes=8 * GIB,
+        overcommit_ratio=20.0,
+        max_volumes_per_node=8,
+        default_volume_bytes=64 * 1024 * 1024,
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+class InProcessDriver:
+    """The real driver, served on a unix socket from this test process."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.driver = Driver(config)
+        self.driver.start()
+        self.channel = grpc.insecure_channel(config.endpoint)
+        self.stubs = Stubs(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.driver.stop(0)
+
+
+class DriverProcess:
+    """`python -m csi.server` as a child process, for kill -9 and restart tests."""
+
+    def __init__(self, root: str, *, env: dict[str, str] | None = None, extra: list[str] = ()):
+        self.root = root
+        self.endpoint = f"unix://{root}/csi.sock"
+        self.env = env or {}
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = f"{root}/driver.log"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "csi.server", "--endpoint", self.endpoint,
+                "--node-id", "node-a", "--zone", "zone-a", "--state-dir", f"{self.root}/state",
+                "--pool-size-gib", "8", "--max-volumes-per-node", "8", *self.extra]
+
+    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> "DriverProcess":
+        full_env = {**os.environ, **self.env, **(env or {})}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=full_env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"driver exited {self.proc.returncode}: {self.log()}")
+            try:
+                with grpc.insecure_channel(self.endpoint) as ch:
+                    rsp = csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=1)
+                    if rsp.ready.value:
+                        return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"driver not ready in {timeout_s}s: {self.log()}")
+
+    def stubs(self) -> Stubs:
+        return Stubs(grpc.insecure_channel(self.endpoint))
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()

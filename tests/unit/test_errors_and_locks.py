@@ -1,0 +1,51 @@
+import threading
+
+import grpc
+import pytest
+
+from csi.errors import code_for, invalid
+from csi.locks import KeyLocks
+from engine import errors
+
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
+        (errors.InvalidSpec("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.OutOfRange("x"), grpc.StatusCode.OUT_OF_RANGE),
+        (errors.OutOfCapacity("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.InUse("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.Busy("x"), grpc.StatusCode.ABORTED),
+        (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (invalid("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.CommandFailed(["mkfs"], 1, "", "bad"), None),  # -> INTERNAL with traceback
+        (ValueError("x"), None),
+    ],
+)
+def test_code_table(exc, code):
+    assert code_for(exc) == code
+
+
+def test_key_locks_answer_busy_instead_of_queueing():
+    locks = KeyLocks()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locks.hold("vol-1"):
+            inside.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    with pytest.raises(errors.Busy):
+        with locks.hold("vol-1"):
+            pass
+    with locks.hold("vol-2"):
+        pass
+    release.set()
+    t.join()
+    with locks.hold("vol-1"):
+        pass
