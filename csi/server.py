@@ -121,6 +121,7 @@ class Driver:
         self.ready = threading.Event()
         self.server: grpc.Server | None = None
         self.store: SqliteStore | None = None
+        self.engine: NodeEngine | None = None
         self._lock_fd = -1
 
     def start(self) -> None:
@@ -134,6 +135,7 @@ class Driver:
                     loops=loops, mounts=mounts)
         engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts)
         engine.open()
+        self.engine = engine
         catalog = Catalog(self.store)
         nodes = {cfg.node_id: engine}
         controller_mod.reconcile(catalog, nodes)

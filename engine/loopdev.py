@@ -7,6 +7,7 @@ every node, so the device node is awaited through sysfs/devtmpfs with a timeout.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from engine.errors import CommandFailed, InvalidSpec, NotFound
 # losetup --find picks the first free device; serialise our own attaches so two
 # threads never race for the same number (other processes are handled by losetup's retry).
 _attach_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,15 @@ class LoopDevices:
         read_only: bool = False,
         sector_size_bytes: int = 512,
         direct_io: bool = True,
+        strict_direct_io: bool = True,
         timeout_s: float = 30.0,
     ) -> LoopDevice:
-        """Attach `path` to a free loop device and wait until it is usable."""
+        """Attach `path` to a free loop device and wait until it is usable.
+
+        When direct I/O is asked for and the kernel refuses it, strict mode detaches and
+        raises; otherwise the device stays, buffered, with a warning (better a slow volume
+        than one that cannot be staged).
+        """
         argv = ["losetup", "--find", "--show", f"--sector-size={sector_size_bytes}"]
         argv.append("--direct-io=on" if direct_io else "--direct-io=off")
         if read_only:
@@ -98,10 +106,15 @@ class LoopDevices:
         name = os.path.basename(out)
         dev = self._wait_ready(name, timeout_s)
         if direct_io and not dev.direct_io:
-            # A loop device without direct I/O double-caches every page and serialises
-            # writes; refuse rather than silently run slow.
-            self.detach(dev.path)
-            raise InvalidSpec(f"{path}: the pool's filesystem refused direct I/O for {dev.path}")
+            # Without direct I/O a loop device double-caches every page and serialises
+            # writes: never silently.
+            if strict_direct_io:
+                self.detach(dev.path)
+                raise InvalidSpec(
+                    f"{path}: the pool's filesystem refused direct I/O for {dev.path} at "
+                    f"{sector_size_bytes}-byte sectors")
+            log.warning("%s: direct I/O refused at %d-byte sectors; %s runs buffered",
+                        path, sector_size_bytes, dev.path)
         return dev
 
     def _wait_ready(self, name: str, timeout_s: float) -> LoopDevice:

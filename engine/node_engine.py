@@ -42,7 +42,7 @@ class NodeEngine:
 
     # --- what the controller calls -------------------------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, clone_from_volume: str = "") -> Backing:
-        source = self.files.require(clone_from_volume).file_name if clone_from_volume else None
+        source = self.files.require(clone_from_volume) if clone_from_volume else None
         return self.files.create(volume_id, size_bytes, clone_from=source)
 
     def delete_volume(self, volume_id: str) -> None:

@@ -91,7 +91,8 @@ class NodeVolumes:
         dev = self._rw_device(backing)
         if dev is None:
             dev = self.loops.attach(
-                self.files.path(backing), sector_size_bytes=backing.sector_size_bytes
+                self.files.path(backing), sector_size_bytes=backing.sector_size_bytes,
+                strict_direct_io=False,
             )
         elif dev.size_bytes != backing.size_bytes:
             dev = self.loops.refresh_capacity(dev.path)  # expanded before staging
@@ -242,7 +243,7 @@ class NodeVolumes:
             if dev is None or dev.backing_file != self.files.path(backing):
                 dev = self.loops.attach(
                     self.files.path(backing), read_only=True,
-                    sector_size_bytes=backing.sector_size_bytes,
+                    sector_size_bytes=backing.sector_size_bytes, strict_direct_io=False,
                 )
         else:
             dev = self._rw_device(backing)

@@ -94,6 +94,7 @@ class Pool:
         self.loops = loops or LoopDevices()
         self.mounts = mounts or Mounts()
         self.fs_type = ""
+        self.sector_size_bytes = 4096
         self.volumes_dir = os.path.join(self.directory, VOLUMES_DIR)
 
     # --- set-up ------------------------------------------------------------------
@@ -118,7 +119,38 @@ class Pool:
             hint = EXTENT_HINT_BYTES // 1024
             command.run(["xfs_io", "-c", f"extsize {hint}k", "-c", f"cowextsize {hint}k",
                          self.volumes_dir])
-        log.info("pool %s ready (%s)", self.directory, self.fs_type)
+        self.sector_size_bytes = self._probe_sector_size()
+        log.info("pool %s ready (%s, %d-byte sectors for new volumes)", self.directory,
+                 self.fs_type, self.sector_size_bytes)
+
+    def _probe_sector_size(self) -> int:
+        """The smallest logical sector size at which a reflinked file keeps direct I/O.
+
+        XFS reports a copy-on-write file's direct-write alignment as its block size, and
+        the loop driver refuses direct I/O below it; btrfs always wants its sector size.
+        Volumes are snapshotted and cloned, so probe with a reflinked file: 512 where
+        the pool allows it, else 4096. Each volume keeps the size it was made with.
+        """
+        src = os.path.join(self.volumes_dir, ".probe-src")
+        dst = os.path.join(self.volumes_dir, ".probe-clone")
+        for path in (src, dst):
+            if os.path.exists(path):
+                os.unlink(path)
+        try:
+            with open(src, "wb") as f:
+                f.truncate(1 * MIB)
+            reflink(src, dst)
+            for size in (512, 4096):
+                dev = self.loops.attach(dst, sector_size_bytes=size, strict_direct_io=False)
+                self.loops.detach(dev.path)
+                if dev.direct_io:
+                    return size
+        finally:
+            for path in (src, dst):
+                if os.path.exists(path):
+                    os.unlink(path)
+        raise InvalidSpec(f"pool {self.directory}: loop devices get no direct I/O at 512 or "
+                          "4096-byte sectors")
 
     def _fs_type(self) -> str:
         st = os.stat(self.directory)

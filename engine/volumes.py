@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 KIND = "backing"
 CREATING, READY, DELETING = "creating", "ready", "deleting"
-DEFAULT_SECTOR_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -76,17 +75,18 @@ class VolumeFiles:
         return self.pool.file_path(backing.file_name)
 
     def create(
-        self, volume_id: str, size_bytes: int, *, clone_from: str | None = None
+        self, volume_id: str, size_bytes: int, *, clone_from: Backing | None = None
     ) -> Backing:
-        """Create the sparse file (or a reflink of `clone_from`, a pool file name)."""
+        """Create the sparse file, or a reflink of `clone_from` (keeping its sector size:
+        a filesystem made on it needs the same one)."""
         existing = self.store.get(KIND, volume_id)
         if existing is not None:
             if existing["state"] == READY and existing["size_bytes"] == size_bytes:
                 return Backing.from_record(volume_id, existing)
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
+        sector = clone_from.sector_size_bytes if clone_from else self.pool.sector_size_bytes
         backing = Backing(
-            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, DEFAULT_SECTOR_BYTES, CREATING,
-            time.time(),
+            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, sector, CREATING, time.time()
         )
         self.store.put(KIND, volume_id, backing.record())
         crash.point("volume-create-after-intent")
@@ -94,7 +94,7 @@ class VolumeFiles:
             if clone_from is None:
                 self.pool.create_file(backing.file_name, size_bytes)
             else:
-                self.pool.clone_file(clone_from, backing.file_name)
+                self.pool.clone_file(clone_from.file_name, backing.file_name)
                 self.pool.resize_file(backing.file_name, size_bytes)
         except BaseException:
             self.pool.delete_file(backing.file_name)

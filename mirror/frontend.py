@@ -69,8 +69,7 @@ class Frontend:
     # --- lifecycle -------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> str:
         os.makedirs(self.mountpoint, exist_ok=True)
-        with open(self.config_path, "w") as f:
-            json.dump(self._cfg, f)
+        self._save_config()
         holder_sock = os.path.join(self.state_dir, "holder.sock")
         if os.path.exists(holder_sock):
             os.unlink(holder_sock)
@@ -162,9 +161,20 @@ class Frontend:
 
     def add_replica(self, addr: ReplicaAddr) -> None:
         self.control({"op": "add_replica", "replica": dataclasses.asdict(addr)})
+        self._cfg["replicas"].append(dataclasses.asdict(addr))
+        self._save_config()
 
     def remove_replica(self, replica_id: str) -> None:
         self.control({"op": "remove_replica", "replica_id": replica_id})
+        self._cfg["replicas"] = [r for r in self._cfg["replicas"] if r["replica_id"] != replica_id]
+        self._save_config()
+
+    def _save_config(self) -> None:
+        """A restarted worker must see the same membership."""
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self._cfg, f)
+        os.replace(tmp, self.config_path)
 
     def replace_replica(self, old_replica_id: str, new: ReplicaAddr) -> None:
         self.add_replica(new)

@@ -37,7 +37,7 @@ def umount_lazy(mountpoint: str) -> None:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    target = os.path.realpath(mountpoint)
+    target = os.path.abspath(mountpoint)  # no realpath: stat would wait for FUSE INIT
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 

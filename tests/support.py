@@ -28,20 +28,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cleanup_tree(root: str) -> None:
+    """Unmount and detach everything under root, then remove it.
+
+    Order matters: a volume's mount holds its loop device, whose file keeps the pool
+    busy. Each pass takes off what is free; lazy unmounts are the last resort (a lazily
+    unmounted pool hides its files' paths, so their loop devices could not be found).
+    """
     root = os.path.realpath(root)
-    mounts = Mounts()
-    for _ in range(10):  # stacked mounts come off one layer per pass
+    mounts, loops = Mounts(), LoopDevices()
+    for _ in range(6):
         under = [m for m in mounts.table()
                  if m.target == root or m.target.startswith(root + "/")]
-        if not under:
-            break
         for m in sorted(under, key=lambda m: -len(m.target)):
+            subprocess.run(["umount", m.target], capture_output=True)
+        mounted = {(m.major, m.minor) for m in mounts.table()}
+        ours = [d for d in loops.all() if d.backing_file.startswith(root + "/")]
+        for dev in ours:
+            if (dev.major, dev.minor) not in mounted:
+                subprocess.run(["losetup", "-d", dev.path], capture_output=True)
+        if not under and not ours:
+            break
+    for m in mounts.table():
+        if m.target == root or m.target.startswith(root + "/"):
             subprocess.run(["umount", "-l", m.target], capture_output=True)
-    loops = LoopDevices()
-    # volume devices first, the pool image (whose mount is gone now) last
-    for dev in sorted(loops.all(), key=lambda d: d.backing_file.endswith(".xfs.img")):
-        if dev.backing_file.startswith(root + "/"):
-            subprocess.run(["losetup", "-d", dev.path], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -51,12 +51,12 @@ class VolumeSample:
 @dataclass(frozen=True)
 class SqueezeConfig:
     interval_s: float = 1.0
-    starved_below: float = 0.95
-    healthy_above: float = 1.10
+    starved_below: float = 1.0
+    healthy_above: float = 1.15
     busy_inflight: float = 0.25
     active_iops: float = 1.0  # below this a direction counts as idle
     decrease_factor: float = 0.7
-    increase_factor: float = 2.0
+    increase_factor: float = 1.25  # gentle: doubling re-starved the guaranteed volume here
     floor_iops: int = 50  # a squeezed volume never drops below this (nor its own minimum)
 
 

@@ -80,14 +80,14 @@ class _Share:
     """One cgroup that holds a share of a budget, and what we know of its recent I/O."""
 
     last: IoCounters | None = None
-    read_active: bool | None = None  # None: not observed yet
-    write_active: bool | None = None
+    # Did I/O (either direction) last period; None: not observed yet. Directions are not
+    # told apart, so a container that turns from reads to writes keeps its share.
+    active: bool | None = None
     written: IoLimits | None = None  # last rule written, to skip rewriting the same
 
     def observe(self, now: IoCounters) -> None:
         if self.last is not None:
-            self.read_active = now.read_ios > self.last.read_ios
-            self.write_active = now.write_ios > self.last.write_ios
+            self.active = (now.read_ios, now.write_ios) != (self.last.read_ios, self.last.write_ios)
         self.last = now
 
 
@@ -108,14 +108,13 @@ class _Volume:
 
 
 def _split(limits: IoLimits, shares: list[_Share], floor_fraction: float) -> list[IoLimits]:
-    """Cut `limits` into one IoLimits per share; read and write follow their own activity."""
-    reads = [s.read_active for s in shares]
-    writes = [s.write_active for s in shares]
+    """Cut `limits` into one IoLimits per share, following who did I/O last period."""
+    activity = [s.active for s in shares]
     columns = (
-        split_budget(limits.read_iops, reads, floor_fraction),
-        split_budget(limits.write_iops, writes, floor_fraction),
-        split_budget(limits.read_bps, reads, floor_fraction),
-        split_budget(limits.write_bps, writes, floor_fraction),
+        split_budget(limits.read_iops, activity, floor_fraction),
+        split_budget(limits.write_iops, activity, floor_fraction),
+        split_budget(limits.read_bps, activity, floor_fraction),
+        split_budget(limits.write_bps, activity, floor_fraction),
     )
     return [IoLimits(*values) for values in zip(*columns)]
 

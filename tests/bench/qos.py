@@ -137,7 +137,7 @@ class Lab:
             _kill(p)
         self._procs.clear()
         for path in sorted(self._cgroups, key=lambda p: p.count("/"), reverse=True):
-            for _ in range(50):  # processes just killed may take a moment to leave
+            for _ in range(200):  # processes just killed may take a moment to leave
                 try:
                     os.rmdir(path)
                     break
@@ -158,16 +158,25 @@ class Lab:
         return problems
 
 
-def _kill(p: subprocess.Popen[str]) -> None:
+def _kill(p: subprocess.Popen[str], timeout_s: float = 20.0) -> None:
+    """SIGKILL the process group we started and wait until all of it is gone: fio's job
+    processes may need a while to drain I/O still queued behind a throttle."""
     if p.poll() is None:
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     try:
-        p.communicate(timeout=10)
+        p.communicate(timeout=timeout_s)
     except (subprocess.TimeoutExpired, ValueError):
         pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(p.pid, 0)  # the group's job processes, reparented when fio died
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 # --- the benchmark ----------------------------------------------------------------------

@@ -43,12 +43,12 @@ def test_starved_guaranteed_squeezes_the_burster_until_it_recovers() -> None:
     assert c.step({"g": busy(700), "n": busy(14000, 7000)}, SPECS) == {"n": IopsCap(9800, 4900)}
     # Within the hold band (0.95..1.10 x min): caps stay.
     assert c.step({"g": busy(1000), "n": busy(9800, 4900)}, SPECS) == {}
-    # Healthy: caps double each period...
-    assert c.step({"g": busy(1200), "n": busy(9800, 4900)}, SPECS) == {"n": IopsCap(19600, 9800)}
+    # Healthy: caps grow by a quarter each period...
+    assert c.step({"g": busy(1200), "n": busy(9800, 4900)}, SPECS) == {"n": IopsCap(12250, 6125)}
     # ... and a direction whose cap stops binding loses it.
-    assert c.step({"g": busy(1200), "n": busy(19600, 1000)}, SPECS) == {"n": IopsCap(39200, 0)}
+    assert c.step({"g": busy(1200), "n": busy(12250, 1000)}, SPECS) == {"n": IopsCap(15312, 0)}
     # g stops: every cap goes at once.
-    assert c.step({"g": idle(), "n": busy(39200)}, SPECS) == {"n": None}
+    assert c.step({"g": idle(), "n": busy(15312)}, SPECS) == {"n": None}
     assert c.caps == {}
 
 
@@ -67,8 +67,9 @@ def test_relaxing_stops_at_the_tier_maximum() -> None:
     c = SqueezeController()
     specs = {"g": GUARANTEED, "cn": CAPPED_NOISY}
     assert c.step({"g": busy(100), "cn": busy(8000, 8000)}, specs) == {"cn": IopsCap(5600, 5600)}
-    # Doubling would pass the tier's own 8000: the cap goes, the tier limit rules again.
-    assert c.step({"g": busy(1500), "cn": busy(5600, 5600)}, specs) == {"cn": None}
+    assert c.step({"g": busy(1500), "cn": busy(5600, 5600)}, specs) == {"cn": IopsCap(7000, 7000)}
+    # Growing would pass the tier's own 8000: the cap goes, the tier limit rules again.
+    assert c.step({"g": busy(1500), "cn": busy(7000, 7000)}, specs) == {"cn": None}
 
 
 def test_unknown_queue_statistics_count_an_active_volume_as_wanting_more() -> None:

@@ -1,0 +1,98 @@
+"""The pool: made as an XFS image when needed, used as is when already reflink-capable."""
+
+import os
+import subprocess
+
+import pytest
+
+from engine.errors import InvalidSpec
+from engine.loopdev import LoopDevices
+from engine.pool import Pool, supports_reflink
+from proto import csi_pb2
+from tests import support
+from tests.integration.helpers import create_request, stage_request
+
+GIB = 1024**3
+
+
+def test_image_is_made_once_and_adopted_after(test_root):
+    pool = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB)
+    pool.open()
+    assert pool.fs_type == "xfs" and supports_reflink(pool.directory)
+    pool.create_file("a.img", 1 << 20)
+    # a restart adopts the mounted pool; after an unmount it remounts the same image
+    Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB).open()
+    pool.teardown()
+    again = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB)
+    again.open()
+    assert again.list_files() == ["a.img"]
+    hint = subprocess.run(["xfs_io", "-c", "extsize", again.volumes_dir],
+                          capture_output=True, text=True).stdout
+    assert "[1048576]" in hint  # extent size hint against fragmentation
+
+
+def test_existing_reflink_filesystem_is_used_directly(test_root):
+    image = f"{test_root}/mine.img"
+    with open(image, "wb") as f:
+        f.truncate(1 * GIB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", image], check=True)
+    dev = LoopDevices().attach(image)
+    mnt = f"{test_root}/xfs"
+    os.makedirs(mnt)
+    subprocess.run(["mount", dev.path, mnt], check=True)
+    pool = Pool(mnt, f"{test_root}/unused.img", 2 * GIB)
+    pool.open()
+    assert not os.path.exists(f"{test_root}/unused.img")
+    assert pool.usage().total_bytes < 1.1 * GIB
+
+
+def test_non_empty_non_reflink_directory_is_refused(test_root):
+    os.makedirs(f"{test_root}/plain")
+    open(f"{test_root}/plain/someones-data", "w").close()
+    with pytest.raises(InvalidSpec, match="not on a reflink-capable filesystem"):
+        Pool(f"{test_root}/plain", f"{test_root}/p.img", 2 * GIB).open()
+    assert os.listdir(f"{test_root}/plain") == ["someones-data"]
+
+
+def test_staged_device_uses_direct_io_at_the_pools_sector_size(stubs, driver, test_root):
+    vol = stubs.controller.CreateVolume(create_request("dio", block=True)).volume
+    os.makedirs(f"{test_root}/st")
+    stubs.node.NodeStageVolume(stage_request(vol.volume_id, f"{test_root}/st", block=True))
+    prefix = f"{test_root}/state/pool/volumes/"
+    (dev,) = [d for d in LoopDevices().all() if d.backing_file.startswith(prefix)]
+    with open(f"/sys/block/{dev.name}/loop/dio") as f:
+        assert f.read().strip() == "1"
+    # 512 where a reflinked file keeps direct I/O at 512, else 4096 (XFS reflink today)
+    pool = driver.driver.engine.pool
+    assert dev.sector_size_bytes == pool.sector_size_bytes in (512, 4096)
+    stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=f"{test_root}/st"))
+    assert not [d for d in LoopDevices().all() if d.backing_file.startswith(prefix)]
+
+
+def test_clone_is_a_reflink_with_the_same_data(stubs, test_root):
+    vol = stubs.controller.CreateVolume(create_request("src", block=True)).volume
+    os.makedirs(f"{test_root}/st")
+    stubs.node.NodeStageVolume(stage_request(vol.volume_id, f"{test_root}/st", block=True))
+    prefix = f"{test_root}/state/pool/volumes/"
+    (dev,) = [d for d in LoopDevices().all() if d.backing_file.startswith(prefix)]
+    pattern = os.urandom(1 << 20)
+    fd = os.open(dev.path, os.O_WRONLY)
+    os.pwrite(fd, pattern, 4 << 20)
+    os.fsync(fd)
+    os.close(fd)
+    clone_req = create_request("clone", block=True)
+    clone_req.volume_content_source.volume.volume_id = vol.volume_id
+    clone = stubs.controller.CreateVolume(clone_req).volume
+    assert clone.content_source.volume.volume_id == vol.volume_id
+    assert stubs.controller.CreateVolume(clone_req).volume.volume_id == clone.volume_id
+    os.makedirs(f"{test_root}/st2")
+    stubs.node.NodeStageVolume(stage_request(clone.volume_id, f"{test_root}/st2", block=True))
+    (cdev,) = [d for d in LoopDevices().all()
+               if d.backing_file.startswith(prefix) and d.name != dev.name]
+    fd = os.open(cdev.path, os.O_RDONLY)
+    assert os.pread(fd, 1 << 20, 4 << 20) == pattern
+    os.close(fd)
+    for vid, st in [(vol.volume_id, "st"), (clone.volume_id, "st2")]:
+        stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=vid, staging_target_path=f"{test_root}/{st}"))
