@@ -11,6 +11,7 @@ half-made entry; reconcile() settles such records at start-up.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -63,6 +64,15 @@ def _attach_key(volume_id: str, node_id: str) -> str:
 class Catalog:
     def __init__(self, store: Store):
         self.store = store
+        # Bytes promised per node, kept incrementally: CreateVolume needs it on every
+        # call and summing 1,000 records each time would dominate its cost.
+        self._lock = threading.Lock()
+        self._provisioned: dict[str, int] | None = None
+
+    def _account(self, node_id: str, delta: int) -> None:
+        with self._lock:
+            if self._provisioned is not None:
+                self._provisioned[node_id] = self._provisioned.get(node_id, 0) + delta
 
     # --- volumes -----------------------------------------------------------------
     def volume(self, volume_id: str, *, any_state: bool = False) -> VolumeRecord | None:
@@ -76,20 +86,29 @@ class Catalog:
         ref = self.store.get(VOLUME_NAME, name)
         return self.volume(ref["volume_id"], any_state=True) if ref else None
 
-    def begin_create(self, vol: VolumeRecord) -> None:
+    def add(self, vol: VolumeRecord) -> None:
         with self.store.txn() as t:
             t.put(VOLUME, vol.volume_id, vol.to_record())
             t.put(VOLUME_NAME, vol.name, {"volume_id": vol.volume_id})
+        self._account(vol.node_id, vol.capacity_bytes)
 
     def save(self, vol: VolumeRecord) -> None:
-        self.store.put(VOLUME, vol.volume_id, vol.to_record())
+        with self.store.txn() as t:
+            old = t.get(VOLUME, vol.volume_id)
+            t.put(VOLUME, vol.volume_id, vol.to_record())
+        before = old["capacity_bytes"] if old else 0
+        if vol.capacity_bytes != before:
+            self._account(vol.node_id, vol.capacity_bytes - before)
 
     def forget(self, vol: VolumeRecord) -> None:
         with self.store.txn() as t:
+            old = t.get(VOLUME, vol.volume_id)
             t.delete(VOLUME, vol.volume_id)
             ref = t.get(VOLUME_NAME, vol.name)
             if ref is not None and ref["volume_id"] == vol.volume_id:
                 t.delete(VOLUME_NAME, vol.name)
+        if old is not None:
+            self._account(vol.node_id, -old["capacity_bytes"])
 
     def volumes(self, *, after: str = "", limit: int = 0) -> list[VolumeRecord]:
         """Ready volumes in ID order, starting after `after`."""
@@ -111,8 +130,13 @@ class Catalog:
         return vols if any_state else [v for v in vols if v.state == READY]
 
     def provisioned_bytes(self, node_id: str) -> int:
-        return sum(v.capacity_bytes for v in self.all_volumes(any_state=True)
-                   if v.node_id == node_id)
+        with self._lock:
+            if self._provisioned is None:
+                totals: dict[str, int] = {}
+                for v in self.all_volumes(any_state=True):
+                    totals[v.node_id] = totals.get(v.node_id, 0) + v.capacity_bytes
+                self._provisioned = totals
+            return self._provisioned.get(node_id, 0)
 
     # --- attachments ---------------------------------------------------------------
     def attachment(self, volume_id: str, node_id: str) -> dict | None:

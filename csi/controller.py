@@ -139,11 +139,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
         with self.locks.hold(f"name:{name}"):
             existing = self.catalog.volume_by_name(name)
-            if existing is not None and existing.state == READY:
+            if existing is not None:
                 self._check_same_request(existing, req, access_types, source_kind, source_id)
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(existing))
-            if existing is not None:  # a failed earlier attempt: start over
-                self._roll_back(existing)
             if source_kind == "volume":
                 source = self._require_volume(source_id)
                 if source.capacity_bytes > size:
@@ -162,20 +160,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 node_id=node.identity.node_id, zone=node.identity.zone,
                 access_types=tuple(sorted(set(access_types))), parameters=params,
                 mutable_parameters=mutable, qos_json=qos.to_json(),
-                source_kind=source_kind, source_id=source_id, state=CREATING,
+                source_kind=source_kind, source_id=source_id, state=READY,
                 created_at=time.time(),
             )
-            self.catalog.begin_create(vol)
-            crash.point("create-volume-after-intent")
+            # Storage first, record second: a crash in between leaves a backing volume
+            # no record owns, which reconcile() removes at start-up. Two commits in all.
+            node.create_volume(vol.volume_id, size,
+                               clone_from_volume=source_id if source_kind == "volume" else "")
             try:
-                node.create_volume(vol.volume_id, size,
-                                   clone_from_volume=source_id if source_kind == "volume" else "")
+                crash.point("create-volume-after-engine")
+                self.catalog.add(vol)
             except BaseException:
-                self._roll_back(vol)
+                node.delete_volume(vol.volume_id)
                 raise
-            crash.point("create-volume-after-engine")
-            vol = vol.replace(state=READY)
-            self.catalog.save(vol)
             log.info("created volume %s (%s, %d bytes) on %s", vol.volume_id, name, size,
                      vol.node_id)
             return csi_pb2.CreateVolumeResponse(volume=self._volume(vol))
@@ -207,12 +204,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
                            f"volume {vol.name!r} exists with other access types")
 
-    def _roll_back(self, vol: VolumeRecord) -> None:
-        node = self.nodes.get(vol.node_id)
-        if node is not None:
-            node.delete_volume(vol.volume_id)
-        self.catalog.forget(vol)
-
     @translated
     def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context) -> csi_pb2.DeleteVolumeResponse:
         volume_id = validation.require(req.volume_id, "volume_id")
@@ -228,8 +219,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             node = self.nodes.get(vol.node_id)
             if node is not None and node.is_staged(volume_id):
                 raise InUse(f"volume {volume_id} is still staged on {vol.node_id}")
-            self.catalog.save(vol.replace(state=DELETING))
-            crash.point("delete-volume-after-intent")
+            # Storage first: a crash in between leaves the record, abnormal ("backing file
+            # is missing"), until the CO's retry of this delete removes it.
             if node is not None:
                 node.delete_volume(volume_id)
             crash.point("delete-volume-after-engine")
@@ -420,7 +411,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
 
 def reconcile(catalog: Catalog, nodes: dict[str, NodeEngine]) -> None:
-    """At start-up: finish deletes and roll back creates that a crash interrupted."""
+    """At start-up: remove backing volumes no record owns (a create cut short), and
+    settle records an older release left mid-create or mid-delete."""
     for vol in catalog.all_volumes(any_state=True):
         if vol.state in (CREATING, DELETING):
             log.warning("settling interrupted %s of volume %s", vol.state, vol.volume_id)
@@ -428,3 +420,9 @@ def reconcile(catalog: Catalog, nodes: dict[str, NodeEngine]) -> None:
             if node is not None:
                 node.delete_volume(vol.volume_id)
             catalog.forget(vol)
+    for node in nodes.values():
+        for backing in node.files.all():
+            if catalog.volume(backing.volume_id, any_state=True) is None:
+                log.warning("removing volume %s from %s: no record owns it",
+                            backing.volume_id, node.identity.node_id)
+                node.delete_volume(backing.volume_id)

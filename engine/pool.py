@@ -238,11 +238,12 @@ class Pool:
                 os.close(fd)
 
     def delete_file(self, file_name: str) -> None:
+        # No fsync: callers drop the owning record first, and a file that reappears after
+        # a power cut without a record is removed by reconcile.
         try:
             os.unlink(self.file_path(file_name))
         except FileNotFoundError:
             return
-        _fsync_dir(self.volumes_dir)
 
     def file_size(self, file_name: str) -> int:
         return os.path.getsize(self.file_path(file_name))

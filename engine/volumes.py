@@ -1,9 +1,9 @@
 """Volume backing files in the pool, with their records.
 
 A volume ID never becomes a path: each volume's file name is drawn at creation and
-kept in its record (kind "backing"). Every change writes its intent to the store
-before touching the pool and marks it done after, so `reconcile()` can finish or
-roll back whatever a crash interrupted.
+kept in its record (kind "backing"). The invariant that makes crashes harmless: a
+pool file that no record owns is garbage. A create writes the file before its record,
+a delete removes the record before the file, and `reconcile()` removes unowned files.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ class VolumeFiles:
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
         sector = clone_from.sector_size_bytes if clone_from else self.pool.sector_size_bytes
         backing = Backing(
-            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, sector, CREATING, time.time()
+            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, sector, READY, time.time()
         )
-        self.store.put(KIND, volume_id, backing.record())
-        crash.point("volume-create-after-intent")
+        # The file comes first, its record second: a crash in between leaves a file no
+        # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
             if clone_from is None:
                 self.pool.create_file(backing.file_name, size_bytes)
@@ -98,23 +98,19 @@ class VolumeFiles:
                 self.pool.resize_file(backing.file_name, size_bytes)
         except BaseException:
             self.pool.delete_file(backing.file_name)
-            self.store.delete(KIND, volume_id)
             raise
         crash.point("volume-create-after-file")
-        ready = Backing(**{**backing.__dict__, "state": READY})
-        self.store.put(KIND, volume_id, ready.record())
-        return ready
+        self.store.put(KIND, volume_id, backing.record())
+        return backing
 
     def delete(self, volume_id: str) -> None:
+        """Record first, file second: a crash in between leaves an unowned file (reconciled)."""
         rec = self.store.get(KIND, volume_id)
         if rec is None:
             return
-        rec["state"] = DELETING
-        self.store.put(KIND, volume_id, rec)
-        crash.point("volume-delete-after-intent")
-        self.pool.delete_file(rec["file"])
-        crash.point("volume-delete-after-file")
         self.store.delete(KIND, volume_id)
+        crash.point("volume-delete-after-record")
+        self.pool.delete_file(rec["file"])
 
     def expand(self, volume_id: str, size_bytes: int) -> Backing:
         backing = self.require(volume_id)

@@ -246,8 +246,9 @@ class MirrorCore:
                     _or_into(other.dirty, al_regions)
                     self._start_job(other, mark_in_sync=False)
             else:
+                # survivors tracked every write since the drop (durably, before applying it),
+                # so the activity log adds nothing here and would defeat resuming
                 _or_into(other.dirty, dirty)
-                _or_into(other.dirty, al_regions)
                 if other.connected and other.state == OUT_OF_SYNC:
                     other.state = RESYNCING
                     self._recompute()
@@ -764,13 +765,7 @@ class MirrorCore:
     def _merge_and_start(self, link: Link, status: int, payload: object) -> None:
         if status < 0 or link.state != RESYNCING:
             return
-        data = bytes(payload)  # type: ignore[arg-type]
-        _or_into(link.dirty, data[: self.regions])
-        per = AL_EXTENT_BYTES // REGION_BYTES
-        for e, b in enumerate(data[self.regions:]):
-            if b:
-                hi = min((e + 1) * per, self.regions)
-                link.dirty[e * per:hi] = b"\1" * (hi - e * per)
+        _or_into(link.dirty, bytes(payload)[: self.regions])  # type: ignore[arg-type]
         self._start_job(link, mark_in_sync=True)
 
     def _start_job(self, link: Link, mark_in_sync: bool) -> None:

@@ -43,5 +43,8 @@ class Helpers:
             cb(res, err)
 
     def close(self) -> None:
+        """Idempotent."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        os.close(self.wake_fd)
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1

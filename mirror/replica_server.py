@@ -57,6 +57,7 @@ class ReplicaService:
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._stopping = False
+        self._port = self._bind[1]
         self.test_delay_s = 0.0  # test hook: a slow replica (this kernel has no netem)
 
     # --- lifecycle -----------------------------------------------------------
@@ -67,12 +68,12 @@ class ReplicaService:
         s.bind(self._bind)
         s.listen(64)
         self._listener = s
+        self._port = s.getsockname()[1]
         threading.Thread(target=self._accept_loop, name="replica-accept", daemon=True).start()
 
     @property
     def port(self) -> int:
-        assert self._listener is not None
-        return self._listener.getsockname()[1]
+        return self._port
 
     def stop(self) -> None:
         self._stopping = True

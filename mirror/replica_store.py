@@ -116,6 +116,7 @@ class ReplicaVolume:
         shutil.rmtree(os.path.join(pool_dir, check_volume_id(volume_id)), ignore_errors=True)
 
     def close(self) -> None:
+        self.flush_maps()  # lazy clears would otherwise be lost with the last connection
         for fd in (self.fd, self._dirty_fd, self._al_fd):
             os.close(fd)
 
@@ -152,6 +153,9 @@ class ReplicaVolume:
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
+        self.flush_maps()
+
+    def flush_maps(self) -> None:
         with self.lock:
             if self._maps_unsynced:
                 os.pwrite(self._dirty_fd, self.dirty, 0)

@@ -34,6 +34,7 @@ class FioJob:
             f"--numjobs={self.numjobs}",
             f"--ioengine={self.ioengine}",
             "--direct=1",
+            "--thread",  # jobs as threads: one process, so one kill stops it all
             "--time_based",
             f"--runtime={self.runtime_s:g}s",
             "--group_reporting",

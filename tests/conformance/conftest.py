@@ -17,9 +17,26 @@ from dataclasses import dataclass, field
 import pytest
 
 from proto import csi_pb2
+from tests import support
+from tests.conftest import require_root
 from tests.conformance.helpers import (
-    NOT_FOUND, OK, SMALL, SNW, call, capability, mounts_at, ok, rpc_name,
+    NOT_FOUND, OK, SMALL, SNW, call, capability, loops_under, mounts_at, mounts_under, ok,
+    rpc_name,
 )
+
+
+@pytest.fixture
+def test_root():
+    """As the shared fixture, with a prefix of our own (so a leak is ours to find) and a
+    check that nothing under it is still mounted or attached once it is cleaned up."""
+    require_root()
+    root = support.make_root("tdm-conf-")
+    try:
+        yield root
+    finally:
+        support.cleanup_tree(root)
+        left = [m.target for m in mounts_under(root)] + [d.path for d in loops_under(root)]
+        assert not left, f"left behind under {root}: {left}"
 
 
 @pytest.fixture(params=["mount", "block"])
@@ -163,6 +180,12 @@ class CO:
                     errors.append(f"{staging} is not empty after NodeUnstageVolume: "
                                   f"{os.listdir(staging)}")
         self.made.clear()
+        # Everything unpublished, unstaged and deleted: no device or mount may remain
+        # but the pool's own.
+        pool = f"{self.root}/state/pool"
+        errors += [f"loop device left: {d.path} on {d.backing_file}"
+                   for d in loops_under(pool)]
+        errors += [f"mount left: {m.target}" for m in mounts_under(self.root) if m.target != pool]
         return errors
 
 
