@@ -101,7 +101,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if node is None:
             return csi_pb2.VolumeCondition(abnormal=True, message=f"node {vol.node_id} is unknown")
         backing = node.volume(vol.volume_id)
-        if backing is None or not node.pool.file_exists(backing.file_name):
+        if backing is None or not node.pool.volume_exists(backing.pool_name):
             return csi_pb2.VolumeCondition(abnormal=True, message="backing file is missing")
         usage = node.usage()
         if usage.free_bytes <= usage.reserve_bytes:

@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--zone", default=DEFAULT_ZONE)
     p.add_argument("--pool", default="", help="pool directory (default: STATE_DIR/pool)")
     p.add_argument("--pool-size-gib", type=int, default=100,
-                   help="size of the XFS pool image made when --pool is not reflink-capable")
+                   help="size of the sparse pool image made when --pool is not copy-on-write")
+    p.add_argument("--pool-fs", choices=["btrfs", "xfs"], default="btrfs",
+                   help="filesystem of that image: btrfs (constant-time snapshots) or xfs")
     p.add_argument("--overcommit-ratio", type=float, default=20.0)
     p.add_argument("--max-volumes-per-node", type=int, default=128)
     p.add_argument("--allowed-path-root", action="append", default=[],
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(
         endpoint=a.endpoint, node_id=a.node_id, state_dir=os.path.abspath(a.state_dir),
         zone=a.zone, pool_dir=os.path.abspath(a.pool) if a.pool else "",
-        pool_image_bytes=a.pool_size_gib * GIB, overcommit_ratio=a.overcommit_ratio,
+        pool_image_bytes=a.pool_size_gib * GIB, pool_image_fs=a.pool_fs,
+        overcommit_ratio=a.overcommit_ratio,
         max_volumes_per_node=a.max_volumes_per_node,
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root), **kwargs,
     )
@@ -132,7 +135,7 @@ class Driver:
         self.store = SqliteStore(cfg.store_path)
         loops, mounts = LoopDevices(), Mounts()
         pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
-                    loops=loops, mounts=mounts)
+                    image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
         engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts)
         engine.open()
         self.engine = engine

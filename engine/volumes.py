@@ -27,7 +27,7 @@ CREATING, READY, DELETING = "creating", "ready", "deleting"
 @dataclass(frozen=True)
 class Backing:
     volume_id: str
-    file_name: str
+    pool_name: str
     size_bytes: int
     sector_size_bytes: int
     state: str
@@ -37,7 +37,7 @@ class Backing:
     def from_record(cls, volume_id: str, rec: dict) -> "Backing":
         return cls(
             volume_id,
-            rec["file"],
+            rec["pool_name"],
             rec["size_bytes"],
             rec["sector_size_bytes"],
             rec["state"],
@@ -46,7 +46,7 @@ class Backing:
 
     def record(self) -> dict:
         return {
-            "file": self.file_name,
+            "pool_name": self.pool_name,
             "size_bytes": self.size_bytes,
             "sector_size_bytes": self.sector_size_bytes,
             "state": self.state,
@@ -72,7 +72,7 @@ class VolumeFiles:
         return backing
 
     def path(self, backing: Backing) -> str:
-        return self.pool.file_path(backing.file_name)
+        return self.pool.volume_path(backing.pool_name)
 
     def create(
         self, volume_id: str, size_bytes: int, *, clone_from: Backing | None = None
@@ -85,19 +85,17 @@ class VolumeFiles:
                 return Backing.from_record(volume_id, existing)
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
         sector = clone_from.sector_size_bytes if clone_from else self.pool.sector_size_bytes
-        backing = Backing(
-            volume_id, f"{uuid.uuid4().hex}.img", size_bytes, sector, READY, time.time()
-        )
+        backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time())
         # The file comes first, its record second: a crash in between leaves a file no
         # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
             if clone_from is None:
-                self.pool.create_file(backing.file_name, size_bytes)
+                self.pool.create_volume(backing.pool_name, size_bytes)
             else:
-                self.pool.clone_file(clone_from.file_name, backing.file_name)
-                self.pool.resize_file(backing.file_name, size_bytes)
+                self.pool.clone_volume(clone_from.pool_name, backing.pool_name)
+                self.pool.resize_volume(backing.pool_name, size_bytes)
         except BaseException:
-            self.pool.delete_file(backing.file_name)
+            self.pool.delete_volume(backing.pool_name)
             raise
         crash.point("volume-create-after-file")
         self.store.put(KIND, volume_id, backing.record())
@@ -110,7 +108,7 @@ class VolumeFiles:
             return
         self.store.delete(KIND, volume_id)
         crash.point("volume-delete-after-record")
-        self.pool.delete_file(rec["file"])
+        self.pool.delete_volume(rec["pool_name"])
 
     def expand(self, volume_id: str, size_bytes: int) -> Backing:
         backing = self.require(volume_id)
@@ -121,7 +119,7 @@ class VolumeFiles:
         if size_bytes % backing.sector_size_bytes:
             raise InvalidSpec(f"size {size_bytes} is not a multiple of the sector size")
         # Growing a sparse file is atomic and idempotent: no intent needed.
-        self.pool.resize_file(backing.file_name, size_bytes)
+        self.pool.resize_volume(backing.pool_name, size_bytes)
         grown = Backing(**{**backing.__dict__, "size_bytes": size_bytes})
         self.store.put(KIND, volume_id, grown.record())
         return grown
@@ -135,11 +133,11 @@ class VolumeFiles:
         for volume_id, rec in self.store.list(KIND):
             if rec["state"] in (CREATING, DELETING):
                 log.warning("finishing interrupted %s of volume %s", rec["state"], volume_id)
-                self.pool.delete_file(rec["file"])
+                self.pool.delete_volume(rec["pool_name"])
                 self.store.delete(KIND, volume_id)
             else:
-                known.add(rec["file"])
-        for name in self.pool.list_files():
+                known.add(rec["pool_name"])
+        for name in self.pool.volumes():
             if name not in known:
-                log.warning("removing pool file %s: no volume record owns it", name)
-                self.pool.delete_file(name)
+                log.warning("removing pool volume %s: no record owns it", name)
+                self.pool.delete_volume(name)

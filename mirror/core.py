@@ -77,6 +77,7 @@ class Link:
         self.want_out = False
         self.connecting = False
         self.needs_create = False
+        self.maps_pending = False
         self.last_attempt = 0.0
         self.dirty = bytearray(regions)  # regions this replica may lack (frontend's copy)
 
@@ -556,6 +557,10 @@ class MirrorCore:
                 link.last_attempt = now
                 self.helpers.submit(self._opener(link, self.record.generation),
                                     lambda res, err, l=link: self._on_reconnect(l, res, err))
+            elif (link.state == RESYNCING and link.connected and link.rid not in self.jobs
+                  and not link.maps_pending and self.read_link is not None and not self.gate):
+                # the maps request was lost with a failed source: ask the current one
+                self._request_maps(link)
         self._evict_al()
         self._pump_jobs()
         self.flush()
@@ -746,11 +751,14 @@ class MirrorCore:
             return
         link.state = RESYNCING  # receives every new write from now on
         self._recompute()
-        src = self.read_link
-        if src is None:
-            return
-        self._ctrl(src, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p))
+        if self.read_link is not None:
+            self._request_maps(link)
         self.flush()
+
+    def _request_maps(self, link: Link) -> None:
+        assert self.read_link is not None
+        link.maps_pending = True
+        self._ctrl(self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p))
 
     def _al_repair(self, link: Link, status: int, payload: object) -> None:
         if status < 0 or not link.connected:
@@ -763,6 +771,7 @@ class MirrorCore:
         self._start_job(link, mark_in_sync=False)
 
     def _merge_and_start(self, link: Link, status: int, payload: object) -> None:
+        link.maps_pending = False
         if status < 0 or link.state != RESYNCING:
             return
         _or_into(link.dirty, bytes(payload)[: self.regions])  # type: ignore[arg-type]

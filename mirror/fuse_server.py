@@ -152,7 +152,11 @@ class FuseServer:
                 r(unique, -errno.EPERM, None)  # a mirrored volume is resized by the control plane
             else:
                 r(unique, 0, F.ATTR_OUT.pack(ATTR_VALID_S, 0, 0) + self._attr(nodeid))
-        elif opcode in (F.OPEN, F.OPENDIR):
+        elif opcode == F.OPEN:
+            # direct I/O with a shared inode lock: concurrent writes from the loop device
+            # reach us in parallel instead of one at a time through the page-cache path
+            r(unique, 0, F.OPEN_OUT.pack(1, F.FOPEN_DIRECT_IO | F.FOPEN_PARALLEL_DIRECT_WRITES, 0))
+        elif opcode == F.OPENDIR:
             r(unique, 0, F.OPEN_OUT.pack(1, 0, 0))
         elif opcode in (F.FLUSH, F.RELEASE, F.RELEASEDIR, F.FSYNCDIR, F.ACCESS):
             r(unique, 0, None)

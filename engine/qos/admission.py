@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from engine.errors import InvalidSpec, OutOfCapacity
 from engine.qos import fio

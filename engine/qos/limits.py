@@ -45,7 +45,7 @@ class IoLimits:
         return not (self.read_iops or self.write_iops or self.read_bps or self.write_bps)
 
     @classmethod
-    def from_spec(cls, spec: QosSpec) -> "IoLimits":
+    def from_spec(cls, spec: QosSpec) -> IoLimits:
         return cls(
             spec.max_read_iops,
             spec.max_write_iops,
@@ -123,7 +123,8 @@ def format_io_max(device: Device, limits: IoLimits) -> str:
 
 
 def write_v2(cgroup_dir: str, device: Device, limits: IoLimits) -> None:
-    """Set (or, with all-unlimited values, delete) the device's line in io.max."""
+    """Set (or, with all-unlimited values, delete) the device's line in io.max. The whole
+    line each time: any write restarts the throttling slices of the device anyway."""
     _write(os.path.join(cgroup_dir, V2_IO_MAX), format_io_max(device, limits) + "\n")
 
 
@@ -148,11 +149,22 @@ def read_v2(cgroup_dir: str) -> dict[Device, IoLimits]:
 # --- cgroup v1 -------------------------------------------------------------------------
 
 
-def write_v1(cgroup_dir: str, device: Device, limits: IoLimits) -> None:
-    """Set the four blkio.throttle rules of one device; 0 deletes a rule."""
-    for attr, name in V1_FILES.items():
+def _changed(limits: IoLimits, previous: IoLimits | None) -> list[str]:
+    """The fields to write: all without a previous value, else only those that differ."""
+    attrs = list(_V2_KEYS)
+    if previous is None:
+        return attrs
+    return [a for a in attrs if getattr(limits, a) != getattr(previous, a)]
+
+
+def write_v1(
+    cgroup_dir: str, device: Device, limits: IoLimits, previous: IoLimits | None = None
+) -> None:
+    """Set the blkio.throttle rules of one device (all four, or with `previous` only those
+    that change: each write restarts the device's throttling slices); 0 deletes a rule."""
+    for attr in _changed(limits, previous):
         value = getattr(limits, attr)
-        _write(os.path.join(cgroup_dir, name), f"{device[0]}:{device[1]} {value}\n")
+        _write(os.path.join(cgroup_dir, V1_FILES[attr]), f"{device[0]}:{device[1]} {value}\n")
 
 
 def read_v1(cgroup_dir: str, device: Device) -> IoLimits:

@@ -8,7 +8,7 @@ The sum never exceeds the budget, except when every share is rounded up to 1.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # An idle member's floor, as a fraction of the budget: enough to start doing I/O before the
 # next rebalance notices it, small enough not to take much from the busy members.

@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Self
 
 from engine.errors import NotFound
 from engine.qos import stats
@@ -127,7 +128,9 @@ class SqueezeController:
                 old = self.caps.get(vid)
                 values = []
                 for d in _DIRECTIONS:
-                    want = max(cfg.floor_iops, _min_iops(spec, d), int(_rate(s, d) * cfg.decrease_factor))
+                    want = max(
+                        cfg.floor_iops, _min_iops(spec, d), int(_rate(s, d) * cfg.decrease_factor)
+                    )
                     current = _cap_of(old, d)
                     values.append(min(want, current) if current else want)
                 cap = IopsCap(*values)
@@ -146,7 +149,9 @@ class SqueezeController:
                     grown = int(current * cfg.increase_factor)
                     limit = _max_iops(spec, d)
                     binding = _rate(s, d) >= current * 0.5
-                    values.append(0 if not current or not binding or (limit and grown >= limit) else grown)
+                    values.append(
+                        0 if not current or not binding or (limit and grown >= limit) else grown
+                    )
                 cap = IopsCap(*values)
                 if not (cap.read_iops or cap.write_iops):
                     del self.caps[vid]
@@ -238,7 +243,7 @@ class SqueezeLoop:
             self.enforcer.set_cap(vid, None)
         self.controller.caps.clear()
 
-    def __enter__(self) -> "SqueezeLoop":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

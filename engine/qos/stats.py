@@ -26,7 +26,7 @@ class IoCounters:
     read_bytes: int = 0
     write_bytes: int = 0
 
-    def __add__(self, other: "IoCounters") -> "IoCounters":
+    def __add__(self, other: IoCounters) -> IoCounters:
         return IoCounters(
             self.read_ios + other.read_ios,
             self.write_ios + other.write_ios,
@@ -69,7 +69,9 @@ def rates(before: IoCounters, after: IoCounters, interval_s: float) -> IoRates:
     )
 
 
-def inflight(before: DeviceCounters, after: DeviceCounters, interval_s: float) -> tuple[float, float]:
+def inflight(
+    before: DeviceCounters, after: DeviceCounters, interval_s: float
+) -> tuple[float, float]:
     """Average (read, write) requests in flight over the interval."""
     if interval_s <= 0:
         return 0.0, 0.0
@@ -123,7 +125,9 @@ def read_v2(cgroup_dir: str, device: Device) -> IoCounters:
     return IoCounters()
 
 
-def read_cgroup(version: int, cgroup_dir: str, device: Device, recursive: bool = True) -> IoCounters:
+def read_cgroup(
+    version: int, cgroup_dir: str, device: Device, recursive: bool = True
+) -> IoCounters:
     if version == 2:
         return read_v2(cgroup_dir, device)
     return read_v1(cgroup_dir, device, recursive)

@@ -21,8 +21,9 @@ import os
 import select
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Self
 
 from engine.errors import EngineError, NotFound, Unavailable
 from engine.qos import limits as rules
@@ -85,10 +86,22 @@ class _Share:
     active: bool | None = None
     written: IoLimits | None = None  # last rule written, to skip rewriting the same
 
-    def observe(self, now: IoCounters) -> None:
-        if self.last is not None:
-            self.active = (now.read_ios, now.write_ios) != (self.last.read_ios, self.last.write_ios)
-        self.last = now
+    def moved(self, now: IoCounters) -> bool | None:
+        """Did I/O since the last look (None: first look)? Remembers `now` either way."""
+        last, self.last = self.last, now
+        if last is None:
+            return None
+        return (now.read_ios, now.write_ios) != (last.read_ios, last.write_ios)
+
+
+def _observe_group(shares: list[_Share], counters: list[IoCounters]) -> None:
+    """Update who is active. A period in which nobody did I/O changes nothing: the app that
+    paused keeps its share for when it resumes, the pause container keeps its floor."""
+    moved = [s.moved(c) for s, c in zip(shares, counters)]
+    if not any(moved):
+        return
+    for share, m in zip(shares, moved):
+        share.active = m
 
 
 @dataclass
@@ -168,15 +181,14 @@ class QosEnforcer:
                 vol = self._volumes[volume_id] = _Volume(device, spec)
             elif vol.device != device:
                 log.info("volume %s moved from %s to %s", volume_id, vol.device, device)
-                for pod in vol.pods.values():
-                    self._clear_pod(pod, vol.device)
+                for other in vol.pods.values():
+                    self._clear_pod(other, vol.device)
                 vol.device = device
             vol.spec = spec
-            pod = vol.pods.get(pod_uid)
-            new_pod = pod is None or pod.cgroup_dir != pod_dir
-            if new_pod:
-                pod = vol.pods[pod_uid] = _Pod(pod_uid, pod_dir)
-            assert pod is not None
+            known = vol.pods.get(pod_uid)
+            new_pod = known is None or known.cgroup_dir != pod_dir
+            pod = _Pod(pod_uid, pod_dir) if known is None or new_pod else known
+            vol.pods[pod_uid] = pod
             try:
                 self._scan_pod(pod, vol.device)
                 self._enforce(vol, force=True, strict_pod=pod_uid)
@@ -261,7 +273,7 @@ class QosEnforcer:
                     pass
             self._wake_r = self._wake_w = -1
 
-    def __enter__(self) -> "QosEnforcer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -389,11 +401,18 @@ class QosEnforcer:
 
     def _observe(self, vol: _Volume) -> None:
         """Note which pods and members did I/O on the volume since the last period."""
-        for pod in vol.pods.values():
-            pod.share.observe(stats.read_cgroup(self.layout.version, pod.cgroup_dir, vol.device))
-            if self.layout.version == 1:
-                for d, share in pod.members.items():
-                    share.observe(stats.read_v1(d, vol.device, recursive=False))
+        pods = list(vol.pods.values())
+        _observe_group(
+            [p.share for p in pods],
+            [stats.read_cgroup(self.layout.version, p.cgroup_dir, vol.device) for p in pods],
+        )
+        if self.layout.version == 1:
+            for pod in pods:
+                dirs = list(pod.members)
+                _observe_group(
+                    [pod.members[d] for d in dirs],
+                    [stats.read_v1(d, vol.device, recursive=False) for d in dirs],
+                )
 
     def _enforce(self, vol: _Volume, force: bool, strict_pod: str | None = None) -> None:
         """Write every rule of the volume that differs from what it should be (all if force).
@@ -422,7 +441,8 @@ class QosEnforcer:
                 if not force and member.written == share_limits:
                     continue
                 try:
-                    rules.write_v1(d, vol.device, share_limits)
+                    previous = None if force else member.written
+                    rules.write_v1(d, vol.device, share_limits, previous)
                 except CgroupGone:
                     if d == pod.cgroup_dir and pod.uid == strict_pod:
                         raise

@@ -82,8 +82,18 @@ class Lab:
         fd, path = tempfile.mkstemp(prefix="vol-", suffix=".img", dir=self.pool_dir)
         os.close(fd)
         if fill:  # real blocks, so reads reach the disk instead of returning holes
-            _run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={size_bytes // MIB}",
-                  "oflag=direct", "status=none"], timeout_s=300)
+            _run(
+                [
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={path}",
+                    "bs=1M",
+                    f"count={size_bytes // MIB}",
+                    "oflag=direct",
+                    "status=none",
+                ],
+                timeout_s=300,
+            )
         else:
             os.truncate(path, size_bytes)
         dev = _run(["losetup", "--find", "--show", "--direct-io=on", path]).strip()
@@ -117,7 +127,11 @@ class Lab:
         procs = os.path.join(cgroup_dir, "cgroup.procs")
         argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *job.argv()]
         p = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_ENV,
             start_new_session=True,  # its own group, so cleanup reaches fio's job processes
         )
         self._procs.append(p)
@@ -201,6 +215,10 @@ def bench(seconds: float, tiers: list[str], out=sys.stdout) -> dict[str, float]:
         dev, dev_id = lab.loop(256 * MIB, fill=True)
         uid, pod = lab.pod()
         ctr = lab.container(pod)
+        # Warm-up: the device, and the enforcer's split, which learns in one period that the
+        # container (not the pod cgroup) does the I/O; until then each holds half.
+        enf.apply("vol-tier", uid, dev_id, QosSpec())
+        lab.start_fio(ctr, FioJob(dev, "randrw", runtime_s=1, iodepth=16)).wait()
         worst = 0.0
         say(f"{'tier':8} {'dir':5} {'limit':>7} {'measured':>9} {'ratio':>6}")
         for name in tiers:
@@ -223,8 +241,10 @@ def bench(seconds: float, tiers: list[str], out=sys.stdout) -> dict[str, float]:
             frees.append(_measure(lab, ctr, dev, "randread", seconds, iodepth=16))
         enf.remove("vol-tier", uid)
         raw, unthrottled = sum(raws) / 2, sum(frees) / 2
-        say(f"raw loop device {raw:.0f} IOPS; unthrottled volume {unthrottled:.0f} IOPS "
-            f"({unthrottled / raw:.3f})")
+        say(
+            f"raw loop device {raw:.0f} IOPS; unthrottled volume {unthrottled:.0f} IOPS "
+            f"({unthrottled / raw:.3f})"
+        )
 
         # 3. A guaranteed volume beside a noisy neighbour on the same pool.
         g_dev, g_id = lab.loop(256 * MIB, fill=True)
@@ -233,7 +253,7 @@ def bench(seconds: float, tiers: list[str], out=sys.stdout) -> dict[str, float]:
         n_uid, n_pod = lab.pod(qos="besteffort")
         g_ctr, n_ctr = lab.container(g_pod), lab.container(n_pod)
         enf.apply("vol-noisy", n_uid, n_id, QosSpec("noisy"))
-        g_job = dict(iodepth=4)
+        g_job = {"iodepth": 4}
         enf.apply("vol-g", g_uid, g_id, QosSpec())
         alone = _measure(lab, g_ctr, g_dev, "randread", seconds, **g_job)
         minimum = int(alone * 0.5)  # the guarantee: half of what it does alone
@@ -250,9 +270,11 @@ def bench(seconds: float, tiers: list[str], out=sys.stdout) -> dict[str, float]:
         squeeze.close()
         squeeze = None
         lab.stop(noisy)
-        say(f"guaranteed volume: alone {alone:.0f} IOPS, minimum {minimum}; beside the noisy "
+        say(
+            f"guaranteed volume: alone {alone:.0f} IOPS, minimum {minimum}; beside the noisy "
             f"one {without:.0f} without the squeeze loop, {with_squeeze:.0f} with it "
-            f"(noisy capped at {cap})")
+            f"(noisy capped at {cap})"
+        )
 
         result = {
             "window_s": seconds,

@@ -18,11 +18,20 @@ import pytest
 
 from proto import csi_pb2
 from tests import support
-from tests.conftest import require_root
 from tests.conformance.helpers import (
-    NOT_FOUND, OK, SMALL, SNW, call, capability, loops_under, mounts_at, mounts_under, ok,
+    NOT_FOUND,
+    OK,
+    SMALL,
+    SNW,
+    call,
+    capability,
+    loops_left_under,
+    mounts_at,
+    mounts_under,
+    ok,
     rpc_name,
 )
+from tests.conftest import require_root
 
 
 @pytest.fixture
@@ -35,7 +44,7 @@ def test_root():
         yield root
     finally:
         support.cleanup_tree(root)
-        left = [m.target for m in mounts_under(root)] + [d.path for d in loops_under(root)]
+        left = [m.target for m in mounts_under(root)] + [d.path for d in loops_left_under(root)]
         assert not left, f"left behind under {root}: {left}"
 
 
@@ -59,6 +68,8 @@ class CO:
         self.stubs = driver.stubs
         self.root = root
         self.node_id = driver.config.node_id
+        # Volume files live in the pool directory: their loop devices are found by that.
+        self.pool_dir = os.path.realpath(driver.config.pool_directory)
         self.made: dict[str, Made] = {}
         self._seq = itertools.count(1)
 
@@ -76,7 +87,7 @@ class CO:
 
     # --- controller -----------------------------------------------------------------
     def create_request(self, name: str = "", size: int = SMALL, access_type: str = "mount",
-                       mode: int = SNW, fs_type: str = "ext4", limit: int = 0,
+                       mode: int = SNW, fs_type: str = "", limit: int = 0,
                        **extra) -> csi_pb2.CreateVolumeRequest:
         return csi_pb2.CreateVolumeRequest(
             name=name or f"conformance-{next(self._seq)}",
@@ -105,13 +116,13 @@ class CO:
 
     # --- node -----------------------------------------------------------------------
     def stage_request(self, volume_id: str, staging: str, access_type: str, mode: int = SNW,
-                      fs_type: str = "ext4") -> csi_pb2.NodeStageVolumeRequest:
+                      fs_type: str = "") -> csi_pb2.NodeStageVolumeRequest:
         return csi_pb2.NodeStageVolumeRequest(
             volume_id=volume_id, staging_target_path=staging,
             volume_capability=capability(access_type, mode, fs_type))
 
     def stage(self, volume_id: str, access_type: str, staging: str = "", *, mode: int = SNW,
-              fs_type: str = "ext4", repeat: int = 2) -> str:
+              fs_type: str = "", repeat: int = 2) -> str:
         staging = staging or self.staging_dir()
         self._made(volume_id).stagings.append(staging)
         ok(self.stubs.node.NodeStageVolume,
@@ -120,13 +131,13 @@ class CO:
 
     def publish_request(self, volume_id: str, staging: str, target: str, access_type: str,
                         *, readonly: bool = False, mode: int = SNW,
-                        fs_type: str = "ext4") -> csi_pb2.NodePublishVolumeRequest:
+                        fs_type: str = "") -> csi_pb2.NodePublishVolumeRequest:
         return csi_pb2.NodePublishVolumeRequest(
             volume_id=volume_id, staging_target_path=staging, target_path=target,
             volume_capability=capability(access_type, mode, fs_type), readonly=readonly)
 
     def publish(self, volume_id: str, access_type: str, staging: str, target: str = "", *,
-                readonly: bool = False, mode: int = SNW, fs_type: str = "ext4",
+                readonly: bool = False, mode: int = SNW, fs_type: str = "",
                 repeat: int = 2) -> str:
         target = target or self.target_path()
         self._made(volume_id).targets.append(target)
@@ -182,10 +193,10 @@ class CO:
         self.made.clear()
         # Everything unpublished, unstaged and deleted: no device or mount may remain
         # but the pool's own.
-        pool = f"{self.root}/state/pool"
         errors += [f"loop device left: {d.path} on {d.backing_file}"
-                   for d in loops_under(pool)]
-        errors += [f"mount left: {m.target}" for m in mounts_under(self.root) if m.target != pool]
+                   for d in loops_left_under(self.pool_dir)]
+        errors += [f"mount left: {m.target}" for m in mounts_under(self.root)
+                   if m.target != self.pool_dir]
         return errors
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -47,7 +48,7 @@ UNKNOWN_VOLUME_IDS = [
 ]
 
 
-def capability(access_type: str = "mount", mode: int = SNW, fs_type: str = "ext4",
+def capability(access_type: str = "mount", mode: int = SNW, fs_type: str = "",
                mount_flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
     access = csi_pb2.VolumeCapability.AccessMode(mode=mode)
     if access_type == "block":
@@ -82,7 +83,7 @@ def expect_code(method, request, code: grpc.StatusCode):
 
 
 def expect_one_of(method, request, codes: set[grpc.StatusCode]):
-    got, rsp, details = call(method, request)
+    got, _, details = call(method, request)
     assert got in codes, (
         f"{rpc_name(method)}: expected one of {sorted(c.name for c in codes)}, "
         f"got {got.name}: {details}\nrequest: {request}")
@@ -181,6 +182,24 @@ def loops() -> list[Loop]:
 
 def loops_under(root: str) -> list[Loop]:
     return [d for d in loops() if d.backing_file.startswith(root.rstrip("/") + "/")]
+
+
+def settled(probe, timeout_s: float = 3.0):
+    """probe() once it is empty, or its last answer after timeout_s.
+
+    The kernel defers a loop device's detach while something (udev's probe, typically)
+    still holds it open, until that opener closes it: give that a moment.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def loops_left_under(root: str) -> list[Loop]:
+    return settled(lambda: loops_under(root))
 
 
 def block_device_size(path: str) -> int:

@@ -15,8 +15,17 @@ import pytest
 
 from proto import csi_pb2 as pb
 from tests.conformance.helpers import (
-    FAKE_NODE_ID, FAKE_VOLUME_ID, GIB, INVALID, NOT_FOUND, OK, UNIMPLEMENTED,
-    UNKNOWN_VOLUME_IDS, capability, expect_code, ok,
+    FAKE_NODE_ID,
+    FAKE_VOLUME_ID,
+    GIB,
+    INVALID,
+    NOT_FOUND,
+    OK,
+    UNIMPLEMENTED,
+    UNKNOWN_VOLUME_IDS,
+    capability,
+    expect_code,
+    ok,
 )
 
 

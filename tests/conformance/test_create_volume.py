@@ -7,8 +7,16 @@ import pytest
 
 from proto import csi_pb2
 from tests.conformance.helpers import (
-    ALREADY_EXISTS, GIB, INVALID, MIB, OUT_OF_RANGE, RESOURCE_EXHAUSTED, SMALL, XFS_SMALL,
-    expect_code, ok,
+    ALREADY_EXISTS,
+    GIB,
+    INVALID,
+    MIB,
+    OUT_OF_RANGE,
+    RESOURCE_EXHAUSTED,
+    SMALL,
+    XFS_SMALL,
+    expect_code,
+    ok,
 )
 
 # (required_bytes, limit_bytes, fs_type, expected capacity or status code)

@@ -10,7 +10,15 @@ import pytest
 
 from proto import csi_pb2
 from tests.conformance.helpers import (
-    GIB, MIB, SMALL, XFS_SMALL, block_device_size, capability, fs_size, loops_under, ok,
+    GIB,
+    MIB,
+    SMALL,
+    XFS_SMALL,
+    block_device_size,
+    capability,
+    fs_size,
+    loops_under,
+    ok,
 )
 
 BIGGER = 2 * SMALL
@@ -87,7 +95,7 @@ def check_online_expansion(co, access_type: str, fs_type: str, size: int, bigger
     controller_expand(co, vol.volume_id, bigger, access_type)
     node_expand(co, vol.volume_id, target, bigger)
     assert_size(access_type, target, bigger)
-    assert all(d.size_bytes == bigger for d in loops_under(f"{co.root}/state/pool/volumes"))
+    assert all(d.size_bytes == bigger for d in loops_under(co.pool_dir))
     rsp = ok(co.stubs.node.NodeGetVolumeStats, csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=vol.volume_id, volume_path=target))
     if access_type == "block":

@@ -8,7 +8,14 @@ import pytest
 from proto import csi_pb2
 from tests import support
 from tests.conformance.helpers import (
-    ABORTED, INVALID, RESOURCE_EXHAUSTED, SMALL, GIB, capability, expect_code, ok,
+    ABORTED,
+    GIB,
+    INVALID,
+    RESOURCE_EXHAUSTED,
+    SMALL,
+    capability,
+    expect_code,
+    ok,
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from tests.conformance.helpers import SMALL, loops_under
+from tests.conformance.helpers import SMALL, loops_left_under
 
 PATTERN = os.urandom(256 * 1024)
 END = SMALL - len(PATTERN)  # the block device's last bytes
@@ -49,7 +49,7 @@ def test_data_survives_unstage_and_restage(co, access_type):
     write_pattern(access_type, target)
     co.unpublish(vol.volume_id, target)
     co.unstage(vol.volume_id, staging)
-    assert loops_under(f"{co.root}/state/pool/volumes") == []  # all of it reached the file
+    assert loops_left_under(co.pool_dir) == []  # all of it reached the file
 
     staging = co.stage(vol.volume_id, access_type, staging)
     target = co.publish(vol.volume_id, access_type, staging)  # a new target

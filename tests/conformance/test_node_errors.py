@@ -14,7 +14,13 @@ import pytest
 
 from proto import csi_pb2 as pb
 from tests.conformance.helpers import (
-    FAKE_VOLUME_ID, GIB, INVALID, NOT_FOUND, UNKNOWN_VOLUME_IDS, capability, expect_code,
+    FAKE_VOLUME_ID,
+    GIB,
+    INVALID,
+    NOT_FOUND,
+    UNKNOWN_VOLUME_IDS,
+    capability,
+    expect_code,
 )
 
 

@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -122,7 +123,16 @@ def test_full_pool(test_root):
         stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=staging))
         stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
-        assert stubs.controller.CreateVolume(create_request("more")).volume.volume_id
+        # space comes back (btrfs frees a deleted subvolume in the background)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert stubs.controller.CreateVolume(create_request("more")).volume.volume_id
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         d.close()
 

@@ -100,14 +100,31 @@ def cluster(tmp_path):
 def test_mirrored_device_basic_and_fallocate(cluster):
     c = cluster()
     dev = c.up()
+    with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
+        assert f.read().strip() == "1", "loop device must do direct I/O on the FUSE file"
+    with open(f"/sys/block/{os.path.basename(dev)}/size") as f:
+        assert int(f.read()) * 512 == SIZE
     w = VerifiedWriter(dev, BLOCKS).start()
     w.wait_writes(2000)
     w.stop()
     # discard through the loop device is replicated (FUSE fallocate punch hole)
     import subprocess
 
-    subprocess.run(["blkdiscard", "-o", str(48 << 20), "-l", str(4 << 20), dev], check=False)
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 1 << 20)
+        buf.write(b"\xaa" * (1 << 20))
+        os.pwrite(fd, buf, 48 << 20)
+    finally:
+        os.close(fd)
+    subprocess.run(["blkdiscard", "-o", str(48 << 20), "-l", str(1 << 20), dev], check=True)
     c.check(w)
+    for r in c.replicas:  # the discard reached every replica: the range reads back as zeros
+        with open(r.data_path(c.volume_id), "rb") as f:
+            f.seek(48 << 20)
+            assert f.read(1 << 20) == bytes(1 << 20)
 
 
 def test_replica_sigkill_mid_write_then_resync(cluster):

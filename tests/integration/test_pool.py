@@ -7,7 +7,8 @@ import pytest
 
 from engine.errors import InvalidSpec
 from engine.loopdev import LoopDevices
-from engine.pool import Pool, supports_reflink
+from engine.fileops import supports_reflink
+from engine.pool import Pool
 from proto import csi_pb2
 from tests import support
 from tests.integration.helpers import create_request, stage_request
@@ -15,20 +16,27 @@ from tests.integration.helpers import create_request, stage_request
 GIB = 1024**3
 
 
-def test_image_is_made_once_and_adopted_after(test_root):
-    pool = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB)
+NAME = "0" * 32
+
+
+@pytest.mark.parametrize("fs, layout", [("btrfs", "subvolumes"), ("xfs", "files")])
+def test_image_is_made_once_and_adopted_after(test_root, fs, layout):
+    pool = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB, image_fs=fs)
     pool.open()
-    assert pool.fs_type == "xfs" and supports_reflink(pool.directory)
-    pool.create_file("a.img", 1 << 20)
+    assert (pool.fs_type, pool.layout.kind) == (fs, layout)
+    assert supports_reflink(pool.directory)
+    pool.create_volume(NAME, 1 << 20)
     # a restart adopts the mounted pool; after an unmount it remounts the same image
-    Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB).open()
+    Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB, image_fs=fs).open()
     pool.teardown()
-    again = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB)
+    again = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB, image_fs=fs)
     again.open()
-    assert again.list_files() == ["a.img"]
-    hint = subprocess.run(["xfs_io", "-c", "extsize", again.volumes_dir],
-                          capture_output=True, text=True).stdout
-    assert "[1048576]" in hint  # extent size hint against fragmentation
+    assert again.volumes() == [NAME]
+    assert os.path.getsize(again.volume_path(NAME)) == 1 << 20
+    if fs == "xfs":
+        hint = subprocess.run(["xfs_io", "-c", "extsize", again.volumes_dir],
+                              capture_output=True, text=True).stdout
+        assert "[1048576]" in hint  # extent size hint against fragmentation
 
 
 def test_existing_reflink_filesystem_is_used_directly(test_root):
@@ -49,7 +57,7 @@ def test_existing_reflink_filesystem_is_used_directly(test_root):
 def test_non_empty_non_reflink_directory_is_refused(test_root):
     os.makedirs(f"{test_root}/plain")
     open(f"{test_root}/plain/someones-data", "w").close()
-    with pytest.raises(InvalidSpec, match="not on a reflink-capable filesystem"):
+    with pytest.raises(InvalidSpec, match="not on a copy-on-write filesystem"):
         Pool(f"{test_root}/plain", f"{test_root}/p.img", 2 * GIB).open()
     assert os.listdir(f"{test_root}/plain") == ["someones-data"]
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from engine.qos import limits
 from engine.qos.fio import FioJob
-from engine.qos.limits import Device
+from engine.qos.limits import Device, IopsCap
 from engine.qos.squeeze import SqueezeConfig, SqueezeLoop
 from engine.qos.stats import read_v1
 from engine.qos.throttle import QosEnforcer
@@ -153,10 +153,12 @@ def test_noisy_neighbour_is_squeezed_for_a_guaranteed_volume(
     try:
         # The neighbour is squeezed down to the floor, in the kernel's rules too (the
         # container holds all but the idle pod cgroup's sliver of it).
-        assert wait_for(lambda: _cap_read(enforcer, "vol-noisy") == 200, timeout_s=10)
-        assert wait_for(lambda: 190 <= _read_limit(n_ctr, n_id) <= 200)
-        noisy_read, _ = window_iops(n_pod, n_id, 1.0)
-        assert_near(noisy_read, 200)  # and the kernel holds it there
+        floor = IopsCap(200, 200)
+        assert wait_for(lambda: enforcer.volumes()["vol-noisy"].cap == floor, timeout_s=10)
+        assert wait_for(lambda: 190 <= limits.read_v1(n_ctr, n_id).write_iops <= 200)
+        assert 190 <= limits.read_v1(n_ctr, n_id).read_iops <= 200
+        noisy_read, noisy_write = window_iops(n_pod, n_id, 1.0)
+        assert_near(noisy_read + noisy_write, 400)  # and the kernel holds it there
         # The guaranteed load stops: the neighbour gets its tier back at once.
         lab.stop(guaranteed)
         assert wait_for(lambda: enforcer.volumes()["vol-noisy"].cap is None, timeout_s=5)
@@ -165,15 +167,6 @@ def test_noisy_neighbour_is_squeezed_for_a_guaranteed_volume(
         squeeze.close()
         lab.stop(noisy)
         lab.stop(guaranteed)
-
-
-def _cap_read(enforcer: QosEnforcer, volume_id: str) -> int:
-    cap = enforcer.volumes()[volume_id].cap
-    return cap.read_iops if cap is not None else 0
-
-
-def _read_limit(cgroup: str, device: Device) -> int:
-    return limits.read_v1(cgroup, device).read_iops
 
 
 def test_volume_counters_follow_the_kernel(lab: Lab, enforcer: QosEnforcer) -> None:

@@ -80,7 +80,7 @@ def test_split_budget(budget: int, activity: list[bool | None], expected: list[i
 
 def test_split_never_exceeds_the_budget_when_shares_stay_above_one() -> None:
     for n in range(1, 40):
-        for n_active in range(0, n + 1):
+        for n_active in range(n + 1):
             activity = [True] * n_active + [False] * (n - n_active)
             for budget in (100, 1000, 20000):
                 shares = split_budget(budget, activity)

@@ -36,9 +36,7 @@ def test_nothing_happens_without_a_guaranteed_volume_in_need() -> None:
 def test_starved_guaranteed_squeezes_the_burster_until_it_recovers() -> None:
     c = SqueezeController()
     # g gets 400 of its 1000 while n bursts: n is capped at 70% of what it did.
-    assert c.step({"g": busy(400), "n": busy(20000, 10000)}, SPECS) == {
-        "n": IopsCap(14000, 7000)
-    }
+    assert c.step({"g": busy(400), "n": busy(20000, 10000)}, SPECS) == {"n": IopsCap(14000, 7000)}
     # Still starved: tighten again, from the measured rate, never above the current cap.
     assert c.step({"g": busy(700), "n": busy(14000, 7000)}, SPECS) == {"n": IopsCap(9800, 4900)}
     # Within the hold band (0.95..1.10 x min): caps stay.

@@ -250,6 +250,9 @@ def test_v1_rules_on_the_pod_and_every_container(tmp_path: Path, enforcers, driv
     assert v1_limits(c2) == IoLimits(892, 298, 2_970_000, 0)
     assert v1_limits(c1) == IoLimits(4, 1, 15_000, 0)
     assert v1_limits(pod) == IoLimits(4, 1, 15_000, 0)
+    # A quiet period changes nothing: c2 keeps its share for when it resumes.
+    enf.tick(rebalance=True)
+    assert v1_limits(c2) == IoLimits(892, 298, 2_970_000, 0)
 
     enf.remove("vol-1", UID)
     for cg in (pod, c1, c2):
