@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+
 from csi import validation
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
-from csi.errors import invalid, not_found, translated
+from csi.errors import RpcError, invalid, not_found, translated
 from csi.locks import KeyLocks
 from engine.node_engine import NodeEngine
 from engine.node_volumes import BLOCK, PublishRequest, StageRequest
@@ -73,6 +75,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._path(req.target_path, "target_path")
         if not req.HasField("volume_capability"):
             raise invalid("volume_capability is required")
+        if not req.staging_target_path:
+            # the spec's code: STAGE_UNSTAGE_VOLUME is advertised, so staging comes first
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "staging_target_path is not set")
         staging = self._path(req.staging_target_path, "staging_target_path")
         cap = req.volume_capability
         kind = validation.check_capability(cap)

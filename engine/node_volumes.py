@@ -168,7 +168,9 @@ class NodeVolumes:
         backing = self.files.get(volume_id)
         dev = self._rw_device(backing) if backing else None
         entry = self._mount_of(staging)
-        if entry is not None and (dev is None or (entry.major, entry.minor) == (dev.major, dev.minor)):
+        # only our own filesystem comes off: another volume may be staged at this path
+        if entry is not None and dev is not None and (entry.major, entry.minor) == (
+                dev.major, dev.minor):
             self.mounts.unmount(staging)
         crash.point("unstage-after-unmount")
         if dev is not None:
@@ -269,7 +271,11 @@ class NodeVolumes:
         rec = self.store.get(PUBLISH, key)
         backing = self.files.get(volume_id)
         entry = self._mount_of(target)
-        if entry is not None and (rec is not None or self._mount_is_ours(entry, backing)):
+        if entry is not None:
+            if rec is None and not self._mount_is_ours(entry, backing):
+                # another volume is published here: nothing of this one to undo
+                self.store.delete(PUBLISH, key)
+                return
             self.mounts.unmount(target)
         crash.point("unpublish-after-unmount")
         _remove_target(target)
@@ -286,6 +292,18 @@ class NodeVolumes:
             (entry.major, entry.minor) == (d.major, d.minor) or self._is_device_bind(entry, d)
             for d in self.loops.by_backing_file(self.files.path(backing))
         )
+
+    def flush(self, volume_id: str) -> None:
+        """Flush the volume's staged device, so a buffered loop's cache reaches its file."""
+        backing = self.files.get(volume_id)
+        dev = self._rw_device(backing) if backing else None
+        if dev is None:
+            return
+        fd = os.open(dev.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # --- expand and measure --------------------------------------------------------
     def expand(self, volume_id: str, volume_path: str) -> int:

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine import crash
 from engine.errors import AlreadyExists, InvalidSpec, NotFound, OutOfRange
@@ -54,6 +55,13 @@ class Backing:
         }
 
 
+class PoolObject(Protocol):
+    """What a clone or restore needs of its source (a Backing or a snapshot)."""
+
+    pool_name: str
+    sector_size_bytes: int
+
+
 class VolumeFiles:
     def __init__(self, store: Store, pool: Pool):
         self.store = store
@@ -75,25 +83,37 @@ class VolumeFiles:
         return self.pool.volume_path(backing.pool_name)
 
     def create(
-        self, volume_id: str, size_bytes: int, *, clone_from: Backing | None = None
+        self,
+        volume_id: str,
+        size_bytes: int,
+        *,
+        clone_from: Backing | None = None,
+        restore_from: PoolObject | None = None,
     ) -> Backing:
-        """Create the sparse file, or a reflink of `clone_from` (keeping its sector size:
-        a filesystem made on it needs the same one)."""
+        """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
+
+        Clones and restores keep their source's sector size: a filesystem made on it
+        needs the same one.
+        """
+        source = clone_from or restore_from
         existing = self.store.get(KIND, volume_id)
         if existing is not None:
             if existing["state"] == READY and existing["size_bytes"] == size_bytes:
                 return Backing.from_record(volume_id, existing)
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
-        sector = clone_from.sector_size_bytes if clone_from else self.pool.sector_size_bytes
+        sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time())
         # The file comes first, its record second: a crash in between leaves a file no
         # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
-            if clone_from is None:
-                self.pool.create_volume(backing.pool_name, size_bytes)
-            else:
+            if clone_from is not None:
                 self.pool.clone_volume(clone_from.pool_name, backing.pool_name)
                 self.pool.resize_volume(backing.pool_name, size_bytes)
+            elif restore_from is not None:
+                self.pool.restore_snapshot(restore_from.pool_name, backing.pool_name)
+                self.pool.resize_volume(backing.pool_name, size_bytes)
+            else:
+                self.pool.create_volume(backing.pool_name, size_bytes)
         except BaseException:
             self.pool.delete_volume(backing.pool_name)
             raise

@@ -89,8 +89,11 @@ class ReplicaClient:
         return data
 
     # --- convenience ---------------------------------------------------------------
-    def open(self, volume_id: str, generation: int, size_bytes: int = 0, create: bool = False) -> dict:
-        req = {"volume_id": volume_id, "generation": generation, "size_bytes": size_bytes, "create": create}
+    def open(self, volume_id: str, generation: int, size_bytes: int = 0, create: bool = False,
+             writer: bool = False) -> dict:
+        """writer=True: the frontend's data link; it fences the previous data link."""
+        req = {"volume_id": volume_id, "generation": generation, "size_bytes": size_bytes, "create": create,
+               "writer": writer}
         self.info = json.loads(self.call(wire.OPEN, payload=json.dumps(req).encode()))
         return self.info
 

@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import time
 from collections import deque
 from dataclasses import replace
@@ -195,7 +196,7 @@ class MirrorCore:
         def open_() -> tuple[socket.socket, dict]:
             c = ReplicaClient(addr, self.key, timeout)
             try:
-                info = c.open(vid, gen, size, create=create)
+                info = c.open(vid, gen, size, create=create, writer=True)
             except BaseException:
                 c.close()
                 raise
@@ -591,6 +592,9 @@ class MirrorCore:
             except OSError:
                 pass
             self.by_fd.pop(link.fd, None)
+            # abortive close (RST): writes still queued in the kernel must never reach
+            # the replica later, after a resync has copied their regions
+            link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             link.sock.close()
         link.sock, link.fd, link.want_out = None, -1, False
         link.out.clear()

@@ -166,6 +166,8 @@ class _Conn:
         self.sock = sock
         self.vol: ReplicaVolume | None = None
         self.generation = -1
+        self.writer = False
+        self.writer_epoch = -1  # for writer connections: fenced when a newer writer opens
 
     def run(self) -> None:
         buf = bytearray(RECV_BUFFER_BYTES)
@@ -216,7 +218,8 @@ class _Conn:
         for op, flags, rid, off, cnt, p, e in msgs:
             vol = self.vol
             try:
-                if op == wire.WRITE and vol is not None and vol.generation == self.generation:
+                if (op == wire.WRITE and vol is not None and vol.generation == self.generation
+                        and self.writer_epoch == vol.writer_epoch):
                     # the hot path, kept flat
                     if e - p != cnt or off + cnt > vol.size_bytes:
                         raise InvalidSpec("write length mismatch or out of range")
@@ -250,6 +253,15 @@ class _Conn:
                 raise OSError(errno.ESTALE, f"generation {gen} < {vol.generation}: fenced")
             vol.raise_generation(gen)  # fences every connection of an older frontend
             self.vol, self.generation = vol, gen
+            self.writer = bool(req.get("writer"))
+            if self.writer:
+                # a frontend's data link: an older one (say a socket the frontend gave up on
+                # during a partition, whose queued writes arrive after the heal) is fenced
+                with vol.lock:
+                    vol.writer_epoch += 1
+                    self.writer_epoch = vol.writer_epoch
+            else:
+                self.writer_epoch = vol.writer_epoch
             return json.dumps(vol.info()).encode()
         if op == wire.PING:
             return b""
@@ -263,6 +275,8 @@ class _Conn:
             raise OSError(errno.EBADF, "no volume open on this connection")
         if vol.generation != self.generation:
             raise OSError(errno.ESTALE, "a newer frontend opened this volume")
+        if self.writer and self.writer_epoch != vol.writer_epoch:
+            raise OSError(errno.ESTALE, "a newer data link opened this volume")
         if op == wire.READ:
             vol.check_range(off, cnt)
             if flags & wire.F_SPARSE and vol.is_hole(off, cnt):

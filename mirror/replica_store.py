@@ -72,6 +72,7 @@ class ReplicaVolume:
         self.dirty = bytearray(os.pread(self._dirty_fd, self.regions, 0))
         self.al = bytearray(os.pread(self._al_fd, self.extents, 0))
         self._maps_unsynced = False
+        self.writer_epoch = 0  # in memory: which data link may write (see replica_server)
 
     @property
     def regions(self) -> int:

@@ -172,3 +172,21 @@ def test_out_of_range_and_bad_length(svc):
         rid, status, _ = c._recv_reply()
         assert (rid, status) == (99, -errno.EINVAL)
         c.ping = c.call(wire.PING)
+
+
+def test_new_data_link_fences_the_previous_one(svc):
+    """A socket the frontend gave up on must not apply writes that arrive late."""
+    old = client(svc)
+    old.open("vol-w", 1, 16 * MiB, create=True, writer=True)
+    old.write(0, b"a" * 4096)
+    new = client(svc)
+    new.open("vol-w", 1, writer=True)  # same generation: the same frontend reconnecting
+    with pytest.raises(Fenced):
+        old.write(0, b"b" * 4096)
+    with client(svc) as checker:  # a non-writer connection is not a data link and is not fenced
+        checker.open("vol-w", 1)
+        assert checker.read(0, 4096) == b"a" * 4096
+    new.write(0, b"c" * 4096)
+    assert new.read(0, 4096) == b"c" * 4096
+    old.close()
+    new.close()
