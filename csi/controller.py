@@ -16,6 +16,7 @@ from csi.catalog import CREATING, DELETING, READY, Catalog, VolumeRecord, new_vo
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import RpcError, invalid, not_found, translated
 from csi.locks import KeyLocks
+from csi.snapshotter import Snapshotter
 from engine import crash
 from engine.errors import InUse, OutOfCapacity
 from engine.filesystem import XFS_MIN_BYTES
@@ -39,16 +40,22 @@ CAPABILITIES = (
     Cap.GET_VOLUME,
     Cap.MODIFY_VOLUME,
     Cap.CLONE_VOLUME,
+    Cap.CREATE_DELETE_SNAPSHOT,
+    Cap.LIST_SNAPSHOTS,
+    # GetSnapshot (alpha) is served but not advertised: csi-sanity v5.4 fails a driver
+    # that advertises a capability it does not know, and GET_SNAPSHOT is one of them.
 )
 TOKEN_PREFIX = "v1."
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, config: Config, catalog: Catalog, nodes: dict[str, NodeEngine]):
+    def __init__(self, config: Config, catalog: Catalog, nodes: dict[str, NodeEngine],
+                 snapshotter: Snapshotter, locks: KeyLocks):
         self.config = config
         self.catalog = catalog
         self.nodes = nodes
-        self.locks = KeyLocks()
+        self.snapshotter = snapshotter
+        self.locks = locks
 
     # --- helpers -----------------------------------------------------------------
     def _topology(self, node: NodeEngine) -> dict[str, str]:
@@ -63,9 +70,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         mine = self._topology(node)
         return all(mine.get(k) == v for k, v in segments.items())
 
-    def _place(self, req: csi_pb2.CreateVolumeRequest) -> NodeEngine:
+    def _place(self, req: csi_pb2.CreateVolumeRequest, pinned: str = "") -> NodeEngine:
+        """A node for the new volume: `pinned` (a local source's node) or the best match."""
         reqs = req.accessibility_requirements
-        candidates = list(self.nodes.values())
+        candidates = [n for n in self.nodes.values() if not pinned or n.identity.node_id == pinned]
         if reqs.requisite:
             candidates = [n for n in candidates
                           if any(self._matches(n, t.segments) for t in reqs.requisite)]
@@ -142,15 +150,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             if existing is not None:
                 self._check_same_request(existing, req, access_types, source_kind, source_id)
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(existing))
+            source_node, source_bytes = "", 0
             if source_kind == "volume":
                 source = self._require_volume(source_id)
-                if source.capacity_bytes > size:
-                    raise RpcError(grpc.StatusCode.OUT_OF_RANGE,
-                                   f"source volume is {source.capacity_bytes} bytes, "
-                                   f"larger than the {size} asked for")
-            node = self._place(req)
-            if source_kind == "volume" and source.node_id != node.identity.node_id:
-                raise OutOfCapacity("the source volume lives on another node than allowed")
+                source_node, source_bytes = source.node_id, source.capacity_bytes
+            elif source_kind == "snapshot":
+                snap = self.snapshotter.require(source_id)
+                source_node, source_bytes = snap.node_id, snap.size_bytes
+            if source_bytes > size:
+                raise RpcError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"the source holds {source_bytes} bytes, more than the "
+                               f"{size} asked for")
+            node = self._place(req, pinned=source_node)
             available = self._available_bytes(node)
             if size > available:
                 raise OutOfCapacity(
@@ -165,8 +176,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             )
             # Storage first, record second: a crash in between leaves a backing volume
             # no record owns, which reconcile() removes at start-up. Two commits in all.
-            node.create_volume(vol.volume_id, size,
-                               clone_from_volume=source_id if source_kind == "volume" else "")
+            if source_kind == "snapshot":
+                node.restore_volume(vol.volume_id, size, source_id)
+            else:
+                node.create_volume(vol.volume_id, size,
+                                   clone_from_volume=source_id if source_kind == "volume" else "")
             try:
                 crash.point("create-volume-after-engine")
                 self.catalog.add(vol)
@@ -186,7 +200,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             validation.require(src.volume.volume_id, "volume_content_source.volume.volume_id")
             return "volume", src.volume.volume_id
         if kind == "snapshot":
-            raise invalid("restoring from snapshots is not supported yet")
+            validation.require(src.snapshot.snapshot_id,
+                               "volume_content_source.snapshot.snapshot_id")
+            return "snapshot", src.snapshot.snapshot_id
         raise invalid("volume_content_source has no type")
 
     def _check_same_request(self, vol: VolumeRecord, req, access_types, source_kind, source_id):
@@ -393,21 +409,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             self.catalog.save(vol.replace(mutable_parameters=merged, qos_json=qos.to_json()))
         return csi_pb2.ControllerModifyVolumeResponse()
 
-    # --- not offered (yet): the spec's answer is UNIMPLEMENTED -----------------------
-    def _unimplemented(self, context, what: str):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported")
-
+    # --- snapshots (csi/snapshotter.py) -------------------------------------------
+    @translated
     def CreateSnapshot(self, req, context):
-        self._unimplemented(context, "CreateSnapshot")
+        return self.snapshotter.create(req)
 
+    @translated
     def DeleteSnapshot(self, req, context):
-        self._unimplemented(context, "DeleteSnapshot")
+        return self.snapshotter.delete(req)
 
+    @translated
     def ListSnapshots(self, req, context):
-        self._unimplemented(context, "ListSnapshots")
+        return self.snapshotter.list(req)
 
+    @translated
     def GetSnapshot(self, req, context):
-        self._unimplemented(context, "GetSnapshot")
+        return self.snapshotter.get(req)
 
 
 def reconcile(catalog: Catalog, nodes: dict[str, NodeEngine]) -> None:

@@ -70,3 +70,21 @@ def translated(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(code, str(exc))
 
     return wrapper
+
+
+def translated_stream(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The same translation for server-streaming methods (generators)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            code = code_for(exc)
+            if code is None:
+                log.exception("%s failed unexpectedly", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            log.info("%s: %s: %s", method.__name__, code.name, exc)
+            context.abort(code, str(exc))
+
+    return wrapper

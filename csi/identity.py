@@ -33,6 +33,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
             PluginCap(service=PluginCap.Service(type=PluginCap.Service.CONTROLLER_SERVICE)),
             PluginCap(service=PluginCap.Service(
                 type=PluginCap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+            PluginCap(service=PluginCap.Service(type=PluginCap.Service.GROUP_CONTROLLER_SERVICE)),
+            PluginCap(service=PluginCap.Service(
+                type=PluginCap.Service.SNAPSHOT_METADATA_SERVICE)),
             PluginCap(volume_expansion=PluginCap.VolumeExpansion(
                 type=PluginCap.VolumeExpansion.ONLINE)),
         ]
