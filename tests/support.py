@@ -60,11 +60,15 @@ class Stubs:
     identity: csi_pb2_grpc.IdentityStub = field(init=False)
     controller: csi_pb2_grpc.ControllerStub = field(init=False)
     node: csi_pb2_grpc.NodeStub = field(init=False)
+    group: csi_pb2_grpc.GroupControllerStub = field(init=False)
+    metadata: csi_pb2_grpc.SnapshotMetadataStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.group = csi_pb2_grpc.GroupControllerStub(self.channel)
+        self.metadata = csi_pb2_grpc.SnapshotMetadataStub(self.channel)
 
 
 def make_root(prefix: str = "tdm-test-") -> str:
