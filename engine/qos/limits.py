@@ -81,11 +81,15 @@ def effective_limits(spec: QosSpec, cap: IopsCap | None) -> IoLimits:
     )
 
 
-def check_device(device: Device) -> Device:
-    major, minor = device
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in device):
+def check_device(device: object) -> Device:
+    """(major, minor) as two non-negative ints; InvalidSpec otherwise."""
+    if (
+        not isinstance(device, (tuple, list))
+        or len(device) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in device)
+    ):
         raise InvalidSpec(f"device must be (major, minor) integers, got {device!r}")
-    return major, minor
+    return int(device[0]), int(device[1])
 
 
 def _write(path: str, line: str) -> None:

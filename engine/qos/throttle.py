@@ -167,7 +167,7 @@ class QosEnforcer:
         """Limit `device` for the pod (NodePublish). Idempotent; a new spec or device for a
         known volume replaces the old one on every pod. NotFound if the pod has no cgroup."""
         check_pod_uid(pod_uid)
-        device = check_device(tuple(device))  # type: ignore[arg-type]
+        device = check_device(device)
         spec.validate()
         with self._lock:
             pod_dir = find_pod_cgroup(self.layout, pod_uid)
@@ -230,8 +230,9 @@ class QosEnforcer:
                 except NotFound:
                     stray = None
                 if stray is not None:
-                    self._scan_pod(stray, check_device(tuple(device)), watch=False)  # type: ignore[arg-type]
-                    self._clear_pod(stray, tuple(device))  # type: ignore[arg-type]
+                    dev = check_device(device)
+                    self._scan_pod(stray, dev, watch=False)
+                    self._clear_pod(stray, dev)
             if vol is not None:
                 if vol.pods:
                     self._enforce(vol, force=False)  # the others get the freed budget

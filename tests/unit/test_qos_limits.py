@@ -27,8 +27,8 @@ def test_a_cap_lowers_only_iops_and_never_raises() -> None:
     assert effective_limits(spec, IopsCap(5000, 0)) == IoLimits(1000, 0, 10_000_000, 0)
 
 
-@pytest.mark.parametrize("bad", [(-1, 0), (7, -2), (7.0, 1), (True, 1)])
-def test_devices_must_be_major_minor_integers(bad: tuple) -> None:  # type: ignore[type-arg]
+@pytest.mark.parametrize("bad", [(-1, 0), (7, -2), (7.0, 1), (True, 1), (7,), "7:3", None])
+def test_devices_must_be_major_minor_integers(bad: object) -> None:
     with pytest.raises(InvalidSpec):
         check_device(bad)
 
