@@ -44,7 +44,15 @@ def make(device: str, fs_type: str) -> None:
 def grow(fs_type: str, device: str, mount_point: str) -> None:
     """Grow a mounted filesystem to its device's size, online."""
     if fs_type == "ext4":
-        command.run(["resize2fs", device])
+        try:
+            command.run(["resize2fs", device])
+        except CommandFailed as e:
+            if "Permission denied" in e.stderr:
+                # the kernel's online ext4 resize needs CAP_SYS_RESOURCE
+                raise CommandFailed(e.argv, e.returncode, e.stdout, e.stderr + (
+                    "\nonline ext4 growth needs CAP_SYS_RESOURCE, which this driver lacks; "
+                    "the volume grows at its next stage")) from None
+            raise
     elif fs_type == "xfs":
         command.run(["xfs_growfs", mount_point])
     else:
