@@ -9,7 +9,7 @@ venv="${TANDEM_VENV:-/opt/tandem/venv}"
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-packages=(python3 python3-venv python3-pip xfsprogs e2fsprogs btrfs-progs util-linux mount fio
+packages=(python3 python3-venv python3-pip python3-dev gcc xfsprogs e2fsprogs btrfs-progs util-linux mount fio
           iproute2 iptables fuse3 kmod)
 missing=()
 for p in "${packages[@]}"; do
