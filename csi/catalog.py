@@ -44,12 +44,12 @@ class VolumeRecord:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict) -> "VolumeRecord":
+    def from_record(cls, rec: dict) -> VolumeRecord:
         rec = dict(rec)
         rec["access_types"] = tuple(rec["access_types"])
         return cls(**rec)
 
-    def replace(self, **changes) -> "VolumeRecord":
+    def replace(self, **changes) -> VolumeRecord:
         return dataclasses.replace(self, **changes)
 
 

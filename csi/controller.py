@@ -128,7 +128,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # --- create / delete -----------------------------------------------------------
     @translated
-    def CreateVolume(self, req: csi_pb2.CreateVolumeRequest, context) -> csi_pb2.CreateVolumeResponse:
+    def CreateVolume(self, req: csi_pb2.CreateVolumeRequest, context):
         name = validation.check_name(req.name)
         access_types = validation.check_capabilities(req.volume_capabilities)
         params = validation.check_parameters(
@@ -221,7 +221,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                            f"volume {vol.name!r} exists with other access types")
 
     @translated
-    def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context) -> csi_pb2.DeleteVolumeResponse:
+    def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context):
         volume_id = validation.require(req.volume_id, "volume_id")
         if not validation.well_formed_id(volume_id):
             return csi_pb2.DeleteVolumeResponse()  # never ours, so already gone

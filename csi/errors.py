@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -54,6 +55,16 @@ def code_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> None:
+    code = code_for(exc)
+    if code is None:
+        log.exception("%s failed unexpectedly", name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    else:
+        log.info("%s: %s: %s", name, code.name, exc)
+        context.abort(code, str(exc))
+
+
 def translated(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a servicer method: domain errors become their status codes."""
 
@@ -62,12 +73,7 @@ def translated(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps all
-            code = code_for(exc)
-            if code is None:
-                log.exception("%s failed unexpectedly", method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            log.info("%s: %s: %s", method.__name__, code.name, exc)
-            context.abort(code, str(exc))
+            _abort(context, method.__name__, exc)
 
     return wrapper
 
@@ -80,11 +86,6 @@ def translated_stream(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             yield from method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            code = code_for(exc)
-            if code is None:
-                log.exception("%s failed unexpectedly", method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            log.info("%s: %s: %s", method.__name__, code.name, exc)
-            context.abort(code, str(exc))
+            _abort(context, method.__name__, exc)
 
     return wrapper

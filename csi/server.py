@@ -32,7 +32,7 @@ from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
 from engine.pool import Pool
-from engine.qos.tiers import load_tiers
+from engine.qos.tiers import DEFAULT_TIERS, load_tiers
 from engine.state import SqliteStore
 from proto import csi_pb2_grpc
 
@@ -69,16 +69,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
                 "--max-volumes-per-node not negative")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = {}
-    if a.tiers_file:
-        kwargs["tiers"] = load_tiers(a.tiers_file)
+    tiers = load_tiers(a.tiers_file) if a.tiers_file else dict(DEFAULT_TIERS)
     return Config(
         endpoint=a.endpoint, node_id=a.node_id, state_dir=os.path.abspath(a.state_dir),
         zone=a.zone, pool_dir=os.path.abspath(a.pool) if a.pool else "",
         pool_image_bytes=a.pool_size_gib * GIB, pool_image_fs=a.pool_fs,
         overcommit_ratio=a.overcommit_ratio,
         max_volumes_per_node=a.max_volumes_per_node,
-        allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root), **kwargs,
+        allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
+        tiers=tiers,
     )
 
 

@@ -7,7 +7,7 @@ come from the snapshot files' extent maps (engine/changed_blocks.py): no data is
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from csi import validation
 from csi.errors import invalid, not_found, translated_stream
@@ -39,7 +39,7 @@ class SnapshotMetadataService(csi_pb2_grpc.SnapshotMetadataServicer):
             else None
         node = self.nodes.get(snap.node_id) if snap else None
         backing = node.snapshot(snapshot_id) if node else None
-        if snap is None or backing is None:
+        if snap is None or node is None or backing is None:
             raise not_found(f"snapshot {snapshot_id!r} does not exist")
         return snap, node.snapshots.path(backing)
 

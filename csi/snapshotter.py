@@ -7,7 +7,6 @@ storage no record owns, which start-up removes (see reconcile()).
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,8 +15,13 @@ from csi import validation
 from csi.catalog import Catalog, VolumeRecord
 from csi.errors import RpcError, invalid, not_found
 from csi.locks import KeyLocks
-from csi.snapshot_catalog import (GroupRecord, SnapshotCatalog, SnapshotRecord, new_group_id,
-                                  new_snapshot_id)
+from csi.snapshot_catalog import (
+    GroupRecord,
+    SnapshotCatalog,
+    SnapshotRecord,
+    new_group_id,
+    new_snapshot_id,
+)
 from engine import crash
 from engine.errors import OutOfCapacity
 from engine.node_engine import NodeEngine
@@ -199,7 +203,7 @@ class Snapshotter:
                 backings = node.create_snapshots(members)
                 snaps = [SnapshotRecord(sid, f"{name}/{vid}", vid, node.identity.node_id,
                                         b.size_bytes, b.created_at, group_id)
-                         for (sid, vid), b in zip(members, backings)]
+                         for (sid, vid), b in zip(members, backings, strict=True)]
                 group = GroupRecord(group_id, name, tuple(s for s, _ in members),
                                     tuple(volume_ids), min(b.created_at for b in backings))
                 self._record(snaps, node, group)

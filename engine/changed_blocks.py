@@ -61,7 +61,7 @@ def delta_of_extents(base: list[Extent], target: list[Extent]) -> list[Range]:
                      for p in (e.offset_bytes, e.offset_bytes + e.length_bytes)})
     base_at, target_at = _mapper(base), _mapper(target)
     changed = []
-    for start, end in zip(points, points[1:]):
+    for start, end in zip(points, points[1:], strict=False):
         # within a segment both maps are linear (or absent): compare at its start
         if base_at(start) != target_at(start):
             changed.append(Range(start, end - start))

@@ -19,7 +19,8 @@ FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_UNWRITTEN = 0x800
 FIEMAP_EXTENT_SHARED = 0x2000
 _FIEMAP_HEADER = struct.Struct("=QQIIII")  # start, length, flags, mapped, count, reserved
-_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags, 3 reserved
+# logical, physical, length, 2 reserved, flags, 3 reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
 
 
 def fsync_path(path: str) -> None:

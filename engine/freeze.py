@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from engine.state import Store
 

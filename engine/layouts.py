@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from typing import Protocol
 
 from engine import btrfs, command, fileops

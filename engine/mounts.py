@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import command
@@ -88,7 +89,8 @@ class Mounts:
             argv += ["-o", ",".join(options)]
         command.run(argv + [source, target])
 
-    def bind(self, source: str, target: str, *, read_only: bool, options: list[str] = ()) -> None:
+    def bind(self, source: str, target: str, *, read_only: bool,
+             options: Sequence[str] = ()) -> None:
         """Bind-mount; read-only needs a remount, since the kernel ignores ro on the bind itself."""
         command.run(["mount", "--bind", source, target])
         extra = [o for o in options if o not in ("bind", "ro", "rw")]

@@ -47,7 +47,8 @@ class NodeEngine:
         self.snapshots.reconcile()
 
     # --- what the controller calls -------------------------------------------------
-    def create_volume(self, volume_id: str, size_bytes: int, clone_from_volume: str = "") -> Backing:
+    def create_volume(self, volume_id: str, size_bytes: int,
+                      clone_from_volume: str = "") -> Backing:
         source = self.files.require(clone_from_volume) if clone_from_volume else None
         return self.files.create(volume_id, size_bytes, clone_from=source)
 

@@ -281,7 +281,8 @@ class NodeVolumes:
         _remove_target(target)
         if rec is not None and rec.get("ro_device"):
             dev = self.loops.by_path(rec["ro_device"])
-            if dev is not None and backing is not None and dev.backing_file == self.files.path(backing):
+            if dev is not None and backing is not None \
+                    and dev.backing_file == self.files.path(backing):
                 self.loops.detach(dev.path)
         self.store.delete(PUBLISH, key)
 
@@ -319,9 +320,9 @@ class NodeVolumes:
         for dev in self.loops.by_backing_file(self.files.path(backing)):
             if dev.size_bytes != backing.size_bytes:
                 self.loops.refresh_capacity(dev.path)
-        dev = self._rw_device(backing)
-        if stage["access_type"] == MOUNT and dev is not None:
-            filesystem.grow(stage["fs_type"], dev.path, stage["staging_path"])
+        rw = self._rw_device(backing)
+        if stage["access_type"] == MOUNT and rw is not None:
+            filesystem.grow(stage["fs_type"], rw.path, stage["staging_path"])
         return backing.size_bytes
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
@@ -363,20 +364,20 @@ class NodeVolumes:
             if rec["state"] == PENDING and not self.publishes(volume_id):
                 log.warning("rolling back interrupted stage of %s", volume_id)
                 self.unstage(volume_id, rec["staging_path"])
-        owned = {}
+        owned: dict[str, str] = {}
         for backing in self.files.all():
             owned[self.files.path(backing)] = backing.volume_id
         pool_dir = self.files.pool.volumes_dir + os.sep
         for dev in self.loops.all():
             if not dev.backing_file.startswith(pool_dir):
                 continue
-            volume_id = owned.get(dev.backing_file)
+            owner = owned.get(dev.backing_file)
             in_use = self.mounts.of_device(dev.major, dev.minor) or any(
                 self._is_device_bind(m, dev) for m in self.mounts.table()
             )
             if in_use:
                 continue
-            staged = volume_id is not None and self.store.get(STAGE, volume_id) is not None
+            staged = owner is not None and self.store.get(STAGE, owner) is not None
             if staged and not dev.read_only:
                 continue  # a staged block volume: its device is its state
             log.warning("detaching %s (%s): no record uses it", dev.path, dev.backing_file)

@@ -12,7 +12,8 @@ import contextlib
 import json
 import sqlite3
 import threading
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 SCHEMA_VERSION = 1
 

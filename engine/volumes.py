@@ -35,7 +35,7 @@ class Backing:
     created_at: float
 
     @classmethod
-    def from_record(cls, volume_id: str, rec: dict) -> "Backing":
+    def from_record(cls, volume_id: str, rec: dict) -> Backing:
         return cls(
             volume_id,
             rec["pool_name"],
@@ -58,8 +58,11 @@ class Backing:
 class PoolObject(Protocol):
     """What a clone or restore needs of its source (a Backing or a snapshot)."""
 
-    pool_name: str
-    sector_size_bytes: int
+    @property
+    def pool_name(self) -> str: ...
+
+    @property
+    def sector_size_bytes(self) -> int: ...
 
 
 class VolumeFiles:

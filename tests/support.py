@@ -121,12 +121,11 @@ class DriverProcess:
                 "--node-id", "node-a", "--zone", "zone-a", "--state-dir", f"{self.root}/state",
                 "--pool-size-gib", "8", "--max-volumes-per-node", "8", *self.extra]
 
-    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> "DriverProcess":
+    def start(self, env: dict[str, str] | None = None, wait: bool = True) -> DriverProcess:
         full_env = {**os.environ, **self.env, **(env or {})}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=full_env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=full_env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
         return self

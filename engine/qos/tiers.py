@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from engine.errors import InvalidSpec
 
@@ -108,7 +108,7 @@ def resolve_qos(
             known = ", ".join(sorted(tiers))
             raise InvalidSpec(f"unknown tier {tier_name!r} (known: {known})")
         spec = tiers[tier_name]
-    overrides = {
+    overrides: dict[str, Any] = {
         field: _parse_number(key, merged[key]) for key, field in NUMERIC_KEYS.items() if key in merged
     }
     if overrides:

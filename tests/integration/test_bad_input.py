@@ -1,6 +1,5 @@
 """Bad input gets a clear error and changes nothing; secrets never reach the log."""
 
-import logging
 import os
 import signal
 import subprocess
@@ -11,8 +10,14 @@ import pytest
 
 from proto import csi_pb2
 from tests import support
-from tests.integration.helpers import (MIB, capability, create_request, pool_files,
-                                       publish_request, stage_request)
+from tests.integration.helpers import (
+    MIB,
+    capability,
+    create_request,
+    pool_files,
+    publish_request,
+    stage_request,
+)
 
 SENTINEL = "s3cr3t-SENTINEL-9f2c"
 
@@ -164,6 +169,7 @@ def test_secrets_never_reach_the_log(test_root):
             volume_id=vol.volume_id, staging_target_path=f"{test_root}/st"))
     finally:
         proc.stop(signal.SIGTERM)
-    log = open(proc.log_path, encoding="utf-8", errors="replace").read()
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        log = f.read()
     assert "created volume" in log  # the log is really there
     assert SENTINEL not in log

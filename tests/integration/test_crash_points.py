@@ -8,8 +8,14 @@ import grpc
 import pytest
 
 from proto import csi_pb2
-from tests.integration.helpers import (create_request, mounts_under, pool_files,
-                                       publish_request, stage_request, volume_loops)
+from tests.integration.helpers import (
+    create_request,
+    mounts_under,
+    pool_files,
+    publish_request,
+    stage_request,
+    volume_loops,
+)
 from tests.support import DriverProcess
 
 # step of the lifecycle -> crash points inside it

@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from proto import csi_pb2
-from tests.integration.helpers import (create_request, mounts_under, publish_request,
-                                       stage_request)
+from tests.integration.helpers import create_request, mounts_under, publish_request, stage_request
 from tests.support import DriverProcess
 
 

@@ -6,11 +6,10 @@ import subprocess
 import pytest
 
 from engine.errors import InvalidSpec
-from engine.loopdev import LoopDevices
 from engine.fileops import supports_reflink
+from engine.loopdev import LoopDevices
 from engine.pool import Pool
 from proto import csi_pb2
-from tests import support
 from tests.integration.helpers import create_request, stage_request
 
 GIB = 1024**3

@@ -12,8 +12,13 @@ import pytest
 
 from proto import csi_pb2
 from tests import support
-from tests.integration.helpers import (MIB, create_request, mounts_under, publish_request,
-                                       stage_request)
+from tests.integration.helpers import (
+    MIB,
+    create_request,
+    mounts_under,
+    publish_request,
+    stage_request,
+)
 
 BLOCK_SIZE = 4096
 
