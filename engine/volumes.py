@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 KIND = "backing"
 CREATING, READY, DELETING = "creating", "ready", "deleting"
+EMPTY, CLONE, RESTORE = "empty", "clone", "restore"  # how a volume's storage was made
 
 
 @dataclass(frozen=True)
@@ -33,26 +35,16 @@ class Backing:
     sector_size_bytes: int
     state: str
     created_at: float
+    origin: str = EMPTY
 
     @classmethod
     def from_record(cls, volume_id: str, rec: dict) -> Backing:
-        return cls(
-            volume_id,
-            rec["pool_name"],
-            rec["size_bytes"],
-            rec["sector_size_bytes"],
-            rec["state"],
-            rec["created_at"],
-        )
+        return cls(volume_id=volume_id, **rec)
 
     def record(self) -> dict:
-        return {
-            "pool_name": self.pool_name,
-            "size_bytes": self.size_bytes,
-            "sector_size_bytes": self.sector_size_bytes,
-            "state": self.state,
-            "created_at": self.created_at,
-        }
+        rec = dataclasses.asdict(self)
+        del rec["volume_id"]
+        return rec
 
 
 class PoolObject(Protocol):
@@ -105,7 +97,9 @@ class VolumeFiles:
                 return Backing.from_record(volume_id, existing)
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
         sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
-        backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time())
+        origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
+        backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time(),
+                          origin)
         # The file comes first, its record second: a crash in between leaves a file no
         # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
@@ -143,7 +137,7 @@ class VolumeFiles:
             raise InvalidSpec(f"size {size_bytes} is not a multiple of the sector size")
         # Growing a sparse file is atomic and idempotent: no intent needed.
         self.pool.resize_volume(backing.pool_name, size_bytes)
-        grown = Backing(**{**backing.__dict__, "size_bytes": size_bytes})
+        grown = dataclasses.replace(backing, size_bytes=size_bytes)
         self.store.put(KIND, volume_id, grown.record())
         return grown
 
@@ -151,15 +145,30 @@ class VolumeFiles:
         return [Backing.from_record(k, r) for k, r in self.store.list(KIND) if r["state"] == READY]
 
     def reconcile(self) -> None:
-        """Roll back interrupted creates, finish interrupted deletes, drop unrecorded files."""
+        """Drop storage no record owns; remake empty volumes a power cut took back.
+
+        An empty volume's creation is not forced to disk (on btrfs that would commit a
+        transaction per CreateVolume): the first flush through its device does that. So if
+        a power cut takes the creation back, nothing was ever flushed to the volume, and a
+        fresh empty one of the same size is exactly what its user may expect to find.
+        """
         known = set()
         for volume_id, rec in self.store.list(KIND):
-            if rec["state"] in (CREATING, DELETING):
+            if rec["state"] in (CREATING, DELETING):  # written by releases before 0.1
                 log.warning("finishing interrupted %s of volume %s", rec["state"], volume_id)
                 self.pool.delete_volume(rec["pool_name"])
                 self.store.delete(KIND, volume_id)
+                continue
+            backing = Backing.from_record(volume_id, rec)
+            known.add(backing.pool_name)
+            if self.pool.volume_exists(backing.pool_name):
+                continue
+            if backing.origin == EMPTY:
+                log.warning("remaking empty volume %s: its creation never reached the disk",
+                            volume_id)
+                self.pool.create_volume(backing.pool_name, backing.size_bytes)
             else:
-                known.add(rec["pool_name"])
+                log.error("volume %s (a %s) has lost its storage", volume_id, backing.origin)
         for name in self.pool.volumes():
             if name not in known:
                 log.warning("removing pool volume %s: no record owns it", name)

@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import subprocess
 
 import grpc
 import pytest
@@ -103,3 +104,23 @@ def test_bad_flags_are_refused(test_root):
     assert p.wait_exit() != 0
     with pytest.raises(grpc.RpcError):
         p.stubs().identity.Probe(csi_pb2.ProbeRequest(), timeout=1)
+
+
+def test_empty_volume_lost_to_a_power_cut_is_remade(proc, test_root):
+    """Creating an empty volume is not forced to disk; if a power cut takes it back, the
+    restart remakes it empty (nothing was ever flushed to it)."""
+    proc.start()
+    vol = proc.stubs().controller.CreateVolume(create_request("fresh")).volume
+    assert proc.stop(signal.SIGTERM) == 0
+    volumes_dir = f"{test_root}/state/pool/volumes"
+    (name,) = os.listdir(volumes_dir)
+    subprocess.run(["btrfs", "subvolume", "delete", f"{volumes_dir}/{name}"], check=True,
+                   capture_output=True)  # what the lost transaction leaves: nothing
+    proc.start()
+    assert os.listdir(volumes_dir) == [name]
+    staging = f"{test_root}/staging"
+    os.makedirs(staging)
+    stubs = proc.stubs()
+    stubs.node.NodeStageVolume(stage_request(vol.volume_id, staging))
+    stubs.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging))
