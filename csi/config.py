@@ -28,6 +28,9 @@ class Config:
     default_volume_bytes: int = 1 * GIB
     allowed_path_roots: tuple[str, ...] = ()  # opt-in restriction of target paths
     tiers: dict[str, QosSpec] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    cgroup_root: str = "/sys/fs/cgroup"  # the host's cgroup tree, where the pods' live
+    cgroup_parent: str = ""  # where the kubelet's "kubepods" sits under each hierarchy
+    node_iops_capacity: int = 0  # for guaranteed minima; 0: measure the pool once
     workers: int = 16
 
     @property

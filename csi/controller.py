@@ -21,7 +21,8 @@ from engine import crash
 from engine.errors import InUse, OutOfCapacity
 from engine.filesystem import XFS_MIN_BYTES
 from engine.node_engine import NodeEngine
-from engine.qos.tiers import resolve_qos
+from engine.qos.admission import can_place, check_admission
+from engine.qos.tiers import QosSpec, resolve_qos
 from proto import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,26 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         mine = self._topology(node)
         return all(mine.get(k) == v for k, v in segments.items())
 
-    def _place(self, req: csi_pb2.CreateVolumeRequest, pinned: str = "") -> NodeEngine:
-        """A node for the new volume: `pinned` (a local source's node) or the best match."""
+    def _guaranteed(self, node: NodeEngine) -> dict[str, QosSpec]:
+        """The QoS specs of the volumes placed on node (for admission of minima)."""
+        return {v.volume_id: QosSpec.from_json(v.qos_json)
+                for v in self.catalog.all_volumes(any_state=True)
+                if v.node_id == node.identity.node_id and v.qos_json}
+
+    def _room_problem(self, node: NodeEngine, size: int, qos: QosSpec) -> str:
+        """Why the volume cannot go on node now ('' when it can)."""
+        available = self._available_bytes(node)
+        if size > available:
+            return f"{size} bytes asked, {available} available on {node.identity.node_id}"
+        if qos.min_iops and not can_place(node.iops_capacity, self._guaranteed(node), qos):
+            return (f"{qos.min_iops} guaranteed IOPS asked, not free on "
+                    f"{node.identity.node_id} (capacity {node.iops_capacity})")
+        return ""
+
+    def _place(self, req: csi_pb2.CreateVolumeRequest, size: int, qos: QosSpec,
+               pinned: str = "") -> NodeEngine:
+        """A node for the new volume that has room for its bytes and its guaranteed IOPS:
+        `pinned` (a local source's node) or the best match of the topology asked for."""
         reqs = req.accessibility_requirements
         candidates = [n for n in self.nodes.values() if not pinned or n.identity.node_id == pinned]
         if reqs.requisite:
@@ -79,11 +98,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                           if any(self._matches(n, t.segments) for t in reqs.requisite)]
         if not candidates:
             raise OutOfCapacity("no node matches the volume's accessibility requirements")
-        for topo in reqs.preferred:
-            for node in candidates:
-                if self._matches(node, topo.segments):
-                    return node
-        return candidates[0]
+        ordered = [n for topo in reqs.preferred for n in candidates
+                   if self._matches(n, topo.segments)] + candidates
+        problems = []
+        for node in dict.fromkeys(ordered):  # preferred first, each node once
+            problem = self._room_problem(node, size, qos)
+            if not problem:
+                return node
+            problems.append(problem)
+        raise OutOfCapacity("; ".join(problems))
 
     def _volume(self, vol: VolumeRecord) -> csi_pb2.Volume:
         node = self.nodes.get(vol.node_id)
@@ -161,11 +184,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 raise RpcError(grpc.StatusCode.OUT_OF_RANGE,
                                f"the source holds {source_bytes} bytes, more than the "
                                f"{size} asked for")
-            node = self._place(req, pinned=source_node)
-            available = self._available_bytes(node)
-            if size > available:
-                raise OutOfCapacity(
-                    f"{size} bytes asked, {available} bytes available on {node.identity.node_id}")
+            node = self._place(req, size, qos, pinned=source_node)
             vol = VolumeRecord(
                 volume_id=new_volume_id(), name=name, capacity_bytes=size,
                 node_id=node.identity.node_id, zone=node.identity.zone,
@@ -177,9 +196,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             # Storage first, record second: a crash in between leaves a backing volume
             # no record owns, which reconcile() removes at start-up. Two commits in all.
             if source_kind == "snapshot":
-                node.restore_volume(vol.volume_id, size, source_id)
+                node.restore_volume(vol.volume_id, size, qos, source_id)
             else:
-                node.create_volume(vol.volume_id, size,
+                node.create_volume(vol.volume_id, size, qos,
                                    clone_from_volume=source_id if source_kind == "volume" else "")
             try:
                 crash.point("create-volume-after-engine")
@@ -349,18 +368,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def GetCapacity(self, req: csi_pb2.GetCapacityRequest, context) -> csi_pb2.GetCapacityResponse:
         params = validation.check_parameters(
             req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
-        resolve_qos(params, {}, self.config.tiers)
+        qos = resolve_qos(params, {}, self.config.tiers)
         for cap in req.volume_capabilities:
             if validation.unsupported_capability(cap):
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
         nodes = [n for n in self.nodes.values()
                  if not req.HasField("accessible_topology")
                  or self._matches(n, req.accessible_topology.segments)]
-        available = sum(self._available_bytes(n) for n in nodes)
-        largest = max((self._available_bytes(n) for n in nodes), default=0)
+        # A segment that cannot keep the tier's minimum has no capacity for it, so the
+        # scheduler (storage capacity tracking) only picks nodes where the minimum holds.
+        nodes = [n for n in nodes if not qos.min_iops
+                 or can_place(n.iops_capacity, self._guaranteed(n), qos)]
+        per_node = [self._available_bytes(n) for n in nodes]
         return csi_pb2.GetCapacityResponse(
-            available_capacity=available,
-            maximum_volume_size={"value": min(largest, sizes.MAX_VOLUME_BYTES)},
+            available_capacity=sum(per_node),
+            maximum_volume_size={"value": min(max(per_node, default=0), sizes.MAX_VOLUME_BYTES)},
             minimum_volume_size={"value": sizes.MIN_VOLUME_BYTES},
         )
 
@@ -406,7 +428,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             vol = self._require_volume(volume_id)
             merged = {**vol.mutable_parameters, **mutable}
             qos = resolve_qos(vol.parameters, merged, self.config.tiers)
+            node = self.nodes.get(vol.node_id)
+            if node is None:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"node {vol.node_id} is unreachable")
+            # InvalidSpec: the minimum can never fit the node (INVALID_ARGUMENT);
+            # OutOfCapacity: no room now, the resizer retries (RESOURCE_EXHAUSTED).
+            check_admission(node.iops_capacity, self._guaranteed(node), volume_id, qos)
             self.catalog.save(vol.replace(mutable_parameters=merged, qos_json=qos.to_json()))
+            node.set_qos(volume_id, qos)
         return csi_pb2.ControllerModifyVolumeResponse()
 
     # --- snapshots (csi/snapshotter.py) -------------------------------------------

@@ -83,7 +83,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         kind = validation.check_capability(cap)
         with self.locks.hold(volume_id):
             self._require_volume(volume_id)
-            self.engine.volumes.publish(PublishRequest(
+            self.engine.publish(PublishRequest(
                 volume_id=volume_id,
                 staging_path=staging,
                 target_path=target,
@@ -101,7 +101,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         target = self._path(req.target_path, "target_path")
         with self.locks.hold(volume_id):
             self._require_volume(volume_id)
-            self.engine.volumes.unpublish(volume_id, target)
+            self.engine.unpublish(volume_id, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @translated

@@ -31,6 +31,7 @@ from engine.errors import EngineError
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
+from engine.node_qos import NodeQos
 from engine.pool import Pool
 from engine.qos.tiers import DEFAULT_TIERS, load_tiers
 from engine.state import SqliteStore
@@ -60,11 +61,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--allowed-path-root", action="append", default=[],
                    help="opt-in: refuse staging/target paths outside these roots (repeatable)")
     p.add_argument("--tiers-file", default="", help="JSON file of QoS tiers")
+    p.add_argument("--cgroup-root", default="/sys/fs/cgroup",
+                   help="the host's cgroup tree (QoS rules go on the pods' cgroups)")
+    p.add_argument("--cgroup-parent", default="",
+                   help="cgroup under which the kubelet's kubepods sits (default: the root)")
+    p.add_argument("--node-iops-capacity", type=int, default=0,
+                   help="IOPS the pool guarantees minima from; 0: measure once with fio")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if not a.endpoint.startswith("unix://"):
         p.error("--endpoint must be unix:///path")
-    if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0:
+    if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0 \
+            or a.node_iops_capacity < 0:
         p.error("--overcommit-ratio, --pool-size-gib must be positive, "
                 "--max-volumes-per-node not negative")
     logging.basicConfig(level=a.log_level.upper(),
@@ -77,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         overcommit_ratio=a.overcommit_ratio,
         max_volumes_per_node=a.max_volumes_per_node,
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
-        tiers=tiers,
+        tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent, node_iops_capacity=a.node_iops_capacity,
     )
 
 
@@ -141,7 +149,9 @@ class Driver:
         loops, mounts = LoopDevices(), Mounts()
         pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
                     image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
-        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts)
+        qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
+        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts,
+                            qos=qos, iops_capacity=cfg.node_iops_capacity)
         engine.open()
         self.engine = engine
         catalog = Catalog(self.store)
@@ -175,6 +185,8 @@ class Driver:
         self.ready.clear()
         if self.server is not None:
             self.server.stop(grace_s).wait()
+        if self.engine is not None:
+            self.engine.close()
         if self.store is not None:
             self.store.close()
         if self._lock_fd >= 0:

@@ -12,14 +12,20 @@ from dataclasses import dataclass
 
 from engine.freeze import Freezer
 from engine.loopdev import LoopDevices
+from engine.node_qos import NodeQos, parse_device
+from engine.node_volumes import PublishRequest
 from engine.mounts import Mounts
 from engine.node_volumes import NodeVolumes
 from engine.pool import Pool, PoolUsage
+from engine.qos.admission import measure_capacity_iops
+from engine.qos.tiers import QosSpec
 from engine.snapshots import SnapshotBacking, Snapshots
 from engine.state import Store
 from engine.volumes import Backing, VolumeFiles
 
 log = logging.getLogger(__name__)
+
+POOL_INFO = "pool-info"
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,14 @@ class NodeIdentity:
 
 class NodeEngine:
     def __init__(self, identity: NodeIdentity, store: Store, pool: Pool,
-                 loops: LoopDevices, mounts: Mounts):
+                 loops: LoopDevices, mounts: Mounts, qos: NodeQos | None = None,
+                 iops_capacity: int = 0):
         self.identity = identity
+        self.store = store
         self.pool = pool
+        self.qos = qos or NodeQos(store, enabled=False)
+        self.iops_capacity = iops_capacity
+        self._configured_iops = iops_capacity
         self.files = VolumeFiles(store, pool)
         self.volumes = NodeVolumes(store, self.files, loops, mounts)
         self.freezer = Freezer(store)
@@ -45,18 +56,54 @@ class NodeEngine:
         self.files.reconcile()
         self.volumes.reconcile()
         self.snapshots.reconcile()
+        self.qos.open()
+        self.iops_capacity = self._configured_iops or self._measured_iops()
+
+    def close(self) -> None:
+        self.qos.close()
+
+    def _measured_iops(self) -> int:
+        """The pool's IOPS capacity for guaranteed minima: measured once, then kept."""
+        rec = self.store.get(POOL_INFO, "iops_capacity")
+        if rec is None:
+            iops = measure_capacity_iops(self.pool.directory, seconds=3.0)
+            log.info("pool %s measured at %d IOPS (4 KiB random 50/50, direct)",
+                     self.pool.directory, iops)
+            rec = {"iops": iops}
+            self.store.put(POOL_INFO, "iops_capacity", rec)
+        return int(rec["iops"])
 
     # --- what the controller calls -------------------------------------------------
-    def create_volume(self, volume_id: str, size_bytes: int,
+    def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                       clone_from_volume: str = "") -> Backing:
         source = self.files.require(clone_from_volume) if clone_from_volume else None
+        self.qos.set_spec(volume_id, qos)
         return self.files.create(volume_id, size_bytes, clone_from=source)
 
-    def restore_volume(self, volume_id: str, size_bytes: int, snapshot_id: str) -> Backing:
+    def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
+                       snapshot_id: str) -> Backing:
+        self.qos.set_spec(volume_id, qos)
         return self.snapshots.restore(snapshot_id, volume_id, size_bytes)
 
     def delete_volume(self, volume_id: str) -> None:
         self.files.delete(volume_id)
+        self.qos.forget(volume_id)
+
+    def set_qos(self, volume_id: str, qos: QosSpec) -> None:
+        """A tier change: recorded, and applied to the pods using the volume now."""
+        self.qos.set_spec(volume_id, qos)
+
+    # --- what the node service calls -----------------------------------------------
+    def publish(self, req: PublishRequest) -> None:
+        dev = self.volumes.publish(req)
+        self.qos.published(req.volume_id, req.pod_uid, (dev.major, dev.minor))
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        rec = self.volumes.publish_record(volume_id, target_path)
+        self.volumes.unpublish(volume_id, target_path)
+        if rec is not None:
+            self.qos.unpublished(volume_id, rec.get("pod_uid", ""),
+                                 parse_device(rec.get("device", "")))
 
     def create_snapshots(self, members: list[tuple[str, str]]) -> list[SnapshotBacking]:
         """(snapshot_id, volume_id) pairs, taken at one instant."""

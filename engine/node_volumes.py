@@ -180,7 +180,8 @@ class NodeVolumes:
         self.store.delete(STAGE, volume_id)
 
     # --- publish / unpublish -------------------------------------------------------
-    def publish(self, req: PublishRequest) -> None:
+    def publish(self, req: PublishRequest) -> LoopDevice:
+        """Publish; returns the device the pod does its I/O on (for its QoS rules)."""
         backing = self.files.require(req.volume_id)
         stage = self.store.get(STAGE, req.volume_id)
         staging = os.path.normpath(req.staging_path)
@@ -212,16 +213,19 @@ class NodeVolumes:
         self.store.put(PUBLISH, key, record)
         crash.point("publish-after-intent")
         if req.access_type == BLOCK:
-            record["ro_device"] = self._publish_block(backing, target, req.read_only, ro_device)
+            dev = self._publish_block(backing, target, req.read_only, ro_device)
+            record["ro_device"] = dev.path if req.read_only else ""
         else:
-            self._publish_mount(backing, staging, target, req.read_only, flags)
+            dev = self._publish_mount(backing, staging, target, req.read_only, flags)
         crash.point("publish-after-mount")
+        record["device"] = f"{dev.major}:{dev.minor}"
         record["state"] = DONE
         self.store.put(PUBLISH, key, record)
+        return dev
 
     def _publish_mount(
         self, backing: Backing, staging: str, target: str, read_only: bool, flags: list[str]
-    ) -> None:
+    ) -> LoopDevice:
         dev = self._rw_device(backing)
         if dev is None:
             raise NotFound(f"volume {backing.volume_id} lost its device; stage it again")
@@ -231,13 +235,14 @@ class NodeVolumes:
                 raise AlreadyExists(f"{target} has another filesystem mounted")
             if current.read_only != read_only:
                 raise AlreadyExists(f"{target} is mounted with another read-only flag")
-            return
+            return dev
         os.makedirs(target, exist_ok=True)
         self.mounts.bind(staging, target, read_only=read_only, options=flags)
+        return dev
 
     def _publish_block(
         self, backing: Backing, target: str, read_only: bool, ro_device: str
-    ) -> str:
+    ) -> LoopDevice:
         if read_only:
             # A read-only bind of a device node does not stop writes through it:
             # give the pod a loop device the kernel itself makes read-only.
@@ -255,7 +260,7 @@ class NodeVolumes:
         if current is not None:
             if not self._is_device_bind(current, dev):
                 raise AlreadyExists(f"{target} already has something else mounted")
-            return dev.path if read_only else ""
+            return dev
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         if os.path.isdir(target):
@@ -263,7 +268,10 @@ class NodeVolumes:
         if not os.path.exists(target):
             os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
         self.mounts.bind(dev.path, target, read_only=read_only)
-        return dev.path if read_only else ""
+        return dev
+
+    def publish_record(self, volume_id: str, target_path: str) -> dict | None:
+        return self.store.get(PUBLISH, _publish_key(volume_id, os.path.normpath(target_path)))
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target = os.path.normpath(target_path)

@@ -1,9 +1,13 @@
 """The mirror data path: fan writes out to replicas, collect acks, degrade, resync.
 
 Runs inside the frontend's single epoll loop; nothing here blocks except the
-start-up. Per replica there is one pipelined connection (a Link): requests are
-appended to its send buffer and flushed with one send per drained batch;
-replies come back in order and are matched to a FIFO of pending ops.
+start-up. Per replica there is one pipelined connection (a Link, a slot of the
+C DataPath in _fastpath.c). The C side moves the bytes: it reads FUSE requests,
+fans plain writes out with request ids, sends plain reads, matches replies and
+answers FUSE, one send per replica per drained batch. This module keeps the
+policy and tells the C side what it may do alone (`dp.fast`, the write and read
+sets, the activity-log extents, the gate); anything else reaches it as a slow
+request, a reply to one of its own requests, or a link error.
 
 Invariants (docs/mirror.md explains them):
 - a write is acknowledged only when every replica in `write_links` acked it;
@@ -31,7 +35,7 @@ from typing import Callable
 
 from engine.errors import NotFound, Unavailable
 
-from . import wire
+from . import _fastpath, wire
 from .arbiter import Arbiter, VolumeRecord
 from .client import ReplicaClient, ReplicaError
 from .helpers import Helpers
@@ -40,16 +44,17 @@ from .spec import AL_EXTENT_BYTES, REGION_BYTES, FrontendConfig, ReplicaAddr, Re
 log = logging.getLogger(__name__)
 
 RSHIFT = REGION_BYTES.bit_length() - 1
-ESHIFT = AL_EXTENT_BYTES.bit_length() - 1
 IN_SYNC, OUT_OF_SYNC, RESYNCING = ReplicaState.IN_SYNC, ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING
 
-K_WRITE, K_READ, K_SYNC, K_CTRL, K_RREAD, K_RWRITE = range(6)
+# Python-side ops; plain reads and writes in flight are C ops (K_WRITE here only while deferred)
+K_WRITE, K_SYNC, K_CTRL, K_RREAD, K_RWRITE = range(5)
 
 Reply = Callable[[int, int, object], None]  # (fuse unique, -errno or 0, payload bytes/view or None)
 
 
 class Op:
-    __slots__ = ("kind", "unique", "wop", "offset", "length", "remaining", "r0", "r1", "data", "cb", "job", "e0", "e1")
+    __slots__ = ("kind", "unique", "wop", "offset", "length", "remaining", "r0", "r1", "data", "cb", "job",
+                 "token")
 
     def __init__(self, kind: int, unique: int = 0, wop: int = 0, offset: int = 0, length: int = 0):
         self.kind, self.unique, self.wop, self.offset, self.length = kind, unique, wop, offset, length
@@ -59,23 +64,18 @@ class Op:
         self.data: object = None
         self.cb: Callable | None = None
         self.job: ResyncJob | None = None
-        self.e0 = self.e1 = -1
+        self.token = 0  # in-flight range registration (resync copies)
 
 
 class Link:
-    """One replica: its state, its pipelined connection and what it lacks."""
+    """One replica: its state, its slot in the DataPath and what it lacks."""
 
-    def __init__(self, addr: ReplicaAddr, regions: int):
+    def __init__(self, addr: ReplicaAddr, regions: int, slot: int):
         self.addr = addr
         self.rid = addr.replica_id
+        self.slot = slot
         self.state = OUT_OF_SYNC
         self.sock: socket.socket | None = None
-        self.fd = -1
-        self.out = bytearray()
-        self.fifo: deque = deque()  # (request id, op, monotonic send time)
-        self.inbuf = bytearray(wire.MAX_PAYLOAD_BYTES + 65536)
-        self.fill = 0
-        self.want_out = False
         self.connecting = False
         self.needs_create = False
         self.maps_pending = False
@@ -101,7 +101,9 @@ class ResyncJob:
 
 class MirrorCore:
     def __init__(self, cfg: FrontendConfig, key: bytes, arbiter: Arbiter, reply: Reply,
-                 ep: select.epoll, owner: str):
+                 ep: select.epoll, owner: str, reply_fd: int = -1):
+        """reply answers FUSE for Python; reply_fd (the /dev/fuse fd), when given, is
+        where the C side answers plain reads and writes (else it calls reply too)."""
         self.cfg = cfg
         self.t = cfg.tuning
         self.key = key
@@ -111,24 +113,28 @@ class MirrorCore:
         self.owner = owner
         self.size = cfg.size_bytes
         self.regions = -(-cfg.size_bytes // REGION_BYTES)
-        self.links = [Link(a, self.regions) for a in cfg.replicas]
-        self.by_fd: dict[int, Link] = {}
+        self.dp = _fastpath.DataPath(cfg.size_bytes, ep.fileno(), reply, self._on_py_reply, self._on_link_error,
+                                     REGION_BYTES, AL_EXTENT_BYTES, reply_fd)
+        self._free_slots = list(range(_fastpath.MAX_LINKS - 1, -1, -1))
+        self.links = [self._new_link(a) for a in cfg.replicas]
+        self.by_slot: dict[int, Link] = {link.slot: link for link in self.links}
         self.helpers = Helpers()
         self.record: VolumeRecord | None = None
         self.write_links: list[Link] = []
         self.read_link: Link | None = None
         self.missing: list[bytearray] = []  # dirty maps of replicas not receiving writes
-        self.busy: dict[int, list[Op]] = {}  # region -> ops in flight touching it
         self.deferred: deque[Op] = deque()
-        self.al_hot: dict[int, int] = {}  # extent -> ops in flight (insertion order = LRU)
         self.al_recovered: set[int] = set()
         self.gate = 0  # > 0: completions are held (a replica is being dropped)
-        self.held: list[Op] = []
+        self.held: list[Op] = []  # held Python completions (syncs); the C side holds writes
         self.fenced = False
         self.jobs: dict[str, ResyncJob] = {}
-        self.to_flush: set[Link] = set()
-        self._ids = 0
         self._last_tick = 0.0
+
+    def _new_link(self, addr: ReplicaAddr) -> Link:
+        if not self._free_slots:
+            raise Unavailable(f"at most {_fastpath.MAX_LINKS} replicas per volume")
+        return Link(addr, self.regions, self._free_slots.pop())
 
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -218,13 +224,9 @@ class MirrorCore:
     def _attach_socket(self, link: Link, res: tuple[socket.socket, dict]) -> None:
         sock, info = res
         sock.setblocking(False)
-        link.sock, link.fd = sock, sock.fileno()
-        link.fill = 0
-        link.out.clear()
-        link.fifo.clear()
+        self.dp.attach(link.slot, sock.fileno())
+        link.sock = sock
         link.needs_create = False
-        self.by_fd[link.fd] = link
-        self.ep.register(link.fd, select.EPOLLIN)
         log.info("replica %s connected (generation %s, %s dirty regions)", link.rid,
                  info.get("generation"), info.get("dirty_regions"))
 
@@ -267,6 +269,13 @@ class MirrorCore:
         pref = self.cfg.preferred_read_replica
         readable.sort(key=lambda l: l.rid != pref)
         self.read_link = readable[0] if readable else None
+        self.dp.set_links([l.slot for l in self.write_links], self.read_link.slot if self.read_link else -1,
+                          self.missing)
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        """The C side may take plain reads and writes alone only when no policy is in the way."""
+        self.dp.fast = not self.fenced and not self.deferred and not self._unavailable()
 
     def in_sync_count(self) -> int:
         return sum(1 for l in self.links if l.connected and l.state == IN_SYNC)
@@ -281,97 +290,37 @@ class MirrorCore:
         return out
 
     # ------------------------------------------------------------------ submission
-    def _next_id(self) -> int:
-        self._ids += 1
-        return self._ids
-
     def _unavailable(self) -> bool:
         return self.fenced or self.in_sync_count() < self.t.min_in_sync
 
     def submit_write(self, unique: int, wop: int, offset: int, length: int, data: object) -> None:
-        if offset < 0 or length <= 0 or offset + length > self.size:
+        """A write the C side did not take (or any write, in tests)."""
+        if offset < 0 or length <= 0 or offset + length > self.size or length > 0xFFFFFFFF:
+            self.reply(unique, -errno.EINVAL, None)
+            return
+        if wop == wire.WRITE and (data is None or len(data) != length):  # type: ignore[arg-type]
             self.reply(unique, -errno.EINVAL, None)
             return
         if self._unavailable():
             self.reply(unique, -errno.EIO, None)
             return
-        op = Op(K_WRITE, unique, wop, offset, length)
-        op.data = data
-        if self.deferred or self._conflicts(op):
+        if self.deferred or self.dp.conflicts(offset, length):
+            op = Op(K_WRITE, unique, wop, offset, length)
             op.data = bytes(data) if data is not None else None  # type: ignore[call-overload]
             self.deferred.append(op)
+            self.dp.fast = False  # later writes queue behind this one, in arrival order
             return
-        self._issue_write(op)
+        self._issue_write(unique, wop, offset, length, data)
 
-    def _conflicts(self, op: Op) -> bool:
-        busy = self.busy
-        end = op.offset + op.length
-        for r in range(op.r0, op.r1 + 1):
-            lst = busy.get(r)
-            if lst:
-                for o in lst:
-                    if o.offset < end and op.offset < o.offset + o.length:
-                        return True
-        return False
-
-    def _register(self, op: Op) -> None:
-        busy = self.busy
-        for r in range(op.r0, op.r1 + 1):
-            lst = busy.get(r)
-            if lst is None:
-                busy[r] = [op]
-            else:
-                lst.append(op)
-
-    def _unregister(self, op: Op) -> None:
-        busy = self.busy
-        for r in range(op.r0, op.r1 + 1):
-            lst = busy[r]
-            if len(lst) == 1:
-                del busy[r]
-            else:
-                lst.remove(op)
-
-    def _issue_write(self, op: Op) -> None:
-        self._register(op)
+    def _issue_write(self, unique: int, wop: int, offset: int, length: int, data: object) -> None:
         # activity log: the extent must be durable on every replica before the write lands
-        e0 = op.offset >> ESHIFT
-        e1 = (op.offset + op.length - 1) >> ESHIFT
-        op.e0, op.e1 = e0, e1
-        hot = self.al_hot
-        new = None
-        for e in range(e0, e1 + 1):
-            c = hot.pop(e, None)
-            if c is None:
-                new = new or []
-                new.append(e)
-                c = 0
-            hot[e] = c + 1
-        links = self.write_links
+        new = self.dp.al_cold(offset, length)
         if new:
             payload = wire.pack_u32s(new)
-            for link in links:
+            for link in self.write_links:
                 self._ctrl(link, wire.AL_ADD, payload=payload)
-        for dirty in self.missing:
-            dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
-        rid = self._next_id()
-        data = op.data
-        now = time.monotonic()
-        if op.wop == wire.WRITE:
-            hdr = wire.REQ.pack(wire.REQ_BYTES + op.length, wire.WRITE, 0, 0, rid, op.offset, op.length)
-        else:
-            hdr = wire.REQ.pack(wire.REQ_BYTES, op.wop, 0, 0, rid, op.offset, op.length)
-        op.data = None
-        op.remaining = len(links)
-        for link in links:
-            out = link.out
-            out += hdr
-            if data is not None:
-                out += data  # type: ignore[operator]
-            link.fifo.append((rid, op, now))
-            self.to_flush.add(link)
-        if not links:
-            self._complete(op)
+            self.dp.al_add(new)
+        self.dp.issue_write(unique, wop, offset, length, data if wop == wire.WRITE else None)
 
     def submit_read(self, unique: int, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -380,12 +329,11 @@ class MirrorCore:
         if self.fenced:
             self.reply(unique, -errno.EIO, None)
             return
-        link = self.read_link
-        if link is None:
-            self.reply(unique, -errno.EIO, None)
+        if length == 0:
+            self.reply(unique, 0, b"")
             return
-        op = Op(K_READ, unique, wire.READ, offset, length)
-        self._send(link, op, wire.REQ.pack(wire.REQ_BYTES, wire.READ, 0, 0, self._next_id(), offset, length))
+        if not self.dp.issue_read(unique, offset, length):
+            self.reply(unique, -errno.EIO, None)
 
     def submit_sync(self, unique: int) -> None:
         if self._unavailable():
@@ -395,117 +343,60 @@ class MirrorCore:
         links = self.write_links
         op.remaining = len(links)
         for link in links:
-            self._send(link, op, wire.REQ.pack(wire.REQ_BYTES, wire.SYNC, 0, 0, self._next_id(), 0, 0))
+            self._send(link, op, wire.SYNC)
         if not links:
             self._complete(op)
 
-    def _send(self, link: Link, op: Op, hdr: bytes, payload: object = None) -> None:
-        link.out += hdr
-        if payload is not None:
-            link.out += payload  # type: ignore[operator]
-        link.fifo.append((wire.REQ.unpack_from(hdr)[4], op, time.monotonic()))
-        self.to_flush.add(link)
+    def _send(self, link: Link, op: Op, wop: int, offset: int = 0, count: int = 0, payload: object = None,
+              flags: int = 0) -> None:
+        self.dp.send(link.slot, op, wop, flags, offset, count, payload)
 
     def _ctrl(self, link: Link, wop: int, payload: bytes = b"", flags: int = 0,
               cb: Callable[[Link, int, object], None] | None = None, offset: int = 0, count: int = 0) -> None:
         op = Op(K_CTRL, 0, wop)
         op.cb = cb
-        self._send(link, op, wire.REQ.pack(wire.REQ_BYTES + len(payload), wop, flags, 0, self._next_id(),
-                                           offset, count), payload or None)
+        self._send(link, op, wop, offset, count, payload or None, flags)
 
     # ------------------------------------------------------------------ I/O events
     def flush(self) -> None:
         """One send per replica per drained batch."""
-        if not self.to_flush:
-            return
-        for link in self.to_flush:
-            self._send_out(link)
-        self.to_flush.clear()
+        self.dp.flush()
 
-    def _send_out(self, link: Link) -> None:
-        if link.sock is None or not link.out:
-            return
-        try:
-            n = link.sock.send(link.out)
-        except BlockingIOError:
-            n = 0
-        except OSError as e:
-            self._fail_link(link, f"send: {e}")
-            return
-        del link.out[:n]
-        want = bool(link.out)
-        if want != link.want_out:
-            link.want_out = want
-            self.ep.modify(link.fd, select.EPOLLIN | (select.EPOLLOUT if want else 0))
+    def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+        """Wait for and handle FUSE and replica events; returns the other fds' events."""
+        others = self.dp.poll(timeout_ms)
+        if self.deferred:
+            self._run_deferred()
+            self.dp.flush()
+        return others
 
     def on_event(self, fd: int, ev: int) -> None:
-        link = self.by_fd.get(fd)
-        if link is None:
-            return
-        if ev & select.EPOLLOUT:
-            self._send_out(link)
-        if ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-            self._on_readable(link)
+        """An event on one of the DataPath's fds (its epoll tag), for callers with their own loop."""
+        self.dp.on_event(fd, ev)
+        if self.deferred:
+            self._run_deferred()
+            self.dp.flush()
 
-    def _on_readable(self, link: Link) -> None:
-        sock = link.sock
-        if sock is None:
+    def _on_link_error(self, slot: int, status: int, why: str) -> None:
+        link = self.by_slot.get(slot)
+        if link is None or not link.connected:
+            self.dp.detach(slot, _fastpath.DETACH_DROP)
             return
-        buf = link.inbuf
-        try:
-            with memoryview(buf) as mv:
-                n = sock.recv_into(mv[link.fill:])
-        except BlockingIOError:
+        if status == -errno.ESTALE:
+            self._fence(f"replica {link.rid} reports a newer generation")
             return
-        except OSError as e:
-            self._fail_link(link, f"recv: {e}")
-            return
-        if n == 0:
-            self._fail_link(link, "connection closed")
-            return
-        fill = link.fill + n
-        pos = 0
-        unpack = wire.REP.unpack_from
-        fifo = link.fifo
-        with memoryview(buf) as mv:
-            while fill - pos >= wire.REP_BYTES:
-                length, status, rid = unpack(buf, pos)
-                if fill - pos < length:
-                    break
-                if not fifo:
-                    self._fail_link(link, "reply without request")
-                    return
-                want, op, _ = fifo.popleft()
-                if want != rid:
-                    self._fail_link(link, f"reply {rid} for request {want}")
-                    return
-                self._on_reply(link, op, status, mv[pos + wire.REP_BYTES:pos + length])
-                if link.sock is None:  # failed while handling
-                    return
-                pos += length
-        if pos:
-            buf[: fill - pos] = buf[pos:fill]
-        link.fill = fill - pos
-
-    def _on_reply(self, link: Link, op: Op, status: int, payload: memoryview) -> None:
-        kind = op.kind
         if status < 0:
-            if status == -errno.ESTALE:
-                self._fence(f"replica {link.rid} reports a newer generation")
-                return
-            if kind == K_READ and status == -errno.EINVAL:
-                self.reply(op.unique, status, None)
-                return
-            log.warning("replica %s failed %s: %s", link.rid, wire.OP_NAMES.get(op.wop), os.strerror(-status))
-            link.fifo.appendleft((0, op, 0.0))  # still pending on this link: the failure path owns it
-            self._fail_link(link, f"status {status}")
-            return
-        if kind == K_WRITE or kind == K_SYNC:
+            log.warning("replica %s failed %s: %s", link.rid, why, os.strerror(-status))
+            why = f"status {status}"
+        self._fail_link(link, why)
+
+    def _on_py_reply(self, slot: int, op: Op, status: int, payload: memoryview) -> None:
+        link = self.by_slot[slot]
+        kind = op.kind
+        if kind == K_SYNC:
             op.remaining -= 1
             if op.remaining == 0:
                 self._complete(op)
-        elif kind == K_READ:
-            self.reply(op.unique, 0, payload)
         elif kind == K_CTRL:
             if op.cb is not None:
                 op.cb(link, status, payload)
@@ -515,17 +406,10 @@ class MirrorCore:
             self._resync_write_done(op)
 
     def _complete(self, op: Op) -> None:
-        if op.kind == K_WRITE:
-            self._unregister(op)
-            hot = self.al_hot
-            for e in range(op.e0, op.e1 + 1):
-                hot[e] -= 1
         if self.gate:
             self.held.append(op)
         else:
-            self.reply(op.unique, 0, op.length if op.wop == wire.WRITE else None)
-        if self.deferred and op.kind == K_WRITE:
-            self._run_deferred()
+            self.reply(op.unique, 0, None)
 
     def _run_deferred(self) -> None:
         blocked: set[int] = set()
@@ -533,15 +417,16 @@ class MirrorCore:
         while self.deferred:
             op = self.deferred.popleft()
             regs = range(op.r0, op.r1 + 1)
-            if any(r in blocked for r in regs) or self._conflicts(op):
+            if any(r in blocked for r in regs) or self.dp.conflicts(op.offset, op.length):
                 keep.append(op)
                 blocked.update(regs)  # later overlapping ops stay behind this one
                 continue
             if self._unavailable():
                 self.reply(op.unique, -errno.EIO, None)
                 continue
-            self._issue_write(op)
+            self._issue_write(op.unique, op.wop, op.offset, op.length, op.data)
         self.deferred = keep
+        self._refresh_fast()
 
     # ------------------------------------------------------------------ periodic
     def tick(self) -> None:
@@ -550,7 +435,8 @@ class MirrorCore:
             return
         self._last_tick = now
         for link in self.links:
-            if link.fifo and now - link.fifo[0][2] > self.t.io_timeout_s:
+            oldest = self.dp.oldest(link.slot) if link.connected else None
+            if oldest is not None and now - oldest > self.t.io_timeout_s:
                 self._fail_link(link, f"no reply for {self.t.io_timeout_s}s")
             elif (not link.connected and not link.connecting and not self.fenced
                   and now - link.last_attempt > self.t.reconnect_interval_s and self.record):
@@ -567,93 +453,72 @@ class MirrorCore:
         self.flush()
 
     def _evict_al(self) -> None:
-        hot = self.al_hot
-        if len(hot) <= self.t.al_max_extents:
-            return
-        cold = []
-        target = int(self.t.al_max_extents * 0.9)
-        for e, c in hot.items():
-            if len(hot) - len(cold) <= target:
-                break
-            if c == 0:
-                cold.append(e)
-        for e in cold:
-            del hot[e]
+        cold = self.dp.al_evict(self.t.al_max_extents, int(self.t.al_max_extents * 0.9))
         if cold:
             payload = wire.pack_u32s(cold)
             for link in self.write_links:
                 self._ctrl(link, wire.AL_REMOVE, payload=payload)
 
     # ------------------------------------------------------------------ failures
-    def _close(self, link: Link) -> None:
+    def _close(self, link: Link, mode: int = _fastpath.DETACH_DROP) -> tuple[list, list, list]:
+        """Detach from the DataPath (see its detach modes) and close the socket."""
+        pending = self.dp.detach(link.slot, mode)
         if link.sock is not None:
-            try:
-                self.ep.unregister(link.fd)
-            except OSError:
-                pass
-            self.by_fd.pop(link.fd, None)
             # abortive close (RST): writes still queued in the kernel must never reach
             # the replica later, after a resync has copied their regions
             link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             link.sock.close()
-        link.sock, link.fd, link.want_out = None, -1, False
-        link.out.clear()
-        link.fill = 0
+        link.sock = None
         link.last_attempt = time.monotonic()
+        return pending
+
+    def _set_gate(self, gate: int) -> None:
+        self.gate = gate
+        self.dp.hold = gate > 0
 
     def _fail_link(self, link: Link, why: str) -> None:
         """Drop a replica: survivors track, the arbiter records it, then acks resume."""
         was = link.state
         log.warning("replica %s (%s) failed: %s", link.rid, was.value, why)
-        self._close(link)
-        pending = list(link.fifo)
-        link.fifo.clear()
-        job = self.jobs.pop(link.rid, None)
         drop_in_sync = was == IN_SYNC
-        if was == RESYNCING:
+        others = sum(1 for l in self.links if l is not link and l.connected and l.state == IN_SYNC)
+        dropping = drop_in_sync and others >= self.t.min_in_sync and not self.fenced
+        if dropping:
+            self._set_gate(self.gate + 1)  # no ack without this replica until survivors and arbiter know
+        # with too few replicas the replica is not dropped: its pending writes fail instead
+        failing = drop_in_sync and not dropping
+        pyops, regions, reads = self._close(link, _fastpath.DETACH_FAIL if failing else _fastpath.DETACH_ACK)
+        job = self.jobs.pop(link.rid, None)
+        if was == RESYNCING or dropping:
             link.state = OUT_OF_SYNC
         self._recompute()
-        if drop_in_sync and self.in_sync_count() >= self.t.min_in_sync and not self.fenced:
-            link.state = OUT_OF_SYNC
-            self._recompute()
-            self.gate += 1  # no ack without this replica until survivors and arbiter know
-        elif drop_in_sync:
-            link.state = IN_SYNC  # not dropped: with too few replicas I/O fails instead
-            self._recompute()
-        if drop_in_sync and link.state == IN_SYNC:
-            for _, op, _ in pending:
-                if op.kind in (K_WRITE, K_SYNC) and op.remaining > 0:
-                    op.remaining = -1
-                    if op.kind == K_WRITE:
-                        self._unregister(op)
-                    self.reply(op.unique, -errno.EIO, None)
         marks: set[int] = set()
-        for _, op, _ in pending:
+        for r0, r1 in regions:
+            link.dirty[r0:r1 + 1] = b"\1" * (r1 - r0 + 1)
+            marks.update(range(r0, r1 + 1))
+        for op in pyops:
             k = op.kind
-            if k == K_WRITE:
-                link.dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
-                marks.update(range(op.r0, op.r1 + 1))
+            if k == K_SYNC:
                 if op.remaining > 0:
-                    op.remaining -= 1
-                    if op.remaining == 0:
-                        self._complete(op)
-            elif k == K_SYNC:
-                if op.remaining > 0:
-                    op.remaining -= 1
-                    if op.remaining == 0:
-                        self._complete(op)
-            elif k == K_READ:
-                self.submit_read(op.unique, op.offset, op.length)
+                    if failing:
+                        op.remaining = -1
+                        self.reply(op.unique, -errno.EIO, None)
+                    else:
+                        op.remaining -= 1
+                        if op.remaining == 0:
+                            self._complete(op)
             elif k == K_CTRL:
                 if op.cb is not None:
                     op.cb(link, -errno.EIO, None)
             elif k in (K_RREAD, K_RWRITE):
                 self._resync_chunk_failed(op)
+        for unique, offset, length in reads:
+            self.submit_read(unique, offset, length)
         if job is not None:
             job.inflight = 0
-        if drop_in_sync and link.state == OUT_OF_SYNC:
+        if dropping:
             self._degrade(link, sorted(marks))
-        elif drop_in_sync:
+        elif failing:
             self._fail_all(f"fewer than {self.t.min_in_sync} in-sync replicas reachable")
         elif marks and self.write_links:
             payload = wire.pack_u32s(sorted(marks))
@@ -705,41 +570,48 @@ class MirrorCore:
         raise Unavailable("arbiter CAS kept losing")
 
     def _open_gate(self) -> None:
-        self.gate -= 1
+        self._set_gate(self.gate - 1)
         if self.gate == 0:
+            self.dp.release_held()
             held, self.held = self.held, []
             for op in held:
-                self.reply(op.unique, 0, op.length if op.wop == wire.WRITE else None)
+                self.reply(op.unique, 0, None)
 
     def _fail_all(self, why: str) -> None:
         log.error("failing I/O: %s", why)
         held, self.held = self.held, []
         for op in held:
             self.reply(op.unique, -errno.EIO, None)
+        self.dp.fail_writes(errno.EIO)  # writes in flight and held ones
         for link in self.links:
-            for _, op, _ in list(link.fifo):
-                if op.kind in (K_WRITE, K_SYNC) and op.remaining > 0:
+            for op in self.dp.python_ops(link.slot):
+                if op.kind == K_SYNC and op.remaining > 0:
                     op.remaining = -1
-                    self._unregister(op) if op.kind == K_WRITE else None
                     self.reply(op.unique, -errno.EIO, None)
         while self.deferred:
             self.reply(self.deferred.popleft().unique, -errno.EIO, None)
+        self._refresh_fast()
 
     def _fence(self, why: str) -> None:
         if self.fenced:
             return
         log.error("fenced: %s; every request now fails", why)
         self.fenced = True
-        self.gate = 0
+        self._set_gate(0)
         self._fail_all(why)
         for link in self.links:
-            link.fifo.clear()
-            self._close(link)
+            _, _, reads = self._close(link, _fastpath.DETACH_DROP)
+            for unique, _, _ in reads:
+                self.reply(unique, -errno.EIO, None)
         self._recompute()
 
     # ------------------------------------------------------------------ resync
     def _on_reconnect(self, link: Link, res: object, err: BaseException | None) -> None:
         link.connecting = False
+        if link not in self.links:  # removed meanwhile
+            if err is None:
+                res[0].close()  # type: ignore[index]
+            return
         if err is not None:
             self._note_open_error(link, err)
             return
@@ -815,19 +687,17 @@ class MirrorCore:
                     j += 1
                 off = i * REGION_BYTES
                 length = min(j * REGION_BYTES, self.size) - off
-                op = Op(K_RREAD, 0, wire.READ, off, length)
-                if self._conflicts(op):
+                if self.dp.conflicts(off, length):
                     job.cursor = j  # an application write is in flight there: come back later
                     continue
+                op = Op(K_RREAD, 0, wire.READ, off, length)
                 op.job = job
                 job.cursor = j
                 dirty[i:j] = bytes(j - i)
-                self._register(op)
+                op.token = self.dp.register(off, length)  # application writes there wait for the copy
                 job.inflight += 1
-                op.cb = None
                 op.data = (link, j - i)
-                self._send(src, op, wire.REQ.pack(wire.REQ_BYTES, wire.READ, wire.F_SPARSE, 0,
-                                                  self._next_id(), off, length))
+                self._send(src, op, wire.READ, off, length, flags=wire.F_SPARSE)
             if job.inflight == 0 and dirty.find(1) < 0:
                 self._finish_job(job)
 
@@ -839,16 +709,15 @@ class MirrorCore:
             return
         wop = Op(K_RWRITE, 0, wire.WRITE, op.offset, op.length)
         wop.job, wop.data, wop.r0, wop.r1 = job, op.data, op.r0, op.r1
-        wop.cb = op  # type: ignore[assignment]  # the busy registration to release
+        wop.cb = op  # type: ignore[assignment]  # the range registration to release
         if len(payload) == 0:
-            self._send(link, wop, wire.REQ.pack(wire.REQ_BYTES, wire.DISCARD, 0, 0, self._next_id(), op.offset, op.length))
+            self._send(link, wop, wire.DISCARD, op.offset, op.length)
         else:
-            self._send(link, wop, wire.REQ.pack(wire.REQ_BYTES + op.length, wire.WRITE, 0, 0, self._next_id(),
-                                                op.offset, op.length), payload)
+            self._send(link, wop, wire.WRITE, op.offset, op.length, payload)
 
     def _resync_write_done(self, wop: Op) -> None:
         rop: Op = wop.cb  # type: ignore[assignment]
-        self._unregister(rop)
+        self.dp.unregister(rop.token)
         job = wop.job
         assert job is not None
         job.inflight -= 1
@@ -866,8 +735,8 @@ class MirrorCore:
     def _resync_chunk_failed(self, op: Op) -> None:
         link, n = op.data  # type: ignore[misc]
         rop = op.cb if op.kind == K_RWRITE else op
-        if isinstance(rop, Op) and any(rop in self.busy.get(r, ()) for r in (rop.r0,)):
-            self._unregister(rop)
+        if isinstance(rop, Op):
+            self.dp.unregister(rop.token)  # idempotent
         link.dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
         if op.job is not None:
             op.job.inflight = max(0, op.job.inflight - 1)
@@ -909,7 +778,7 @@ class MirrorCore:
     def _after_al_repair(self) -> None:
         if any(not j.mark_in_sync for j in self.jobs.values()):
             return
-        stale = [e for e in self.al_recovered if e not in self.al_hot]
+        stale = [e for e in self.al_recovered if not self.dp.al_is_hot(e)]
         self.al_recovered.clear()
         if stale:
             payload = wire.pack_u32s(sorted(stale))
@@ -921,10 +790,11 @@ class MirrorCore:
         """A new, empty replica: recorded out of sync, then fully rebuilt."""
         if any(l.rid == addr.replica_id for l in self.links):
             return
-        link = Link(addr, self.regions)
+        link = self._new_link(addr)
         link.needs_create = True
         link.dirty[:] = b"\1" * self.regions
         self.links.append(link)
+        self.by_slot[link.slot] = link
         self._recompute()
 
         def done(res: object, err: BaseException | None) -> None:
@@ -943,6 +813,8 @@ class MirrorCore:
             # drained like a failure, so nothing in flight waits on it
             self._fail_link(link, "removed by the control plane")
         self.links.remove(link)
+        del self.by_slot[link.slot]
+        self._free_slots.append(link.slot)
         self.jobs.pop(rid, None)
         self._recompute()
 
@@ -952,17 +824,21 @@ class MirrorCore:
 
         self.helpers.submit(lambda: self._cas_state(rid, None), done)
 
+    def pending(self) -> int:
+        """Requests sent to replicas and not answered yet."""
+        return sum(self.dp.pending(l.slot) for l in self.links)
+
     def idle(self) -> bool:
-        return not any(l.fifo for l in self.links) and not self.deferred and not self.held
+        return not self.pending() and not self.deferred and not self.held and not self.dp.held
 
     def clear_activity_log(self) -> None:
         """Clean shutdown: nothing in flight, so no extent needs repair next time."""
-        ext = list(self.al_hot) + list(self.al_recovered)
+        ext = self.dp.al_hot_extents() + list(self.al_recovered)
         if ext and not self.jobs:
             for s in self.write_links:
                 self._ctrl(s, wire.AL_REMOVE, payload=wire.pack_u32s(ext))
                 self._ctrl(s, wire.SYNC)
-            self.al_hot.clear()
+            self.dp.al_clear()
         self.flush()
 
     def close(self) -> None:

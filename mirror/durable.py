@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from engine.fileops import fsync_dir
+
 
 def write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -17,14 +19,6 @@ def write_atomic(path: str, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -16,23 +16,13 @@ import subprocess
 import sys
 import time
 
-from engine.errors import CommandFailed, Unavailable
+from engine.errors import Unavailable
+from engine.loopdev import LoopDevices
 
 from . import fuse_mount
 from .spec import FrontendTuning, ReplicaAddr, ReplicaState, ReplicaStatus
 
 FILE_NAME = "volume"
-
-
-def run(argv: list[str], timeout_s: float = 30.0) -> str:
-    env = {**os.environ, "LC_ALL": "C"}
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired as e:
-        raise CommandFailed(argv, -1, "", f"timed out after {timeout_s}s") from e
-    if p.returncode != 0:
-        raise CommandFailed(argv, p.returncode, p.stdout, p.stderr)
-    return p.stdout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +37,10 @@ class FrontendStatus:
 class Frontend:
     def __init__(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr], arbiter_url: str,
                  state_dir: str, key_path: str, netns: str | None = None,
-                 tuning: FrontendTuning = FrontendTuning(), preferred_read_replica: str | None = None):
+                 tuning: FrontendTuning = FrontendTuning(), preferred_read_replica: str | None = None,
+                 loops: LoopDevices | None = None):
         self.volume_id = volume_id
+        self.loops = loops or LoopDevices()
         self.size_bytes = size_bytes
         self.replicas = list(replicas)
         self.state_dir = os.path.abspath(state_dir)
@@ -81,8 +73,9 @@ class Frontend:
         fuse_mount.wait_for(lambda: fuse_mount.is_mounted(self.mountpoint) and os.path.exists(holder_sock),
                             timeout_s, "the FUSE mount")
         self.start_worker(timeout_s)
-        out = run(["losetup", "--direct-io=on", "--find", "--show", self.file_path], timeout_s)
-        self.device_path = out.strip()
+        # direct I/O or nothing: a buffered loop device serialises writes (strict: refused -> error)
+        self.device_path = self.loops.attach(self.file_path, direct_io=True, strict_direct_io=True,
+                                             timeout_s=timeout_s).path
         return self.device_path
 
     def start_worker(self, timeout_s: float = 30.0) -> None:
@@ -118,10 +111,7 @@ class Frontend:
     def stop(self) -> None:
         """Idempotent: detach the loop device, unmount, stop worker and holder."""
         if self.device_path:
-            try:
-                run(["losetup", "-d", self.device_path])
-            except CommandFailed:
-                pass
+            self.loops.detach(self.device_path)  # idempotent
             self.device_path = None
         if self.worker is not None and self.worker.poll() is None:
             try:

@@ -53,8 +53,7 @@ class Worker:
         self.fuse = FuseServer(fuse_fd, cfg.size_bytes, cfg.tuning)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.core = MirrorCore(cfg, auth.load_key(cfg.key_path), open_arbiter(cfg.arbiter_url),
-                               self.fuse.reply, ep, owner)
-        self.fuse.core = self.core
+                               self.fuse.reply, ep, owner, reply_fd=fuse_fd)
         self.core.start()
         if state.get("init") is None:
             init = self.fuse.handshake()
@@ -70,33 +69,29 @@ class Worker:
         os.chmod(ctl_path, 0o600)
         ctl.listen(8)
         ctl.setblocking(False)
-        ep.register(fuse_fd, select.EPOLLIN)
+        self.fuse.attach(self.core)  # the DataPath reads /dev/fuse from here on
         ep.register(self.core.helpers.wake_fd, select.EPOLLIN)
         ep.register(ctl.fileno(), select.EPOLLIN)
         fuse, core, helpers_fd, ctl_fd = self.fuse, self.core, self.core.helpers.wake_fd, ctl.fileno()
         print("ready", flush=True)
         while not fuse.destroyed:
-            for fd, ev in ep.poll(0.1):
-                if fd == fuse_fd:
-                    fuse.drain()
-                elif fd == helpers_fd:
+            for fd, _ev in core.poll(100):  # FUSE and replica events are handled inside
+                if fd == helpers_fd:
                     core.helpers.drain()
                 elif fd == ctl_fd:
                     self._control(ctl)
-                else:
-                    core.on_event(fd, ev)
-            core.flush()
             core.tick()
             if self.stopping and (core.idle() or time.monotonic() > self.stop_deadline):
                 break
         if self.stopping:
+            ep.unregister(fuse_fd)  # no new requests: the loop device is gone
+            ep.unregister(ctl_fd)
             core.clear_activity_log()
             end = time.monotonic() + 2.0
-            while any(l.fifo for l in core.links if l.connected) and time.monotonic() < end:
-                for fd, ev in ep.poll(0.1):
-                    if fd not in (fuse_fd, ctl_fd, helpers_fd):
-                        core.on_event(fd, ev)
-                core.flush()
+            while core.pending() and time.monotonic() < end:
+                for fd, _ev in core.poll(100):
+                    if fd == helpers_fd:
+                        core.helpers.drain()
         core.close()
 
     def _control(self, ctl: socket.socket) -> None:
@@ -125,7 +120,8 @@ class Worker:
                     "fenced": core.fenced, "pid": os.getpid(),
                     "replicas": [{"replica_id": s.replica_id, "state": s.state.value, "connected": s.connected,
                                   "resync_done_bytes": s.resync_done_bytes,
-                                  "resync_total_bytes": s.resync_total_bytes} for s in core.status()]}
+                                  "resync_total_bytes": s.resync_total_bytes} for s in core.status()],
+                    "datapath": core.dp.stats()}
         if op == "add_replica":
             core.add_replica(ReplicaAddr(**req["replica"]))
             return {}

@@ -1,8 +1,10 @@
 """Speaks the /dev/fuse protocol for a filesystem holding one file, `volume`.
 
-No coroutine framework: the worker's epoll loop calls drain() when the fd is
-readable; each request is parsed from one preallocated buffer and handed to
-the MirrorCore, whose completions come back through reply().
+No coroutine framework: the C DataPath (mirror/_fastpath.c) reads requests into
+one preallocated buffer from the worker's epoll loop and handles plain reads and
+writes itself; every other request (and a read or write it may not take alone)
+comes to slow() here, is parsed from the same buffer and handed to the
+MirrorCore. Replies from Python go through reply().
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from .spec import FrontendTuning
 log = logging.getLogger(__name__)
 
 ATTR_VALID_S = 3600  # the file never changes size or identity while mounted
-DRAIN_BATCH = 64
 
 
 class FuseServer:
@@ -32,9 +33,22 @@ class FuseServer:
         self.core: MirrorCore | None = None
         self.buf = bytearray(tuning.max_write_bytes + 2 * 4096)
         self.mv = memoryview(self.buf)
-        self.destroyed = False
+        self._destroyed = False
         self.now = int(time.time())
         self._hdr = F.OUT_HEADER.pack
+
+    @property
+    def destroyed(self) -> bool:
+        return self._destroyed or (self.core is not None and self.core.dp.destroyed)
+
+    @destroyed.setter
+    def destroyed(self, value: bool) -> None:
+        self._destroyed = value
+
+    def attach(self, core: MirrorCore) -> None:
+        """From now on the core's DataPath reads requests (after INIT)."""
+        self.core = core
+        core.dp.set_fuse(self.fd, self.buf, self.slow)
 
     # --- replies -------------------------------------------------------------
     def reply(self, unique: int, err: int, payload: object) -> None:
@@ -85,40 +99,34 @@ class FuseServer:
         os.write(self.fd, F.OUT_HEADER.pack(16, F.NOTIFY_RESEND, 0))
 
     # --- requests --------------------------------------------------------------
-    def drain(self) -> None:
+    def slow(self, n: int) -> None:
+        """One request of n bytes in self.buf that the C side did not take."""
         core = self.core
         assert core is not None
-        buf, mv, fd = self.buf, self.mv, self.fd
-        unpack_hdr = F.IN_HEADER.unpack_from
-        unpack_rw = F.RW_IN.unpack_from
-        for _ in range(DRAIN_BATCH):
-            try:
-                n = os.readv(fd, [buf])
-            except BlockingIOError:
+        buf = self.buf
+        length, opcode, unique, nodeid = F.IN_HEADER.unpack_from(buf)[:4]
+        if opcode == F.WRITE:
+            if n < 80:
+                self.reply(unique, -errno.EINVAL, None)
                 return
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOENT:
-                    continue
-                if e.errno == errno.ENODEV:
-                    self.destroyed = True
-                    return
-                raise
-            length, opcode, unique, nodeid = unpack_hdr(buf)[:4]
-            if opcode == F.WRITE:
-                _, off, size = unpack_rw(buf, 40)[:3]
-                core.submit_write(unique, wire.WRITE, off, size, mv[80:80 + size])
-            elif opcode == F.READ:
-                _, off, size = unpack_rw(buf, 40)[:3]
-                if off >= self.size:
-                    self.reply(unique, 0, b"")
-                else:
-                    core.submit_read(unique, off, min(size, self.size - off))
-            elif opcode == F.FSYNC:
-                core.submit_sync(unique)
+            _, off, size = F.RW_IN.unpack_from(buf, 40)[:3]
+            if n - 80 < size:  # shorter than it says
+                self.reply(unique, -errno.EINVAL, None)
+                return
+            core.submit_write(unique, wire.WRITE, off, size, self.mv[80:80 + size])
+        elif opcode == F.READ:
+            if n < 80:
+                self.reply(unique, -errno.EINVAL, None)
+                return
+            _, off, size = F.RW_IN.unpack_from(buf, 40)[:3]
+            if off >= self.size:
+                self.reply(unique, 0, b"")
             else:
-                self._other(opcode, unique, nodeid, n)
+                core.submit_read(unique, off, min(size, self.size - off))
+        elif opcode == F.FSYNC:
+            core.submit_sync(unique)
+        else:
+            self._other(opcode, unique, nodeid, n)
 
     def _attr(self, nodeid: int) -> bytes:
         if nodeid == F.ROOT_ID:

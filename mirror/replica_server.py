@@ -2,8 +2,9 @@
 
 One thread per connection (a frontend keeps one connection per volume). Each
 thread takes everything the socket has, applies the whole batch in order, and
-answers it with one send: that, not threads, is what makes a Python server fast
-enough here (see docs/mirror.md).
+answers it with one send. Plain writes and reads are applied by the C fast path
+(_fastpath.replica_apply: pwrite/pread, no GIL); every other request, and any
+request while the connection is not cleared for it, comes here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 from engine.errors import AlreadyExists, EngineError, InvalidSpec, NotFound
 
-from . import auth, wire
+from . import _fastpath, auth, wire
 from .replica_store import ReplicaVolume, check_volume_id
 from .spec import REGION_BYTES
 
@@ -173,72 +174,74 @@ class _Conn:
         buf = bytearray(RECV_BUFFER_BYTES)
         fill = 0
         unpack = wire.REQ.unpack_from
+        apply_fast = _fastpath.replica_apply
         while True:
-            mv = memoryview(buf)
-            n = self.sock.recv_into(mv[fill:])
+            with memoryview(buf) as mv:
+                n = self.sock.recv_into(mv[fill:])
             if n == 0:
                 return
             fill += n
-            msgs = []
+            out = bytearray()
             pos = 0
-            while fill - pos >= wire.REQ_BYTES:
+            premarked = False
+            vol = self.vol
+            if vol is not None and vol.tracking:
+                # dirty bits for the whole batch in one durable update, before any data lands
+                premarked = self._premark(vol, buf, fill)
+            while True:
+                vol = self.vol
+                if (vol is not None and vol.generation == self.generation
+                        and self.writer_epoch == vol.writer_epoch and (premarked or not vol.tracking)):
+                    pos = apply_fast(buf, pos, fill, vol.fd, vol.size_bytes, out)  # the hot path
+                if fill - pos < wire.REQ_BYTES:
+                    break
                 length, op, flags, _, rid, off, cnt = unpack(buf, pos)
                 if length < wire.REQ_BYTES or length > wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES:
                     raise ProtocolError(f"bad length {length}")
                 if fill - pos < length:
                     break
-                msgs.append((op, flags, rid, off, cnt, pos + wire.REQ_BYTES, pos + length))
+                with memoryview(buf) as mv:
+                    out += self._apply_one(op, flags, rid, off, cnt, mv[pos + wire.REQ_BYTES:pos + length],
+                                           premarked)
                 pos += length
-            if msgs:
-                out = self._apply(mv, msgs)
+            if out:
                 if self.svc.test_delay_s:
                     time.sleep(self.svc.test_delay_s)
                 self.sock.sendall(out)
-            mv.release()
             if pos:
                 buf[: fill - pos] = buf[pos:fill]
                 fill -= pos
             if fill == len(buf):  # one message larger than the buffer: grow once
                 buf.extend(bytes(len(buf)))
 
-    def _apply(self, mv: memoryview, msgs: list) -> bytearray:
-        out = bytearray()
+    @staticmethod
+    def _premark(vol: ReplicaVolume, buf: bytearray, fill: int) -> bool:
+        regions: set[int] = set()
+        pos = 0
+        while fill - pos >= wire.REQ_BYTES:
+            length, op, _, _, _, off, cnt = wire.REQ.unpack_from(buf, pos)
+            if length < wire.REQ_BYTES or fill - pos < length:
+                break
+            if op in WRITE_OPS and cnt and 0 <= off and off + cnt <= vol.size_bytes:
+                regions.update(range(off // REGION_BYTES, (off + cnt - 1) // REGION_BYTES + 1))
+            pos += length
+        if regions:
+            vol.mark_dirty(regions)
+        return True
+
+    def _apply_one(self, op: int, flags: int, rid: int, off: int, cnt: int, payload: memoryview,
+                   premarked: bool) -> bytes:
         rep = wire.REP.pack
-        vol = self.vol
-        premarked = False
-        if vol is not None and vol.tracking:
-            # dirty bits for the whole batch in one durable update, before any data lands
-            regions: set[int] = set()
-            for op, _, _, off, cnt, p, e in msgs:
-                if op in WRITE_OPS and cnt and 0 <= off and off + cnt <= vol.size_bytes:
-                    regions.update(range(off // REGION_BYTES, (off + cnt - 1) // REGION_BYTES + 1))
-            if regions:
-                vol.mark_dirty(regions)
-            premarked = True
-        for op, flags, rid, off, cnt, p, e in msgs:
-            vol = self.vol
-            try:
-                if (op == wire.WRITE and vol is not None and vol.generation == self.generation
-                        and self.writer_epoch == vol.writer_epoch):
-                    # the hot path, kept flat
-                    if e - p != cnt or off + cnt > vol.size_bytes:
-                        raise InvalidSpec("write length mismatch or out of range")
-                    if vol.tracking and not premarked:
-                        vol.mark_dirty_range(off, cnt)
-                    os.pwrite(vol.fd, mv[p:e], off)
-                    out += rep(wire.REP_BYTES, 0, rid)
-                    continue
-                payload = self._slow_op(op, flags, off, cnt, mv[p:e], premarked)
-                out += rep(wire.REP_BYTES + len(payload), 0, rid)
-                out += payload
-            except ProtocolError:
-                raise
-            except (OSError, EngineError, ValueError, KeyError, TypeError) as exc:
-                out += rep(wire.REP_BYTES, -_errno_of(exc), rid)
-            except Exception:  # a bug must not kill the connection silently
-                log.exception("op %s failed", op)
-                out += rep(wire.REP_BYTES, -errno.EIO, rid)
-        return out
+        try:
+            data = self._slow_op(op, flags, off, cnt, payload, premarked)
+            return rep(wire.REP_BYTES + len(data), 0, rid) + data
+        except ProtocolError:
+            raise
+        except (OSError, EngineError, ValueError, KeyError, TypeError) as exc:
+            return rep(wire.REP_BYTES, -_errno_of(exc), rid)
+        except Exception:  # a bug must not kill the connection silently
+            log.exception("op %s failed", op)
+            return rep(wire.REP_BYTES, -errno.EIO, rid)
 
     def _slow_op(self, op: int, flags: int, off: int, cnt: int, payload: memoryview, premarked: bool) -> bytes:
         svc = self.svc

@@ -20,9 +20,15 @@ import time
 import uuid
 import zlib
 
-from .frontend import _package_root, run
+from engine import command
+
+from .frontend import _package_root
 
 BLOCK = 4096
+
+
+def run(argv: list[str], timeout_s: float = 30.0) -> str:
+    return command.run(argv, timeout_s=timeout_s).stdout
 
 
 class Topology:
@@ -70,7 +76,7 @@ class Topology:
 
     def down(self) -> None:
         for ns in reversed(self.created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            command.run(["ip", "netns", "del", ns], check=False)
         self.created.clear()
 
 

@@ -85,6 +85,7 @@ def test_config(root: str, **overrides) -> Config:
         overcommit_ratio=20.0,
         max_volumes_per_node=8,
         default_volume_bytes=64 * 1024 * 1024,
+        node_iops_capacity=100_000,  # measured by the tests that need it, not at every start
     )
     base.update(overrides)
     return Config(**base)
@@ -119,7 +120,8 @@ class DriverProcess:
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "csi.server", "--endpoint", self.endpoint,
                 "--node-id", "node-a", "--zone", "zone-a", "--state-dir", f"{self.root}/state",
-                "--pool-size-gib", "8", "--max-volumes-per-node", "8", *self.extra]
+                "--pool-size-gib", "8", "--max-volumes-per-node", "8",
+                "--node-iops-capacity", "100000", *self.extra]
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> DriverProcess:
         full_env = {**os.environ, **self.env, **(env or {})}

@@ -97,10 +97,10 @@ class _Share:
 def _observe_group(shares: list[_Share], counters: list[IoCounters]) -> None:
     """Update who is active. A period in which nobody did I/O changes nothing: the app that
     paused keeps its share for when it resumes, the pause container keeps its floor."""
-    moved = [s.moved(c) for s, c in zip(shares, counters)]
+    moved = [s.moved(c) for s, c in zip(shares, counters, strict=True)]
     if not any(moved):
         return
-    for share, m in zip(shares, moved):
+    for share, m in zip(shares, moved, strict=True):
         share.active = m
 
 
@@ -129,7 +129,7 @@ def _split(limits: IoLimits, shares: list[_Share], floor_fraction: float) -> lis
         split_budget(limits.read_bps, activity, floor_fraction),
         split_budget(limits.write_bps, activity, floor_fraction),
     )
-    return [IoLimits(*values) for values in zip(*columns)]
+    return [IoLimits(*values) for values in zip(*columns, strict=True)]
 
 
 class QosEnforcer:
@@ -422,7 +422,7 @@ class QosEnforcer:
         pods = list(vol.pods.values())
         budget = effective_limits(vol.spec, vol.cap)
         pod_limits = _split(budget, [p.share for p in pods], self.idle_floor_fraction)
-        for pod, limits in zip(pods, pod_limits):
+        for pod, limits in zip(pods, pod_limits, strict=True):
             if self.layout.version == 2:
                 if force or pod.share.written != limits:
                     try:
@@ -437,7 +437,7 @@ class QosEnforcer:
             if pod.uid == strict_pod and pod.cgroup_dir not in pod.members:
                 raise NotFound(f"pod cgroup {pod.cgroup_dir} vanished")
             shares = _split(limits, [pod.members[d] for d in dirs], self.idle_floor_fraction)
-            for d, share_limits in zip(dirs, shares):
+            for d, share_limits in zip(dirs, shares, strict=True):
                 member = pod.members[d]
                 if not force and member.written == share_limits:
                     continue

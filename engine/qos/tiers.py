@@ -3,7 +3,7 @@
 A volume's QoS comes from its parameters: `tier: gold` picks a named tier, and explicit
 numbers (`maxReadIops`, ...) override single fields of it. `mutable_parameters`
 (VolumeAttributesClass) override `parameters` (StorageClass). Zero means "no limit"
-for a max and "no guarantee" for a min.
+for a max and "no guarantee" for a min. MB/s are decimal (10^6 bytes per second).
 """
 
 from __future__ import annotations

@@ -232,13 +232,13 @@ def bench(seconds: float, tiers: list[str], out=sys.stdout) -> dict[str, float]:
                 say(f"{name:8} {rw[4:]:5} {limit:7d} {got:9.0f} {ratio:6.3f}")
         enf.remove("vol-tier", uid)
 
-        # 2. Unthrottled volume against the raw loop device (no cgroup rule at all);
-        # interleaved twice, as the machine's other work drifts.
+        # 2. Unthrottled volume against the raw loop device (no cgroup rule at all), in
+        # ABBA order so that a linear drift of the machine's other load cancels out.
         raws, frees = [], []
         enf.apply("vol-tier", uid, dev_id, QosSpec())
-        for _ in range(2):
-            raws.append(_measure(lab, lab.parent_dir, dev, "randread", seconds, iodepth=16))
-            frees.append(_measure(lab, ctr, dev, "randread", seconds, iodepth=16))
+        for in_pod in (False, True, True, False):
+            where, into = (ctr, frees) if in_pod else (lab.parent_dir, raws)
+            into.append(_measure(lab, where, dev, "randread", seconds, iodepth=16))
         enf.remove("vol-tier", uid)
         raw, unthrottled = sum(raws) / 2, sum(frees) / 2
         say(

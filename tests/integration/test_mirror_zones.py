@@ -7,12 +7,14 @@ Needs root: fails, never skips, without it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import time
 
 import pytest
 
+from engine import command
 from mirror.frontend import Frontend
 from mirror.spec import FrontendTuning, ReplicaAddr, ReplicaState
 from mirror.testkit import ReplicaProc, Topology, VerifiedWriter, file_sha256
@@ -108,18 +110,14 @@ def test_mirrored_device_basic_and_fallocate(cluster):
     w.wait_writes(2000)
     w.stop()
     # discard through the loop device is replicated (FUSE fallocate punch hole)
-    import subprocess
-
     fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
     try:
-        import mmap
-
         buf = mmap.mmap(-1, 1 << 20)
         buf.write(b"\xaa" * (1 << 20))
         os.pwrite(fd, buf, 48 << 20)
     finally:
         os.close(fd)
-    subprocess.run(["blkdiscard", "-o", str(48 << 20), "-l", str(1 << 20), dev], check=True)
+    command.run(["blkdiscard", "-o", str(48 << 20), "-l", str(1 << 20), dev])
     c.check(w)
     for r in c.replicas:  # the discard reached every replica: the range reads back as zeros
         with open(r.data_path(c.volume_id), "rb") as f:
