@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         overcommit_ratio=a.overcommit_ratio,
         max_volumes_per_node=a.max_volumes_per_node,
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
-        tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent, node_iops_capacity=a.node_iops_capacity,
+        tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent,
+        node_iops_capacity=a.node_iops_capacity,
     )
 
 

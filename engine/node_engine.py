@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from engine.freeze import Freezer
 from engine.loopdev import LoopDevices
-from engine.node_qos import NodeQos, parse_device
-from engine.node_volumes import PublishRequest
 from engine.mounts import Mounts
-from engine.node_volumes import NodeVolumes
+from engine.node_qos import NodeQos, parse_device
+from engine.node_volumes import NodeVolumes, PublishRequest
 from engine.pool import Pool, PoolUsage
 from engine.qos.admission import measure_capacity_iops
 from engine.qos.tiers import QosSpec
