@@ -8,10 +8,10 @@ a delete removes the record before the file, and `reconcile()` removes unowned f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
-import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
