@@ -605,6 +605,8 @@ static int issue_read(DataPath *self, uint64_t unique, uint64_t off, uint64_t le
 static void call_slow(DataPath *self, Py_ssize_t n)
 {
     self->st_slow++;
+    if (self->slow_cb == NULL)
+        return;
     PyObject *r = PyObject_CallFunction(self->slow_cb, "n", n);
     if (r == NULL)
         defer_exc(self);
@@ -677,21 +679,11 @@ static int drain_fuse(DataPath *self)
 
 static PyObject *inbuf_view(Link *L, size_t off, size_t len)
 {
+    /* a view of the link's bytearray (never resized): a view kept too long sees new bytes, never freed memory */
     PyObject *whole = PyMemoryView_FromObject(L->inbuf);
     if (whole == NULL)
         return NULL;
-    PyObject *s = PySlice_New(NULL, NULL, NULL);
-    PyObject *start = PyLong_FromSize_t(off), *stop = PyLong_FromSize_t(off + len);
-    PyObject *view = NULL;
-    if (s && start && stop) {
-        Py_DECREF(s);
-        s = PySlice_New(start, stop, NULL);
-        if (s)
-            view = PyObject_GetItem(whole, s);
-    }
-    Py_XDECREF(s);
-    Py_XDECREF(start);
-    Py_XDECREF(stop);
+    PyObject *view = PySequence_GetSlice(whole, (Py_ssize_t)off, (Py_ssize_t)(off + len));
     Py_DECREF(whole);
     return view;
 }
@@ -791,10 +783,10 @@ static void on_readable(DataPath *self, int slot)
             PyObject *py = e->py;
             ring_pop(L);
             pos += length;
-            PyObject *view = inbuf_view(L, (size_t)(payload - buf), plen);
-            if (view == NULL) {
+            PyObject *view = self->on_reply ? inbuf_view(L, (size_t)(payload - buf), plen) : NULL;
+            if (view == NULL && self->on_reply) {
                 defer_exc(self);
-            } else {
+            } else if (view != NULL) {
                 PyObject *r = PyObject_CallFunction(self->on_reply, "iOiO", slot, py, (int)status, view);
                 if (r == NULL)
                     defer_exc(self);

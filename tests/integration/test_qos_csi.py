@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 
+from csi import admin
 from engine.qos import limits
 from engine.qos.fio import FioJob
 from proto import csi_pb2
@@ -76,6 +77,18 @@ def test_tier_limits_the_pod_changes_online_and_goes_at_unpublish(test_root, lab
             volume_id=vol.volume_id, mutable_parameters={"maxReadIops": "250"}))
         iops = measured_read_iops(lab, container, target)
         assert abs(iops / 250 - 1) <= TOLERANCE, iops
+
+        # the operator sees the pod's I/O rate per volume (tandem-admin io)
+        load = lab.start_fio(container, FioJob(target, "randread", runtime_s=3, iodepth=16))
+        time.sleep(1)
+        rows = admin.io_report(d.driver.store, "/sys/fs/cgroup", lab.parent_name, 1.0)
+        lab.stop(load)
+        (row,) = [r for r in rows if r["volume_id"] == vol.volume_id]
+        assert row["source"] == "pod cgroup" and row["pod_uid"] == uid
+        assert 0.5 * 250 < row["read_iops"] < 1.5 * 250, row
+        (info,) = [v for v in admin.volumes_report(d.driver.store)
+                   if v["volume_id"] == vol.volume_id]
+        assert info["max_read_iops"] == 250 and info["published"][0]["pod_uid"] == uid
 
         # a container started after the publish gets its share of the rules too
         late = lab.container(pod, "cri-containerd-late.scope")

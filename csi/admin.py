@@ -1,0 +1,128 @@
+"""`tandem-admin`: what an operator asks a node, read from its state and the kernel.
+
+    tandem-admin [--state-dir DIR] volumes       volumes, tiers, where they are published
+    tandem-admin [--state-dir DIR] io [--interval-s 1]
+                                                 per-volume IOPS and bytes/s of each pod
+
+It reads the driver's state store (SQLite in WAL mode: safe beside a running driver) and the
+pods' cgroup statistics; NodeGetVolumeStats has no field for I/O rates, so this is where
+they are seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from csi.catalog import Catalog
+from engine.errors import EngineError
+from engine.node_qos import NodeQos, parse_device
+from engine.qos import stats
+from engine.qos.cgroups import CgroupLayout, detect, find_pod_cgroup
+from engine.state import SqliteStore
+
+
+@dataclass(frozen=True)
+class Sampled:
+    volume_id: str
+    pod_uid: str
+    device: tuple[int, int]
+    cgroup_dir: str  # "" when the I/O is read from the device (no pod known)
+
+
+def volumes_report(store: SqliteStore) -> list[dict]:
+    qos = NodeQos(store, enabled=False)
+    published: dict[str, list[dict]] = {}
+    for _, rec in store.list("publish"):
+        published.setdefault(rec["volume_id"], []).append(
+            {"target": rec["target"], "pod_uid": rec.get("pod_uid", ""),
+             "device": rec.get("device", ""), "read_only": rec["read_only"]})
+    out = []
+    for vol in Catalog(store).all_volumes():
+        spec = qos.spec(vol.volume_id)
+        out.append({
+            "volume_id": vol.volume_id, "name": vol.name, "node": vol.node_id,
+            "capacity_bytes": vol.capacity_bytes, "tier": spec.name or "(none)",
+            "max_read_iops": spec.max_read_iops, "max_write_iops": spec.max_write_iops,
+            "min_iops": spec.min_iops, "published": published.get(vol.volume_id, []),
+        })
+    return out
+
+
+def _sources(store: SqliteStore, layout: CgroupLayout | None) -> list[Sampled]:
+    found = []
+    for _, rec in store.list("publish"):
+        device = parse_device(rec.get("device", ""))
+        if device is None:
+            continue
+        cgroup_dir = ""
+        if rec.get("pod_uid") and layout is not None:
+            try:
+                cgroup_dir = find_pod_cgroup(layout, rec["pod_uid"])
+            except EngineError:
+                pass
+        found.append(Sampled(rec["volume_id"], rec.get("pod_uid", ""), device, cgroup_dir))
+    return found
+
+
+def _counters(layout: CgroupLayout | None, src: Sampled) -> tuple[int, int, int, int]:
+    if src.cgroup_dir and layout is not None:
+        c = stats.read_cgroup(layout.version, src.cgroup_dir, src.device)
+        return c.read_ios, c.write_ios, c.read_bytes, c.write_bytes
+    d = stats.read_device(src.device)
+    return (d.read_ios, d.write_ios, -1, -1) if d else (0, 0, -1, -1)
+
+
+def io_report(store: SqliteStore, cgroup_root: str, cgroup_parent: str,
+              interval_s: float) -> list[dict]:
+    try:
+        layout: CgroupLayout | None = detect(cgroup_root, cgroup_parent)
+    except EngineError:
+        layout = None
+    sources = _sources(store, layout)
+    before = [_counters(layout, s) for s in sources]
+    time.sleep(interval_s)
+    after = [_counters(layout, s) for s in sources]
+    rows = []
+    for src, a, b in zip(sources, before, after, strict=True):
+        per_s = [max(0, y - x) / interval_s for x, y in zip(a, b, strict=True)]
+        rows.append({
+            "volume_id": src.volume_id, "pod_uid": src.pod_uid,
+            "device": f"{src.device[0]}:{src.device[1]}",
+            "source": "pod cgroup" if src.cgroup_dir else "device",
+            "read_iops": round(per_s[0], 1), "write_iops": round(per_s[1], 1),
+            "read_bytes_per_s": round(per_s[2]) if a[2] >= 0 else None,
+            "write_bytes_per_s": round(per_s[3]) if a[3] >= 0 else None,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tandem-admin", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", default="/var/lib/tandem")
+    p.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    p.add_argument("--cgroup-parent", default="")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("volumes")
+    io = sub.add_parser("io")
+    io.add_argument("--interval-s", type=float, default=1.0)
+    a = p.parse_args(argv)
+    store = SqliteStore(f"{a.state_dir}/state.sqlite")
+    try:
+        if a.command == "volumes":
+            report = volumes_report(store)
+        else:
+            report = io_report(store, a.cgroup_root, a.cgroup_parent, a.interval_s)
+    finally:
+        store.close()
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
