@@ -8,9 +8,9 @@ For each pool layout (btrfs subvolumes, the default image; reflinked files on XF
 each size, a block volume is filled by 4 KiB random direct writes covering all of it
 (fragmented, as a database leaves it); then, through the driver's CSI socket:
 CreateSnapshot, CreateVolume from the snapshot (restore), CreateVolume from the volume
-(clone); the same-run baseline is a full copy of the volume's file. Then 5% of the
-volume is overwritten at random (copy-on-write fragments it again) and a second
-snapshot is timed: where a per-extent cost would return.
+(clone), each the median of 3; the same-run baseline is a full copy of the volume's
+file. Then 5% of the volume is overwritten at random (copy-on-write fragments it again)
+and a second snapshot is timed: where a per-extent cost would return.
 
     python -m tests.bench.snapshot [--sizes 1,4,16] [--layouts btrfs,xfs]
 """
@@ -31,6 +31,7 @@ from tests.integration.helpers import create_request, publish_request, stage_req
 
 GIB = 1024**3
 HOSTPATH_SNAPSHOT_S = {1: 0.49, 4: 2.25, 16: 15.2}
+REPEATS = 3
 
 
 def fio_randwrite(target: str, size_bytes: int, fraction: float = 1.0) -> None:
@@ -47,6 +48,14 @@ def timed(fn):
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
+
+
+def median_timed(fn, repeats: int = REPEATS):
+    """Median of `repeats` runs of fn(i): these operations take milliseconds, where one
+    sample is mostly noise."""
+    runs = [timed(lambda i=i: fn(i)) for i in range(repeats)]
+    runs.sort(key=lambda r: r[0])
+    return runs[len(runs) // 2]
 
 
 def extents(path: str) -> int:
@@ -79,15 +88,22 @@ def bench_layout(layout: str, sizes: list[int]) -> dict[str, float]:
             # time measured is the layout's cost, not the last seconds of the fill.
             pool_sync_s, _ = timed(lambda: subprocess.run(["sync", "-f", backing], check=True))
 
-            snap_s, snap = timed(lambda: s.controller.CreateSnapshot(
-                csi_pb2.CreateSnapshotRequest(name=f"s{gib}", source_volume_id=vol.volume_id)
+            snap_s, snap = median_timed(lambda i: s.controller.CreateSnapshot(
+                csi_pb2.CreateSnapshotRequest(name=f"s{gib}-{i}", source_volume_id=vol.volume_id)
             ).snapshot)
-            restore_req = create_request(f"r{gib}", size=size, block=True)
-            restore_req.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
-            restore_s, _ = timed(lambda: s.controller.CreateVolume(restore_req))
-            clone_req = create_request(f"c{gib}", size=size, block=True)
-            clone_req.volume_content_source.volume.volume_id = vol.volume_id
-            clone_s, _ = timed(lambda: s.controller.CreateVolume(clone_req))
+
+            def restore(i: int) -> None:
+                req = create_request(f"r{gib}-{i}", size=size, block=True)
+                req.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+                s.controller.CreateVolume(req)
+
+            def clone(i: int) -> None:
+                req = create_request(f"c{gib}-{i}", size=size, block=True)
+                req.volume_content_source.volume.volume_id = vol.volume_id
+                s.controller.CreateVolume(req)
+
+            restore_s, _ = median_timed(restore)
+            clone_s, _ = median_timed(clone)
             copy_path = f"{root}/copy{gib}.img"
             copy_s, _ = timed(lambda: subprocess.run(
                 ["cp", "--reflink=never", "--sparse=never", backing, copy_path], check=True))
@@ -96,8 +112,8 @@ def bench_layout(layout: str, sizes: list[int]) -> dict[str, float]:
             fio_randwrite(target, size, fraction=0.05)
             n_extents2 = extents(backing)
             subprocess.run(["sync", "-f", backing], check=True)
-            snap2_s, _ = timed(lambda: s.controller.CreateSnapshot(
-                csi_pb2.CreateSnapshotRequest(name=f"s{gib}b", source_volume_id=vol.volume_id)))
+            snap2_s, _ = median_timed(lambda i: s.controller.CreateSnapshot(
+                csi_pb2.CreateSnapshotRequest(name=f"s{gib}b-{i}", source_volume_id=vol.volume_id)))
             row = dict(fill_s=fill_s, extents=n_extents, pool_sync_s=pool_sync_s,
                        snapshot_s=snap_s, restore_s=restore_s,
                        clone_s=clone_s, copy_s=copy_s, extents_after_5pct=n_extents2,
