@@ -46,7 +46,6 @@ CAPABILITIES = (
     # GetSnapshot (alpha) is served but not advertised: csi-sanity v5.4 fails a driver
     # that advertises a capability it does not know, and GET_SNAPSHOT is one of them.
 )
-TOKEN_PREFIX = "v1."
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
@@ -335,18 +334,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ListVolumes(self, req: csi_pb2.ListVolumesRequest, context) -> csi_pb2.ListVolumesResponse:
         if req.max_entries < 0:
             raise invalid("max_entries must not be negative")
-        after = ""
-        if req.starting_token:
-            token = req.starting_token
-            after = token[len(TOKEN_PREFIX):]
-            if not token.startswith(TOKEN_PREFIX) or not validation.well_formed_id(after):
-                raise RpcError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not ours")
+        after = validation.page_start(req.starting_token)
         limit = req.max_entries
         vols = self.catalog.volumes(after=after, limit=limit + 1 if limit else 0)
         next_token = ""
         if limit and len(vols) > limit:
             vols = vols[:limit]
-            next_token = TOKEN_PREFIX + vols[-1].volume_id
+            next_token = validation.page_token(vols[-1].volume_id)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume(v),

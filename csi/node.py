@@ -110,13 +110,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         path = validation.require(req.volume_path, "volume_path")
         self._require_volume(volume_id)
         stats = self.engine.volumes.stats(volume_id, path)
-        usage = [csi_pb2.VolumeUsage(
-            unit=csi_pb2.VolumeUsage.BYTES, total=stats.total_bytes,
-            available=stats.available_bytes, used=stats.used_bytes)]
+        u = stats.usage
+        usage = [csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.BYTES, total=u.total_bytes,
+                                     available=u.available_bytes, used=u.used_bytes)]
         if not stats.block:
-            usage.append(csi_pb2.VolumeUsage(
-                unit=csi_pb2.VolumeUsage.INODES, total=stats.total_inodes,
-                available=stats.free_inodes, used=stats.used_inodes))
+            usage.append(csi_pb2.VolumeUsage(unit=csi_pb2.VolumeUsage.INODES,
+                                             total=u.total_inodes, available=u.free_inodes,
+                                             used=u.used_inodes))
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=usage,
             volume_condition=csi_pb2.VolumeCondition(abnormal=stats.abnormal,

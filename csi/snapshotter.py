@@ -29,7 +29,6 @@ from proto import csi_pb2
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "v1."
 NO_PARAMETERS: frozenset[str] = frozenset()
 
 
@@ -151,18 +150,13 @@ class Snapshotter:
                                 and snap.source_volume_id != req.source_volume_id):
                 return csi_pb2.ListSnapshotsResponse()
             return csi_pb2.ListSnapshotsResponse(entries=[entry(snapshot=self.message(snap))])
-        after = ""
-        if req.starting_token:
-            token = req.starting_token
-            after = token[len(TOKEN_PREFIX):]
-            if not token.startswith(TOKEN_PREFIX) or not validation.well_formed_id(after):
-                raise RpcError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not ours")
+        after = validation.page_start(req.starting_token)
         snaps = [s for s in self.catalog.snapshots(after=after)
                  if not req.source_volume_id or s.source_volume_id == req.source_volume_id]
         next_token = ""
         if req.max_entries and len(snaps) > req.max_entries:
             snaps = snaps[:req.max_entries]
-            next_token = TOKEN_PREFIX + snaps[-1].snapshot_id
+            next_token = validation.page_token(snaps[-1].snapshot_id)
         return csi_pb2.ListSnapshotsResponse(
             entries=[entry(snapshot=self.message(s)) for s in snaps], next_token=next_token)
 

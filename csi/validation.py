@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 
-from csi.errors import invalid
+import grpc
+
+from csi.errors import RpcError, invalid
 from engine.filesystem import check_fs_type
 from engine.node_volumes import BLOCK, MOUNT
 from engine.qos.tiers import QOS_KEYS
@@ -117,7 +119,23 @@ def check_parameters(params, allowed: frozenset[str], what: str) -> dict[str, st
 
 
 _ID = re.compile(r"^[a-z]{3,4}-[0-9a-f]{32}$")
+TOKEN_PREFIX = "v1."
 
 
 def well_formed_id(value: str) -> bool:
     return bool(_ID.match(value))
+
+
+def page_token(last_id: str) -> str:
+    """A list's next_token: where the next page starts (after this ID)."""
+    return TOKEN_PREFIX + last_id
+
+
+def page_start(token: str) -> str:
+    """The ID a page starts after; ABORTED for any token we did not make (fail closed)."""
+    if not token:
+        return ""
+    after = token[len(TOKEN_PREFIX):]
+    if not token.startswith(TOKEN_PREFIX) or not well_formed_id(after):
+        raise RpcError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not ours")
+    return after

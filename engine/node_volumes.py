@@ -52,13 +52,8 @@ class PublishRequest:
 
 @dataclass(frozen=True)
 class VolumeStats:
-    block: bool
-    total_bytes: int
-    available_bytes: int
-    used_bytes: int
-    total_inodes: int
-    free_inodes: int
-    used_inodes: int
+    block: bool  # a block volume has bytes (its size) and no inodes
+    usage: filesystem.FsUsage
     abnormal: bool
     message: str
 
@@ -354,12 +349,9 @@ class NodeVolumes:
             dev = self._rw_device(backing)
             if dev is not None:
                 size = dev.size_bytes
-            return VolumeStats(True, size, 0, 0, 0, 0, 0, bool(problem), problem)
-        u = filesystem.usage(path)
-        return VolumeStats(
-            False, u.total_bytes, u.available_bytes, u.used_bytes, u.total_inodes,
-            u.free_inodes, u.used_inodes, bool(problem), problem,
-        )
+            usage = filesystem.FsUsage(size, 0, 0, 0, 0, 0)
+            return VolumeStats(True, usage, bool(problem), problem)
+        return VolumeStats(False, filesystem.usage(path), bool(problem), problem)
 
     # --- restart -------------------------------------------------------------------
     def reconcile(self) -> None:
