@@ -30,8 +30,8 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from engine.errors import NotFound, Unavailable
 
@@ -39,12 +39,23 @@ from . import _fastpath, wire
 from .arbiter import Arbiter, VolumeRecord
 from .client import ReplicaClient, ReplicaError
 from .helpers import Helpers
-from .spec import AL_EXTENT_BYTES, REGION_BYTES, FrontendConfig, ReplicaAddr, ReplicaState, ReplicaStatus
+from .spec import (
+    AL_EXTENT_BYTES,
+    REGION_BYTES,
+    FrontendConfig,
+    ReplicaAddr,
+    ReplicaState,
+    ReplicaStatus,
+)
 
 log = logging.getLogger(__name__)
 
 RSHIFT = REGION_BYTES.bit_length() - 1
-IN_SYNC, OUT_OF_SYNC, RESYNCING = ReplicaState.IN_SYNC, ReplicaState.OUT_OF_SYNC, ReplicaState.RESYNCING
+IN_SYNC, OUT_OF_SYNC, RESYNCING = (
+    ReplicaState.IN_SYNC,
+    ReplicaState.OUT_OF_SYNC,
+    ReplicaState.RESYNCING,
+)
 
 # Python-side ops; plain reads and writes in flight are C ops (K_WRITE here only while deferred)
 K_WRITE, K_SYNC, K_CTRL, K_RREAD, K_RWRITE = range(5)
@@ -53,11 +64,29 @@ Reply = Callable[[int, int, object], None]  # (fuse unique, -errno or 0, payload
 
 
 class Op:
-    __slots__ = ("kind", "unique", "wop", "offset", "length", "remaining", "r0", "r1", "data", "cb", "job",
-                 "token")
+    __slots__ = (
+        "kind",
+        "unique",
+        "wop",
+        "offset",
+        "length",
+        "remaining",
+        "r0",
+        "r1",
+        "data",
+        "cb",
+        "job",
+        "token",
+    )
 
     def __init__(self, kind: int, unique: int = 0, wop: int = 0, offset: int = 0, length: int = 0):
-        self.kind, self.unique, self.wop, self.offset, self.length = kind, unique, wop, offset, length
+        self.kind, self.unique, self.wop, self.offset, self.length = (
+            kind,
+            unique,
+            wop,
+            offset,
+            length,
+        )
         self.remaining = 0
         self.r0 = offset >> RSHIFT
         self.r1 = (offset + length - 1) >> RSHIFT if length else self.r0
@@ -100,8 +129,16 @@ class ResyncJob:
 
 
 class MirrorCore:
-    def __init__(self, cfg: FrontendConfig, key: bytes, arbiter: Arbiter, reply: Reply,
-                 ep: select.epoll, owner: str, reply_fd: int = -1):
+    def __init__(
+        self,
+        cfg: FrontendConfig,
+        key: bytes,
+        arbiter: Arbiter,
+        reply: Reply,
+        ep: select.epoll,
+        owner: str,
+        reply_fd: int = -1,
+    ):
         """reply answers FUSE for Python; reply_fd (the /dev/fuse fd), when given, is
         where the C side answers plain reads and writes (else it calls reply too)."""
         self.cfg = cfg
@@ -113,8 +150,16 @@ class MirrorCore:
         self.owner = owner
         self.size = cfg.size_bytes
         self.regions = -(-cfg.size_bytes // REGION_BYTES)
-        self.dp = _fastpath.DataPath(cfg.size_bytes, ep.fileno(), reply, self._on_py_reply, self._on_link_error,
-                                     REGION_BYTES, AL_EXTENT_BYTES, reply_fd)
+        self.dp = _fastpath.DataPath(
+            cfg.size_bytes,
+            ep.fileno(),
+            reply,
+            self._on_py_reply,
+            self._on_link_error,
+            REGION_BYTES,
+            AL_EXTENT_BYTES,
+            reply_fd,
+        )
         self._free_slots = list(range(_fastpath.MAX_LINKS - 1, -1, -1))
         self.links = [self._new_link(a) for a in cfg.replicas]
         self.by_slot: dict[int, Link] = {link.slot: link for link in self.links}
@@ -152,7 +197,10 @@ class MirrorCore:
                 link.dirty[:] = b"\1" * self.regions
             link.needs_create = link.needs_create or fresh
             link.connecting = True
-            self.helpers.submit(self._opener(link, gen), lambda res, err, l=link: results.__setitem__(l.rid, (res, err)))
+            self.helpers.submit(
+                self._opener(link, gen),
+                lambda res, err, lk=link: results.__setitem__(lk.rid, (res, err)),
+            )
         deadline = time.monotonic() + self.t.io_timeout_s + 5
         while len(results) < len(self.links) and time.monotonic() < deadline:
             select.select([self.helpers.wake_fd], [], [], 0.2)
@@ -165,8 +213,8 @@ class MirrorCore:
             else:
                 self._note_open_error(link, err)
         self._recompute()
-        in_sync = [l for l in self.links if l.state == IN_SYNC]
-        if not any(l.connected for l in in_sync):
+        in_sync = [lk for lk in self.links if lk.state == IN_SYNC]
+        if not any(lk.connected for lk in in_sync):
             log.error("no in-sync replica reachable; I/O fails until one returns")
         for link in in_sync:
             if not link.connected:
@@ -182,12 +230,17 @@ class MirrorCore:
                 try:
                     rec = self.arbiter.get(self.cfg.volume_id)
                 except NotFound:
-                    new = VolumeRecord(self.cfg.volume_id, 1, self.owner,
-                                       {a.replica_id: IN_SYNC.value for a in self.cfg.replicas})
+                    new = VolumeRecord(
+                        self.cfg.volume_id,
+                        1,
+                        self.owner,
+                        {a.replica_id: IN_SYNC.value for a in self.cfg.replicas},
+                    )
                     got = self.arbiter.compare_and_set(new, 0)
                 else:
                     got = self.arbiter.compare_and_set(
-                        replace(rec, generation=rec.generation + 1, owner=self.owner), rec.version)
+                        replace(rec, generation=rec.generation + 1, owner=self.owner), rec.version
+                    )
                 if got is not None:
                     log.info("own %s at generation %d", self.cfg.volume_id, got.generation)
                     return got
@@ -227,21 +280,25 @@ class MirrorCore:
         self.dp.attach(link.slot, sock.fileno())
         link.sock = sock
         link.needs_create = False
-        log.info("replica %s connected (generation %s, %s dirty regions)", link.rid,
-                 info.get("generation"), info.get("dirty_regions"))
+        log.info(
+            "replica %s connected (generation %s, %s dirty regions)",
+            link.rid,
+            info.get("generation"),
+            info.get("dirty_regions"),
+        )
 
     def _on_startup_maps(self, link: Link, status: int, payload: object) -> None:
         if status < 0:
             return
         data = bytes(payload)  # type: ignore[arg-type]
-        dirty, al = data[: self.regions], data[self.regions:]
+        dirty, al = data[: self.regions], data[self.regions :]
         al_regions = bytearray(self.regions)
         per = AL_EXTENT_BYTES // REGION_BYTES
         for e, b in enumerate(al):
             if b:
                 self.al_recovered.add(e)
-                al_regions[e * per:(e + 1) * per] = b"\1" * per
-        del al_regions[self.regions:]
+                al_regions[e * per : (e + 1) * per] = b"\1" * per
+        del al_regions[self.regions :]
         for other in self.links:
             if other is link:
                 continue
@@ -263,14 +320,19 @@ class MirrorCore:
 
     # ------------------------------------------------------------------ membership
     def _recompute(self) -> None:
-        self.write_links = [l for l in self.links if l.connected and l.state in (IN_SYNC, RESYNCING)]
-        self.missing = [l.dirty for l in self.links if l not in self.write_links]
-        readable = [l for l in self.links if l.connected and l.state == IN_SYNC]
+        self.write_links = [
+            lk for lk in self.links if lk.connected and lk.state in (IN_SYNC, RESYNCING)
+        ]
+        self.missing = [lk.dirty for lk in self.links if lk not in self.write_links]
+        readable = [lk for lk in self.links if lk.connected and lk.state == IN_SYNC]
         pref = self.cfg.preferred_read_replica
-        readable.sort(key=lambda l: l.rid != pref)
+        readable.sort(key=lambda lk: lk.rid != pref)
         self.read_link = readable[0] if readable else None
-        self.dp.set_links([l.slot for l in self.write_links], self.read_link.slot if self.read_link else -1,
-                          self.missing)
+        self.dp.set_links(
+            [lk.slot for lk in self.write_links],
+            self.read_link.slot if self.read_link else -1,
+            self.missing,
+        )
         self._refresh_fast()
 
     def _refresh_fast(self) -> None:
@@ -278,15 +340,21 @@ class MirrorCore:
         self.dp.fast = not self.fenced and not self.deferred and not self._unavailable()
 
     def in_sync_count(self) -> int:
-        return sum(1 for l in self.links if l.connected and l.state == IN_SYNC)
+        return sum(1 for lk in self.links if lk.connected and lk.state == IN_SYNC)
 
     def status(self) -> list[ReplicaStatus]:
         out = []
-        for l in self.links:
-            job = self.jobs.get(l.rid)
-            out.append(ReplicaStatus(l.rid, l.state, l.connected,
-                                     job.done * REGION_BYTES if job else 0,
-                                     job.total * REGION_BYTES if job else 0))
+        for lk in self.links:
+            job = self.jobs.get(lk.rid)
+            out.append(
+                ReplicaStatus(
+                    lk.rid,
+                    lk.state,
+                    lk.connected,
+                    job.done * REGION_BYTES if job else 0,
+                    job.total * REGION_BYTES if job else 0,
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ submission
@@ -347,12 +415,28 @@ class MirrorCore:
         if not links:
             self._complete(op)
 
-    def _send(self, link: Link, op: Op, wop: int, offset: int = 0, count: int = 0, payload: object = None,
-              flags: int = 0) -> None:
+    def _send(
+        self,
+        link: Link,
+        op: Op,
+        wop: int,
+        offset: int = 0,
+        count: int = 0,
+        payload: object = None,
+        flags: int = 0,
+    ) -> None:
         self.dp.send(link.slot, op, wop, flags, offset, count, payload)
 
-    def _ctrl(self, link: Link, wop: int, payload: bytes = b"", flags: int = 0,
-              cb: Callable[[Link, int, object], None] | None = None, offset: int = 0, count: int = 0) -> None:
+    def _ctrl(
+        self,
+        link: Link,
+        wop: int,
+        payload: bytes = b"",
+        flags: int = 0,
+        cb: Callable[[Link, int, object], None] | None = None,
+        offset: int = 0,
+        count: int = 0,
+    ) -> None:
         op = Op(K_CTRL, 0, wop)
         op.cb = cb
         self._send(link, op, wop, offset, count, payload or None, flags)
@@ -371,7 +455,7 @@ class MirrorCore:
         return others
 
     def on_event(self, fd: int, ev: int) -> None:
-        """An event on one of the DataPath's fds (its epoll tag), for callers with their own loop."""
+        """An event on a DataPath fd (its epoll tag), for callers with their own loop."""
         self.dp.on_event(fd, ev)
         if self.deferred:
             self._run_deferred()
@@ -438,14 +522,27 @@ class MirrorCore:
             oldest = self.dp.oldest(link.slot) if link.connected else None
             if oldest is not None and now - oldest > self.t.io_timeout_s:
                 self._fail_link(link, f"no reply for {self.t.io_timeout_s}s")
-            elif (not link.connected and not link.connecting and not self.fenced
-                  and now - link.last_attempt > self.t.reconnect_interval_s and self.record):
+            elif (
+                not link.connected
+                and not link.connecting
+                and not self.fenced
+                and now - link.last_attempt > self.t.reconnect_interval_s
+                and self.record
+            ):
                 link.connecting = True
                 link.last_attempt = now
-                self.helpers.submit(self._opener(link, self.record.generation),
-                                    lambda res, err, l=link: self._on_reconnect(l, res, err))
-            elif (link.state == RESYNCING and link.connected and link.rid not in self.jobs
-                  and not link.maps_pending and self.read_link is not None and not self.gate):
+                self.helpers.submit(
+                    self._opener(link, self.record.generation),
+                    lambda res, err, lk=link: self._on_reconnect(lk, res, err),
+                )
+            elif (
+                link.state == RESYNCING
+                and link.connected
+                and link.rid not in self.jobs
+                and not link.maps_pending
+                and self.read_link is not None
+                and not self.gate
+            ):
                 # the maps request was lost with a failed source: ask the current one
                 self._request_maps(link)
         self._evict_al()
@@ -481,20 +578,26 @@ class MirrorCore:
         was = link.state
         log.warning("replica %s (%s) failed: %s", link.rid, was.value, why)
         drop_in_sync = was == IN_SYNC
-        others = sum(1 for l in self.links if l is not link and l.connected and l.state == IN_SYNC)
+        others = sum(
+            1 for lk in self.links if lk is not link and lk.connected and lk.state == IN_SYNC
+        )
         dropping = drop_in_sync and others >= self.t.min_in_sync and not self.fenced
         if dropping:
-            self._set_gate(self.gate + 1)  # no ack without this replica until survivors and arbiter know
+            self._set_gate(
+                self.gate + 1
+            )  # no ack without this replica until survivors and arbiter know
         # with too few replicas the replica is not dropped: its pending writes fail instead
         failing = drop_in_sync and not dropping
-        pyops, regions, reads = self._close(link, _fastpath.DETACH_FAIL if failing else _fastpath.DETACH_ACK)
+        pyops, regions, reads = self._close(
+            link, _fastpath.DETACH_FAIL if failing else _fastpath.DETACH_ACK
+        )
         job = self.jobs.pop(link.rid, None)
         if was == RESYNCING or dropping:
             link.state = OUT_OF_SYNC
         self._recompute()
         marks: set[int] = set()
         for r0, r1 in regions:
-            link.dirty[r0:r1 + 1] = b"\1" * (r1 - r0 + 1)
+            link.dirty[r0 : r1 + 1] = b"\1" * (r1 - r0 + 1)
             marks.update(range(r0, r1 + 1))
         for op in pyops:
             k = op.kind
@@ -547,7 +650,10 @@ class MirrorCore:
                     self._fence(str(err))
                     return
                 log.warning("arbiter: %s; I/O stays blocked, retrying", err)
-                self.helpers.submit(lambda: (time.sleep(0.5), self._cas_state(link.rid, OUT_OF_SYNC))[1], arbiter_done)
+                self.helpers.submit(
+                    lambda: (time.sleep(0.5), self._cas_state(link.rid, OUT_OF_SYNC))[1],
+                    arbiter_done,
+                )
                 return
             self.record = res  # type: ignore[assignment]
             state["arbiter"] = True
@@ -623,7 +729,9 @@ class MirrorCore:
             # never dropped (too few replicas): the activity log covers what may differ
             self._recompute()
             if self.read_link is not None and self.read_link is not link:
-                self._ctrl(self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._al_repair(link, st, p))
+                self._ctrl(
+                    self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._al_repair(link, st, p)
+                )
             return
         link.state = RESYNCING  # receives every new write from now on
         self._recompute()
@@ -634,16 +742,20 @@ class MirrorCore:
     def _request_maps(self, link: Link) -> None:
         assert self.read_link is not None
         link.maps_pending = True
-        self._ctrl(self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p))
+        self._ctrl(
+            self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p)
+        )
 
     def _al_repair(self, link: Link, status: int, payload: object) -> None:
         if status < 0 or not link.connected:
             return
-        al = bytes(payload)[self.regions:]  # type: ignore[arg-type]
+        al = bytes(payload)[self.regions :]  # type: ignore[arg-type]
         per = AL_EXTENT_BYTES // REGION_BYTES
         for e, b in enumerate(al):
             if b:
-                link.dirty[e * per:min((e + 1) * per, self.regions)] = b"\1" * (min((e + 1) * per, self.regions) - e * per)
+                link.dirty[e * per : min((e + 1) * per, self.regions)] = b"\1" * (
+                    min((e + 1) * per, self.regions) - e * per
+                )
         self._start_job(link, mark_in_sync=False)
 
     def _merge_and_start(self, link: Link, status: int, payload: object) -> None:
@@ -694,7 +806,9 @@ class MirrorCore:
                 op.job = job
                 job.cursor = j
                 dirty[i:j] = bytes(j - i)
-                op.token = self.dp.register(off, length)  # application writes there wait for the copy
+                op.token = self.dp.register(
+                    off, length
+                )  # application writes there wait for the copy
                 job.inflight += 1
                 op.data = (link, j - i)
                 self._send(src, op, wire.READ, off, length, flags=wire.F_SPARSE)
@@ -724,7 +838,7 @@ class MirrorCore:
         job.done += wop.r1 - wop.r0 + 1
         if self.deferred:
             self._run_deferred()
-        others_out = any(l.state != IN_SYNC and l is not job.target for l in self.links)
+        others_out = any(lk.state != IN_SYNC and lk is not job.target for lk in self.links)
         if job.mark_in_sync and not others_out:
             payload = wire.pack_u32s(range(wop.r0, wop.r1 + 1))
             for s in self.links:
@@ -737,7 +851,7 @@ class MirrorCore:
         rop = op.cb if op.kind == K_RWRITE else op
         if isinstance(rop, Op):
             self.dp.unregister(rop.token)  # idempotent
-        link.dirty[op.r0:op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
+        link.dirty[op.r0 : op.r1 + 1] = b"\1" * (op.r1 - op.r0 + 1)
         if op.job is not None:
             op.job.inflight = max(0, op.job.inflight - 1)
         if self.deferred:
@@ -768,7 +882,7 @@ class MirrorCore:
                 link.state = IN_SYNC
                 self._recompute()
                 log.info("replica %s is in sync again", link.rid)
-            if all(l.state == IN_SYNC for l in self.links):
+            if all(lk.state == IN_SYNC for lk in self.links):
                 for s in self.write_links:
                     self._ctrl(s, wire.CLEAR_DIRTY, flags=wire.F_ALL)
                 self.flush()
@@ -788,7 +902,7 @@ class MirrorCore:
     # ------------------------------------------------------------------ control plane
     def add_replica(self, addr: ReplicaAddr) -> None:
         """A new, empty replica: recorded out of sync, then fully rebuilt."""
-        if any(l.rid == addr.replica_id for l in self.links):
+        if any(lk.rid == addr.replica_id for lk in self.links):
             return
         link = self._new_link(addr)
         link.needs_create = True
@@ -804,10 +918,10 @@ class MirrorCore:
         self.helpers.submit(lambda: self._cas_state(addr.replica_id, OUT_OF_SYNC), done)
 
     def remove_replica(self, rid: str) -> None:
-        link = next((l for l in self.links if l.rid == rid), None)
+        link = next((lk for lk in self.links if lk.rid == rid), None)
         if link is None:
             return
-        if link.state == IN_SYNC and sum(1 for l in self.links if l.state == IN_SYNC) <= 1:
+        if link.state == IN_SYNC and sum(1 for lk in self.links if lk.state == IN_SYNC) <= 1:
             raise Unavailable(f"{rid} is the last in-sync replica")
         if link.connected:
             # drained like a failure, so nothing in flight waits on it
@@ -826,7 +940,7 @@ class MirrorCore:
 
     def pending(self) -> int:
         """Requests sent to replicas and not answered yet."""
-        return sum(self.dp.pending(l.slot) for l in self.links)
+        return sum(self.dp.pending(lk.slot) for lk in self.links)
 
     def idle(self) -> bool:
         return not self.pending() and not self.deferred and not self.held and not self.dp.held

@@ -109,10 +109,17 @@ class Frontend:
         self.start_worker(timeout_s)
 
     def stop(self) -> None:
-        """Idempotent: detach the loop device, unmount, stop worker and holder."""
+        """Idempotent: detach the loop device, unmount, stop worker and holder.
+
+        Every step runs even if an earlier one failed (nothing is left behind);
+        the first failure is raised at the end."""
+        errors: list[BaseException] = []
         if self.device_path:
-            self.loops.detach(self.device_path)  # idempotent
-            self.device_path = None
+            try:
+                self.loops.detach(self.device_path)
+                self.device_path = None
+            except Exception as e:
+                errors.append(e)
         if self.worker is not None and self.worker.poll() is None:
             try:
                 self.control({"op": "shutdown"})
@@ -120,11 +127,16 @@ class Frontend:
             except (Unavailable, OSError, subprocess.TimeoutExpired):
                 self.worker.kill()
                 self.worker.wait()
-        if fuse_mount.is_mounted(self.mountpoint):
-            fuse_mount.umount_lazy(self.mountpoint)
+        try:
+            if fuse_mount.is_mounted(self.mountpoint):
+                fuse_mount.umount_lazy(self.mountpoint)
+        except OSError as e:
+            errors.append(e)
         if self.holder is not None and self.holder.poll() is None:
             self.holder.kill()
             self.holder.wait()
+        if errors:
+            raise errors[0]
 
     # --- control ---------------------------------------------------------------
     def control(self, req: dict, timeout_s: float = 5.0) -> dict:

@@ -97,7 +97,9 @@ class ReplicaService:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(sock,), name="replica-conn", daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(sock,), name="replica-conn", daemon=True
+            ).start()
 
     # --- volumes -------------------------------------------------------------
     def _acquire(self, volume_id: str, size_bytes: int, create: bool) -> ReplicaVolume:
@@ -137,7 +139,9 @@ class ReplicaService:
             names = os.listdir(self.pool_dir)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if os.path.exists(os.path.join(self.pool_dir, n, "meta.json")))
+        return sorted(
+            n for n in names if os.path.exists(os.path.join(self.pool_dir, n, "meta.json"))
+        )
 
     # --- connections -----------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
@@ -190,8 +194,12 @@ class _Conn:
                 premarked = self._premark(vol, buf, fill)
             while True:
                 vol = self.vol
-                if (vol is not None and vol.generation == self.generation
-                        and self.writer_epoch == vol.writer_epoch and (premarked or not vol.tracking)):
+                if (
+                    vol is not None
+                    and vol.generation == self.generation
+                    and self.writer_epoch == vol.writer_epoch
+                    and (premarked or not vol.tracking)
+                ):
                     pos = apply_fast(buf, pos, fill, vol.fd, vol.size_bytes, out)  # the hot path
                 if fill - pos < wire.REQ_BYTES:
                     break
@@ -201,8 +209,9 @@ class _Conn:
                 if fill - pos < length:
                     break
                 with memoryview(buf) as mv:
-                    out += self._apply_one(op, flags, rid, off, cnt, mv[pos + wire.REQ_BYTES:pos + length],
-                                           premarked)
+                    out += self._apply_one(
+                        op, flags, rid, off, cnt, mv[pos + wire.REQ_BYTES : pos + length], premarked
+                    )
                 pos += length
             if out:
                 if self.svc.test_delay_s:
@@ -222,15 +231,23 @@ class _Conn:
             length, op, _, _, _, off, cnt = wire.REQ.unpack_from(buf, pos)
             if length < wire.REQ_BYTES or fill - pos < length:
                 break
-            if op in WRITE_OPS and cnt and 0 <= off and off + cnt <= vol.size_bytes:
+            if op in WRITE_OPS and cnt and off >= 0 and off + cnt <= vol.size_bytes:
                 regions.update(range(off // REGION_BYTES, (off + cnt - 1) // REGION_BYTES + 1))
             pos += length
         if regions:
             vol.mark_dirty(regions)
         return True
 
-    def _apply_one(self, op: int, flags: int, rid: int, off: int, cnt: int, payload: memoryview,
-                   premarked: bool) -> bytes:
+    def _apply_one(
+        self,
+        op: int,
+        flags: int,
+        rid: int,
+        off: int,
+        cnt: int,
+        payload: memoryview,
+        premarked: bool,
+    ) -> bytes:
         rep = wire.REP.pack
         try:
             data = self._slow_op(op, flags, off, cnt, payload, premarked)
@@ -243,13 +260,17 @@ class _Conn:
             log.exception("op %s failed", op)
             return rep(wire.REP_BYTES, -errno.EIO, rid)
 
-    def _slow_op(self, op: int, flags: int, off: int, cnt: int, payload: memoryview, premarked: bool) -> bytes:
+    def _slow_op(
+        self, op: int, flags: int, off: int, cnt: int, payload: memoryview, premarked: bool
+    ) -> bytes:
         svc = self.svc
         if op == wire.OPEN:
             if self.vol is not None:
                 raise InvalidSpec("already open")
             req = json.loads(bytes(payload))
-            vol = svc._acquire(req["volume_id"], int(req.get("size_bytes", 0)), bool(req.get("create")))
+            vol = svc._acquire(
+                req["volume_id"], int(req.get("size_bytes", 0)), bool(req.get("create"))
+            )
             gen = int(req["generation"])
             if gen < vol.generation:
                 svc._release(vol)

@@ -102,6 +102,7 @@ class ReplicaProc:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith(b"listening"):
+            self.kill()  # never leave it behind: the caller has no handle on it yet
             raise RuntimeError(f"replica did not start: {line!r}")
         return self
 

@@ -20,12 +20,17 @@ EXTENT = 4 << 20
 
 def fuse_write(unique: int, off: int, data: bytes, size: int | None = None) -> bytes:
     size = len(data) if size is None else size
-    return (F.IN_HEADER.pack(80 + len(data), F.WRITE, unique, F.FILE_ID, 0, 0, 0, 0, 0)
-            + F.RW_IN.pack(1, off, size, 0, 0, 0, 0) + data)
+    return (
+        F.IN_HEADER.pack(80 + len(data), F.WRITE, unique, F.FILE_ID, 0, 0, 0, 0, 0)
+        + F.RW_IN.pack(1, off, size, 0, 0, 0, 0)
+        + data
+    )
 
 
 def fuse_read(unique: int, off: int, size: int) -> bytes:
-    return F.IN_HEADER.pack(80, F.READ, unique, F.FILE_ID, 0, 0, 0, 0, 0) + F.RW_IN.pack(1, off, size, 0, 0, 0, 0)
+    return F.IN_HEADER.pack(80, F.READ, unique, F.FILE_ID, 0, 0, 0, 0, 0) + F.RW_IN.pack(
+        1, off, size, 0, 0, 0, 0
+    )
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -53,8 +58,16 @@ class Rig:
         self.detached: list[tuple] = []
         self.detach_mode = _fastpath.DETACH_ACK
         self.raise_in_slow = False
-        self.dp = _fastpath.DataPath(SIZE, self.ep.fileno(), self._reply if reply_cb else None, self._on_reply,
-                                     self._on_error, REGION, EXTENT, -1 if reply_cb else dev.fileno())
+        self.dp = _fastpath.DataPath(
+            SIZE,
+            self.ep.fileno(),
+            self._reply if reply_cb else None,
+            self._on_reply,
+            self._on_error,
+            REGION,
+            EXTENT,
+            -1 if reply_cb else dev.fileno(),
+        )
         self.buf = bytearray((1 << 20) + 8192)
         self.dp.set_fuse(dev.fileno(), self.buf, self._slow)
         self.near: list[socket.socket] = []
@@ -142,7 +155,14 @@ def test_fast_write_fans_out_and_completes_after_every_ack(rig):
     rids = []
     for far in r.far:
         (length, op, flags, _, rid, off, cnt), payload = r.request(far)
-        assert (length, op, flags, off, cnt, payload) == (32 + 4096, wire.WRITE, 0, 8192, 4096, data)
+        assert (length, op, flags, off, cnt, payload) == (
+            32 + 4096,
+            wire.WRITE,
+            0,
+            8192,
+            4096,
+            data,
+        )
         rids.append(rid)
     assert rids[0] == rids[1]
     r.far[0].sendall(wire.reply(rids[0]))
@@ -155,7 +175,9 @@ def test_fast_write_fans_out_and_completes_after_every_ack(rig):
     assert r.dp.inflight == 0 and r.dp.stats()["fast_writes"] == 1 and not r.slow
 
 
-@pytest.mark.parametrize("case", ["not fast", "cold extent", "overlap", "past the end", "empty", "other op"])
+@pytest.mark.parametrize(
+    "case", ["not fast", "cold extent", "overlap", "past the end", "empty", "other op"]
+)
 def test_requests_c_may_not_take_go_to_python(rig, case):
     r = rig().ready()
     req = fuse_write(1, 0, b"x" * 4096)
@@ -185,7 +207,9 @@ def test_malformed_fuse_requests_are_refused_or_ignored(rig):
     r.kernel.send(fuse_write(3, 0, b"y" * 100, size=4096))  # says 4096, carries 100
     r.pump()
     assert r.fuse_reply()[0] == (16, -errno.EINVAL, 3)
-    r.kernel.send(F.IN_HEADER.pack(60, F.WRITE, 4, F.FILE_ID, 0, 0, 0, 0, 0) + bytes(20))  # no write_in
+    r.kernel.send(
+        F.IN_HEADER.pack(60, F.WRITE, 4, F.FILE_ID, 0, 0, 0, 0, 0) + bytes(20)
+    )  # no write_in
     r.pump()
     assert r.fuse_reply()[0] == (16, -errno.EINVAL, 4)
     r.kernel.send(b"\x01" * 12)  # not even a header
@@ -241,11 +265,14 @@ def test_error_status_stays_pending_for_the_failure_path(rig):
     assert r.no_fuse_reply() and r.dp.inflight == 0 and r.dp.stats()["busy"] == 0
 
 
-@pytest.mark.parametrize("bad, why", [
-    (b"\x08\0\0\0" + bytes(12), "bad reply length"),
-    (wire.reply(1), "reply without request"),
-    (None, "connection closed"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (b"\x08\0\0\0" + bytes(12), "bad reply length"),
+        (wire.reply(1), "reply without request"),
+        (None, "connection closed"),
+    ],
+)
 def test_broken_replies(rig, bad, why):
     r = rig(links=1).ready(writes=1)
     if bad is None:
@@ -276,7 +303,10 @@ def test_hold_release_and_fail(rig):
     r.far[0].sendall(wire.reply(r.request(r.far[0])[0][4]))  # 30 done and held, 31 in flight
     r.pump()
     assert r.dp.fail_writes(errno.EIO) == 2
-    assert sorted(r.fuse_reply()[0] for _ in range(2)) == [(16, -errno.EIO, 30), (16, -errno.EIO, 31)]
+    assert sorted(r.fuse_reply()[0] for _ in range(2)) == [
+        (16, -errno.EIO, 30),
+        (16, -errno.EIO, 31),
+    ]
 
 
 def test_fast_reads_and_a_refused_read(rig):
@@ -415,7 +445,10 @@ def test_argument_checks(rig):
 
 # ---------------------------------------------------------------- replica side
 
-def req(op: int, rid: int, off: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+
+def req(
+    op: int, rid: int, off: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0
+) -> bytes:
     return wire.request(op, rid, off, count, payload, flags)
 
 
@@ -423,7 +456,7 @@ def replies(out: bytearray) -> list[tuple[int, int, bytes]]:
     res, pos = [], 0
     while pos < len(out):
         length, status, rid = wire.REP.unpack_from(out, pos)
-        res.append((rid, status, bytes(out[pos + 16:pos + length])))
+        res.append((rid, status, bytes(out[pos + 16 : pos + length])))
         pos += length
     return res
 
@@ -438,8 +471,13 @@ def data_fd(tmp_path):
 
 def test_replica_apply_writes_and_reads_then_stops_at_other_requests(data_fd):
     a, b = os.urandom(4096), os.urandom(512)
-    msgs = [req(wire.WRITE, 1, 0, 4096, a), req(wire.WRITE, 2, 8192, 512, b), req(wire.READ, 3, 8192, 512),
-            req(wire.SYNC, 4), req(wire.WRITE, 5, 0, 1, b"!")]
+    msgs = [
+        req(wire.WRITE, 1, 0, 4096, a),
+        req(wire.WRITE, 2, 8192, 512, b),
+        req(wire.READ, 3, 8192, 512),
+        req(wire.SYNC, 4),
+        req(wire.WRITE, 5, 0, 1, b"!"),
+    ]
     buf = bytearray(b"".join(msgs))
     out = bytearray()
     pos = _fastpath.replica_apply(buf, 0, len(buf), data_fd, 1 << 20, out)
@@ -457,7 +495,10 @@ def test_replica_apply_partial_and_malformed_buffers(data_fd):
     assert _fastpath.replica_apply(buf, 0, len(buf), data_fd, 1 << 20, out) == 0 and out == b""
     buf = bytearray(w[:20])  # not even a header
     assert _fastpath.replica_apply(buf, 0, len(buf), data_fd, 1 << 20, out) == 0
-    for length in (8, wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES + 1):  # left to Python, which refuses it
+    for length in (
+        8,
+        wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES + 1,
+    ):  # left to Python, which refuses it
         bad = bytearray(wire.REQ.pack(length, wire.WRITE, 0, 0, 9, 0, 0) + bytes(64))
         assert _fastpath.replica_apply(bad, 0, len(bad), data_fd, 1 << 20, out) == 0
     sparse = bytearray(req(wire.READ, 2, 0, 4096, flags=wire.F_SPARSE))  # hole check: Python's
@@ -470,7 +511,8 @@ def test_replica_apply_partial_and_malformed_buffers(data_fd):
 
 def test_replica_apply_error_replies(data_fd, tmp_path):
     msgs = [
-        wire.REQ.pack(wire.REQ_BYTES + 10, wire.WRITE, 0, 0, 1, 0, 4096) + bytes(10),  # count != payload
+        wire.REQ.pack(wire.REQ_BYTES + 10, wire.WRITE, 0, 0, 1, 0, 4096)
+        + bytes(10),  # count != payload
         req(wire.WRITE, 2, (1 << 20) - 10, 20, bytes(20)),  # past the end
         req(wire.READ, 3, 1 << 20, 1),  # past the end
         req(wire.READ, 4, (1 << 20) - 4, 4),  # fine
@@ -478,8 +520,12 @@ def test_replica_apply_error_replies(data_fd, tmp_path):
     buf = bytearray(b"".join(msgs))
     out = bytearray()
     assert _fastpath.replica_apply(buf, 0, len(buf), data_fd, 1 << 20, out) == len(buf)
-    assert [(rid, st) for rid, st, _ in replies(out)] == [(1, -errno.EINVAL), (2, -errno.EINVAL),
-                                                           (3, -errno.EINVAL), (4, 0)]
+    assert [(rid, st) for rid, st, _ in replies(out)] == [
+        (1, -errno.EINVAL),
+        (2, -errno.EINVAL),
+        (3, -errno.EINVAL),
+        (4, 0),
+    ]
     # a short file reads back as zeros up to the volume's size; a failing pwrite answers -errno
     ro = os.open(tmp_path / "data", os.O_RDONLY)
     try:
