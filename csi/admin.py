@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from csi.catalog import Catalog
 from engine.errors import EngineError
-from engine.node_qos import NodeQos, parse_device
+from engine.node_qos import parse_device
 from engine.qos import stats
 from engine.qos.cgroups import CgroupLayout, detect, find_pod_cgroup
+from engine.qos.tiers import QosSpec
 from engine.state import SqliteStore
 
 
@@ -34,7 +35,6 @@ class Sampled:
 
 
 def volumes_report(store: SqliteStore) -> list[dict]:
-    qos = NodeQos(store, enabled=False)
     published: dict[str, list[dict]] = {}
     for _, rec in store.list("publish"):
         published.setdefault(rec["volume_id"], []).append(
@@ -42,7 +42,7 @@ def volumes_report(store: SqliteStore) -> list[dict]:
              "device": rec.get("device", ""), "read_only": rec["read_only"]})
     out = []
     for vol in Catalog(store).all_volumes():
-        spec = qos.spec(vol.volume_id)
+        spec = QosSpec.from_json(vol.qos_json)
         out.append({
             "volume_id": vol.volume_id, "name": vol.name, "node": vol.node_id,
             "capacity_bytes": vol.capacity_bytes, "tier": spec.name or "(none)",

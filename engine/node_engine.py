@@ -44,6 +44,7 @@ class NodeEngine:
         self.iops_capacity = iops_capacity
         self._configured_iops = iops_capacity
         self.files = VolumeFiles(store, pool)
+        self.qos.attach(self.files)
         self.volumes = NodeVolumes(store, self.files, loops, mounts)
         self.freezer = Freezer(store)
         self.snapshots = Snapshots(store, pool, self.files, self.volumes, self.freezer)
@@ -76,17 +77,15 @@ class NodeEngine:
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                       clone_from_volume: str = "") -> Backing:
         source = self.files.require(clone_from_volume) if clone_from_volume else None
-        self.qos.set_spec(volume_id, qos)
-        return self.files.create(volume_id, size_bytes, clone_from=source)
+        return self.files.create(volume_id, size_bytes, clone_from=source,
+                                 qos_json=qos.to_json())
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                        snapshot_id: str) -> Backing:
-        self.qos.set_spec(volume_id, qos)
-        return self.snapshots.restore(snapshot_id, volume_id, size_bytes)
+        return self.snapshots.restore(snapshot_id, volume_id, size_bytes, qos.to_json())
 
     def delete_volume(self, volume_id: str) -> None:
         self.files.delete(volume_id)
-        self.qos.forget(volume_id)
 
     def set_qos(self, volume_id: str, qos: QosSpec) -> None:
         """A tier change: recorded, and applied to the pods using the volume now."""

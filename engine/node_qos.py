@@ -1,8 +1,8 @@
 """Per-volume QoS on this node: the tier each volume has, and its enforcement on the pods
 that use it (engine/qos/). Glue between the volume life cycle and the QoS engine.
 
-Records (kind "qos", key volume_id) hold each volume's spec, so a publish, a restart or a
-tier change finds it. Enforcement is best effort on purpose: when the node has no usable
+Each volume's spec is kept in its backing record (engine/volumes.py), so a publish, a
+restart or a tier change finds it, at no extra commit on CreateVolume. Enforcement is best effort on purpose: when the node has no usable
 cgroup I/O controller, or a pod has no cgroup yet, the volume is still published (a pod
 without its volume is worse than one without its limit) and a warning says why.
 """
@@ -16,10 +16,10 @@ from engine.qos.squeeze import SqueezeLoop
 from engine.qos.throttle import QosBinding, QosEnforcer
 from engine.qos.tiers import QosSpec
 from engine.state import Store
+from engine.volumes import VolumeFiles
 
 log = logging.getLogger(__name__)
 
-KIND = "qos"
 PUBLISH = "publish"
 
 
@@ -40,6 +40,11 @@ class NodeQos:
         self.enforcer: QosEnforcer | None = None
         self.squeeze: SqueezeLoop | None = None
         self.unavailable_reason = "disabled by configuration" if not enabled else ""
+        self.files: VolumeFiles | None = None
+
+    def attach(self, files: VolumeFiles) -> None:
+        """Where the volumes' specs are kept."""
+        self.files = files
 
     def open(self) -> None:
         """Find the I/O controller, re-apply every recorded binding, start the squeeze loop."""
@@ -66,17 +71,15 @@ class NodeQos:
 
     # --- specs ---------------------------------------------------------------------------
     def spec(self, volume_id: str) -> QosSpec:
-        rec = self.store.get(KIND, volume_id)
-        return QosSpec.from_json(rec["spec"]) if rec else QosSpec()
+        backing = self.files.get(volume_id) if self.files else None
+        return QosSpec.from_json(backing.qos_json) if backing else QosSpec()
 
     def set_spec(self, volume_id: str, spec: QosSpec) -> None:
         """Record the volume's tier and apply it to the pods using it now (no remount)."""
-        self.store.put(KIND, volume_id, {"spec": spec.to_json()})
+        assert self.files is not None, "attach() first"
+        self.files.set_qos(volume_id, spec.to_json())
         if self.enforcer is not None:
             self.enforcer.update(volume_id, spec)
-
-    def forget(self, volume_id: str) -> None:
-        self.store.delete(KIND, volume_id)
 
     # --- publish / unpublish ---------------------------------------------------------------
     def published(self, volume_id: str, pod_uid: str, device: tuple[int, int]) -> None:

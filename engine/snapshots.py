@@ -131,8 +131,10 @@ class Snapshots:
         crash.point("snapshot-delete-after-record")
         self.pool.delete_snapshot(rec["pool_name"])
 
-    def restore(self, snapshot_id: str, volume_id: str, size_bytes: int) -> Backing:
-        return self.files.create(volume_id, size_bytes, restore_from=self.require(snapshot_id))
+    def restore(self, snapshot_id: str, volume_id: str, size_bytes: int,
+                qos_json: str = "") -> Backing:
+        return self.files.create(volume_id, size_bytes, restore_from=self.require(snapshot_id),
+                                 qos_json=qos_json)
 
     # --- start-up --------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -36,6 +36,7 @@ class Backing:
     state: str
     created_at: float
     origin: str = EMPTY
+    qos_json: str = ""  # the volume's QoS spec (engine/qos/tiers.py), kept with it
 
     @classmethod
     def from_record(cls, volume_id: str, rec: dict) -> Backing:
@@ -84,6 +85,7 @@ class VolumeFiles:
         *,
         clone_from: Backing | None = None,
         restore_from: PoolObject | None = None,
+        qos_json: str = "",
     ) -> Backing:
         """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
 
@@ -99,7 +101,7 @@ class VolumeFiles:
         sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time(),
-                          origin)
+                          origin, qos_json)
         # The file comes first, its record second: a crash in between leaves a file no
         # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
@@ -140,6 +142,14 @@ class VolumeFiles:
         grown = dataclasses.replace(backing, size_bytes=size_bytes)
         self.store.put(KIND, volume_id, grown.record())
         return grown
+
+    def set_qos(self, volume_id: str, qos_json: str) -> None:
+        with self.store.txn() as t:
+            rec = t.get(KIND, volume_id)
+            if rec is None:
+                raise NotFound(f"volume {volume_id} has no backing file on this node")
+            rec["qos_json"] = qos_json
+            t.put(KIND, volume_id, rec)
 
     def all(self) -> list[Backing]:
         return [Backing.from_record(k, r) for k, r in self.store.list(KIND) if r["state"] == READY]

@@ -79,3 +79,69 @@ def test_kill_9_mid_writes_leaves_a_consistent_store(tmp_path):
     a, b = s.get("k", "a"), s.get("k", "b")
     s.close()
     assert a == b  # both keys of every transaction, never one
+
+
+def test_concurrent_transactions_are_group_committed(tmp_path, monkeypatch):
+    import threading
+
+    s = SqliteStore(str(tmp_path / "state.sqlite"))
+    commits = []
+    real_commit = s._commit
+
+    def counting_commit(batch):
+        commits.append(batch)
+        real_commit(batch)
+
+    monkeypatch.setattr(s, "_commit", counting_commit)
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(50):
+                with s.txn() as t:
+                    t.put("k", f"{i}-{j}", {"i": i, "j": j})
+                # durable (committed) when txn() returns: another connection sees it
+                assert s.get("k", f"{i}-{j}") == {"i": i, "j": j}
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(s.list("k")) == 400
+    assert len(commits) < 400  # some commits carried several transactions
+    s.close()
+
+
+def test_a_failing_transaction_leaves_its_group_intact(store):
+    import threading
+
+    barrier = threading.Barrier(2)
+    outcome = {}
+
+    def good():
+        barrier.wait()
+        with store.txn() as t:
+            t.put("k", "good", {})
+        outcome["good"] = True
+
+    t = threading.Thread(target=good)
+    t.start()
+    barrier.wait()
+    with pytest.raises(ValueError):
+        with store.txn() as txn:
+            txn.put("k", "bad", {})
+            raise ValueError("no")
+    t.join()
+    assert outcome == {"good": True}
+    assert [k for k, _ in store.list("k")] == ["good"]
+
+
+def test_transactions_do_not_nest(store):
+    with store.txn():
+        with pytest.raises(RuntimeError, match="nest"):
+            with store.txn():
+                pass
