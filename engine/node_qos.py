@@ -2,9 +2,10 @@
 that use it (engine/qos/). Glue between the volume life cycle and the QoS engine.
 
 Each volume's spec is kept in its backing record (engine/volumes.py), so a publish, a
-restart or a tier change finds it, at no extra commit on CreateVolume. Enforcement is best effort on purpose: when the node has no usable
-cgroup I/O controller, or a pod has no cgroup yet, the volume is still published (a pod
-without its volume is worse than one without its limit) and a warning says why.
+restart or a tier change finds it, at no extra commit on CreateVolume. Enforcement is
+best effort on purpose: when the node has no usable cgroup I/O controller, or a pod has
+no cgroup yet, the volume is still published (a pod without its volume is worse than one
+without its limit) and a warning says why.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 packages=(python3 python3-venv python3-pip python3-dev gcc xfsprogs e2fsprogs btrfs-progs util-linux mount fio
-          iproute2 iptables fuse3 kmod)
+          iproute2 iptables fuse3 kmod
+          # the QEMU guest of tests/vm (cgroup v2 io.max): a Debian kernel with 9p, busybox for its
+          # initramfs; tiny-initramfs satisfies the kernel's initramfs dependency without udev/systemd
+          qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
