@@ -9,7 +9,7 @@ venv="${TANDEM_VENV:-/opt/tandem/venv}"
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-packages=(python3 python3-venv python3-pip python3-dev gcc xfsprogs e2fsprogs btrfs-progs util-linux mount fio
+packages=(python3 python3-venv python3-pip python3-dev gcc libc6-dev xfsprogs e2fsprogs btrfs-progs util-linux mount fio
           iproute2 iptables fuse3 kmod
           # the QEMU guest of tests/vm (cgroup v2 io.max): a Debian kernel with 9p, busybox for its
           # initramfs; tiny-initramfs satisfies the kernel's initramfs dependency without udev/systemd
@@ -21,7 +21,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
+  # no recommends: the QEMU and kernel packages would pull in a desktop stack
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
