@@ -26,20 +26,6 @@ TOLERANCE = 0.15
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: loop devices and cgroup v1 blkio (run the suite as root)")
-    if not os.path.isfile(os.path.join(BLKIO, "blkio.throttle.read_iops_device")):
-        pytest.fail(f"{BLKIO} has no blkio throttle files: not the cgroup v1 layout expected")
-    the_lab = Lab()
-    try:
-        yield the_lab
-    finally:
-        problems = the_lab.cleanup()
-        assert not problems, problems
-
-
-@pytest.fixture
 def enforcer(lab: Lab) -> Iterator[QosEnforcer]:
     enf = lab.enforcer(rebalance_interval_s=0.25)
     try:

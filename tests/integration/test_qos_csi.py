@@ -13,23 +13,11 @@ from engine.qos import limits
 from engine.qos.fio import FioJob
 from proto import csi_pb2
 from tests import support
-from tests.bench.qos import BLKIO, Lab
+from tests.bench.qos import BLKIO
 from tests.integration.helpers import MIB, create_request, publish_request, stage_request
 
 TOLERANCE = 0.15
 POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
-
-
-@pytest.fixture
-def lab():
-    if os.geteuid() != 0:
-        pytest.fail("needs root: loop devices and cgroup v1 blkio")
-    the_lab = Lab()
-    try:
-        yield the_lab
-    finally:
-        problems = the_lab.cleanup()
-        assert not problems, problems
 
 
 def start(test_root, lab, **kw):
