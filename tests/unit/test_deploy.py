@@ -1,0 +1,52 @@
+"""The manifests in deploy/ agree with the driver: names, parameters, tiers and flags."""
+
+import glob
+import os
+
+import yaml
+
+from csi import validation
+from csi.config import DRIVER_NAME
+from csi.server import parse_args
+from engine.qos.tiers import DEFAULT_TIERS, resolve_qos
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def objects(kind: str) -> list[dict]:
+    found = []
+    for path in sorted(glob.glob(os.path.join(REPO, "deploy", "*.yaml"))):
+        with open(path) as f:
+            found += [d for d in yaml.safe_load_all(f) if d and d.get("kind") == kind]
+    return found
+
+
+def test_csidriver():
+    (driver,) = objects("CSIDriver")
+    assert driver["metadata"]["name"] == DRIVER_NAME
+    assert driver["spec"]["podInfoOnMount"] is True  # tiers need the pod UID at publish
+    assert driver["spec"]["storageCapacity"] is True  # GetCapacity per tier steers scheduling
+
+
+def test_storage_classes_and_attribute_classes_use_known_parameters():
+    for sc in objects("StorageClass"):
+        assert sc["provisioner"] == DRIVER_NAME
+        params = validation.check_parameters(sc["parameters"], validation.VOLUME_PARAMETER_KEYS,
+                                             "parameter")
+        assert resolve_qos(params).name in DEFAULT_TIERS
+    for vac in objects("VolumeAttributesClass"):
+        assert vac["driverName"] == DRIVER_NAME
+        params = validation.check_parameters(vac["parameters"],
+                                             validation.MUTABLE_PARAMETER_KEYS, "parameter")
+        assert resolve_qos({}, params).name in DEFAULT_TIERS
+
+
+def test_the_node_daemonset_flags_parse():
+    (ds,) = objects("DaemonSet")
+    (container,) = [c for c in ds["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "tandem"]
+    args = [a.replace("$(NODE_NAME)", "node-1").replace("$(NODE_ZONE)", "zone-1")
+            for a in container["args"]]
+    config = parse_args(args)
+    assert config.endpoint == "unix:///csi/csi.sock"
+    assert config.node_id == "node-1" and config.zone == "zone-1"
