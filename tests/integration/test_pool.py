@@ -103,3 +103,33 @@ def test_clone_is_a_reflink_with_the_same_data(stubs, test_root):
     for vid, st in [(vol.volume_id, "st"), (clone.volume_id, "st2")]:
         stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=vid, staging_target_path=f"{test_root}/{st}"))
+
+
+def test_lost_device_and_lost_backing_are_reported_abnormal(stubs, test_root, driver):
+    vol = stubs.controller.CreateVolume(create_request("lost", block=True)).volume
+    staging, target = f"{test_root}/st", f"{test_root}/dev"
+    os.makedirs(staging)
+    stubs.node.NodeStageVolume(stage_request(vol.volume_id, staging, block=True))
+    stubs.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, target_path=target,
+        volume_capability=stage_request(vol.volume_id, staging, block=True).volume_capability))
+    stats = stubs.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=vol.volume_id, volume_path=target))
+    assert not stats.volume_condition.abnormal
+    # someone detaches the loop device behind the driver's back
+    prefix = f"{test_root}/state/pool/volumes/"
+    (dev,) = [d for d in LoopDevices().all() if d.backing_file.startswith(prefix)]
+    subprocess.run(["losetup", "-d", dev.path], check=True)
+    stats = stubs.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=vol.volume_id, volume_path=target))
+    assert stats.volume_condition.abnormal and "loop device" in stats.volume_condition.message
+    stubs.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=vol.volume_id, target_path=target))
+    stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging))
+    # and the backing storage itself vanishes
+    pool = driver.driver.engine.pool
+    pool.delete_volume(driver.driver.engine.volume(vol.volume_id).pool_name)
+    cond = stubs.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+        volume_id=vol.volume_id)).status.volume_condition
+    assert cond.abnormal and "missing" in cond.message
