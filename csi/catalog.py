@@ -4,8 +4,8 @@ Kinds in the store:
   volume      key volume_id            -> VolumeRecord fields
   volume-name key name                 -> {"volume_id": ...}   (the idempotency index)
   attachment  key volume_id|node_id    -> {"read_only": bool}
-A volume is listed only once it is "ready", so a crash mid-create never shows a
-half-made entry; reconcile() settles such records at start-up.
+A volume's record is written only once its storage exists (and removed before its storage
+goes), so a listed volume is always a whole one; start-up removes storage no record owns.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from engine.state import Store
 
 VOLUME, VOLUME_NAME, ATTACHMENT = "volume", "volume-name", "attachment"
-CREATING, READY, DELETING = "creating", "ready", "deleting"
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,6 @@ class VolumeRecord:
     qos_json: str = ""
     source_kind: str = ""  # "", "volume" or "snapshot"
     source_id: str = ""
-    state: str = CREATING
     created_at: float = 0.0
 
     def to_record(self) -> dict:
@@ -75,16 +73,13 @@ class Catalog:
                 self._provisioned[node_id] = self._provisioned.get(node_id, 0) + delta
 
     # --- volumes -----------------------------------------------------------------
-    def volume(self, volume_id: str, *, any_state: bool = False) -> VolumeRecord | None:
+    def volume(self, volume_id: str) -> VolumeRecord | None:
         rec = self.store.get(VOLUME, volume_id)
-        if rec is None:
-            return None
-        vol = VolumeRecord.from_record(rec)
-        return vol if any_state or vol.state == READY else None
+        return VolumeRecord.from_record(rec) if rec else None
 
     def volume_by_name(self, name: str) -> VolumeRecord | None:
         ref = self.store.get(VOLUME_NAME, name)
-        return self.volume(ref["volume_id"], any_state=True) if ref else None
+        return self.volume(ref["volume_id"]) if ref else None
 
     def add(self, vol: VolumeRecord) -> None:
         with self.store.txn() as t:
@@ -111,29 +106,18 @@ class Catalog:
             self._account(vol.node_id, -old["capacity_bytes"])
 
     def volumes(self, *, after: str = "", limit: int = 0) -> list[VolumeRecord]:
-        """Ready volumes in ID order, starting after `after`."""
-        out: list[VolumeRecord] = []
-        cursor = after
-        while True:
-            batch = self.store.list(VOLUME, after=cursor, limit=max(limit, 256))
-            if not batch:
-                return out
-            for key, rec in batch:
-                cursor = key
-                if rec["state"] == READY:
-                    out.append(VolumeRecord.from_record(rec))
-                    if limit and len(out) == limit:
-                        return out
+        """Volumes in ID order, starting after `after`."""
+        return [VolumeRecord.from_record(r)
+                for _, r in self.store.list(VOLUME, after=after, limit=limit)]
 
-    def all_volumes(self, *, any_state: bool = False) -> list[VolumeRecord]:
-        vols = [VolumeRecord.from_record(r) for _, r in self.store.list(VOLUME)]
-        return vols if any_state else [v for v in vols if v.state == READY]
+    def all_volumes(self) -> list[VolumeRecord]:
+        return self.volumes()
 
     def provisioned_bytes(self, node_id: str) -> int:
         with self._lock:
             if self._provisioned is None:
                 totals: dict[str, int] = {}
-                for v in self.all_volumes(any_state=True):
+                for v in self.all_volumes():
                     totals[v.node_id] = totals.get(v.node_id, 0) + v.capacity_bytes
                 self._provisioned = totals
             return self._provisioned.get(node_id, 0)

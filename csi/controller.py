@@ -12,7 +12,7 @@ import time
 import grpc
 
 from csi import sizes, validation
-from csi.catalog import CREATING, DELETING, READY, Catalog, VolumeRecord, new_volume_id
+from csi.catalog import Catalog, VolumeRecord, new_volume_id
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import RpcError, invalid, not_found, translated
 from csi.locks import KeyLocks
@@ -73,7 +73,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _guaranteed(self, node: NodeEngine) -> dict[str, QosSpec]:
         """The QoS specs of the volumes placed on node (for admission of minima)."""
         return {v.volume_id: QosSpec.from_json(v.qos_json)
-                for v in self.catalog.all_volumes(any_state=True)
+                for v in self.catalog.all_volumes()
                 if v.node_id == node.identity.node_id and v.qos_json}
 
     def _room_problem(self, node: NodeEngine, size: int, qos: QosSpec) -> str:
@@ -189,7 +189,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 node_id=node.identity.node_id, zone=node.identity.zone,
                 access_types=tuple(sorted(set(access_types))), parameters=params,
                 mutable_parameters=mutable, qos_json=qos.to_json(),
-                source_kind=source_kind, source_id=source_id, state=READY,
+                source_kind=source_kind, source_id=source_id,
                 created_at=time.time(),
             )
             # Storage first, record second: a crash in between leaves a backing volume
@@ -244,7 +244,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if not validation.well_formed_id(volume_id):
             return csi_pb2.DeleteVolumeResponse()  # never ours, so already gone
         with self.locks.hold(volume_id):
-            vol = self.catalog.volume(volume_id, any_state=True)
+            vol = self.catalog.volume(volume_id)
             if vol is None:
                 return csi_pb2.DeleteVolumeResponse()
             attached = self.catalog.attachments_of(volume_id)
@@ -451,18 +451,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
 
 def reconcile(catalog: Catalog, nodes: dict[str, NodeEngine]) -> None:
-    """At start-up: remove backing volumes no record owns (a create cut short), and
-    settle records an older release left mid-create or mid-delete."""
-    for vol in catalog.all_volumes(any_state=True):
-        if vol.state in (CREATING, DELETING):
-            log.warning("settling interrupted %s of volume %s", vol.state, vol.volume_id)
-            node = nodes.get(vol.node_id)
-            if node is not None:
-                node.delete_volume(vol.volume_id)
-            catalog.forget(vol)
+    """At start-up: remove backing volumes no record owns (a create cut short)."""
     for node in nodes.values():
         for backing in node.files.all():
-            if catalog.volume(backing.volume_id, any_state=True) is None:
+            if catalog.volume(backing.volume_id) is None:
                 log.warning("removing volume %s from %s: no record owns it",
                             backing.volume_id, node.identity.node_id)
                 node.delete_volume(backing.volume_id)

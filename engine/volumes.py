@@ -23,7 +23,6 @@ from engine.state import Store
 log = logging.getLogger(__name__)
 
 KIND = "backing"
-CREATING, READY, DELETING = "creating", "ready", "deleting"
 EMPTY, CLONE, RESTORE = "empty", "clone", "restore"  # how a volume's storage was made
 
 
@@ -33,7 +32,6 @@ class Backing:
     pool_name: str
     size_bytes: int
     sector_size_bytes: int
-    state: str
     created_at: float
     origin: str = EMPTY
     qos_json: str = ""  # the volume's QoS spec (engine/qos/tiers.py), kept with it
@@ -65,9 +63,7 @@ class VolumeFiles:
 
     def get(self, volume_id: str) -> Backing | None:
         rec = self.store.get(KIND, volume_id)
-        if rec is None or rec["state"] != READY:
-            return None
-        return Backing.from_record(volume_id, rec)
+        return Backing.from_record(volume_id, rec) if rec else None
 
     def require(self, volume_id: str) -> Backing:
         backing = self.get(volume_id)
@@ -95,13 +91,13 @@ class VolumeFiles:
         source = clone_from or restore_from
         existing = self.store.get(KIND, volume_id)
         if existing is not None:
-            if existing["state"] == READY and existing["size_bytes"] == size_bytes:
+            if existing["size_bytes"] == size_bytes:
                 return Backing.from_record(volume_id, existing)
             raise AlreadyExists(f"volume {volume_id} already has a backing file")
         sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
-        backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, READY, time.time(),
-                          origin, qos_json)
+        backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, time.time(), origin,
+                          qos_json)
         # The file comes first, its record second: a crash in between leaves a file no
         # record owns, which reconcile() removes. One commit instead of an intent + done.
         try:
@@ -152,7 +148,7 @@ class VolumeFiles:
             t.put(KIND, volume_id, rec)
 
     def all(self) -> list[Backing]:
-        return [Backing.from_record(k, r) for k, r in self.store.list(KIND) if r["state"] == READY]
+        return [Backing.from_record(k, r) for k, r in self.store.list(KIND)]
 
     def reconcile(self) -> None:
         """Drop storage no record owns; remake empty volumes a power cut took back.
@@ -164,11 +160,6 @@ class VolumeFiles:
         """
         known = set()
         for volume_id, rec in self.store.list(KIND):
-            if rec["state"] in (CREATING, DELETING):  # written by releases before 0.1
-                log.warning("finishing interrupted %s of volume %s", rec["state"], volume_id)
-                self.pool.delete_volume(rec["pool_name"])
-                self.store.delete(KIND, volume_id)
-                continue
             backing = Backing.from_record(volume_id, rec)
             known.add(backing.pool_name)
             if self.pool.volume_exists(backing.pool_name):
