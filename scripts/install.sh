@@ -9,11 +9,16 @@ venv="${TANDEM_VENV:-/opt/tandem/venv}"
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-packages=(python3 python3-venv python3-pip python3-dev gcc libc6-dev xfsprogs e2fsprogs btrfs-progs util-linux mount fio
-          iproute2 iptables fuse3 kmod
-          # the QEMU guest of tests/vm (cgroup v2 io.max): a Debian kernel with 9p, busybox for its
-          # initramfs; tiny-initramfs satisfies the kernel's initramfs dependency without udev/systemd
-          qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio)
+# the driver: Python and a compiler (the mirror's C fast path), filesystems, loop devices,
+# fio (measures the pool's IOPS once), FUSE (the mirror's frontend)
+packages=(python3 python3-venv python3-pip python3-dev gcc libc6-dev xfsprogs e2fsprogs btrfs-progs
+          util-linux mount fio fuse3 kmod iproute2)
+if [ "$dev" = 1 ]; then
+  # the tests: namespaces and firewall rules for zones; the QEMU guest of tests/vm (cgroup v2
+  # io.max): a Debian kernel with 9p, busybox for its initramfs; tiny-initramfs satisfies the
+  # kernel's initramfs dependency without udev/systemd
+  packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
