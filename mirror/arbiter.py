@@ -69,7 +69,9 @@ class SqliteArbiter:
         try:
             db = self._db()
             try:
-                row = db.execute("SELECT version, record FROM volumes WHERE volume_id=?", (volume_id,)).fetchone()
+                row = db.execute(
+                    "SELECT version, record FROM volumes WHERE volume_id=?", (volume_id,)
+                ).fetchone()
             finally:
                 db.close()
         except sqlite3.Error as e:
@@ -85,13 +87,17 @@ class SqliteArbiter:
             db = self._db()
             try:
                 db.execute("BEGIN IMMEDIATE")
-                row = db.execute("SELECT version FROM volumes WHERE volume_id=?", (record.volume_id,)).fetchone()
+                row = db.execute(
+                    "SELECT version FROM volumes WHERE volume_id=?", (record.volume_id,)
+                ).fetchone()
                 current = row[0] if row else 0
                 if current != expected_version:
                     db.execute("ROLLBACK")
                     return None
-                db.execute("INSERT OR REPLACE INTO volumes (volume_id, version, record) VALUES (?,?,?)",
-                           (record.volume_id, new.version, text))
+                db.execute(
+                    "INSERT OR REPLACE INTO volumes (volume_id, version, record) VALUES (?,?,?)",
+                    (record.volume_id, new.version, text),
+                )
                 db.execute("COMMIT")
             finally:
                 db.close()
@@ -101,8 +107,16 @@ class SqliteArbiter:
 
 
 def _encode(r: VolumeRecord) -> str:
-    return json.dumps({"schema": SCHEMA_VERSION, "volume_id": r.volume_id, "generation": r.generation,
-                       "owner": r.owner, "replicas": r.replicas}, sort_keys=True)
+    return json.dumps(
+        {
+            "schema": SCHEMA_VERSION,
+            "volume_id": r.volume_id,
+            "generation": r.generation,
+            "owner": r.owner,
+            "replicas": r.replicas,
+        },
+        sort_keys=True,
+    )
 
 
 def _decode(text: str, version: int) -> VolumeRecord:

@@ -8,7 +8,7 @@ import itertools
 import json
 import os
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 from engine.errors import Unavailable
 
@@ -31,7 +31,9 @@ def raise_status(status: int, what: str) -> None:
         raise ReplicaError(-status, f"{what}: {os.strerror(-status)}")
 
 
-def connect(addr: ReplicaAddr | tuple[str, int], key: bytes, timeout_s: float = 5.0) -> socket.socket:
+def connect(
+    addr: ReplicaAddr | tuple[str, int], key: bytes, timeout_s: float = 5.0
+) -> socket.socket:
     host, port = (addr.host, addr.port) if isinstance(addr, ReplicaAddr) else addr
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -64,7 +66,9 @@ class ReplicaClient:
 
     def _recv_reply(self) -> tuple[int, int, bytes]:
         length, status, rid = wire.REP.unpack(auth.recv_exact(self.sock, wire.REP_BYTES))
-        payload = auth.recv_exact(self.sock, length - wire.REP_BYTES) if length > wire.REP_BYTES else b""
+        payload = (
+            auth.recv_exact(self.sock, length - wire.REP_BYTES) if length > wire.REP_BYTES else b""
+        )
         return rid, status, payload
 
     def pipeline(self, reqs: Iterable[tuple[int, int, int, bytes, int]]) -> list[tuple[int, bytes]]:
@@ -83,7 +87,9 @@ class ReplicaClient:
             res.append((status, payload))
         return res
 
-    def call(self, op: int, offset: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+    def call(
+        self, op: int, offset: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0
+    ) -> bytes:
         ((status, data),) = self.pipeline([(op, offset, count, payload, flags)])
         raise_status(status, wire.OP_NAMES.get(op, str(op)))
         return data
@@ -92,8 +98,8 @@ class ReplicaClient:
     def open(self, volume_id: str, generation: int, size_bytes: int = 0, create: bool = False,
              writer: bool = False) -> dict:
         """writer=True: the frontend's data link; it fences the previous data link."""
-        req = {"volume_id": volume_id, "generation": generation, "size_bytes": size_bytes, "create": create,
-               "writer": writer}
+        req = {"volume_id": volume_id, "generation": generation, "size_bytes": size_bytes,
+               "create": create, "writer": writer}
         self.info = json.loads(self.call(wire.OPEN, payload=json.dumps(req).encode()))
         return self.info
 

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any, cast
 
 from engine.errors import NotFound, Unavailable
 
@@ -59,6 +60,9 @@ IN_SYNC, OUT_OF_SYNC, RESYNCING = (
 
 # Python-side ops; plain reads and writes in flight are C ops (K_WRITE here only while deferred)
 K_WRITE, K_SYNC, K_CTRL, K_RREAD, K_RWRITE = range(5)
+
+# what the C side accepts as a payload (the Buffer of _fastpath.pyi)
+_Buffer = bytes | bytearray | memoryview
 
 Reply = Callable[[int, int, object], None]  # (fuse unique, -errno or 0, payload bytes/view or None)
 
@@ -188,7 +192,7 @@ class MirrorCore:
         gen = self.record.generation
         states = self.record.replicas
         fresh = self.record.version == 1  # we just created it: every replica starts empty
-        results: dict[str, object] = {}
+        results: dict[str, tuple[Any, BaseException | None]] = {}
         for link in self.links:
             st = states.get(link.rid)
             link.state = ReplicaState(st) if st else OUT_OF_SYNC
@@ -199,7 +203,8 @@ class MirrorCore:
             link.connecting = True
             self.helpers.submit(
                 self._opener(link, gen),
-                lambda res, err, lk=link: results.__setitem__(lk.rid, (res, err)),
+                # mypy cannot infer lambdas with default arguments
+                lambda res, err, lk=link: results.__setitem__(lk.rid, (res, err)),  # type: ignore[misc]
             )
         deadline = time.monotonic() + self.t.io_timeout_s + 5
         while len(results) < len(self.links) and time.monotonic() < deadline:
@@ -207,9 +212,9 @@ class MirrorCore:
             self.helpers.drain()
         for link in self.links:
             link.connecting = False
-            res, err = results.get(link.rid, (None, TimeoutError("connect timed out")))  # type: ignore[misc]
+            res, err = results.get(link.rid, (None, TimeoutError("connect timed out")))
             if err is None:
-                self._attach_socket(link, res)  # type: ignore[arg-type]
+                self._attach_socket(link, res)
             else:
                 self._note_open_error(link, err)
         self._recompute()
@@ -290,7 +295,7 @@ class MirrorCore:
     def _on_startup_maps(self, link: Link, status: int, payload: object) -> None:
         if status < 0:
             return
-        data = bytes(payload)  # type: ignore[arg-type]
+        data = bytes(cast(_Buffer, payload))
         dirty, al = data[: self.regions], data[self.regions :]
         al_regions = bytearray(self.regions)
         per = AL_EXTENT_BYTES // REGION_BYTES
@@ -422,7 +427,7 @@ class MirrorCore:
         wop: int,
         offset: int = 0,
         count: int = 0,
-        payload: object = None,
+        payload: _Buffer | None = None,
         flags: int = 0,
     ) -> None:
         self.dp.send(link.slot, op, wop, flags, offset, count, payload)
@@ -533,7 +538,8 @@ class MirrorCore:
                 link.last_attempt = now
                 self.helpers.submit(
                     self._opener(link, self.record.generation),
-                    lambda res, err, lk=link: self._on_reconnect(lk, res, err),
+                    # mypy cannot infer lambdas with default arguments
+                    lambda res, err, lk=link: self._on_reconnect(lk, res, err),  # type: ignore[misc]
                 )
             elif (
                 link.state == RESYNCING
@@ -650,10 +656,12 @@ class MirrorCore:
                     self._fence(str(err))
                     return
                 log.warning("arbiter: %s; I/O stays blocked, retrying", err)
-                self.helpers.submit(
-                    lambda: (time.sleep(0.5), self._cas_state(link.rid, OUT_OF_SYNC))[1],
-                    arbiter_done,
-                )
+
+                def retry() -> VolumeRecord:
+                    time.sleep(0.5)
+                    return self._cas_state(link.rid, OUT_OF_SYNC)
+
+                self.helpers.submit(retry, arbiter_done)
                 return
             self.record = res  # type: ignore[assignment]
             state["arbiter"] = True
@@ -749,7 +757,7 @@ class MirrorCore:
     def _al_repair(self, link: Link, status: int, payload: object) -> None:
         if status < 0 or not link.connected:
             return
-        al = bytes(payload)[self.regions :]  # type: ignore[arg-type]
+        al = bytes(cast(_Buffer, payload))[self.regions :]
         per = AL_EXTENT_BYTES // REGION_BYTES
         for e, b in enumerate(al):
             if b:
@@ -762,7 +770,7 @@ class MirrorCore:
         link.maps_pending = False
         if status < 0 or link.state != RESYNCING:
             return
-        _or_into(link.dirty, bytes(payload)[: self.regions])  # type: ignore[arg-type]
+        _or_into(link.dirty, bytes(cast(_Buffer, payload))[: self.regions])
         self._start_job(link, mark_in_sync=True)
 
     def _start_job(self, link: Link, mark_in_sync: bool) -> None:
@@ -816,7 +824,7 @@ class MirrorCore:
                 self._finish_job(job)
 
     def _resync_read_done(self, op: Op, payload: memoryview) -> None:
-        link, _n = op.data  # type: ignore[misc]
+        link, _n = cast("tuple[Link, int]", op.data)
         job = op.job
         if job is None or self.jobs.get(link.rid) is not job or not link.connected:
             self._resync_chunk_failed(op)
@@ -847,7 +855,7 @@ class MirrorCore:
         self._pump_jobs()
 
     def _resync_chunk_failed(self, op: Op) -> None:
-        link, n = op.data  # type: ignore[misc]
+        link, n = cast("tuple[Link, int]", op.data)
         rop = op.cb if op.kind == K_RWRITE else op
         if isinstance(rop, Op):
             self.dp.unregister(rop.token)  # idempotent
@@ -965,7 +973,7 @@ class _FencedError(Exception):
     pass
 
 
-def _or_into(dst: bytearray, src: bytes) -> None:
+def _or_into(dst: bytearray, src: bytes | bytearray) -> None:
     i = src.find(1)
     while i >= 0:
         dst[i] = 1

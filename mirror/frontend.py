@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 from engine.errors import Unavailable
 from engine.loopdev import LoopDevices
@@ -23,6 +24,7 @@ from . import fuse_mount
 from .spec import FrontendTuning, ReplicaAddr, ReplicaState, ReplicaStatus
 
 FILE_NAME = "volume"
+_DEFAULT_TUNING = FrontendTuning()  # frozen: one shared default instance, as before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +37,10 @@ class FrontendStatus:
 
 
 class Frontend:
-    def __init__(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr], arbiter_url: str,
-                 state_dir: str, key_path: str, netns: str | None = None,
-                 tuning: FrontendTuning = FrontendTuning(), preferred_read_replica: str | None = None,
+    def __init__(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr],
+                 arbiter_url: str, state_dir: str, key_path: str, netns: str | None = None,
+                 tuning: FrontendTuning = _DEFAULT_TUNING,
+                 preferred_read_replica: str | None = None,
                  loops: LoopDevices | None = None):
         self.volume_id = volume_id
         self.loops = loops or LoopDevices()
@@ -46,10 +49,11 @@ class Frontend:
         self.state_dir = os.path.abspath(state_dir)
         self.mountpoint = os.path.join(self.state_dir, "mnt")
         self.config_path = os.path.join(self.state_dir, "frontend.json")
-        self._cfg = {"volume_id": volume_id, "size_bytes": size_bytes, "state_dir": self.state_dir,
-                     "replicas": [dataclasses.asdict(r) for r in replicas], "key_path": key_path,
-                     "arbiter_url": arbiter_url, "netns": netns, "tuning": dataclasses.asdict(tuning),
-                     "preferred_read_replica": preferred_read_replica}
+        self._cfg: dict[str, Any] = {
+            "volume_id": volume_id, "size_bytes": size_bytes, "state_dir": self.state_dir,
+            "replicas": [dataclasses.asdict(r) for r in replicas], "key_path": key_path,
+            "arbiter_url": arbiter_url, "netns": netns, "tuning": dataclasses.asdict(tuning),
+            "preferred_read_replica": preferred_read_replica}
         self.holder: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.device_path: str | None = None
@@ -66,12 +70,15 @@ class Frontend:
         if os.path.exists(holder_sock):
             os.unlink(holder_sock)
         self.holder = subprocess.Popen(
-            [sys.executable, "-m", "mirror.fdholder", "--mountpoint", self.mountpoint, "--socket", holder_sock,
-             "--name", f"tandem-{self.volume_id}"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "holder.log"), "ab"),
+            [sys.executable, "-m", "mirror.fdholder", "--mountpoint", self.mountpoint,
+             "--socket", holder_sock, "--name", f"tandem-{self.volume_id}"],
+            stdout=subprocess.DEVNULL,
+            # the parent's copy of the log fd stays open (unchanged behaviour)
+            stderr=open(os.path.join(self.state_dir, "holder.log"), "ab"),  # noqa: SIM115
             start_new_session=True, cwd=_package_root())
-        fuse_mount.wait_for(lambda: fuse_mount.is_mounted(self.mountpoint) and os.path.exists(holder_sock),
-                            timeout_s, "the FUSE mount")
+        fuse_mount.wait_for(
+            lambda: fuse_mount.is_mounted(self.mountpoint) and os.path.exists(holder_sock),
+            timeout_s, "the FUSE mount")
         self.start_worker(timeout_s)
         # direct I/O or nothing: a buffered loop device serialises writes (strict: refused -> error)
         self.device_path = self.loops.attach(self.file_path, direct_io=True, strict_direct_io=True,
@@ -84,12 +91,15 @@ class Frontend:
             os.unlink(ctl)
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "mirror.frontend_worker", "--config", self.config_path],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.state_dir, "worker.log"), "ab"),
+            stdout=subprocess.DEVNULL,
+            # the parent's copy of the log fd stays open (unchanged behaviour)
+            stderr=open(os.path.join(self.state_dir, "worker.log"), "ab"),  # noqa: SIM115
             start_new_session=True, cwd=_package_root())
         deadline = time.monotonic() + timeout_s
         while True:
             if self.worker.poll() is not None:
-                raise Unavailable(f"frontend worker exited {self.worker.returncode}; see {self.state_dir}/worker.log")
+                raise Unavailable(f"frontend worker exited {self.worker.returncode}; "
+                                  f"see {self.state_dir}/worker.log")
             try:
                 self.control({"op": "status"})
                 return
@@ -158,8 +168,9 @@ class Frontend:
     def status(self) -> FrontendStatus:
         d = self.control({"op": "status"})
         return FrontendStatus(d["volume_id"], d["generation"], d["fenced"], tuple(
-            ReplicaStatus(r["replica_id"], ReplicaState(r["state"]), r["connected"], r["resync_done_bytes"],
-                          r["resync_total_bytes"]) for r in d["replicas"]), d["pid"])
+            ReplicaStatus(r["replica_id"], ReplicaState(r["state"]), r["connected"],
+                          r["resync_done_bytes"], r["resync_total_bytes"])
+            for r in d["replicas"]), d["pid"])
 
     def add_replica(self, addr: ReplicaAddr) -> None:
         self.control({"op": "add_replica", "replica": dataclasses.asdict(addr)})

@@ -32,7 +32,8 @@ def load_config(path: str) -> FrontendConfig:
         volume_id=d["volume_id"], size_bytes=d["size_bytes"],
         replicas=tuple(ReplicaAddr(**r) for r in d["replicas"]), state_dir=d["state_dir"],
         key_path=d["key_path"], arbiter_url=d["arbiter_url"], netns=d.get("netns"),
-        tuning=FrontendTuning(**d.get("tuning", {})), preferred_read_replica=d.get("preferred_read_replica"))
+        tuning=FrontendTuning(**d.get("tuning", {})),
+        preferred_read_replica=d.get("preferred_read_replica"))
 
 
 class Worker:
@@ -46,7 +47,8 @@ class Worker:
         cfg = self.cfg
         if cfg.tuning.node_safety:
             nodesafety.harden()
-        state, fuse_fd = fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"), {"op": "get"})
+        state, fuse_fd = fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"),
+                                                   {"op": "get"})
         assert fuse_fd is not None
         os.set_blocking(fuse_fd, False)
         ep = select.epoll()
@@ -57,9 +59,11 @@ class Worker:
         self.core.start()
         if state.get("init") is None:
             init = self.fuse.handshake()
-            fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"), {"op": "set_init", "init": init})
+            fuse_mount.holder_request(os.path.join(self.sd, "holder.sock"),
+                                      {"op": "set_init", "init": init})
         else:
-            log.info("taking over a live FUSE connection; asking the kernel to resend lost requests")
+            log.info("taking over a live FUSE connection; "
+                     "asking the kernel to resend lost requests")
             self.fuse.resend()
         ctl_path = os.path.join(self.sd, "control.sock")
         if os.path.exists(ctl_path):
@@ -72,7 +76,8 @@ class Worker:
         self.fuse.attach(self.core)  # the DataPath reads /dev/fuse from here on
         ep.register(self.core.helpers.wake_fd, select.EPOLLIN)
         ep.register(ctl.fileno(), select.EPOLLIN)
-        fuse, core, helpers_fd, ctl_fd = self.fuse, self.core, self.core.helpers.wake_fd, ctl.fileno()
+        fuse, core, helpers_fd, ctl_fd = (
+            self.fuse, self.core, self.core.helpers.wake_fd, ctl.fileno())
         print("ready", flush=True)
         while not fuse.destroyed:
             for fd, _ev in core.poll(100):  # FUSE and replica events are handled inside
@@ -118,9 +123,11 @@ class Worker:
             rec = core.record
             return {"volume_id": self.cfg.volume_id, "generation": rec.generation if rec else 0,
                     "fenced": core.fenced, "pid": os.getpid(),
-                    "replicas": [{"replica_id": s.replica_id, "state": s.state.value, "connected": s.connected,
+                    "replicas": [{"replica_id": s.replica_id, "state": s.state.value,
+                                  "connected": s.connected,
                                   "resync_done_bytes": s.resync_done_bytes,
-                                  "resync_total_bytes": s.resync_total_bytes} for s in core.status()],
+                                  "resync_total_bytes": s.resync_total_bytes}
+                                 for s in core.status()],
                     "datapath": core.dp.stats()}
         if op == "add_replica":
             core.add_replica(ReplicaAddr(**req["replica"]))

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from typing import cast
 
 from . import fuse_proto as F
 from . import wire
@@ -58,7 +59,8 @@ class FuseServer:
             elif isinstance(payload, int):  # bytes written
                 os.write(self.fd, self._hdr(24, 0, unique) + F.WRITE_OUT.pack(payload, 0))
             else:
-                os.writev(self.fd, [self._hdr(16 + len(payload), err, unique), payload])  # type: ignore[arg-type]
+                data = cast("bytes | bytearray | memoryview", payload)
+                os.writev(self.fd, [self._hdr(16 + len(data), err, unique), data])
         except OSError as e:
             if e.errno == errno.ENOENT:  # the request was interrupted meanwhile
                 return
@@ -85,12 +87,14 @@ class FuseServer:
         offered = flags | (flags2 << 32)
         want = F.ASYNC_READ | F.BIG_WRITES | F.ASYNC_DIO | F.MAX_PAGES | F.INIT_EXT | F.HAS_RESEND
         got = offered & want  # never WRITEBACK_CACHE: it would ack before the replicas have it
-        out = F.INIT_OUT.pack(F.KERNEL_MAJOR, min(minor, F.KERNEL_MINOR), max_readahead, got & 0xFFFFFFFF,
-                              self.t.max_background, self.t.max_background * 3 // 4,
-                              self.t.max_write_bytes, 1, self.t.max_write_bytes // 4096, 0, got >> 32,
-                              0, 0, 0, 0, 0, 0, 0)
+        out = F.INIT_OUT.pack(
+            F.KERNEL_MAJOR, min(minor, F.KERNEL_MINOR), max_readahead, got & 0xFFFFFFFF,
+            self.t.max_background, self.t.max_background * 3 // 4,
+            self.t.max_write_bytes, 1, self.t.max_write_bytes // 4096, 0, got >> 32,
+            0, 0, 0, 0, 0, 0, 0)
         self.reply(unique, 0, out)
-        info = {"minor": min(minor, F.KERNEL_MINOR), "flags": got, "resend": bool(got & F.HAS_RESEND)}
+        info = {"minor": min(minor, F.KERNEL_MINOR), "flags": got,
+                "resend": bool(got & F.HAS_RESEND)}
         log.info("FUSE INIT 7.%d, flags %#x", info["minor"], got)
         return info
 
@@ -134,7 +138,8 @@ class FuseServer:
         else:
             mode, size, nlink = stat.S_IFREG | 0o600, self.size, 1
         t = self.now
-        return F.ATTR.pack(nodeid, size, size // 512, t, t, t, 0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0)
+        return F.ATTR.pack(nodeid, size, size // 512, t, t, t, 0, 0, 0, mode, nlink, 0, 0, 0,
+                           4096, 0)
 
     def _other(self, opcode: int, unique: int, nodeid: int, n: int) -> None:
         core = self.core
@@ -145,7 +150,8 @@ class FuseServer:
         if opcode == F.LOOKUP:
             name = bytes(self.buf[40:n]).rstrip(b"\0")
             if nodeid == F.ROOT_ID and name == F.FILE_NAME:
-                r(unique, 0, F.ENTRY_OUT.pack(F.FILE_ID, 1, ATTR_VALID_S, ATTR_VALID_S, 0, 0) + self._attr(F.FILE_ID))
+                r(unique, 0, F.ENTRY_OUT.pack(F.FILE_ID, 1, ATTR_VALID_S, ATTR_VALID_S, 0, 0)
+                  + self._attr(F.FILE_ID))
             else:
                 r(unique, -errno.ENOENT, None)
         elif opcode == F.GETATTR:
@@ -175,13 +181,15 @@ class FuseServer:
             elif mode & F.FALLOC_FL_ZERO_RANGE:
                 core.submit_write(unique, wire.WRITE_ZEROES, off, length, None)
             elif mode & ~F.FALLOC_FL_KEEP_SIZE == 0 and off + length <= self.size:
-                r(unique, 0, None)  # preallocation inside the fixed size: space is the replicas' business
+                # preallocation inside the fixed size: space is the replicas' business
+                r(unique, 0, None)
             else:
                 r(unique, -errno.EOPNOTSUPP, None)  # refused explicitly, never silently dropped
         elif opcode == F.READDIR:
             off = F.RW_IN.unpack_from(self.buf, 40)[1]
             out = b""
-            for i, (ino, name, typ) in enumerate(((1, b".", 4), (1, b"..", 4), (F.FILE_ID, F.FILE_NAME, 8))):
+            entries = ((1, b".", 4), (1, b"..", 4), (F.FILE_ID, F.FILE_NAME, 8))
+            for i, (ino, name, typ) in enumerate(entries):
                 if i < off:
                     continue
                 ent = F.DIRENT.pack(ino, i + 1, len(name), typ) + name
@@ -189,7 +197,8 @@ class FuseServer:
             r(unique, 0, out)
         elif opcode == F.STATFS:
             blocks = self.size // 4096
-            r(unique, 0, F.STATFS_OUT.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0, 0, 0, 0, 0, 0, 0))
+            r(unique, 0,
+              F.STATFS_OUT.pack(blocks, 0, 0, 2, 0, 4096, 255, 4096, 0, 0, 0, 0, 0, 0, 0))
         elif opcode == F.DESTROY:
             r(unique, 0, None)
             self.destroyed = True

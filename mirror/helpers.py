@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import os
 import queue
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 
 class Helpers:
     def __init__(self, threads: int = 4):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mirror-helper")
-        self._done: queue.SimpleQueue[tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[
+            tuple[Callable[[Any, BaseException | None], None], Any, BaseException | None]
+        ] = queue.SimpleQueue()
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
-    def submit(self, fn: Callable[[], Any], on_done: Callable[[Any, BaseException | None], None]) -> None:
+    def submit(
+        self, fn: Callable[[], Any], on_done: Callable[[Any, BaseException | None], None]
+    ) -> None:
         def run() -> None:
             try:
                 res, err = fn(), None

@@ -24,6 +24,6 @@ def harden(oom_score_adj: int = -1000, lock_memory: bool = True) -> list[str]:
             f.write(str(oom_score_adj))
     except OSError as e:
         failed.append(f"oom_score_adj: {e}")
-    for f in failed:
-        log.warning("node safety: %s", f)
+    for msg in failed:
+        log.warning("node safety: %s", msg)
     return failed

@@ -31,7 +31,8 @@ def main() -> None:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGUSR1, lambda *_: setattr(svc, "test_delay_s", args.test_delay_ms / 1000))
+    signal.signal(signal.SIGUSR1,
+                  lambda *_: setattr(svc, "test_delay_s", args.test_delay_ms / 1000))
     signal.signal(signal.SIGUSR2, lambda *_: setattr(svc, "test_delay_s", 0.0))
     print(f"listening {args.listen}", flush=True)
     while not done.wait(1.0):

@@ -264,6 +264,7 @@ class _Conn:
         self, op: int, flags: int, off: int, cnt: int, payload: memoryview, premarked: bool
     ) -> bytes:
         svc = self.svc
+        vol: ReplicaVolume | None
         if op == wire.OPEN:
             if self.vol is not None:
                 raise InvalidSpec("already open")

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 from engine.errors import AlreadyExists, InvalidSpec, NotFound
 

@@ -28,7 +28,8 @@ class ReplicaAddr:
         return f"{self.replica_id}@{self.host}:{self.port}"
 
 
-class ReplicaState(str, enum.Enum):
+# StrEnum would change str() and f-strings of the members (behaviour change): kept as is
+class ReplicaState(str, enum.Enum):  # noqa: UP042
     IN_SYNC = "in_sync"
     OUT_OF_SYNC = "out_of_sync"  # durable: never read, never a resync source
     RESYNCING = "resyncing"  # receives new writes and dirty regions; still not a source

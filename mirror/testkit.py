@@ -52,11 +52,13 @@ class Topology:
         self._add(br)
         run(["ip", "-n", br, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", br, "link", "set", "br0", "up"])
-        for name, ip in [("fe", self.fe_ip)] + [(f"z{i}", self.zone_ip(i)) for i in range(1, self.zones + 1)]:
+        zone_ips = [(f"z{i}", self.zone_ip(i)) for i in range(1, self.zones + 1)]
+        for name, ip in [("fe", self.fe_ip)] + zone_ips:
             ns = self.ns(name)
             self._add(ns)
             # created inside the namespaces: no names or addresses ever in the root namespace
-            run(["ip", "-n", br, "link", "add", f"v{name}", "type", "veth", "peer", "name", "eth0", "netns", ns])
+            run(["ip", "-n", br, "link", "add", f"v{name}", "type", "veth",
+                 "peer", "name", "eth0", "netns", ns])
             run(["ip", "-n", br, "link", "set", f"v{name}", "master", "br0", "up"])
             run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0"])
             run(["ip", "-n", ns, "link", "set", "eth0", "up"])
@@ -97,7 +99,9 @@ class ReplicaProc:
             argv += ["--netns", self.netns]
         os.makedirs(self.pool_dir, exist_ok=True)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                     stderr=open(os.path.join(self.pool_dir, "replica.log"), "ab"),
+                                     # the parent's copy of the log fd stays open (unchanged)
+                                     stderr=open(  # noqa: SIM115
+                                         os.path.join(self.pool_dir, "replica.log"), "ab"),
                                      cwd=_package_root(), start_new_session=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

@@ -57,7 +57,9 @@ def unpack_u32s(payload: bytes | memoryview) -> tuple[int, ...]:
     return struct.unpack(f"<{len(payload) // 4}I", payload)
 
 
-def request(op: int, req_id: int, offset: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+def request(
+    op: int, req_id: int, offset: int = 0, count: int = 0, payload: bytes = b"", flags: int = 0
+) -> bytes:
     return REQ.pack(REQ_BYTES + len(payload), op, flags, 0, req_id, offset, count) + payload
 
 

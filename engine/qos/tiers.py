@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from engine.errors import InvalidSpec
 
@@ -59,10 +60,10 @@ class QosSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "QosSpec":
+    def from_json(cls, text: str) -> QosSpec:
         return cls(**json.loads(text)) if text else cls()
 
-    def validate(self) -> "QosSpec":
+    def validate(self) -> QosSpec:
         for field in dataclasses.fields(self):
             if field.name == "name":
                 continue
@@ -109,7 +110,9 @@ def resolve_qos(
             raise InvalidSpec(f"unknown tier {tier_name!r} (known: {known})")
         spec = tiers[tier_name]
     overrides: dict[str, Any] = {
-        field: _parse_number(key, merged[key]) for key, field in NUMERIC_KEYS.items() if key in merged
+        field: _parse_number(key, merged[key])
+        for key, field in NUMERIC_KEYS.items()
+        if key in merged
     }
     if overrides:
         spec = dataclasses.replace(spec, **overrides)

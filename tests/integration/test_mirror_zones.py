@@ -46,12 +46,13 @@ class Cluster:
         self.volume_id = volume_id
         self.topo.up()
         for i in range(1, self.topo.zones + 1):
-            self.replicas.append(ReplicaProc(os.path.join(self.tmp, f"pool{i}"), self.topo.ns(f"z{i}"),
-                                             self.topo.zone_ip(i), PORT, self.key,
-                                             test_delay_ms=self.delay_ms).start())
+            self.replicas.append(ReplicaProc(os.path.join(self.tmp, f"pool{i}"),
+                                             self.topo.ns(f"z{i}"), self.topo.zone_ip(i), PORT,
+                                             self.key, test_delay_ms=self.delay_ms).start())
         addrs = [ReplicaAddr(f"r{i + 1}", r.host, r.port) for i, r in enumerate(self.replicas)]
-        self.fe = Frontend(volume_id, SIZE, addrs, f"sqlite:{self.tmp}/arbiter.db", os.path.join(self.tmp, "fe"),
-                           self.key, netns=self.topo.ns("fe"), tuning=TUNING)
+        self.fe = Frontend(volume_id, SIZE, addrs, f"sqlite:{self.tmp}/arbiter.db",
+                           os.path.join(self.tmp, "fe"), self.key, netns=self.topo.ns("fe"),
+                           tuning=TUNING)
         return self.fe.start()
 
     def down(self) -> None:
@@ -80,7 +81,8 @@ class Cluster:
         assert w.verify(self.fe.device_path, direct=True) == [], "acknowledged writes lost (device)"
         self.fe.stop()  # clean stop: replicas quiesced before comparing files
         for r in self.replicas:
-            assert w.verify(r.data_path(self.volume_id)) == [], f"acknowledged writes lost on {r.pool_dir}"
+            assert w.verify(r.data_path(self.volume_id)) == [], (
+                f"acknowledged writes lost on {r.pool_dir}")
         sums = {file_sha256(r.data_path(self.volume_id), SIZE) for r in self.replicas}
         assert len(sums) == 1, "replicas differ"
 
@@ -230,12 +232,12 @@ def test_full_rebuild_onto_new_replica(cluster):
     c.topo.up()
     zones = c.topo
     for i in range(1, 4):
-        c.replicas.append(ReplicaProc(os.path.join(c.tmp, f"pool{i}"), zones.ns(f"z{i}"), zones.zone_ip(i),
-                                      PORT, c.key).start())
+        c.replicas.append(ReplicaProc(os.path.join(c.tmp, f"pool{i}"), zones.ns(f"z{i}"),
+                                      zones.zone_ip(i), PORT, c.key).start())
     c.volume_id = "vol-rb"
     addrs = [ReplicaAddr(f"r{i + 1}", r.host, r.port) for i, r in enumerate(c.replicas)]
-    c.fe = Frontend("vol-rb", SIZE, addrs[:2], f"sqlite:{c.tmp}/arbiter.db", os.path.join(c.tmp, "fe"), c.key,
-                    netns=zones.ns("fe"), tuning=TUNING)
+    c.fe = Frontend("vol-rb", SIZE, addrs[:2], f"sqlite:{c.tmp}/arbiter.db",
+                    os.path.join(c.tmp, "fe"), c.key, netns=zones.ns("fe"), tuning=TUNING)
     dev = c.fe.start()
     w = VerifiedWriter(dev, BLOCKS).start()
     w.wait_writes(1000)

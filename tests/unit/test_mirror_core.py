@@ -40,9 +40,12 @@ class FlakyArbiter:
 class Harness:
     def __init__(self, tmp, svcs, arbiter, owner="fe-1", **tuning):
         self.svcs = svcs
-        cfg = FrontendConfig("vol", SIZE, tuple(ReplicaAddr(f"r{i + 1}", "127.0.0.1", s.port) for i, s in enumerate(svcs)),
+        cfg = FrontendConfig("vol", SIZE,
+                             tuple(ReplicaAddr(f"r{i + 1}", "127.0.0.1", s.port)
+                                   for i, s in enumerate(svcs)),
                              str(tmp), "", "sqlite:unused",
-                             tuning=FrontendTuning(io_timeout_s=1.0, reconnect_interval_s=0.2, node_safety=False, **tuning))
+                             tuning=FrontendTuning(io_timeout_s=1.0, reconnect_interval_s=0.2,
+                                                   node_safety=False, **tuning))
         self.replies: dict[int, tuple[int, object]] = {}
         self.order: list[int] = []
         self.ep = select.epoll()

@@ -167,7 +167,8 @@ def test_out_of_range_and_bad_length(svc):
             c.write(16 * MiB - 2048, b"x" * 4096)
         assert ei.value.errno == errno.EINVAL
         # a header whose count disagrees with its payload is refused, the stream stays usable
-        bad = struct.pack("<IBBHQQI4x", wire.REQ_BYTES + 10, wire.WRITE, 0, 0, 99, 0, 4096) + b"y" * 10
+        bad = (struct.pack("<IBBHQQI4x", wire.REQ_BYTES + 10, wire.WRITE, 0, 0, 99, 0, 4096)
+               + b"y" * 10)
         c.sock.sendall(bad)
         rid, status, _ = c._recv_reply()
         assert (rid, status) == (99, -errno.EINVAL)
