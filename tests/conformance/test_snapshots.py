@@ -3,8 +3,15 @@
 import pytest
 
 from proto import csi_pb2 as pb
-from tests.conformance.helpers import (ABORTED, ALREADY_EXISTS, INVALID, NOT_FOUND, OK,
-                                       expect_code, ok)
+from tests.conformance.helpers import (
+    ABORTED,
+    ALREADY_EXISTS,
+    INVALID,
+    NOT_FOUND,
+    OK,
+    expect_code,
+    ok,
+)
 
 MAX_NAME = "s" * 128
 
@@ -93,7 +100,8 @@ def test_create_from_source_and_missing_source(co, kind):
     expect_code(co.stubs.controller.CreateVolume,
                 co.create_request(volume_content_source=missing), NOT_FOUND)
     if kind == "snapshot":
-        ok(co.stubs.controller.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        ok(co.stubs.controller.DeleteSnapshot,
+           pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
 
 
 @pytest.mark.parametrize("method, request_, code", [
