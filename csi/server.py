@@ -195,20 +195,24 @@ class Driver:
             self._lock_fd = -1
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    # Block the stop signals before any thread starts (threads inherit the mask) and take
+    # them with sigwait: a Python handler that sets an Event can deadlock if the signal
+    # lands while the main thread holds that Event's lock inside wait().
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     driver = Driver(config)
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
     try:
         driver.start()
     except (StartupError, EngineError) as e:
         log.error("cannot start: %s", e)
         driver.stop(0)
         return 2
-    stopping.wait()
-    log.info("stopping")
+    sig = signal.sigwait(STOP_SIGNALS)
+    log.info("stopping on %s", signal.Signals(sig).name)
     driver.stop()
     return 0
 

@@ -212,7 +212,9 @@ class SqliteStore:
             t.delete(kind, key)
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
+            while self._committing:  # a group's COMMIT runs without the lock held
+                self._cond.wait()
             if self._open:
                 self._conn.execute("COMMIT")
                 self._open = False

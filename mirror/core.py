@@ -563,13 +563,16 @@ class MirrorCore:
                 self._ctrl(link, wire.AL_REMOVE, payload=payload)
 
     # ------------------------------------------------------------------ failures
-    def _close(self, link: Link, mode: int = _fastpath.DETACH_DROP) -> tuple[list, list, list]:
+    def _close(self, link: Link, mode: int = _fastpath.DETACH_DROP,
+               graceful: bool = False) -> tuple[list, list, list]:
         """Detach from the DataPath (see its detach modes) and close the socket."""
         pending = self.dp.detach(link.slot, mode)
         if link.sock is not None:
-            # abortive close (RST): writes still queued in the kernel must never reach
-            # the replica later, after a resync has copied their regions
-            link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if not graceful:
+                # abortive close (RST): writes still queued in the kernel must never reach
+                # the replica later, after a resync has copied their regions
+                link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
             link.sock.close()
         link.sock = None
         link.last_attempt = time.monotonic()
@@ -964,8 +967,18 @@ class MirrorCore:
         self.flush()
 
     def close(self) -> None:
+        """Clean stop: what is queued for the replicas (the last CLEAR_DIRTY, activity-log
+        removals) goes out before each connection ends with a FIN. Only failed links are
+        closed abortively (_close): a clean stop has no write in flight, and a later
+        frontend's generation fences anything stale anyway."""
+        self.flush()
         for link in self.links:
-            self._close(link)
+            if link.sock is not None:
+                try:
+                    link.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # already gone: nothing left to deliver
+            self._close(link, graceful=True)
         self.helpers.close()
 
 
