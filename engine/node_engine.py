@@ -76,9 +76,13 @@ class NodeEngine:
     # --- what the controller calls -------------------------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                       clone_from_volume: str = "") -> Backing:
-        source = self.files.require(clone_from_volume) if clone_from_volume else None
-        return self.files.create(volume_id, size_bytes, clone_from=source,
-                                 qos_json=qos.to_json())
+        if not clone_from_volume:
+            return self.files.create(volume_id, size_bytes, qos_json=qos.to_json())
+        source = self.files.require(clone_from_volume)
+        # a clone of a volume in use is as consistent as a snapshot of it
+        with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
+            return self.files.create(volume_id, size_bytes, clone_from=source,
+                                     qos_json=qos.to_json())
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                        snapshot_id: str) -> Backing:

@@ -8,9 +8,11 @@ the snapshot is atomic with respect to the writes in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from engine import crash
@@ -86,25 +88,9 @@ class Snapshots:
             if snap is not None and snap.source_volume_id != vid:
                 raise InUse(f"snapshot {sid} exists for volume {snap.source_volume_id}")
         backings = {vid: self.files.require(vid) for _, vid in todo}
-        mount_points, block_devices = [], []
-        for vid in backings:
-            stage = self.volumes.stage_record(vid)
-            if stage is None:
-                continue
-            if stage["access_type"] == MOUNT:
-                mount_points.append(stage["staging_path"])
-            elif stage["access_type"] == BLOCK:
-                if not allow_block_in_use and len(members) > 1:
-                    raise InUse(
-                        f"volume {vid} is a block volume in use: a plain loop device cannot be "
-                        "paused, so it cannot be snapshotted at the same instant as the other "
-                        "members; unstage it or snapshot it on its own")
-                block_devices.append(vid)
         made: list[SnapshotBacking] = []
-        with self.freezer.frozen(mount_points):
+        with self.quiesced(list(backings), allow_block_in_use or len(members) == 1):
             crash.point("snapshot-after-freeze")
-            for vid in block_devices:
-                self.volumes.flush(vid)  # a buffered fallback device's cache reaches the file
             for sid, vid in todo:
                 backing = backings[vid]
                 snap = SnapshotBacking(sid, uuid.uuid4().hex, vid, backing.size_bytes,
@@ -122,6 +108,31 @@ class Snapshots:
             for snap in made:
                 t.put(KIND, snap.snapshot_id, snap.record())
         return [existing[sid] or self.require(sid) for sid, _ in members]
+
+    @contextlib.contextmanager
+    def quiesced(self, volume_ids: list[str], allow_block_in_use: bool) -> Iterator[None]:
+        """The volumes at rest for the instant of a copy-on-write copy: mounted ones frozen
+        together (flushed, no new writes), block ones flushed. A staged block volume cannot
+        be paused here (no device-mapper suspend on this kernel): with allow_block_in_use
+        False it is refused rather than copied at a different instant from the others."""
+        mount_points, block_volumes = [], []
+        for vid in volume_ids:
+            stage = self.volumes.stage_record(vid)
+            if stage is None:
+                continue
+            if stage["access_type"] == MOUNT:
+                mount_points.append(stage["staging_path"])
+            elif stage["access_type"] == BLOCK:
+                if not allow_block_in_use:
+                    raise InUse(
+                        f"volume {vid} is a block volume in use: a plain loop device cannot be "
+                        "paused, so it cannot be snapshotted at the same instant as the other "
+                        "members; unstage it or snapshot it on its own")
+                block_volumes.append(vid)
+        with self.freezer.frozen(mount_points):
+            for vid in block_volumes:
+                self.volumes.flush(vid)  # a buffered fallback device's cache reaches the file
+            yield
 
     def delete(self, snapshot_id: str) -> None:
         rec = self.store.get(KIND, snapshot_id)

@@ -27,11 +27,13 @@ class Volume:
     """One volume made, staged and published by a test, with data helpers."""
 
     def __init__(self, stubs, root: str, name: str, block: bool, size: int = 64 * MIB,
-                 snapshot_id: str = ""):
+                 snapshot_id: str = "", clone_of: str = ""):
         self.stubs, self.block = stubs, block
         req = create_request(name, size=size, block=block)
         if snapshot_id:
             req.volume_content_source.snapshot.snapshot_id = snapshot_id
+        if clone_of:
+            req.volume_content_source.volume.volume_id = clone_of
         self.id = stubs.controller.CreateVolume(req).volume.volume_id
         self.staging = f"{root}/{name}-staging"
         self.target = f"{root}/{name}-target"
@@ -289,3 +291,21 @@ def test_snapshot_of_a_full_pool_is_refused_whole(test_root):
         vol.release()
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("copy", ["snapshot", "clone"])
+def test_unflushed_writes_of_a_mounted_volume_reach_the_copy(stubs, test_root, copy):
+    """The filesystem is frozen for the instant of the copy: what sits in its page cache,
+    never fsync'd by the application, is flushed into the copy (and the copy is clean)."""
+    vol = Volume(stubs, test_root, "src", block=False)
+    with open(f"{vol.target}/unsynced", "wb") as f:
+        f.write(b"only in the page cache")  # no fsync
+    if copy == "snapshot":
+        snap = snapshot(stubs, "s", vol.id)
+        made = Volume(stubs, test_root, "copy", block=False, snapshot_id=snap.snapshot_id)
+    else:
+        made = Volume(stubs, test_root, "copy", block=False, clone_of=vol.id)
+    with open(f"{made.target}/unsynced", "rb") as f:
+        assert f.read() == b"only in the page cache"
+    made.release()
+    vol.release()
