@@ -309,3 +309,32 @@ def test_unflushed_writes_of_a_mounted_volume_reach_the_copy(stubs, test_root, c
         assert f.read() == b"only in the page cache"
     made.release()
     vol.release()
+
+
+def test_shared_extents_are_counted_once(stubs, test_root, driver):
+    """A snapshot costs no space until the volume diverges; deleting the volume frees only
+    what the snapshot does not share; deleting the snapshot then frees the rest."""
+    pool = driver.driver.engine.pool
+
+    def free() -> int:
+        subprocess.run(["sync", "-f", pool.directory], check=True)
+        return pool.usage().free_bytes
+
+    def settles_at_least(target: int) -> int:
+        deadline = time.monotonic() + 30  # btrfs returns deleted space in the background
+        while (now := free()) < target and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return now
+
+    vol = Volume(stubs, test_root, "data", block=True, size=256 * MIB)
+    base = free()
+    vol.write(0, os.urandom(64 * MIB))
+    written = base - free()
+    assert written >= 60 * MIB
+    snap = snapshot(stubs, "s", vol.id)
+    assert base - free() < written + 8 * MIB  # the snapshot shares every extent
+    vol.release(delete=True)
+    after_delete = settles_at_least(base - written - 8 * MIB)
+    assert base - after_delete >= written - 8 * MIB  # the snapshot still holds the data
+    stubs.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    assert settles_at_least(base - 8 * MIB) >= base - 8 * MIB  # now the data is gone too
