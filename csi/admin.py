@@ -41,7 +41,7 @@ def volumes_report(store: SqliteStore) -> list[dict]:
             {"target": rec["target"], "pod_uid": rec.get("pod_uid", ""),
              "device": rec.get("device", ""), "read_only": rec["read_only"]})
     out = []
-    for vol in Catalog(store).all_volumes():
+    for vol in Catalog(store).volumes():
         spec = QosSpec.from_json(vol.qos_json)
         out.append({
             "volume_id": vol.volume_id, "name": vol.name, "node": vol.node_id,

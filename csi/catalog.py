@@ -110,14 +110,11 @@ class Catalog:
         return [VolumeRecord.from_record(r)
                 for _, r in self.store.list(VOLUME, after=after, limit=limit)]
 
-    def all_volumes(self) -> list[VolumeRecord]:
-        return self.volumes()
-
     def provisioned_bytes(self, node_id: str) -> int:
         with self._lock:
             if self._provisioned is None:
                 totals: dict[str, int] = {}
-                for v in self.all_volumes():
+                for v in self.volumes():
                     totals[v.node_id] = totals.get(v.node_id, 0) + v.capacity_bytes
                 self._provisioned = totals
             return self._provisioned.get(node_id, 0)

@@ -21,6 +21,7 @@ from engine import crash
 from engine.errors import InUse, OutOfCapacity
 from engine.filesystem import XFS_MIN_BYTES
 from engine.node_engine import NodeEngine
+from engine.pool import PoolUsage
 from engine.qos.admission import can_place, check_admission
 from engine.qos.tiers import QosSpec, resolve_qos
 from proto import csi_pb2, csi_pb2_grpc
@@ -73,7 +74,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _guaranteed(self, node: NodeEngine) -> dict[str, QosSpec]:
         """The QoS specs of the volumes placed on node (for admission of minima)."""
         return {v.volume_id: QosSpec.from_json(v.qos_json)
-                for v in self.catalog.all_volumes()
+                for v in self.catalog.volumes()
                 if v.node_id == node.identity.node_id and v.qos_json}
 
     def _room_problem(self, node: NodeEngine, size: int, qos: QosSpec) -> str:
@@ -126,14 +127,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             content_source=source,
         )
 
-    def _condition(self, vol: VolumeRecord) -> csi_pb2.VolumeCondition:
+    def _condition(self, vol: VolumeRecord,
+                   usages: dict[str, PoolUsage] | None = None) -> csi_pb2.VolumeCondition:
+        """`usages` caches each node's pool usage across the entries of one ListVolumes."""
         node = self.nodes.get(vol.node_id)
         if node is None:
             return csi_pb2.VolumeCondition(abnormal=True, message=f"node {vol.node_id} is unknown")
         backing = node.volume(vol.volume_id)
         if backing is None or not node.pool.volume_exists(backing.pool_name):
             return csi_pb2.VolumeCondition(abnormal=True, message="backing file is missing")
-        usage = node.usage()
+        usages = {} if usages is None else usages
+        if vol.node_id not in usages:
+            usages[vol.node_id] = node.usage()
+        usage = usages[vol.node_id]
         if usage.free_bytes <= usage.reserve_bytes:
             return csi_pb2.VolumeCondition(
                 abnormal=True,
@@ -324,10 +330,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
-    def _status(self, vol: VolumeRecord):
+    def _status(self, vol: VolumeRecord, usages: dict[str, PoolUsage] | None = None):
         return dict(
             published_node_ids=sorted(self.catalog.attachments_of(vol.volume_id)),
-            volume_condition=self._condition(vol),
+            volume_condition=self._condition(vol, usages),
         )
 
     @translated
@@ -341,10 +347,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if limit and len(vols) > limit:
             vols = vols[:limit]
             next_token = validation.page_token(vols[-1].volume_id)
+        usages: dict[str, PoolUsage] = {}  # one statvfs per node, not per entry
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume(v),
-                status=csi_pb2.ListVolumesResponse.VolumeStatus(**self._status(v)),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(**self._status(v, usages)),
             )
             for v in vols
         ]

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 IMAGE_FILESYSTEMS = ("btrfs", "xfs")
+PROBE_DIR = ".probe"  # scratch files of the sector-size probe
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Pool:
         so probe with a reflinked file: 512 where the pool allows it, else 4096. Each
         volume keeps the size it was made with.
         """
-        probe_dir = os.path.join(self.directory, VOLUMES_PROBE_DIR)
+        probe_dir = os.path.join(self.directory, PROBE_DIR)
         os.makedirs(probe_dir, exist_ok=True)
         src, dst = os.path.join(probe_dir, "src"), os.path.join(probe_dir, "clone")
         for path in (src, dst):
@@ -203,5 +204,3 @@ class Pool:
     def snapshots(self) -> list[str]:
         return self.layout.snapshots()
 
-
-VOLUMES_PROBE_DIR = ".probe"
