@@ -9,7 +9,7 @@ import grpc
 from csi import validation
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import RpcError, invalid, not_found, translated
-from csi.locks import KeyLocks
+from engine.locks import KeyLocks
 from engine.node_engine import NodeEngine
 from engine.node_volumes import BLOCK, PublishRequest, StageRequest
 from proto import csi_pb2, csi_pb2_grpc

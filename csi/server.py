@@ -22,7 +22,7 @@ from csi.config import DEFAULT_ZONE, GIB, Config
 from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
-from csi.locks import KeyLocks
+from engine.locks import KeyLocks
 from csi.node import NodeService
 from csi.snapshot_catalog import SnapshotCatalog
 from csi.snapshot_metadata import SnapshotMetadataService

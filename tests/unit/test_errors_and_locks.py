@@ -4,7 +4,7 @@ import grpc
 import pytest
 
 from csi.errors import code_for, invalid
-from csi.locks import KeyLocks
+from engine.locks import KeyLocks
 from engine import errors
 
 

@@ -1,0 +1,157 @@
+"""The node API: everything the controller and the snapshot services may ask of a node.
+
+A Protocol with plain frozen dataclasses as arguments and results. The controller knows
+nothing else of a node: in all-in-one the engine sits behind it in the same process
+(control/local_node.py); in a cluster a gRPC client reaches the node's agent. This module
+imports neither grpc nor the engine's internals (QosSpec is a plain value).
+
+Versions: every mutating call carries the version of the cluster record it acts on (the
+store's version after the controller's own compare-and-set write). A node keeps the
+highest version it has acted on per volume and refuses an older one (StaleVersion), so a
+delayed call from a controller that lost a race can never undo a newer decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.errors import Busy
+from engine.qos.tiers import QosSpec
+
+MOUNT, BLOCK = "mount", "block"
+SOURCE_VOLUME, SOURCE_SNAPSHOT = "volume", "snapshot"
+
+
+class StaleVersion(Busy):
+    """The call acts on an older record than the node has already acted on (ABORTED:
+    the caller re-reads the record and retries)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A volume's health as the node sees it in the kernel and the pool."""
+
+    abnormal: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    zone: str
+    total_bytes: int  # the pool
+    free_bytes: int
+    reserve_bytes: int  # room volumes may not take (metadata, copy-on-write)
+    iops_capacity: int  # what guaranteed minima are admitted against
+    max_volumes: int
+    condition: Condition = Condition()
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    kind: str = ""  # "", SOURCE_VOLUME or SOURCE_SNAPSHOT
+    source_id: str = ""
+
+
+@dataclass(frozen=True)
+class NewVolume:
+    volume_id: str
+    size_bytes: int
+    access_types: tuple[str, ...]  # what it was created for: MOUNT and/or BLOCK
+    qos: QosSpec = QosSpec()
+    source: VolumeSource = VolumeSource()
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    volume_id: str
+    size_bytes: int
+    access_types: tuple[str, ...]
+    qos: QosSpec
+    created_at: float
+    staged: bool  # held on this node by a stage (its device in use)
+    condition: Condition = Condition()
+    version: int = 0  # the newest record version the node has acted on
+
+
+@dataclass(frozen=True)
+class SnapshotMember:
+    snapshot_id: str
+    volume_id: str
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: str
+    source_volume_id: str
+    size_bytes: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    offset_bytes: int
+    length_bytes: int
+
+    @property
+    def end_bytes(self) -> int:
+        return self.offset_bytes + self.length_bytes
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a node holds, for reconciliation against the cluster's records."""
+
+    volumes: tuple[VolumeInfo, ...] = ()
+    snapshots: tuple[SnapshotInfo, ...] = ()
+    orphans: tuple[str, ...] = field(default=())  # pool objects no node record owns
+
+
+class NodeApi(Protocol):
+    """One node, as the controller sees it. Every call is idempotent."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def info(self) -> NodeInfo: ...
+
+    # --- volumes -------------------------------------------------------------------
+    def create_volume(self, spec: NewVolume) -> VolumeInfo:
+        """Make the volume (empty, a clone of a local volume, or a restore of a local
+        snapshot); the same spec again returns the existing volume."""
+        ...
+
+    def delete_volume(self, volume_id: str, version: int) -> None:
+        """Remove its storage. Called only once the cluster record is a tombstone at
+        `version`; gone already is success; staged is InUse."""
+        ...
+
+    def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo: ...
+
+    def set_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        """Record the volume's tier and apply it to the pods using it now."""
+        ...
+
+    def volume(self, volume_id: str) -> VolumeInfo | None: ...
+
+    def inventory(self) -> Inventory: ...
+
+    # --- snapshots -----------------------------------------------------------------
+    def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
+        """Snapshots of local volumes taken at one instant (mounted ones frozen together)."""
+        ...
+
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    def snapshot(self, snapshot_id: str) -> SnapshotInfo | None: ...
+
+    def allocated_ranges(self, snapshot_id: str) -> tuple[ByteRange, ...]:
+        """Where the snapshot holds data (extent maps; no data is read)."""
+        ...
+
+    def changed_ranges(self, base_snapshot_id: str,
+                       target_snapshot_id: str) -> tuple[ByteRange, ...]:
+        """Where two snapshots of one volume differ."""
+        ...

@@ -1,0 +1,172 @@
+"""The cluster's records: what should exist, written before any storage is made.
+
+Keys in the cluster store (control/store.py):
+  volume/<volume_id>            VolumeRecord
+  volume-name/<name>            NameRecord -> the volume_id a CreateVolume name holds
+  attachment/<volume_id>/<node> AttachmentRecord (ControllerPublish)
+  snapshot/<snapshot_id>        SnapshotRecord
+  snapshot-name/<name>          NameRecord
+  group/<group_id>              GroupRecord
+  group-name/<name>             NameRecord
+
+Life of a volume or snapshot record: CREATING (the intent: an ID and the request's hash,
+no storage yet or not confirmed) -> READY (the node confirmed the storage) -> DELETING (a
+tombstone: the only thing that ever allows a node to remove storage) -> gone once every
+node holding storage confirmed its removal. IDs are random and never reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.qos.tiers import QosSpec
+
+CREATING, READY, DELETING = "creating", "ready", "deleting"
+
+VOLUME, VOLUME_NAME, ATTACHMENT = "volume/", "volume-name/", "attachment/"
+SNAPSHOT, SNAPSHOT_NAME = "snapshot/", "snapshot-name/"
+GROUP, GROUP_NAME = "group/", "group-name/"
+
+
+def new_volume_id() -> str:
+    return f"vol-{uuid.uuid4().hex}"
+
+
+def new_snapshot_id() -> str:
+    return f"snap-{uuid.uuid4().hex}"
+
+
+def new_group_id() -> str:
+    return f"grp-{uuid.uuid4().hex}"
+
+
+def request_hash(fields: dict[str, Any]) -> str:
+    """A stable digest of what a Create* call asked for: a retry under the same name must
+    match it exactly, anything else is another request (ALREADY_EXISTS)."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass -> JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(value)))
+
+
+@dataclass(frozen=True)
+class NameRecord:
+    object_id: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    volume_id: str
+    name: str
+    request_hash: str
+    state: str
+    capacity_bytes: int
+    node_id: str
+    zone: str
+    access_types: tuple[str, ...]
+    parameters: dict[str, str] = field(default_factory=dict)
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
+    qos: QosSpec = QosSpec()  # kept here once; the node keeps the copy it enforces
+    source_kind: str = ""  # "", "volume" or "snapshot"
+    source_id: str = ""
+    created_at: float = 0.0
+    intent_deadline: float = 0.0  # a CREATING record older than this becomes a tombstone
+
+    @property
+    def key(self) -> str:
+        return VOLUME + self.volume_id
+
+    def to_value(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_value(cls, value: dict) -> VolumeRecord:
+        v = dict(value)
+        v["access_types"] = tuple(v["access_types"])
+        v["qos"] = QosSpec(**v["qos"])
+        return cls(**v)
+
+    def replace(self, **changes: Any) -> VolumeRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class AttachmentRecord:
+    volume_id: str
+    node_id: str
+    read_only: bool
+    attached_at: float
+
+    @property
+    def key(self) -> str:
+        return attachment_key(self.volume_id, self.node_id)
+
+
+def attachment_key(volume_id: str, node_id: str) -> str:
+    return f"{ATTACHMENT}{volume_id}/{node_id}"
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    snapshot_id: str
+    name: str
+    request_hash: str
+    state: str
+    source_volume_id: str
+    node_id: str
+    size_bytes: int = 0
+    created_at: float = 0.0
+    group_id: str = ""
+    intent_deadline: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return SNAPSHOT + self.snapshot_id
+
+    def to_value(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_value(cls, value: dict) -> SnapshotRecord:
+        return cls(**value)
+
+    def replace(self, **changes: Any) -> SnapshotRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    group_id: str
+    name: str
+    request_hash: str
+    state: str
+    snapshot_ids: tuple[str, ...]
+    volume_ids: tuple[str, ...]
+    node_id: str
+    created_at: float = 0.0
+    intent_deadline: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return GROUP + self.group_id
+
+    def to_value(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_value(cls, value: dict) -> GroupRecord:
+        v = dict(value)
+        v["snapshot_ids"], v["volume_ids"] = tuple(v["snapshot_ids"]), tuple(v["volume_ids"])
+        return cls(**v)
+
+    def replace(self, **changes: Any) -> GroupRecord:
+        return dataclasses.replace(self, **changes)

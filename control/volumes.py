@@ -1,0 +1,363 @@
+"""Volumes' life cycle in the cluster: intent first, converge, never delete by absence.
+
+CreateVolume writes the name's record and the volume's CREATING record (a fresh random ID
+and the request's hash) in one guarded commit before any storage exists; the node then
+makes the storage (idempotent by ID) and the record becomes READY. A retry after a crash
+finds the intent and finishes it under the same ID; a different request under that name
+is ALREADY_EXISTS. DeleteVolume turns the record into a tombstone first; only a tombstone
+lets a node remove storage, and the tombstone goes once the node confirmed. Cross-node
+serialization is compare-and-set on the records; each node call carries the version of
+the record it acts on. Operations on one name or ID in this process are also excluded
+from each other (ABORTED), as the CSI spec suggests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from control import placement, policy
+from control.node_api import NewVolume, VolumeSource
+from control.records import (
+    ATTACHMENT,
+    CREATING,
+    DELETING,
+    READY,
+    VOLUME,
+    VOLUME_NAME,
+    AttachmentRecord,
+    NameRecord,
+    VolumeRecord,
+    attachment_key,
+    new_volume_id,
+)
+from control.registry import NodeRegistry
+from control.store import Conflict, Delete, Put, Store
+from control.volume_index import VolumeIndex
+from engine import crash
+from engine.errors import (
+    AlreadyExists,
+    Busy,
+    InUse,
+    InvalidSpec,
+    NotFound,
+    OutOfCapacity,
+    OutOfRange,
+)
+from engine.locks import KeyLocks
+from engine.qos.tiers import QosSpec
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    """A validated CreateVolume, in the control plane's terms."""
+
+    name: str
+    request_hash: str
+    size_bytes: int
+    access_types: tuple[str, ...]
+    parameters: dict[str, str] = field(default_factory=dict)
+    mutable_parameters: dict[str, str] = field(default_factory=dict)
+    qos: QosSpec = QosSpec()
+    source: VolumeSource = VolumeSource()
+    constraints: placement.Constraints = placement.Constraints()
+
+
+@dataclass(frozen=True)
+class VolumePolicy:
+    overcommit_ratio: float = 20.0
+    max_volumes_per_node: int = 128
+    intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
+
+
+class Volumes:
+    def __init__(self, store: Store, nodes: NodeRegistry, index: VolumeIndex,
+                 policy_: VolumePolicy, locks: KeyLocks,
+                 snapshot_source: Callable[[str], tuple[str, int]] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.nodes = nodes
+        self.index = index
+        self.policy = policy_
+        self.locks = locks
+        # snapshot_id -> (node_id, size_bytes) of a READY snapshot (NotFound otherwise)
+        self.snapshot_source = snapshot_source
+        self.clock = clock
+
+    # --- reading ---------------------------------------------------------------------
+    def record(self, volume_id: str) -> tuple[VolumeRecord, int] | None:
+        got = self.store.get(VOLUME + volume_id)
+        return (VolumeRecord.from_value(got.value), got.version) if got else None
+
+    def require_ready(self, volume_id: str) -> tuple[VolumeRecord, int]:
+        found = self.record(volume_id)
+        if found is None or found[0].state != READY:
+            raise NotFound(f"volume {volume_id!r} does not exist")
+        return found
+
+    def list_ready(self, after: str, limit: int) -> tuple[list[VolumeRecord], str]:
+        """READY volumes in ID order after `after`; returns (page, last ID if more follow)."""
+        out: list[VolumeRecord] = []
+        cursor = VOLUME + after if after else ""
+        while True:
+            batch = self.store.list(VOLUME, after=cursor, limit=limit + 1 if limit else 0)
+            for key, got in batch:
+                rec = VolumeRecord.from_value(got.value)
+                if rec.state == READY:
+                    out.append(rec)
+                cursor = key
+            if not limit or len(out) > limit or len(batch) < limit + 1:
+                break
+        if limit and len(out) > limit:
+            return out[:limit], out[limit - 1].volume_id
+        return out, ""
+
+    def attachments(self, volume_id: str) -> list[AttachmentRecord]:
+        return [AttachmentRecord(**got.value)
+                for _, got in self.store.list(f"{ATTACHMENT}{volume_id}/")]
+
+    # --- create ----------------------------------------------------------------------
+    def create(self, req: VolumeRequest) -> VolumeRecord:
+        with self.locks.hold(f"volume-name:{req.name}"):
+            for _ in range(CAS_ATTEMPTS):
+                existing = self.store.get(VOLUME_NAME + req.name)
+                if existing is not None:
+                    return self._resume(req, NameRecord(**existing.value))
+                record = self._intent(req)
+                try:
+                    version = self.store.commit([
+                        Put(VOLUME_NAME + req.name,
+                            {"object_id": record.volume_id, "request_hash": req.request_hash},
+                            expect=0),
+                        Put(record.key, record.to_value(), expect=0),
+                    ])
+                except Conflict:
+                    continue  # another controller took the name first: look again
+                self.index.note(record.volume_id, record, version)
+                crash.point("create-volume-after-intent")
+                return self._realize(record, version)
+        raise Busy(f"volume name {req.name!r} is contended; retry")
+
+    def _intent(self, req: VolumeRequest) -> VolumeRecord:
+        pinned, source_bytes = self._source(req.source)
+        if source_bytes > req.size_bytes:
+            raise OutOfRange(f"the source holds {source_bytes} bytes, more than the "
+                             f"{req.size_bytes} asked for")
+        constraints = req.constraints
+        if pinned:
+            constraints = placement.Constraints(constraints.requisite, constraints.preferred,
+                                                pinned)
+        node = placement.choose_node(self.nodes.infos(), self.index,
+                                     self.policy.overcommit_ratio, req.size_bytes, req.qos,
+                                     constraints)
+        now = self.clock()
+        return VolumeRecord(
+            volume_id=new_volume_id(), name=req.name, request_hash=req.request_hash,
+            state=CREATING, capacity_bytes=req.size_bytes, node_id=node.node_id,
+            zone=node.zone, access_types=tuple(sorted(set(req.access_types))),
+            parameters=dict(req.parameters), mutable_parameters=dict(req.mutable_parameters),
+            qos=req.qos, source_kind=req.source.kind, source_id=req.source.source_id,
+            created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
+        )
+
+    def _source(self, source: VolumeSource) -> tuple[str, int]:
+        """(node, bytes) of the content source: clones and restores stay on its node."""
+        if source.kind == "volume":
+            vol, _ = self.require_ready(source.source_id)
+            return vol.node_id, vol.capacity_bytes
+        if source.kind == "snapshot":
+            if self.snapshot_source is None:
+                raise NotFound(f"snapshot {source.source_id!r} does not exist")
+            return self.snapshot_source(source.source_id)
+        return "", 0
+
+    def _resume(self, req: VolumeRequest, name: NameRecord) -> VolumeRecord:
+        """The name is taken: the same request finishes or returns its volume."""
+        if name.request_hash != req.request_hash:
+            raise AlreadyExists(f"volume {req.name!r} exists, made by a different request "
+                                "(size, capabilities, parameters or source)")
+        found = self.record(name.object_id)
+        if found is None:
+            # a name record always commits with its volume's and goes with its tombstone
+            raise Busy(f"volume name {req.name!r} points to a missing record; retry")
+        record, version = found
+        if record.state == READY:
+            return record
+        if record.state == CREATING:
+            log.info("resuming the creation of %s (%s)", record.volume_id, record.name)
+            return self._realize(record, version)
+        raise Busy(f"volume {record.volume_id} is being deleted; retry")
+
+    def _realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
+        """Make the intent's storage, then confirm it."""
+        node = self.nodes.require(record.node_id)
+        node.create_volume(NewVolume(
+            volume_id=record.volume_id, size_bytes=record.capacity_bytes,
+            access_types=record.access_types, qos=record.qos,
+            source=VolumeSource(record.source_kind, record.source_id), version=version))
+        crash.point("create-volume-after-engine")
+        ready = record.replace(state=READY, intent_deadline=0.0)
+        try:
+            new_version = self.store.commit([Put(record.key, ready.to_value(), expect=version)])
+        except Conflict:
+            current = self.record(record.volume_id)
+            if current is not None and current[0].state == READY:
+                return current[0]  # another controller confirmed it
+            raise Busy(f"the creation of {record.volume_id} was abandoned meanwhile; "
+                       "retry") from None
+        self.index.note(record.volume_id, ready, new_version)
+        log.info("created volume %s (%s, %d bytes) on %s", record.volume_id, record.name,
+                 record.capacity_bytes, record.node_id)
+        return ready
+
+    # --- delete ----------------------------------------------------------------------
+    def delete(self, volume_id: str) -> None:
+        with self.locks.hold(volume_id):
+            for _ in range(CAS_ATTEMPTS):
+                found = self.record(volume_id)
+                if found is None:
+                    return
+                record, version = found
+                if record.state != DELETING:
+                    try:
+                        record, version = self._tombstone(record, version, check_use=True)
+                    except Conflict:
+                        continue
+                self.converge_deleted(record, version)
+                return
+            raise Busy(f"volume {volume_id} is contended; retry")
+
+    def _tombstone(self, record: VolumeRecord, version: int,
+                   check_use: bool) -> tuple[VolumeRecord, int]:
+        if check_use:
+            attached = self.attachments(record.volume_id)
+            if attached:
+                raise InUse(f"volume {record.volume_id} is still published to "
+                            f"{', '.join(a.node_id for a in attached)}")
+            node = self.nodes.get(record.node_id)
+            info = node.volume(record.volume_id) if node is not None else None
+            if info is not None and info.staged:
+                raise InUse(f"volume {record.volume_id} is still staged on {record.node_id}")
+        tomb = record.replace(state=DELETING)
+        ops: list[Put | Delete] = [Put(record.key, tomb.to_value(), expect=version)]
+        name = self.store.get(VOLUME_NAME + record.name)
+        if name is not None and name.value["object_id"] == record.volume_id:
+            ops.append(Delete(VOLUME_NAME + record.name, expect=name.version))
+        new_version = self.store.commit(ops)
+        self.index.note(record.volume_id, tomb, new_version)
+        return tomb, new_version
+
+    def converge_deleted(self, tomb: VolumeRecord, version: int) -> bool:
+        """Remove a tombstone's storage, then the tombstone. False while its node is away
+        (the tombstone waits for it)."""
+        node = self.nodes.get(tomb.node_id)
+        if node is None:
+            log.warning("volume %s deleted; its storage on %s goes when the node is back",
+                        tomb.volume_id, tomb.node_id)
+            return False
+        node.delete_volume(tomb.volume_id, version)
+        crash.point("delete-volume-after-engine")
+        try:
+            revision = self.store.commit([Delete(tomb.key, expect=version)])
+        except Conflict:
+            return False  # someone else finished it
+        self.index.note(tomb.volume_id, None, revision)
+        log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
+        return True
+
+    def abandon_intent(self, record: VolumeRecord, version: int) -> None:
+        """A CREATING record past its deadline becomes a tombstone (the reconciler)."""
+        tomb, tomb_version = self._tombstone(record, version, check_use=False)
+        log.warning("abandoning the creation of %s (%s): not confirmed in time",
+                    record.volume_id, record.name)
+        self.converge_deleted(tomb, tomb_version)
+
+    # --- changes ---------------------------------------------------------------------
+    def expand(self, volume_id: str, size_bytes: int) -> VolumeRecord:
+        with self.locks.hold(volume_id):
+            record, version = self.require_ready(volume_id)
+            node = self.nodes.require(record.node_id)
+            if size_bytes > record.capacity_bytes:
+                growth = size_bytes - record.capacity_bytes
+                available = placement.available_bytes(self.nodes.info(record.node_id),
+                                                      self.index,
+                                                      self.policy.overcommit_ratio)
+                if growth > available:
+                    raise OutOfCapacity(f"growing by {growth} bytes; {available} bytes "
+                                        f"available on {record.node_id}")
+                record = record.replace(capacity_bytes=size_bytes)
+                version = self._save(record, version)
+            # converge the node on the record (a retry after a failed node call lands here)
+            node.expand_volume(volume_id, record.capacity_bytes, version)
+            return record
+
+    def modify(self, volume_id: str, mutable: dict[str, str],
+               resolve: Callable[[dict[str, str], dict[str, str]], QosSpec]) -> None:
+        with self.locks.hold(volume_id):
+            record, version = self.require_ready(volume_id)
+            merged = {**record.mutable_parameters, **mutable}
+            qos = resolve(record.parameters, merged)
+            node = self.nodes.require(record.node_id)
+            info = self.nodes.info(record.node_id)
+            # InvalidSpec: the minimum can never fit the node (INVALID_ARGUMENT);
+            # OutOfCapacity: no room now, the resizer retries (RESOURCE_EXHAUSTED).
+            policy.check_admission(info.iops_capacity, self.index.guaranteed(record.node_id),
+                                   volume_id, qos)
+            record = record.replace(mutable_parameters=merged, qos=qos)
+            version = self._save(record, version)
+            node.set_qos(volume_id, qos, version)
+
+    def _save(self, record: VolumeRecord, version: int) -> int:
+        try:
+            new_version = self.store.commit([Put(record.key, record.to_value(), expect=version)])
+        except Conflict:
+            raise Busy(f"volume {record.volume_id} changed meanwhile; retry") from None
+        self.index.note(record.volume_id, record, new_version)
+        return new_version
+
+    # --- attachments -----------------------------------------------------------------
+    def publish(self, volume_id: str, node_id: str, access_type: str, read_only: bool) -> None:
+        with self.locks.hold(volume_id):
+            record, _ = self.require_ready(volume_id)
+            self.nodes.require_known(node_id)
+            if access_type not in record.access_types:
+                raise InvalidSpec(f"volume {volume_id} was created for "
+                                  f"{', '.join(record.access_types)}")
+            if node_id != record.node_id:
+                raise InUse(f"volume {volume_id} is local to node {record.node_id}")
+            key = attachment_key(volume_id, node_id)
+            current = self.store.get(key)
+            if current is not None:
+                if current.value["read_only"] != read_only:
+                    raise AlreadyExists(f"volume {volume_id} is published to {node_id} with "
+                                        f"readonly={current.value['read_only']}")
+                return
+            if self.attached_count(node_id) >= self.policy.max_volumes_per_node:
+                raise OutOfCapacity(f"node {node_id} has its maximum of "
+                                    f"{self.policy.max_volumes_per_node} volumes attached")
+            attachment = AttachmentRecord(volume_id, node_id, read_only, self.clock())
+            try:
+                self.store.commit([Put(key, _asdict(attachment), expect=0)])
+            except Conflict:
+                raise Busy(f"volume {volume_id} was published meanwhile; retry") from None
+
+    def unpublish(self, volume_id: str, node_id: str) -> None:
+        with self.locks.hold(volume_id):
+            targets = [node_id] if node_id else [a.node_id for a in self.attachments(volume_id)]
+            for target in targets:
+                self.store.commit([Delete(attachment_key(volume_id, target))])
+
+    def attached_count(self, node_id: str) -> int:
+        return sum(1 for _, got in self.store.list(ATTACHMENT)
+                   if got.value["node_id"] == node_id)
+
+
+def _asdict(attachment: AttachmentRecord) -> dict:
+    return {"volume_id": attachment.volume_id, "node_id": attachment.node_id,
+            "read_only": attachment.read_only, "attached_at": attachment.attached_at}

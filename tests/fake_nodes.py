@@ -1,0 +1,151 @@
+"""In-memory nodes behind the node API, for controller unit tests without root.
+
+They keep the node API's contract (idempotent calls, stale versions refused, staged
+volumes not deletable) so controller logic is tested against the same rules a real node
+enforces; the real node is tested against the same contract in tests/integration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+from control.node_api import (
+    ByteRange,
+    Condition,
+    Inventory,
+    NewVolume,
+    NodeInfo,
+    SnapshotInfo,
+    SnapshotMember,
+    StaleVersion,
+    VolumeInfo,
+)
+from engine.errors import AlreadyExists, InUse, NotFound, Unavailable
+from engine.qos.tiers import QosSpec
+
+GIB = 1024**3
+
+
+class FakeNode:
+    def __init__(self, node_id: str, zone: str, *, free_bytes: int = 100 * GIB,
+                 iops_capacity: int = 10_000, max_volumes: int = 64):
+        self._node_id = node_id
+        self.zone = zone
+        self.free_bytes = free_bytes
+        self.iops_capacity = iops_capacity
+        self.max_volumes = max_volumes
+        self.volumes: dict[str, VolumeInfo] = {}
+        self.snapshots: dict[str, SnapshotInfo] = {}
+        self.staged: set[str] = set()
+        self.down = False  # unreachable: every call raises Unavailable
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def _reach(self, call: str, what: str = "") -> None:
+        if self.down:
+            raise Unavailable(f"node {self._node_id} is down")
+        self.calls.append((call, what))
+
+    def info(self) -> NodeInfo:
+        self._reach("info")
+        return NodeInfo(self._node_id, self.zone, 1000 * GIB, self.free_bytes, GIB,
+                        self.iops_capacity, self.max_volumes)
+
+    def _check_version(self, volume_id: str, version: int) -> VolumeInfo:
+        vol = self.volumes.get(volume_id)
+        if vol is None:
+            raise NotFound(f"volume {volume_id} is not on {self._node_id}")
+        if version < vol.version:
+            raise StaleVersion(f"{volume_id}: version {version} < {vol.version}")
+        return vol
+
+    def create_volume(self, spec: NewVolume) -> VolumeInfo:
+        self._reach("create_volume", spec.volume_id)
+        with self._lock:
+            vol = self.volumes.get(spec.volume_id)
+            if vol is not None:
+                if vol.size_bytes != spec.size_bytes:
+                    raise AlreadyExists(f"{spec.volume_id} exists with another size")
+                return vol
+            if spec.source.kind == "volume" and spec.source.source_id not in self.volumes:
+                raise NotFound(f"source {spec.source.source_id} is not here")
+            if spec.source.kind == "snapshot" and spec.source.source_id not in self.snapshots:
+                raise NotFound(f"source {spec.source.source_id} is not here")
+            vol = VolumeInfo(spec.volume_id, spec.size_bytes, spec.access_types, spec.qos,
+                             time.time(), False, Condition(), spec.version)
+            self.volumes[spec.volume_id] = vol
+            return vol
+
+    def delete_volume(self, volume_id: str, version: int) -> None:
+        self._reach("delete_volume", volume_id)
+        with self._lock:
+            if volume_id not in self.volumes:
+                return
+            self._check_version(volume_id, version)
+            if volume_id in self.staged:
+                raise InUse(f"{volume_id} is staged on {self._node_id}")
+            del self.volumes[volume_id]
+
+    def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
+        self._reach("expand_volume", volume_id)
+        with self._lock:
+            vol = self._check_version(volume_id, version)
+            vol = dataclasses.replace(vol, size_bytes=max(vol.size_bytes, size_bytes),
+                                      version=version)
+            self.volumes[volume_id] = vol
+            return vol
+
+    def set_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        self._reach("set_qos", volume_id)
+        with self._lock:
+            vol = self._check_version(volume_id, version)
+            self.volumes[volume_id] = dataclasses.replace(vol, qos=qos, version=version)
+
+    def volume(self, volume_id: str) -> VolumeInfo | None:
+        self._reach("volume", volume_id)
+        vol = self.volumes.get(volume_id)
+        if vol is not None and volume_id in self.staged:
+            vol = dataclasses.replace(vol, staged=True)
+        return vol
+
+    def inventory(self) -> Inventory:
+        self._reach("inventory")
+        return Inventory(tuple(self.volumes.values()), tuple(self.snapshots.values()))
+
+    def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
+        self._reach("create_snapshots", ",".join(m.snapshot_id for m in members))
+        out = []
+        with self._lock:
+            for m in members:
+                snap = self.snapshots.get(m.snapshot_id)
+                if snap is None:
+                    vol = self.volumes.get(m.volume_id)
+                    if vol is None:
+                        raise NotFound(f"volume {m.volume_id} is not on {self._node_id}")
+                    snap = SnapshotInfo(m.snapshot_id, m.volume_id, vol.size_bytes, time.time())
+                    self.snapshots[m.snapshot_id] = snap
+                out.append(snap)
+        return tuple(out)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._reach("delete_snapshot", snapshot_id)
+        self.snapshots.pop(snapshot_id, None)
+
+    def snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
+        self._reach("snapshot", snapshot_id)
+        return self.snapshots.get(snapshot_id)
+
+    def allocated_ranges(self, snapshot_id: str) -> tuple[ByteRange, ...]:
+        self._reach("allocated_ranges", snapshot_id)
+        return ()
+
+    def changed_ranges(self, base_snapshot_id: str,
+                       target_snapshot_id: str) -> tuple[ByteRange, ...]:
+        self._reach("changed_ranges", target_snapshot_id)
+        return ()
