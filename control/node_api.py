@@ -16,16 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.errors import Busy
+from engine.errors import StaleVersion
 from engine.qos.tiers import QosSpec
 
 MOUNT, BLOCK = "mount", "block"
 SOURCE_VOLUME, SOURCE_SNAPSHOT = "volume", "snapshot"
-
-
-class StaleVersion(Busy):
-    """The call acts on an older record than the node has already acted on (ABORTED:
-    the caller re-reads the record and retries)."""
+__all__ = ["StaleVersion"]  # raised by nodes; defined with the other domain errors
 
 
 @dataclass(frozen=True)

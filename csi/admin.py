@@ -17,13 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from csi.catalog import Catalog
 from engine.errors import EngineError
 from engine.node_qos import parse_device
 from engine.qos import stats
 from engine.qos.cgroups import CgroupLayout, detect, find_pod_cgroup
 from engine.qos.tiers import QosSpec
 from engine.state import SqliteStore
+from engine.volumes import KIND as BACKING
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,13 @@ def volumes_report(store: SqliteStore) -> list[dict]:
             {"target": rec["target"], "pod_uid": rec.get("pod_uid", ""),
              "device": rec.get("device", ""), "read_only": rec["read_only"]})
     out = []
-    for vol in Catalog(store).volumes():
-        spec = QosSpec.from_json(vol.qos_json)
+    for volume_id, rec in store.list(BACKING):  # this node's volumes, as it enforces them
+        spec = QosSpec.from_json(rec.get("qos_json", ""))
         out.append({
-            "volume_id": vol.volume_id, "name": vol.name, "node": vol.node_id,
-            "capacity_bytes": vol.capacity_bytes, "tier": spec.name or "(none)",
+            "volume_id": volume_id, "capacity_bytes": rec["size_bytes"],
+            "tier": spec.name or "(none)",
             "max_read_iops": spec.max_read_iops, "max_write_iops": spec.max_write_iops,
-            "min_iops": spec.min_iops, "published": published.get(vol.volume_id, []),
+            "min_iops": spec.min_iops, "published": published.get(volume_id, []),
         })
     return out
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from control.topology import DEFAULT_ZONE, TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 
 DRIVER_NAME = "tandem.csi.dev"
-TOPOLOGY_NODE_KEY = "topology.tandem.csi.dev/node"
-TOPOLOGY_ZONE_KEY = "topology.tandem.csi.dev/zone"
-DEFAULT_ZONE = "default"
 GIB = 1024**3
+__all__ = ["DEFAULT_ZONE", "DRIVER_NAME", "GIB", "TOPOLOGY_NODE_KEY", "TOPOLOGY_ZONE_KEY",
+           "Config"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,13 @@ class Config:
     cgroup_parent: str = ""  # where the kubelet's "kubepods" sits under each hierarchy
     node_iops_capacity: int = 0  # for guaranteed minima; 0: measure the pool once
     workers: int = 16
+    store_url: str = ""  # cluster records; "" = sqlite:<state_dir>/cluster.sqlite
+    store_ca_file: str = ""
+    store_cert_file: str = ""
+    store_key_file: str = ""
+    store_timeout_s: float = 5.0
+    intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
+    reconcile_interval_s: float = 30.0
 
     @property
     def pool_directory(self) -> str:
@@ -44,6 +51,10 @@ class Config:
     @property
     def store_path(self) -> str:
         return os.path.join(self.state_dir, "state.sqlite")
+
+    @property
+    def cluster_store_url(self) -> str:
+        return self.store_url or "sqlite:" + os.path.join(self.state_dir, "cluster.sqlite")
 
     @property
     def lock_path(self) -> str:

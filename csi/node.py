@@ -9,7 +9,6 @@ import grpc
 from csi import validation
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import RpcError, invalid, not_found, translated
-from engine.locks import KeyLocks
 from engine.node_engine import NodeEngine
 from engine.node_volumes import BLOCK, PublishRequest, StageRequest
 from proto import csi_pb2, csi_pb2_grpc
@@ -31,7 +30,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, config: Config, engine: NodeEngine):
         self.config = config
         self.engine = engine
-        self.locks = KeyLocks()
+        self.locks = engine.locks  # the node's one table: the controller's calls use it too
 
     def _require_volume(self, volume_id: str) -> None:
         if not validation.well_formed_id(volume_id) or self.engine.volume(volume_id) is None:

@@ -15,16 +15,17 @@ import threading
 
 import grpc
 
-from csi import controller as controller_mod
-from csi import snapshotter as snapshotter_mod
-from csi.catalog import Catalog
+from control.local_node import LocalNode
+from control.plane import ControlPlane
+from control.registry import NodeRegistry
+from control.store import Store
+from control.stores import StoreSpec, open_store
+from control.volumes import VolumePolicy
 from csi.config import DEFAULT_ZONE, GIB, Config
 from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
 from csi.identity import IdentityService
-from engine.locks import KeyLocks
 from csi.node import NodeService
-from csi.snapshot_catalog import SnapshotCatalog
 from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
 from engine.errors import EngineError
@@ -67,6 +68,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="cgroup under which the kubelet's kubepods sits (default: the root)")
     p.add_argument("--node-iops-capacity", type=int, default=0,
                    help="IOPS the pool guarantees minima from; 0: measure once with fio")
+    p.add_argument("--store", default="",
+                   help="cluster records: sqlite:PATH (default STATE_DIR/cluster.sqlite), "
+                        "etcd://HOST:PORT,... or etcds://HOST:PORT,...")
+    p.add_argument("--store-ca", default="", help="etcds: CA bundle of the etcd members")
+    p.add_argument("--store-cert", default="", help="etcds: client certificate")
+    p.add_argument("--store-key", default="", help="etcds: client key")
+    p.add_argument("--store-timeout", type=float, default=5.0,
+                   help="seconds before a store call's outcome counts as unknown")
+    p.add_argument("--intent-timeout", type=float, default=600.0,
+                   help="seconds before an unconfirmed create is abandoned (its storage removed)")
+    p.add_argument("--reconcile-interval", type=float, default=30.0,
+                   help="seconds between reconcile rounds (0: only at start-up)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if not a.endpoint.startswith("unix://"):
@@ -87,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
         tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent,
         node_iops_capacity=a.node_iops_capacity,
+        store_url=a.store, store_ca_file=a.store_ca, store_cert_file=a.store_cert,
+        store_key_file=a.store_key, store_timeout_s=a.store_timeout,
+        intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
     )
 
 
@@ -137,7 +153,9 @@ class Driver:
         self.config = config
         self.ready = threading.Event()
         self.server: grpc.Server | None = None
-        self.store: SqliteStore | None = None
+        self.store: SqliteStore | None = None  # node-local records
+        self.cluster_store: Store | None = None  # cluster records
+        self.plane: ControlPlane | None = None
         self.engine: NodeEngine | None = None
         self._lock_fd = -1
 
@@ -155,13 +173,18 @@ class Driver:
                             qos=qos, iops_capacity=cfg.node_iops_capacity)
         engine.open()
         self.engine = engine
-        catalog = Catalog(self.store)
-        snapshot_catalog = SnapshotCatalog(self.store)
-        nodes = {cfg.node_id: engine}
-        controller_mod.reconcile(catalog, nodes)
-        snapshotter_mod.reconcile(snapshot_catalog, nodes)
-        locks = KeyLocks()  # shared: volume and snapshot calls exclude each other per ID
-        snapshotter = Snapshotter(catalog, snapshot_catalog, nodes, locks)
+        self.cluster_store = open_store(StoreSpec(
+            cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
+            cfg.store_timeout_s))
+        nodes = NodeRegistry()
+        nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
+        plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(
+            overcommit_ratio=cfg.overcommit_ratio,
+            max_volumes_per_node=cfg.max_volumes_per_node,
+            intent_timeout_s=cfg.intent_timeout_s))
+        plane.start(cfg.reconcile_interval_s)
+        self.plane = plane
+        snapshotter = Snapshotter(plane.snapshots)
 
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=cfg.workers),
@@ -169,11 +192,12 @@ class Driver:
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.ready), self.server)
         csi_pb2_grpc.add_ControllerServicer_to_server(
-            ControllerService(cfg, catalog, nodes, snapshotter, locks), self.server)
+            ControllerService(cfg, plane.volumes, plane.snapshots, snapshotter, nodes,
+                              plane.index), self.server)
         csi_pb2_grpc.add_GroupControllerServicer_to_server(
             GroupControllerService(snapshotter), self.server)
         csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
-            SnapshotMetadataService(snapshot_catalog, nodes), self.server)
+            SnapshotMetadataService(plane.snapshots, nodes), self.server)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
         self.server.add_insecure_port(f"unix://{path}")
         self.server.start()
@@ -186,6 +210,10 @@ class Driver:
         self.ready.clear()
         if self.server is not None:
             self.server.stop(grace_s).wait()
+        if self.plane is not None:
+            self.plane.close()
+        if self.cluster_store is not None:
+            self.cluster_store.close()
         if self.engine is not None:
             self.engine.close()
         if self.store is not None:

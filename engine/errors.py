@@ -30,12 +30,29 @@ class OutOfCapacity(EngineError):
     """Not enough room (pool bytes, guaranteed IOPS, attach slots): may succeed later."""
 
 
-class InUse(EngineError):
+class PreconditionFailed(EngineError):
+    """The object is not in a state that allows the call (CSI FAILED_PRECONDITION)."""
+
+
+class InUse(PreconditionFailed):
     """The object is held by something else (published elsewhere, has dependants)."""
 
 
 class Busy(EngineError):
     """Another operation on the same object is under way: retry later (CSI ABORTED)."""
+
+
+class StaleVersion(Busy):
+    """The call acts on an older cluster record than the node already acted on: the
+    caller re-reads the record and retries (ABORTED)."""
+
+
+class InvalidToken(EngineError):
+    """A paging token this driver did not make (CSI ABORTED: the CO restarts the list)."""
+
+
+class DataLoss(EngineError):
+    """Data that should exist cannot be read back intact (CSI DATA_LOSS)."""
 
 
 class Unavailable(EngineError):

@@ -1,8 +1,9 @@
-"""One node's storage behind one object.
+"""One node's storage behind one object: the engine's facade.
 
-The controller talks to a node only through this interface (create, delete and grow
-backing volumes, report the pool's space), so the same controller code can drive an
-in-process engine (all-in-one) or a remote node agent (cluster).
+Two callers use it: the node API implementation (control/local_node.py, for the
+controller: volumes, snapshots, capacity) and the CSI Node service (stage, publish, stats,
+expand, for the kubelet). Both take the same per-volume lock table (`self.locks`), so a
+snapshot's freeze can never race an unstage, whoever asked for which.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from engine.errors import InUse
 from engine.freeze import Freezer
+from engine.locks import KeyLocks
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos, parse_device
@@ -48,6 +51,7 @@ class NodeEngine:
         self.volumes = NodeVolumes(store, self.files, loops, mounts)
         self.freezer = Freezer(store)
         self.snapshots = Snapshots(store, pool, self.files, self.volumes, self.freezer)
+        self.locks = KeyLocks()  # one per node: every caller's per-volume operations
 
     def open(self) -> None:
         """Bring the pool up and settle whatever a crash or restart left half-done."""
@@ -73,27 +77,36 @@ class NodeEngine:
             self.store.put(POOL_INFO, "iops_capacity", rec)
         return int(rec["iops"])
 
-    # --- what the controller calls -------------------------------------------------
+    # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                      clone_from_volume: str = "") -> Backing:
+                      clone_from_volume: str = "", version: int = 0) -> Backing:
         if not clone_from_volume:
-            return self.files.create(volume_id, size_bytes, qos_json=qos.to_json())
+            return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
+                                     version=version)
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
             return self.files.create(volume_id, size_bytes, clone_from=source,
-                                     qos_json=qos.to_json())
+                                     qos_json=qos.to_json(), version=version)
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                       snapshot_id: str) -> Backing:
-        return self.snapshots.restore(snapshot_id, volume_id, size_bytes, qos.to_json())
+                       snapshot_id: str, version: int = 0) -> Backing:
+        return self.files.create(volume_id, size_bytes,
+                                 restore_from=self.snapshots.require(snapshot_id),
+                                 qos_json=qos.to_json(), version=version)
 
-    def delete_volume(self, volume_id: str) -> None:
+    def delete_volume(self, volume_id: str, version: int = 0) -> None:
+        backing = self.files.get(volume_id)
+        if backing is None:
+            return
+        self.files.check_version(backing, version)
+        if self.is_staged(volume_id):
+            raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
         self.files.delete(volume_id)
 
-    def set_qos(self, volume_id: str, qos: QosSpec) -> None:
+    def set_qos(self, volume_id: str, qos: QosSpec, version: int = 0) -> None:
         """A tier change: recorded, and applied to the pods using the volume now."""
-        self.qos.set_spec(volume_id, qos)
+        self.qos.set_spec(volume_id, qos, version)
 
     # --- what the node service calls -----------------------------------------------
     def publish(self, req: PublishRequest) -> None:
@@ -119,11 +132,22 @@ class NodeEngine:
     def snapshot(self, snapshot_id: str) -> SnapshotBacking | None:
         return self.snapshots.get(snapshot_id)
 
-    def expand_volume(self, volume_id: str, size_bytes: int) -> Backing:
-        return self.files.expand(volume_id, size_bytes)
+    def expand_volume(self, volume_id: str, size_bytes: int, version: int = 0) -> Backing:
+        return self.files.expand(volume_id, size_bytes, version)
 
     def volume(self, volume_id: str) -> Backing | None:
         return self.files.get(volume_id)
+
+    def condition(self, volume_id: str) -> tuple[bool, str]:
+        """(abnormal, why) of a volume from the pool and the kernel, not only records."""
+        backing = self.files.get(volume_id)
+        if backing is None:
+            return True, f"volume {volume_id} has no backing file on this node"
+        if not self.pool.volume_exists(backing.pool_name):
+            return True, "the volume's backing file is missing from the pool"
+        if self.is_staged(volume_id) and self.volumes.device_of(backing) is None:
+            return True, "the volume's loop device is gone; stage it again"
+        return False, ""
 
     def is_staged(self, volume_id: str) -> bool:
         return self.volumes.stage_record(volume_id) is not None

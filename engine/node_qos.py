@@ -75,10 +75,10 @@ class NodeQos:
         backing = self.files.get(volume_id) if self.files else None
         return QosSpec.from_json(backing.qos_json) if backing else QosSpec()
 
-    def set_spec(self, volume_id: str, spec: QosSpec) -> None:
+    def set_spec(self, volume_id: str, spec: QosSpec, version: int = 0) -> None:
         """Record the volume's tier and apply it to the pods using it now (no remount)."""
         assert self.files is not None, "attach() first"
-        self.files.set_qos(volume_id, spec.to_json())
+        self.files.set_qos(volume_id, spec.to_json(), version)
         if self.enforcer is not None:
             self.enforcer.update(volume_id, spec)
 

@@ -82,6 +82,10 @@ class NodeVolumes:
                 return dev
         return None
 
+    def device_of(self, backing: Backing) -> LoopDevice | None:
+        """The volume's read-write loop device, if the kernel has one."""
+        return self._rw_device(backing)
+
     def _ensure_rw_device(self, backing: Backing) -> LoopDevice:
         dev = self._rw_device(backing)
         if dev is None:

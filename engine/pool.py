@@ -198,6 +198,9 @@ class Pool:
     def volume_exists(self, name: str) -> bool:
         return os.path.exists(self.volume_path(name))
 
+    def snapshot_exists(self, name: str) -> bool:
+        return os.path.exists(self.snapshot_path(name))
+
     def volumes(self) -> list[str]:
         return self.layout.volumes()
 

@@ -1,9 +1,11 @@
 """Snapshots of backing volumes: consistent, copy-on-write, and crash-safe.
 
-Storage first, record second (kind "snapshot-backing"): snapshot storage no record owns
-is garbage, removed by reconcile(). A mounted volume is frozen for the instant of the
-snapshot; a block volume's acknowledged writes are already in its file (direct I/O), and
-the snapshot is atomic with respect to the writes in flight.
+Record first (kind "snapshot-backing", holding the drawn pool name), storage second: a
+retry after a crash finds the record and takes the snapshot then. Snapshot storage no
+record owns is an orphan: reported by reconcile(), never removed because a record is
+missing. A mounted volume is frozen for the instant of the snapshot; a block volume's
+acknowledged writes are already in its file (direct I/O), and the snapshot is atomic
+with respect to the writes in flight.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Snapshots:
         self.files = files
         self.volumes = volumes
         self.freezer = freezer
+        self.orphans: list[str] = []  # pool snapshots no record owns (see reconcile)
 
     def get(self, snapshot_id: str) -> SnapshotBacking | None:
         rec = self.store.get(KIND, snapshot_id)
@@ -82,31 +85,40 @@ class Snapshots:
         refused rather than snapshotted at a different instant from the others.
         """
         existing = {sid: self.get(sid) for sid, _ in members}
-        todo = [(sid, vid) for sid, vid in members if existing[sid] is None]
         for sid, vid in members:
             snap = existing[sid]
             if snap is not None and snap.source_volume_id != vid:
                 raise InUse(f"snapshot {sid} exists for volume {snap.source_volume_id}")
+        # recorded but not taken (a crash in between): taken now, as a retry would
+        todo = [(sid, vid) for sid, vid in members
+                if existing[sid] is None
+                or not self.pool.snapshot_exists(existing[sid].pool_name)]  # type: ignore[union-attr]
+        if not todo:
+            return [existing[sid] for sid, _ in members]  # type: ignore[misc]
         backings = {vid: self.files.require(vid) for _, vid in todo}
+        planned = [existing[sid] or SnapshotBacking(
+            sid, uuid.uuid4().hex, vid, backings[vid].size_bytes,
+            backings[vid].sector_size_bytes, time.time()) for sid, vid in todo]
+        with self.store.txn() as t:
+            for snap in planned:
+                t.put(KIND, snap.snapshot_id, snap.record())
+        crash.point("snapshot-after-record")
         made: list[SnapshotBacking] = []
         with self.quiesced(list(backings), allow_block_in_use or len(members) == 1):
             crash.point("snapshot-after-freeze")
-            for sid, vid in todo:
-                backing = backings[vid]
-                snap = SnapshotBacking(sid, uuid.uuid4().hex, vid, backing.size_bytes,
-                                       backing.sector_size_bytes, time.time())
+            for snap in planned:
                 try:
-                    self.pool.snapshot_volume(backing.pool_name, snap.pool_name)
+                    self.pool.snapshot_volume(backings[snap.source_volume_id].pool_name,
+                                              snap.pool_name)
                 except BaseException:
-                    self.pool.delete_snapshot(snap.pool_name)
-                    for done in made:
+                    for done in [*made, snap]:
                         self.pool.delete_snapshot(done.pool_name)
+                    with self.store.txn() as t:
+                        for undo in planned:
+                            t.delete(KIND, undo.snapshot_id)
                     raise
                 made.append(snap)
         crash.point("snapshot-after-storage")
-        with self.store.txn() as t:
-            for snap in made:
-                t.put(KIND, snap.snapshot_id, snap.record())
         return [existing[sid] or self.require(sid) for sid, _ in members]
 
     @contextlib.contextmanager
@@ -135,12 +147,14 @@ class Snapshots:
             yield
 
     def delete(self, snapshot_id: str) -> None:
-        rec = self.store.get(KIND, snapshot_id)
-        if rec is None:
+        """Storage first, record second: a crash in between leaves a record whose storage
+        is gone (the retry finishes), never storage nobody knows."""
+        snap = self.get(snapshot_id)
+        if snap is None:
             return
+        self.pool.delete_snapshot(snap.pool_name)
+        crash.point("snapshot-delete-after-storage")
         self.store.delete(KIND, snapshot_id)
-        crash.point("snapshot-delete-after-record")
-        self.pool.delete_snapshot(rec["pool_name"])
 
     def restore(self, snapshot_id: str, volume_id: str, size_bytes: int,
                 qos_json: str = "") -> Backing:
@@ -149,8 +163,16 @@ class Snapshots:
 
     # --- start-up --------------------------------------------------------------------
     def reconcile(self) -> None:
+        """Report snapshot storage no record owns (kept until an operator purges it)."""
         known = {s.pool_name for s in self.all()}
-        for name in self.pool.snapshots():
-            if name not in known:
-                log.warning("removing pool snapshot %s: no record owns it", name)
-                self.pool.delete_snapshot(name)
+        self.orphans = [name for name in self.pool.snapshots() if name not in known]
+        for name in self.orphans:
+            log.warning("orphan pool snapshot %s: no record owns it; kept", name)
+
+    def purge_orphan(self, pool_name: str) -> None:
+        if any(s.pool_name == pool_name for s in self.all()):
+            raise InUse(f"pool snapshot {pool_name} belongs to a snapshot; not an orphan")
+        if pool_name not in self.pool.snapshots():
+            raise NotFound(f"no pool snapshot {pool_name}")
+        self.pool.delete_snapshot(pool_name)
+        self.orphans = [n for n in self.orphans if n != pool_name]

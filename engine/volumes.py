@@ -1,9 +1,12 @@
 """Volume backing files in the pool, with their records.
 
 A volume ID never becomes a path: each volume's file name is drawn at creation and
-kept in its record (kind "backing"). The invariant that makes crashes harmless: a
-pool file that no record owns is garbage. A create writes the file before its record,
-a delete removes the record before the file, and `reconcile()` removes unowned files.
+kept in its record (kind "backing"). Records come first: a create writes the record
+(holding the drawn name) before the file exists, and a retry of a create cut short
+finishes the file; a delete removes the file before the record. A pool file that no
+record owns is an ORPHAN: reported by `reconcile()` and kept until an operator purges
+it, never removed because a record is missing (a lost or restored store must not
+delete data).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine import crash
-from engine.errors import AlreadyExists, InvalidSpec, NotFound, OutOfRange
+from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, OutOfRange, StaleVersion
 from engine.pool import Pool
 from engine.state import Store
 
@@ -34,7 +37,11 @@ class Backing:
     sector_size_bytes: int
     created_at: float
     origin: str = EMPTY
-    qos_json: str = ""  # the volume's QoS spec (engine/qos/tiers.py), kept with it
+    # the QoS spec this node enforces (engine/qos/tiers.py): the cluster record holds
+    # the truth, this is the copy a node needs to apply it while the store is away
+    qos_json: str = ""
+    source_pool_name: str = ""  # what a clone or restore copies (to finish a retry)
+    version: int = 0  # the newest cluster-record version this node acted on
 
     @classmethod
     def from_record(cls, volume_id: str, rec: dict) -> Backing:
@@ -60,6 +67,7 @@ class VolumeFiles:
     def __init__(self, store: Store, pool: Pool):
         self.store = store
         self.pool = pool
+        self.orphans: list[str] = []  # pool volumes no record owns (see reconcile)
 
     def get(self, volume_id: str) -> Backing | None:
         rec = self.store.get(KIND, volume_id)
@@ -82,51 +90,67 @@ class VolumeFiles:
         clone_from: Backing | None = None,
         restore_from: PoolObject | None = None,
         qos_json: str = "",
+        version: int = 0,
     ) -> Backing:
         """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
 
         Clones and restores keep their source's sector size: a filesystem made on it
-        needs the same one.
+        needs the same one. The record is written first, holding the drawn pool name; a
+        retry after a crash finds it and finishes the file.
         """
-        source = clone_from or restore_from
-        existing = self.store.get(KIND, volume_id)
+        existing = self.get(volume_id)
         if existing is not None:
-            if existing["size_bytes"] == size_bytes:
-                return Backing.from_record(volume_id, existing)
-            raise AlreadyExists(f"volume {volume_id} already has a backing file")
+            if existing.size_bytes != size_bytes:
+                raise AlreadyExists(f"volume {volume_id} already has a backing file")
+            if not self.pool.volume_exists(existing.pool_name):
+                self._make(existing)  # a create cut short after its record
+            return existing
+        source = clone_from or restore_from
         sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, time.time(), origin,
-                          qos_json)
-        # The file comes first, its record second: a crash in between leaves a file no
-        # record owns, which reconcile() removes. One commit instead of an intent + done.
-        try:
-            if clone_from is not None:
-                self.pool.clone_volume(clone_from.pool_name, backing.pool_name)
-                self.pool.resize_volume(backing.pool_name, size_bytes)
-            elif restore_from is not None:
-                self.pool.restore_snapshot(restore_from.pool_name, backing.pool_name)
-                self.pool.resize_volume(backing.pool_name, size_bytes)
-            else:
-                self.pool.create_volume(backing.pool_name, size_bytes)
-        except BaseException:
-            self.pool.delete_volume(backing.pool_name)
-            raise
-        crash.point("volume-create-after-file")
+                          qos_json, source.pool_name if source else "", version)
         self.store.put(KIND, volume_id, backing.record())
+        crash.point("volume-create-after-record")
+        try:
+            self._make(backing)
+        except BaseException:
+            # only our own, freshly named file can be there: nothing else holds it
+            self.pool.delete_volume(backing.pool_name)
+            self.store.delete(KIND, volume_id)
+            raise
         return backing
 
-    def delete(self, volume_id: str) -> None:
-        """Record first, file second: a crash in between leaves an unowned file (reconciled)."""
-        rec = self.store.get(KIND, volume_id)
-        if rec is None:
-            return
-        self.store.delete(KIND, volume_id)
-        crash.point("volume-delete-after-record")
-        self.pool.delete_volume(rec["pool_name"])
+    def _make(self, backing: Backing) -> None:
+        if backing.origin == CLONE:
+            self.pool.clone_volume(backing.source_pool_name, backing.pool_name)
+            self.pool.resize_volume(backing.pool_name, backing.size_bytes)
+        elif backing.origin == RESTORE:
+            self.pool.restore_snapshot(backing.source_pool_name, backing.pool_name)
+            self.pool.resize_volume(backing.pool_name, backing.size_bytes)
+        else:
+            self.pool.create_volume(backing.pool_name, backing.size_bytes)
 
-    def expand(self, volume_id: str, size_bytes: int) -> Backing:
+    def delete(self, volume_id: str) -> None:
+        """File first, record second: a crash in between leaves a record whose file is
+        gone (the retry finishes), never a file nobody knows."""
+        backing = self.get(volume_id)
+        if backing is None:
+            return
+        self.pool.delete_volume(backing.pool_name)
+        crash.point("volume-delete-after-file")
+        self.store.delete(KIND, volume_id)
+
+    @staticmethod
+    def check_version(backing: Backing, version: int) -> None:
+        """Refuse a call acting on an older cluster record than one already acted on."""
+        if version and version < backing.version:
+            raise StaleVersion(f"volume {backing.volume_id}: the call acts on record version "
+                               f"{version}, this node already acted on {backing.version}")
+
+    def expand(self, volume_id: str, size_bytes: int, version: int = 0) -> Backing:
         backing = self.require(volume_id)
+        self.check_version(backing, version)
         if size_bytes < backing.size_bytes:
             raise OutOfRange(
                 f"volume {volume_id} is {backing.size_bytes} bytes; shrinking is not supported"
@@ -135,42 +159,56 @@ class VolumeFiles:
             raise InvalidSpec(f"size {size_bytes} is not a multiple of the sector size")
         # Growing a sparse file is atomic and idempotent: no intent needed.
         self.pool.resize_volume(backing.pool_name, size_bytes)
-        grown = dataclasses.replace(backing, size_bytes=size_bytes)
-        self.store.put(KIND, volume_id, grown.record())
+        grown = dataclasses.replace(backing, size_bytes=size_bytes,
+                                    version=max(version, backing.version))
+        if grown != backing:
+            self.store.put(KIND, volume_id, grown.record())
         return grown
 
-    def set_qos(self, volume_id: str, qos_json: str) -> None:
+    def set_qos(self, volume_id: str, qos_json: str, version: int = 0) -> None:
         with self.store.txn() as t:
             rec = t.get(KIND, volume_id)
             if rec is None:
                 raise NotFound(f"volume {volume_id} has no backing file on this node")
+            self.check_version(Backing.from_record(volume_id, rec), version)
             rec["qos_json"] = qos_json
+            rec["version"] = max(version, rec.get("version", 0))
             t.put(KIND, volume_id, rec)
 
     def all(self) -> list[Backing]:
         return [Backing.from_record(k, r) for k, r in self.store.list(KIND)]
 
     def reconcile(self) -> None:
-        """Drop storage no record owns; remake empty volumes a power cut took back.
+        """Remake empty volumes a power cut took back; report the pool's orphans.
 
         An empty volume's creation is not forced to disk (on btrfs that would commit a
         transaction per CreateVolume): the first flush through its device does that. So if
         a power cut takes the creation back, nothing was ever flushed to the volume, and a
         fresh empty one of the same size is exactly what its user may expect to find.
+        Pool volumes no record owns are orphans: listed, logged, kept.
         """
         known = set()
-        for volume_id, rec in self.store.list(KIND):
-            backing = Backing.from_record(volume_id, rec)
+        for backing in self.all():
             known.add(backing.pool_name)
             if self.pool.volume_exists(backing.pool_name):
                 continue
             if backing.origin == EMPTY:
                 log.warning("remaking empty volume %s: its creation never reached the disk",
-                            volume_id)
+                            backing.volume_id)
                 self.pool.create_volume(backing.pool_name, backing.size_bytes)
             else:
-                log.error("volume %s (a %s) has lost its storage", volume_id, backing.origin)
-        for name in self.pool.volumes():
-            if name not in known:
-                log.warning("removing pool volume %s: no record owns it", name)
-                self.pool.delete_volume(name)
+                log.error("volume %s (a %s) has lost its storage", backing.volume_id,
+                          backing.origin)
+        self.orphans = [name for name in self.pool.volumes() if name not in known]
+        for name in self.orphans:
+            log.warning("orphan pool volume %s: no record owns it; kept (`tandem-admin "
+                        "orphans` lists it, `tandem-admin purge` removes it)", name)
+
+    def purge_orphan(self, pool_name: str) -> None:
+        """Remove a pool volume no record owns (an operator's explicit decision)."""
+        if any(b.pool_name == pool_name for b in self.all()):
+            raise InUse(f"pool volume {pool_name} belongs to a volume; it is not an orphan")
+        if pool_name not in self.pool.volumes():
+            raise NotFound(f"no pool volume {pool_name}")
+        self.pool.delete_volume(pool_name)
+        self.orphans = [n for n in self.orphans if n != pool_name]

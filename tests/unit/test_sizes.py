@@ -1,6 +1,6 @@
 import pytest
 
-from csi.sizes import MAX_VOLUME_BYTES, MIB, MIN_VOLUME_BYTES, volume_size
+from control.policy import MAX_VOLUME_BYTES, MIB, MIN_VOLUME_BYTES, volume_size
 from engine.errors import InvalidSpec, OutOfRange
 
 GIB = 1024 * MIB

@@ -1,0 +1,131 @@
+"""The node API implemented by this node's engine, in the same process.
+
+All-in-one: the controller's registry holds one LocalNode. Cluster: the node agent serves
+a LocalNode to the controllers over gRPC. Every call that changes a volume takes the
+node's one per-volume lock table (shared with the CSI Node service), so a controller's
+call and a kubelet's call on one volume never interleave (the second is ABORTED).
+"""
+
+from __future__ import annotations
+
+from control.node_api import (
+    BLOCK,
+    MOUNT,
+    SOURCE_SNAPSHOT,
+    SOURCE_VOLUME,
+    ByteRange,
+    Condition,
+    Inventory,
+    NewVolume,
+    NodeInfo,
+    SnapshotInfo,
+    SnapshotMember,
+    VolumeInfo,
+)
+from engine import changed_blocks
+from engine.errors import AlreadyExists
+from engine.node_engine import NodeEngine
+from engine.qos.tiers import QosSpec
+from engine.snapshots import SnapshotBacking
+from engine.volumes import Backing
+
+
+class LocalNode:
+    def __init__(self, engine: NodeEngine, max_volumes: int):
+        self.engine = engine
+        self.max_volumes = max_volumes
+
+    @property
+    def node_id(self) -> str:
+        return self.engine.identity.node_id
+
+    def info(self) -> NodeInfo:
+        usage = self.engine.usage()
+        orphans = len(self.engine.files.orphans) + len(self.engine.snapshots.orphans)
+        condition = Condition(True, f"{orphans} pool objects have no record (see "
+                                    "`tandem-admin orphans`)") if orphans else Condition()
+        return NodeInfo(self.node_id, self.engine.identity.zone, usage.total_bytes,
+                        usage.free_bytes, usage.reserve_bytes, self.engine.iops_capacity,
+                        self.max_volumes, condition)
+
+    # --- volumes -------------------------------------------------------------------
+    def _info(self, backing: Backing) -> VolumeInfo:
+        abnormal, message = self.engine.condition(backing.volume_id)
+        return VolumeInfo(
+            volume_id=backing.volume_id, size_bytes=backing.size_bytes,
+            access_types=getattr(backing, "access_types", (MOUNT, BLOCK)),
+            qos=QosSpec.from_json(backing.qos_json), created_at=backing.created_at,
+            staged=self.engine.is_staged(backing.volume_id),
+            condition=Condition(abnormal, message), version=backing.version)
+
+    def create_volume(self, spec: NewVolume) -> VolumeInfo:
+        # the source too: a snapshot or volume cannot go while it is being copied
+        with self.engine.locks.hold(spec.volume_id, spec.source.source_id):
+            existing = self.engine.volume(spec.volume_id)
+            if existing is not None and existing.size_bytes != spec.size_bytes:
+                raise AlreadyExists(f"volume {spec.volume_id} exists with another size")
+            if spec.source.kind == SOURCE_SNAPSHOT:
+                backing = self.engine.restore_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                                     spec.source.source_id, spec.version)
+            else:
+                clone_from = spec.source.source_id if spec.source.kind == SOURCE_VOLUME else ""
+                backing = self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                                    clone_from, spec.version)
+            return self._info(backing)
+
+    def delete_volume(self, volume_id: str, version: int) -> None:
+        with self.engine.locks.hold(volume_id):
+            self.engine.delete_volume(volume_id, version)
+
+    def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
+        with self.engine.locks.hold(volume_id):
+            return self._info(self.engine.expand_volume(volume_id, size_bytes, version))
+
+    def set_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        with self.engine.locks.hold(volume_id):
+            self.engine.set_qos(volume_id, qos, version)
+
+    def volume(self, volume_id: str) -> VolumeInfo | None:
+        backing = self.engine.volume(volume_id)
+        return self._info(backing) if backing is not None else None
+
+    def inventory(self) -> Inventory:
+        return Inventory(
+            volumes=tuple(self._info(b) for b in self.engine.files.all()),
+            snapshots=tuple(_snapshot_info(s) for s in self.engine.snapshots.all()),
+            orphans=tuple(self.engine.files.orphans + self.engine.snapshots.orphans))
+
+    # --- snapshots -----------------------------------------------------------------
+    def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
+        volume_ids = sorted({m.volume_id for m in members})
+        with self.engine.locks.hold(*volume_ids):
+            made = self.engine.create_snapshots([(m.snapshot_id, m.volume_id) for m in members])
+        return tuple(_snapshot_info(s) for s in made)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self.engine.locks.hold(snapshot_id):
+            self.engine.delete_snapshot(snapshot_id)
+
+    def snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
+        snap = self.engine.snapshot(snapshot_id)
+        return _snapshot_info(snap) if snap is not None else None
+
+    def _snapshot_path(self, snapshot_id: str) -> str:
+        return self.engine.snapshots.path(self.engine.snapshots.require(snapshot_id))
+
+    def allocated_ranges(self, snapshot_id: str) -> tuple[ByteRange, ...]:
+        return _ranges(changed_blocks.allocated(self._snapshot_path(snapshot_id)))
+
+    def changed_ranges(self, base_snapshot_id: str,
+                       target_snapshot_id: str) -> tuple[ByteRange, ...]:
+        return _ranges(changed_blocks.delta(self._snapshot_path(base_snapshot_id),
+                                            self._snapshot_path(target_snapshot_id)))
+
+
+def _snapshot_info(snap: SnapshotBacking) -> SnapshotInfo:
+    return SnapshotInfo(snap.snapshot_id, snap.source_volume_id, snap.size_bytes,
+                        snap.created_at)
+
+
+def _ranges(ranges: list[changed_blocks.Range]) -> tuple[ByteRange, ...]:
+    return tuple(ByteRange(r.offset_bytes, r.length_bytes) for r in ranges)

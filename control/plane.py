@@ -1,0 +1,85 @@
+"""The controller's control plane, assembled: store, registry, index, managers, reconciler.
+
+Used by the all-in-one driver (one in-process node) and, in a cluster, by each
+controller (nodes reached through agents). Start-up order matters: the index is loaded
+from the store before any call is served, and the reconciler's first round runs before
+serving so half-done work from before a crash is settled first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from control.reconcile import Reconciler
+from control.records import VOLUME
+from control.registry import NodeRegistry
+from control.snapshots import Snapshots
+from control.store import Compacted, Store, Watch
+from control.volume_index import VolumeIndex
+from control.volumes import VolumePolicy, Volumes
+from engine.errors import Unavailable
+from engine.locks import KeyLocks
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane:
+    def __init__(self, store: Store, nodes: NodeRegistry, policy: VolumePolicy,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.nodes = nodes
+        self.index = VolumeIndex()
+        self.locks = KeyLocks()  # this controller's names and IDs (the nodes have their own)
+        self.volumes = Volumes(store, nodes, self.index, policy, self.locks, clock=clock)
+        self.snapshots = Snapshots(store, nodes, self.volumes, self.locks,
+                                   intent_timeout_s=policy.intent_timeout_s, clock=clock)
+        self.volumes.snapshot_source = self.snapshots.source_of
+        self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock)
+        self._watch: Watch | None = None
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def start(self, reconcile_interval_s: float) -> None:
+        revision = self._load_index()
+        self.reconciler.run_once()
+        self._follow(revision)
+        if reconcile_interval_s > 0:
+            self.reconciler.start(reconcile_interval_s)
+
+    def _load_index(self) -> int:
+        listing = self.store.list_with_revision(VOLUME)
+        for key, got in listing.items:
+            self.index.note_value(key, got.value, got.version)
+        return listing.revision
+
+    def _follow(self, revision: int) -> None:
+        """Keep the index current with other controllers' commits."""
+        def loop(start: int) -> None:
+            while not self._closed.is_set():
+                try:
+                    self._watch = self.store.watch(VOLUME, start_revision=start + 1)
+                    for event in self._watch:
+                        value = event.value.value if event.value else None
+                        self.index.note_value(event.key, value, event.revision)
+                        start = event.revision
+                except Compacted:
+                    start = self._load_index()
+                except Unavailable as e:
+                    if self._closed.wait(1.0):
+                        return
+                    log.info("volume watch interrupted (%s); resuming", e)
+
+        self._watcher = threading.Thread(target=loop, args=(revision,), daemon=True,
+                                         name="volume-index")
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.reconciler.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
