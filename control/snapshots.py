@@ -250,7 +250,7 @@ class Snapshots:
                     raise Busy(f"group snapshot name {name!r} was taken meanwhile; "
                                "retry") from None
                 self._realize([(s, version) for s in snaps], (group, version))
-                return group.replace(state=READY)
+                return self.require_group(group.group_id)
 
     def _resume_group(self, name: str, ref: NameRecord, request_hash: str) -> GroupRecord:
         if ref.request_hash != request_hash:
@@ -267,7 +267,7 @@ class Snapshots:
                 raise Busy(f"group snapshot {group.group_id} is incomplete; retry")
             with self.locks.hold(*group.volume_ids):
                 self._realize([s for s in snaps if s is not None], (group, version))
-            return group.replace(state=READY)
+            return self.require_group(group.group_id)
         raise Busy(f"group snapshot {group.group_id} is being deleted; retry")
 
     def delete_group(self, group_id: str) -> None:

@@ -176,7 +176,7 @@ class Driver:
         self.cluster_store = open_store(StoreSpec(
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s))
-        nodes = NodeRegistry()
+        nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
         nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
         plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(
             overcommit_ratio=cfg.overcommit_ratio,

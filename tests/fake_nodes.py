@@ -40,6 +40,7 @@ class FakeNode:
         self.snapshots: dict[str, SnapshotInfo] = {}
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
+        self.fail_creates = False  # answers, but making storage fails (a crash, a full disk)
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
@@ -67,6 +68,8 @@ class FakeNode:
 
     def create_volume(self, spec: NewVolume) -> VolumeInfo:
         self._reach("create_volume", spec.volume_id)
+        if self.fail_creates:
+            raise Unavailable(f"node {self._node_id} failed while creating {spec.volume_id}")
         with self._lock:
             vol = self.volumes.get(spec.volume_id)
             if vol is not None:

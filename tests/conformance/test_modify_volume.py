@@ -14,7 +14,7 @@ from tests.conformance.helpers import INVALID, expect_code, ok
 
 def stored_mutable(driver, volume_id: str) -> dict:
     """The controller's record of the volume (the API has no read-back of these)."""
-    return driver.driver.store.get("volume", volume_id)["mutable_parameters"]
+    return driver.driver.cluster_store.get(f"volume/{volume_id}").value["mutable_parameters"]
 
 
 def modify(co, volume_id: str, params: dict[str, str]):

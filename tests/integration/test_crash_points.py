@@ -20,12 +20,12 @@ from tests.support import DriverProcess
 
 # step of the lifecycle -> crash points inside it
 POINTS = {
-    "create": ["volume-create-after-file", "create-volume-after-engine"],
+    "create": ["create-volume-after-intent", "volume-create-after-record", "create-volume-after-engine"],
     "stage": ["stage-after-intent", "stage-after-attach", "stage-after-mount"],
     "publish": ["publish-after-intent", "publish-after-mount"],
     "unpublish": ["unpublish-after-unmount"],
     "unstage": ["unstage-after-unmount"],
-    "delete": ["volume-delete-after-record", "delete-volume-after-engine"],
+    "delete": ["volume-delete-after-file", "delete-volume-after-engine"],
 }
 CASES = [(step, point) for step, points in POINTS.items() for point in points]
 

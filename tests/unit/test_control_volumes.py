@@ -4,16 +4,18 @@ idempotency, the intent protocol, paging, and the answers for unreachable nodes.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from control.node_api import VolumeSource
+from control.node_api import NewVolume, StaleVersion, VolumeSource
 from control.placement import Constraints
 from control.records import CREATING, DELETING, READY, VOLUME
 from control.reconcile import Reconciler
 from control.registry import NodeRegistry
 from control.snapshots import Snapshots
 from control.sqlite_store import SqliteStore
+from control.store import Delete
 from control.topology import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
 from control.volume_index import VolumeIndex
 from control.volumes import VolumePolicy, VolumeRequest, Volumes
@@ -119,10 +121,10 @@ def test_guaranteed_iops_spread_over_nodes(three_zones):
 def test_intents_and_tombstones_count_against_capacity(tmp_path):
     node = FakeNode("n1", "z1", free_bytes=4 * GIB)
     c = Cluster(str(tmp_path / "s.sqlite"), [node], overcommit_ratio=1.0)
-    node.down = True
+    node.fail_creates = True
     with pytest.raises(Unavailable):
         c.create("a", size=2 * GIB)  # the intent stays, holding its bytes
-    node.down = False
+    node.fail_creates = False
     with pytest.raises(OutOfCapacity):
         c.create("b", size=2 * GIB)
 
@@ -138,17 +140,14 @@ def test_same_request_same_volume_other_request_already_exists(three_zones):
 
 def test_retry_after_node_failure_finishes_the_same_intent(three_zones):
     c = three_zones
-    for n in c.nodes.values():
-        n.down = True
+    c.nodes["n1"].fail_creates = True
     with pytest.raises(Unavailable):
         c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
-    # the registry's cache of infos is off (ttl 0): placement saw them down only at
-    # the node call; the intent exists, no storage
-    (key, got), = c.store.list(VOLUME)
+    (key, got), = c.store.list(VOLUME)  # the intent exists, no storage
     assert got.value["state"] == CREATING
     volume_id = got.value["volume_id"]
-    for n in c.nodes.values():
-        n.down = False
+    assert volume_id not in c.nodes["n1"].volumes
+    c.nodes["n1"].fail_creates = False
     vol = c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
     assert vol.volume_id == volume_id and vol.state == READY
     assert volume_id in c.nodes["n1"].volumes
@@ -157,11 +156,12 @@ def test_retry_after_node_failure_finishes_the_same_intent(three_zones):
 def test_listing_hides_intents_and_tombstones(three_zones):
     c = three_zones
     ready = [c.create(f"r{i}").volume_id for i in range(5)]
-    c.nodes["n1"].down = c.nodes["n2"].down = c.nodes["n3"].down = True
+    for n in c.nodes.values():
+        n.fail_creates = True
     with pytest.raises(Unavailable):
         c.create("pending")
     for n in c.nodes.values():
-        n.down = False
+        n.fail_creates = False
     page, last = c.volumes.list_ready("", 2)
     seen = [v.volume_id for v in page]
     while last:
@@ -181,7 +181,6 @@ def test_expired_intent_becomes_a_tombstone_and_its_storage_goes(three_zones):
     c.volumes._realize = original
     (_, got), = c.store.list(VOLUME)
     volume_id = got.value["volume_id"]
-    from control.node_api import NewVolume
     node.create_volume(NewVolume(volume_id, GIB, ("mount",), version=got.version))
     c.reconciler.run_once()  # not yet expired: untouched
     assert c.state(volume_id) == CREATING and volume_id in node.volumes
@@ -197,8 +196,7 @@ def test_storage_without_a_record_is_reported_never_deleted(three_zones, tmp_pat
     kept = c.create("kept")
     # the store is restored from a backup older than this volume: its record is lost
     lost = c.create("lost")
-    c.store.commit([__import__("control.store", fromlist=["Delete"]).Delete(
-        VOLUME + lost.volume_id)])
+    c.store.commit([Delete(VOLUME + lost.volume_id)])
     orphans = c.reconciler.run_once()
     assert orphans.volumes == {lost.node_id: [lost.volume_id]}
     assert lost.volume_id in c.nodes[lost.node_id].volumes
@@ -281,7 +279,6 @@ def test_node_calls_carry_increasing_record_versions(three_zones):
     c.volumes.modify(vol.volume_id, {"tier": "bronze"}, lambda p, m: DEFAULT_TIERS["bronze"])
     v2 = node.volumes[vol.volume_id].version
     assert v2 > v1 > 0
-    from control.node_api import StaleVersion
     with pytest.raises(StaleVersion):  # a delayed call from before the tier change
         node.expand_volume(vol.volume_id, 3 * GIB, v1)
 
@@ -294,18 +291,20 @@ def test_two_controllers_racing_on_one_name_make_one_volume(tmp_path):
     results, errors = [], []
 
     def run(cluster):
-        for _ in range(20):
+        for _ in range(200):  # the CO retries ABORTED with a backoff
             try:
                 results.append(cluster.create("same").volume_id)
                 return
             except Busy as e:
                 errors.append(e)
+                time.sleep(0.005)
 
     threads = [threading.Thread(target=run, args=(x,)) for x in (a, b, a, b)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert all(isinstance(e, Busy) for e in errors), errors
     assert len(set(results)) == 1 and len(results) == 4
     assert sum(len(n.volumes) for n in nodes) == 1
     a.store.close()
