@@ -20,6 +20,7 @@ class StoreSpec:
     cert_file: str = ""
     key_file: str = ""
     timeout_s: float = 5.0
+    namespace: str = "/tandem/"  # etcd: every key starts with it (clusters sharing an etcd)
 
 
 def open_store(spec: StoreSpec) -> Store:
@@ -30,8 +31,15 @@ def open_store(spec: StoreSpec) -> Store:
             raise InvalidSpec(f"--store {spec.url}: give an absolute path after sqlite:")
         return SqliteStore(path)
     if spec.url.startswith(("etcd://", "etcds://")):
+        from control.etcd_client import EtcdConfig
         from control.etcd_store import EtcdStore
-        return EtcdStore.from_url(spec.url, ca_file=spec.ca_file, cert_file=spec.cert_file,
-                                  key_file=spec.key_file, timeout_s=spec.timeout_s)
+        try:
+            config = EtcdConfig.from_url(
+                spec.url, ca_file=spec.ca_file or None, cert_file=spec.cert_file or None,
+                key_file=spec.key_file or None, timeout_s=spec.timeout_s,
+                namespace=spec.namespace)
+        except ValueError as e:
+            raise InvalidSpec(f"--store: {e}") from None
+        return EtcdStore(config)
     raise InvalidSpec(f"--store {spec.url!r}: expected sqlite:PATH, etcd://HOST:PORT,... or "
                       "etcds://HOST:PORT,...")

@@ -37,6 +37,7 @@ class Config:
     store_cert_file: str = ""
     store_key_file: str = ""
     store_timeout_s: float = 5.0
+    store_namespace: str = "/tandem/"
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
     reconcile_interval_s: float = 30.0
 

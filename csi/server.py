@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--store-ca", default="", help="etcds: CA bundle of the etcd members")
     p.add_argument("--store-cert", default="", help="etcds: client certificate")
     p.add_argument("--store-key", default="", help="etcds: client key")
+    p.add_argument("--store-namespace", default="/tandem/",
+                   help="etcd: the key prefix of this cluster's records")
     p.add_argument("--store-timeout", type=float, default=5.0,
                    help="seconds before a store call's outcome counts as unknown")
     p.add_argument("--intent-timeout", type=float, default=600.0,
@@ -102,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         node_iops_capacity=a.node_iops_capacity,
         store_url=a.store, store_ca_file=a.store_ca, store_cert_file=a.store_cert,
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
+        store_namespace=a.store_namespace,
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
     )
 
@@ -175,7 +178,7 @@ class Driver:
         self.engine = engine
         self.cluster_store = open_store(StoreSpec(
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
-            cfg.store_timeout_s))
+            cfg.store_timeout_s, cfg.store_namespace))
         nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
         nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
         plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(

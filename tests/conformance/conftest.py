@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -32,6 +33,7 @@ from tests.conformance.helpers import (
     rpc_name,
 )
 from tests.conftest import require_root
+from tests.etcd_cluster import EtcdCluster
 
 
 @pytest.fixture
@@ -46,6 +48,32 @@ def test_root():
         support.cleanup_tree(root)
         left = [m.target for m in mounts_under(root)] + [d.path for d in loops_left_under(root)]
         assert not left, f"left behind under {root}: {left}"
+
+
+@pytest.fixture(scope="session")
+def etcd_url():
+    """One etcd member for the whole run; each driver gets a namespace of its own."""
+    root = support.make_root("tdm-etcd-")
+    cluster = EtcdCluster(root).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
+        support.cleanup_tree(root)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def driver(request, test_root):
+    """The all-in-one driver on each cluster store: the suite is the stores' CSI contract."""
+    overrides = {}
+    if request.param == "etcd":
+        overrides = dict(store_url=request.getfixturevalue("etcd_url"),
+                         store_namespace=f"/tandem-{uuid.uuid4().hex[:8]}/")
+    d = support.InProcessDriver(support.test_config(test_root, **overrides))
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 @pytest.fixture(params=["mount", "block"])

@@ -3,6 +3,7 @@ with the operation done once and nothing orphaned (file, loop device or mount)."
 
 import os
 import signal
+import uuid
 
 import grpc
 import pytest
@@ -16,7 +17,8 @@ from tests.integration.helpers import (
     stage_request,
     volume_loops,
 )
-from tests.support import DriverProcess
+from tests.etcd_cluster import EtcdCluster
+from tests.support import DriverProcess, cleanup_tree, make_root
 
 # step of the lifecycle -> crash points inside it
 POINTS = {
@@ -30,10 +32,26 @@ POINTS = {
 CASES = [(step, point) for step, points in POINTS.items() for point in points]
 
 
+@pytest.fixture(scope="module")
+def etcd_url():
+    root = make_root("tdm-etcd-")
+    cluster = EtcdCluster(root).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
+        cleanup_tree(root)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "etcd"])
 @pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
 @pytest.mark.parametrize("step, point", CASES, ids=[p for _, p in CASES])
-def test_crash_then_retry_converges(test_root, step, point, block):
-    proc = DriverProcess(test_root)
+def test_crash_then_retry_converges(request, test_root, step, point, block, store):
+    extra = []
+    if store == "etcd":
+        extra = ["--store", request.getfixturevalue("etcd_url"),
+                 "--store-namespace", f"/tandem-{uuid.uuid4().hex[:8]}/"]
+    proc = DriverProcess(test_root, extra=extra)
     staging, target = f"{test_root}/staging", f"{test_root}/target"
     os.makedirs(staging)
     state = {}
