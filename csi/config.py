@@ -46,5 +46,10 @@ class Config:
         return os.path.join(self.state_dir, "state.sqlite")
 
     @property
+    def socket_path(self) -> str:
+        path = self.endpoint[len("unix://"):]
+        return path if path.startswith("/") else "/" + path
+
+    @property
     def lock_path(self) -> str:
         return os.path.join(self.state_dir, "tandem.lock")

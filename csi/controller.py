@@ -21,6 +21,7 @@ from engine import crash
 from engine.errors import InUse, OutOfCapacity
 from engine.filesystem import XFS_MIN_BYTES
 from engine.node_engine import NodeEngine
+from engine.node_volumes import KernelView
 from engine.pool import PoolUsage
 from engine.qos.admission import can_place, check_admission
 from engine.qos.tiers import QosSpec, resolve_qos
@@ -127,15 +128,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             content_source=source,
         )
 
-    def _condition(self, vol: VolumeRecord,
-                   usages: dict[str, PoolUsage] | None = None) -> csi_pb2.VolumeCondition:
-        """`usages` caches each node's pool usage across the entries of one ListVolumes."""
+    def _condition(self, vol: VolumeRecord, usages: dict[str, PoolUsage] | None = None,
+                   views: dict[str, KernelView] | None = None) -> csi_pb2.VolumeCondition:
+        """`usages` and `views` cache each node's pool usage and kernel state across the
+        entries of one ListVolumes."""
         node = self.nodes.get(vol.node_id)
         if node is None:
             return csi_pb2.VolumeCondition(abnormal=True, message=f"node {vol.node_id} is unknown")
         backing = node.volume(vol.volume_id)
         if backing is None or not node.pool.volume_exists(backing.pool_name):
             return csi_pb2.VolumeCondition(abnormal=True, message="backing file is missing")
+        views = {} if views is None else views
+        if vol.node_id not in views:
+            views[vol.node_id] = node.kernel_view()
+        lost = node.volume_condition(vol.volume_id, views[vol.node_id])  # devices, mounts
+        if lost.abnormal:
+            return csi_pb2.VolumeCondition(abnormal=True, message=lost.message)
         usages = {} if usages is None else usages
         if vol.node_id not in usages:
             usages[vol.node_id] = node.usage()
@@ -201,10 +209,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             # Storage first, record second: a crash in between leaves a backing volume
             # no record owns, which reconcile() removes at start-up. Two commits in all.
             if source_kind == "snapshot":
-                node.restore_volume(vol.volume_id, size, qos, source_id)
+                node.restore_volume(vol.volume_id, size, qos, source_id,
+                                    access_types=vol.access_types)
             else:
                 node.create_volume(vol.volume_id, size, qos,
-                                   clone_from_volume=source_id if source_kind == "volume" else "")
+                                   clone_from_volume=source_id if source_kind == "volume" else "",
+                                   access_types=vol.access_types)
             try:
                 crash.point("create-volume-after-engine")
                 self.catalog.add(vol)
@@ -330,10 +340,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
-    def _status(self, vol: VolumeRecord, usages: dict[str, PoolUsage] | None = None):
+    def _status(self, vol: VolumeRecord, usages: dict[str, PoolUsage] | None = None,
+                views: dict[str, KernelView] | None = None):
         return dict(
             published_node_ids=sorted(self.catalog.attachments_of(vol.volume_id)),
-            volume_condition=self._condition(vol, usages),
+            volume_condition=self._condition(vol, usages, views),
         )
 
     @translated
@@ -348,10 +359,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             vols = vols[:limit]
             next_token = validation.page_token(vols[-1].volume_id)
         usages: dict[str, PoolUsage] = {}  # one statvfs per node, not per entry
+        views: dict[str, KernelView] = {}  # one reading of mounts and devices per node
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume(v),
-                status=csi_pb2.ListVolumesResponse.VolumeStatus(**self._status(v, usages)),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    **self._status(v, usages, views)),
             )
             for v in vols
         ]

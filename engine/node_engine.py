@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from engine.errors import InUse
 from engine.freeze import Freezer
-from engine.loopdev import LoopDevices
+from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos, parse_device
-from engine.node_volumes import NodeVolumes, PublishRequest
+from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
 from engine.pool import Pool, PoolUsage
 from engine.qos.admission import measure_capacity_iops
 from engine.qos.tiers import QosSpec
@@ -75,20 +76,38 @@ class NodeEngine:
 
     # --- what the controller calls -------------------------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                      clone_from_volume: str = "") -> Backing:
+                      clone_from_volume: str = "",
+                      access_types: tuple[str, ...] = ()) -> Backing:
+        """access_types: "block" and/or "mount", as the volume was created for (kept, so
+        staging it otherwise is refused: a mount stage of a block volume would format it)."""
         if not clone_from_volume:
-            return self.files.create(volume_id, size_bytes, qos_json=qos.to_json())
+            return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
+                                     access_types=access_types)
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
             return self.files.create(volume_id, size_bytes, clone_from=source,
-                                     qos_json=qos.to_json())
+                                     qos_json=qos.to_json(), access_types=access_types)
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                       snapshot_id: str) -> Backing:
-        return self.snapshots.restore(snapshot_id, volume_id, size_bytes, qos.to_json())
+                       snapshot_id: str, access_types: tuple[str, ...] = ()) -> Backing:
+        return self.snapshots.restore(snapshot_id, volume_id, size_bytes, qos.to_json(),
+                                      access_types)
 
     def delete_volume(self, volume_id: str) -> None:
+        """Delete the volume's storage once no loop device holds it any more: a device a
+        driver lost track of is detached first, or the delete refused while it is in use."""
+        if self.volumes.stage_record(volume_id) is not None:
+            raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
+        backing = self.files.get(volume_id)
+        if backing is not None:
+            path = self.files.path(backing)
+            for dev in self.volumes.loops.by_backing_file(path):
+                if self.volumes.mounts.of_device(dev.major, dev.minor):
+                    raise InUse(f"volume {volume_id} is still mounted through {dev.path}")
+                log.warning("detaching %s from volume %s before deleting it", dev.path,
+                            volume_id)
+                self.volumes.loops.detach(dev.path, file_id(path), require_released=True)
         self.files.delete(volume_id)
 
     def set_qos(self, volume_id: str, qos: QosSpec) -> None:
@@ -127,6 +146,17 @@ class NodeEngine:
 
     def is_staged(self, volume_id: str) -> bool:
         return self.volumes.stage_record(volume_id) is not None
+
+    def is_mounted(self, path: str) -> bool:
+        return self.volumes.mounts.is_mounted(path)
+
+    def kernel_view(self) -> KernelView:
+        """One reading of mounts and loop devices, to ask many volume_condition()s."""
+        return self.volumes.kernel_view()
+
+    def volume_condition(self, volume_id: str, view: KernelView | None = None) -> Condition:
+        """The volume's health here, from the kernel's state (lost devices and mounts)."""
+        return self.volumes.condition(volume_id, view)
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()
