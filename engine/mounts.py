@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine import command
+from engine import command, crash
 from engine.errors import CommandFailed, InUse
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
@@ -100,6 +100,7 @@ class Mounts:
         if read_only or extra:
             flags = ["remount", "bind"] + (["ro"] if read_only else []) + extra
             try:
+                crash.point("bind-before-remount")
                 command.run(["mount", "-o", ",".join(flags), target])
             except BaseException:
                 command.run(["umount", target], check=False)

@@ -264,6 +264,7 @@ class NodeVolumes:
             raise Precondition(f"volume {vid} holds data but no filesystem signature: {why}; "
                                "refusing to format it")
         self.files.set_made_fs(vid, fs_type, done=False)
+        crash.point("stage-format-started")
         filesystem.make(dev.path, fs_type)
         self.files.set_made_fs(vid, fs_type, done=True)
 
