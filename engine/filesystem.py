@@ -40,6 +40,8 @@ def probe(device: str) -> Signature | None:
     proc = command.run(["blkid", "-p", "-o", "export", device], check=False)
     if proc.returncode == 2:  # nothing recognised
         return None
+    if proc.returncode == 8:  # several signatures that contradict each other
+        return Signature("ambivalent", "several signatures")
     if proc.returncode != 0:
         raise CommandFailed(["blkid", "-p", device], proc.returncode, proc.stdout, proc.stderr)
     fields = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)

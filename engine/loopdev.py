@@ -142,11 +142,18 @@ class LoopDevices:
         basename survives a mount namespace's end; the directory part does not.
         """
         found = []
-        for dev in self.all():
-            if os.path.basename(dev.backing_file) not in basenames:
+        for name in sorted(os.listdir(os.path.join(self.sys_root, "block"))):
+            if not name.startswith("loop"):
                 continue
-            ident = self.backing_id(dev)
-            if ident is not None:
+            try:
+                backing = self._read(name, "loop/backing_file")
+            except FileNotFoundError:
+                continue  # not bound
+            if os.path.basename(backing.removesuffix(" (deleted)")) not in basenames:
+                continue
+            dev = self.get(name)
+            ident = self.backing_id(dev) if dev is not None else None
+            if dev is not None and ident is not None:
                 found.append((dev, ident))
         return found
 
