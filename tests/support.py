@@ -147,8 +147,8 @@ def loop_backing_id(name: str) -> tuple[int, int] | None:
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
     (dev,) = json.loads(proc.stdout)["loopdevices"]
-    if dev["back-ino"] is None:
-        return None
+    if dev["back-ino"] is None or dev["back-maj:min"] is None:
+        return None  # unbound, or being torn down as we ask
     major, minor = (int(x) for x in dev["back-maj:min"].split(":"))
     return os.makedev(major, minor), int(dev["back-ino"])
 
