@@ -629,7 +629,9 @@ def _remove_empty_dir(path: str) -> None:
 
 def _remove_target(target: str) -> None:
     """Remove a publish target after unmounting: the CO expects it gone. Only an empty
-    directory or an empty file: never data."""
+    directory or an empty file: never data. Files written into the bare directory while
+    nothing was mounted there (after a reboot) are not the volume's: they stay, with a
+    warning, and the unpublish is done all the same (an error would be retried forever)."""
     try:
         st = os.lstat(target)
     except FileNotFoundError:
@@ -638,9 +640,9 @@ def _remove_target(target: str) -> None:
         try:
             os.rmdir(target)
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise Precondition(f"target path {target} holds files of its own once "
-                                   "unmounted; not removing them") from None
-            raise
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("target %s holds files of its own once unmounted; left in place",
+                        target)
     elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
         os.unlink(target)

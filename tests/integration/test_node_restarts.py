@@ -214,9 +214,19 @@ def test_after_a_reboot_a_volume_unpublishes_unstages_and_deletes(test_root):
         stats = node.stubs.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
             volume_id=node.vols["mount"], volume_path=node.staging("mount")))
         assert stats.volume_condition.abnormal
+        # something wrote into the bare target directory meanwhile: not the volume's data,
+        # and no reason to refuse the unpublish (the kubelet would retry it forever)
+        with open(f"{node.target('mount')}/stray", "w") as f:
+            f.write("written while nothing was mounted")
+        node.unpublish("mount")
+        node.unpublish("mount")  # idempotent
+        with open(f"{node.target('mount')}/stray") as f:
+            assert f.read() == "written while nothing was mounted"
+        os.unlink(f"{node.target('mount')}/stray")
+        node.unpublish("mount")
+        node.unpublish("block")
+        node.unpublish("block")
         for kind in ("mount", "block"):
-            node.unpublish(kind)
-            node.unpublish(kind)  # idempotent
             assert not os.path.lexists(node.target(kind))
         node.unpublish("block", ro=True)
         for kind in ("mount", "block"):
