@@ -27,11 +27,15 @@ POINTS = {
     "unstage": ["unstage-after-unmount"],
     "delete": ["volume-delete-after-record", "delete-volume-after-engine"],
 }
-CASES = [(step, point) for step, points in POINTS.items() for point in points]
+# points only a filesystem volume passes (making its filesystem)
+MOUNT_ONLY = {"stage": ["stage-format-started", "stage-after-mkfs"]}
+CASES = [(step, point, block) for step, points in POINTS.items() for point in points
+         for block in (False, True)]
+CASES += [(step, point, False) for step, points in MOUNT_ONLY.items() for point in points]
 
 
-@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
-@pytest.mark.parametrize("step, point", CASES, ids=[p for _, p in CASES])
+@pytest.mark.parametrize("step, point, block", CASES,
+                         ids=[f"{p}-{'block' if b else 'mount'}" for _, p, b in CASES])
 def test_crash_then_retry_converges(test_root, step, point, block):
     proc = DriverProcess(test_root)
     staging, target = f"{test_root}/staging", f"{test_root}/target"
