@@ -193,16 +193,24 @@ def test_the_drivers_own_files_are_never_a_mount_point(driver, stubs, test_root,
 
 
 def test_system_trees_are_refused_by_default(stubs, test_root):
-    """Only refusals are tried here (the old code would have mounted over /etc): the unit
-    tests (tests/unit/test_validation.py) check the whole list on check_path itself."""
+    """Only fresh paths below the system trees are tried (a regression must not mount over
+    anything that exists), and whatever a regression made there is removed again; the unit
+    tests (tests/unit/test_validation.py) check `/`, `/etc` and the rest on check_path."""
     vol = stubs.controller.CreateVolume(create_request("p")).volume
-    os.symlink("/etc", f"{test_root}/to-etc")
-    before = support.Mounts().table()
-    for path in ["/etc", "/usr/local/x", f"{test_root}/to-etc", "/run/x", "/"]:
-        got, details = code_of(stubs.node.NodeStageVolume, stage_request(vol.volume_id, path))
-        assert got == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert "system tree" in details or "root directory" in details, details
-    assert support.Mounts().table() == before
+    fresh = f"tandem-test-{os.path.basename(test_root)}"
+    paths = [f"/etc/{fresh}", f"/usr/local/{fresh}", f"/run/{fresh}", f"{test_root}/to-etc/x"]
+    os.symlink(f"/etc/{fresh}", f"{test_root}/to-etc")
+    try:
+        for path in paths:
+            got, details = code_of(stubs.node.NodeStageVolume,
+                                   stage_request(vol.volume_id, path))
+            assert got == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "system tree" in details, details
+            assert not os.path.lexists(path)
+    finally:
+        for path in paths[:3]:
+            subprocess.run(["umount", "-R", path], capture_output=True)
+            subprocess.run(["rm", "-rf", "--one-file-system", path], capture_output=True)
 
 
 # --- failures roll back ---------------------------------------------------------------------
