@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from control.node_api import (
     BLOCK,
-    MOUNT,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
     ByteRange,
@@ -25,6 +24,7 @@ from control.node_api import (
 from engine import changed_blocks
 from engine.errors import AlreadyExists
 from engine.node_engine import NodeEngine
+from engine.node_volumes import KernelView
 from engine.qos.tiers import QosSpec
 from engine.snapshots import SnapshotBacking
 from engine.volumes import Backing
@@ -49,14 +49,16 @@ class LocalNode:
                         self.max_volumes, condition)
 
     # --- volumes -------------------------------------------------------------------
-    def _info(self, backing: Backing) -> VolumeInfo:
-        abnormal, message = self.engine.condition(backing.volume_id)
+    def _info(self, backing: Backing, view: KernelView | None = None) -> VolumeInfo:
+        condition = self.engine.volume_condition(backing.volume_id, view)
         return VolumeInfo(
             volume_id=backing.volume_id, size_bytes=backing.size_bytes,
-            access_types=getattr(backing, "access_types", (MOUNT, BLOCK)),
+            # records from before access types were kept: unknown, either may be asked
+            access_types=backing.access_types or (BLOCK, MOUNT),
             qos=QosSpec.from_json(backing.qos_json), created_at=backing.created_at,
             staged=self.engine.is_staged(backing.volume_id),
-            condition=Condition(abnormal, message), version=backing.version)
+            condition=Condition(condition.abnormal, condition.message),
+            version=backing.version)
 
     def create_volume(self, spec: NewVolume) -> VolumeInfo:
         # the source too: a snapshot or volume cannot go while it is being copied
@@ -65,12 +67,13 @@ class LocalNode:
             if existing is not None and existing.size_bytes != spec.size_bytes:
                 raise AlreadyExists(f"volume {spec.volume_id} exists with another size")
             if spec.source.kind == SOURCE_SNAPSHOT:
-                backing = self.engine.restore_volume(spec.volume_id, spec.size_bytes, spec.qos,
-                                                     spec.source.source_id, spec.version)
+                backing = self.engine.restore_volume(
+                    spec.volume_id, spec.size_bytes, spec.qos, spec.source.source_id,
+                    spec.version, spec.access_types)
             else:
                 clone_from = spec.source.source_id if spec.source.kind == SOURCE_VOLUME else ""
                 backing = self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
-                                                    clone_from, spec.version)
+                                                    clone_from, spec.version, spec.access_types)
             return self._info(backing)
 
     def delete_volume(self, volume_id: str, version: int) -> None:
@@ -89,9 +92,15 @@ class LocalNode:
         backing = self.engine.volume(volume_id)
         return self._info(backing) if backing is not None else None
 
+    def volumes(self, volume_ids: tuple[str, ...]) -> tuple[VolumeInfo, ...]:
+        view = self.engine.kernel_view()
+        found = (self.engine.volume(v) for v in volume_ids)
+        return tuple(self._info(b, view) for b in found if b is not None)
+
     def inventory(self) -> Inventory:
+        view = self.engine.kernel_view()
         return Inventory(
-            volumes=tuple(self._info(b) for b in self.engine.files.all()),
+            volumes=tuple(self._info(b, view) for b in self.engine.files.all()),
             snapshots=tuple(_snapshot_info(s) for s in self.engine.snapshots.all()),
             orphans=tuple(self.engine.files.orphans + self.engine.snapshots.orphans))
 

@@ -132,6 +132,10 @@ class NodeApi(Protocol):
 
     def volume(self, volume_id: str) -> VolumeInfo | None: ...
 
+    def volumes(self, volume_ids: tuple[str, ...]) -> tuple[VolumeInfo, ...]:
+        """The volumes of these IDs the node holds (one reading of the kernel for all)."""
+        ...
+
     def inventory(self) -> Inventory: ...
 
     # --- snapshots -----------------------------------------------------------------

@@ -58,5 +58,10 @@ class Config:
         return self.store_url or "sqlite:" + os.path.join(self.state_dir, "cluster.sqlite")
 
     @property
+    def socket_path(self) -> str:
+        path = self.endpoint[len("unix://"):]
+        return path if path.startswith("/") else "/" + path
+
+    @property
     def lock_path(self) -> str:
         return os.path.join(self.state_dir, "tandem.lock")

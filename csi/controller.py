@@ -95,27 +95,43 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             content_source=source,
         )
 
-    def _condition(self, vol: VolumeRecord) -> csi_pb2.VolumeCondition:
-        cond = self._node_condition(vol)
-        return csi_pb2.VolumeCondition(abnormal=cond.abnormal, message=cond.message)
+    def _conditions(self, vols: list[VolumeRecord]) -> dict[str, csi_pb2.VolumeCondition]:
+        """Each volume's condition from its node (one node call, one reading of the kernel
+        and one of the pool per node, whatever the number of volumes)."""
+        by_node: dict[str, list[str]] = {}
+        for vol in vols:
+            by_node.setdefault(vol.node_id, []).append(vol.volume_id)
+        found: dict[str, Condition] = {}
+        for node_id, ids in by_node.items():
+            found.update(self._node_condition(node_id, ids))
+        return {vid: csi_pb2.VolumeCondition(abnormal=c.abnormal, message=c.message)
+                for vid, c in found.items()}
 
-    def _node_condition(self, vol: VolumeRecord) -> Condition:
-        node = self.nodes.get(vol.node_id)
+    def _node_condition(self, node_id: str, volume_ids: list[str]) -> dict[str, Condition]:
+        node = self.nodes.get(node_id)
         if node is None:
-            return Condition(True, f"node {vol.node_id} is not reachable")
+            return dict.fromkeys(volume_ids, Condition(True, f"node {node_id} is not reachable"))
         try:
-            info = node.volume(vol.volume_id)
-            pool = self.nodes.info(vol.node_id)
+            infos = {i.volume_id: i for i in node.volumes(tuple(volume_ids))}
+            pool = self.nodes.info(node_id)
         except EngineError as e:
-            return Condition(True, f"node {vol.node_id} did not answer: {e}")
-        if info is None:
-            return Condition(True, f"the volume's storage is missing on {vol.node_id}")
-        if info.condition.abnormal:
-            return info.condition
-        if pool.free_bytes <= pool.reserve_bytes:
-            return Condition(True, f"pool on {vol.node_id} is nearly full ({pool.free_bytes} "
-                                   "bytes free): writes to unallocated space may fail")
-        return Condition()
+            return dict.fromkeys(volume_ids, Condition(True, f"node {node_id} did not answer: "
+                                                             f"{e}"))
+        full = pool.free_bytes <= pool.reserve_bytes
+        out = {}
+        for vid in volume_ids:
+            info = infos.get(vid)
+            if info is None:
+                out[vid] = Condition(True, f"the volume's storage is missing on {node_id}")
+            elif info.condition.abnormal:
+                out[vid] = info.condition
+            elif full:
+                out[vid] = Condition(True, f"pool on {node_id} is nearly full "
+                                           f"({pool.free_bytes} bytes free): writes to "
+                                           "unallocated space may fail")
+            else:
+                out[vid] = Condition()
+        return out
 
     def _require_volume(self, volume_id: str) -> VolumeRecord:
         if not validation.well_formed_id(volume_id):
@@ -224,10 +240,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
-    def _status(self, vol: VolumeRecord) -> dict:
+    def _status(self, vol: VolumeRecord, condition: csi_pb2.VolumeCondition) -> dict:
         return dict(
             published_node_ids=sorted(a.node_id for a in self.volumes.attachments(vol.volume_id)),
-            volume_condition=self._condition(vol),
+            volume_condition=condition,
         )
 
     @translated
@@ -236,10 +252,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid("max_entries must not be negative")
         after = validation.page_start(req.starting_token)
         vols, last = self.volumes.list_ready(after, req.max_entries)
+        conditions = self._conditions(vols)
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume(v),
-                status=csi_pb2.ListVolumesResponse.VolumeStatus(**self._status(v)),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    **self._status(v, conditions[v.volume_id])),
             )
             for v in vols
         ]
@@ -251,7 +269,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         vol = self._require_volume(validation.require(req.volume_id, "volume_id"))
         return csi_pb2.ControllerGetVolumeResponse(
             volume=self._volume(vol),
-            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(**self._status(vol)),
+            status=csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+                **self._status(vol, self._conditions([vol])[vol.volume_id])),
         )
 
     @translated

@@ -41,6 +41,7 @@ CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.OutOfCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InUse: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Precondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Busy: grpc.StatusCode.ABORTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

@@ -30,14 +30,27 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, config: Config, engine: NodeEngine):
         self.config = config
         self.engine = engine
-        self.locks = engine.locks  # the node's one table: the controller's calls use it too
+        self.paths = validation.PathPolicy.of(
+            config.allowed_path_roots,
+            (config.state_dir, config.pool_directory, config.socket_path))
+
+    def _known(self, volume_id: str) -> bool:
+        return validation.well_formed_id(volume_id) and self.engine.volume(volume_id) is not None
 
     def _require_volume(self, volume_id: str) -> None:
-        if not validation.well_formed_id(volume_id) or self.engine.volume(volume_id) is None:
+        if not self._known(volume_id):
             raise not_found(f"volume {volume_id!r} does not exist on node {self.config.node_id}")
 
     def _path(self, value: str, what: str) -> str:
-        return validation.check_path(value, what, self.config.allowed_path_roots)
+        return validation.check_path(value, what, self.paths)
+
+    def _unknown_volume_gone(self, volume_id: str, path: str) -> None:
+        """Unpublish/unstage of a volume this node does not know (deleted, failed over, a
+        reboot's leftovers): done, as the kubelet expects, unless something is mounted at
+        the path, which is then someone else's to take off (NOT_FOUND, nothing touched)."""
+        if self.engine.is_mounted(path):
+            raise not_found(f"volume {volume_id!r} does not exist on node "
+                            f"{self.config.node_id}, and {path} holds another mount")
 
     @translated
     def NodeStageVolume(self, req, context):
@@ -64,7 +77,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validation.require(req.volume_id, "volume_id")
         staging = self._path(req.staging_target_path, "staging_target_path")
         with self.locks.hold(volume_id):
-            self._require_volume(volume_id)
+            if not self._known(volume_id):
+                self._unknown_volume_gone(volume_id, staging)
+                return csi_pb2.NodeUnstageVolumeResponse()
             self.engine.volumes.unstage(volume_id, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -99,7 +114,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validation.require(req.volume_id, "volume_id")
         target = self._path(req.target_path, "target_path")
         with self.locks.hold(volume_id):
-            self._require_volume(volume_id)
+            if not self._known(volume_id):
+                self._unknown_volume_gone(volume_id, target)
+                return csi_pb2.NodeUnpublishVolumeResponse()
             self.engine.unpublish(volume_id, target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 

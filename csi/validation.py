@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import grpc
 
@@ -51,17 +52,69 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_path(path: str, what: str, allowed_roots: tuple[str, ...] = ()) -> str:
-    """An absolute path without NUL; inside allowed_roots when that opt-in is set."""
+# Trees no volume is ever mounted over or inside, whatever the flags: the node's own
+# system. /run is open only inside an --allowed-path-root below it (a kubelet whose root
+# directory lives there). Top-level directories named lib* (lib, lib64, libx32...) too.
+SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/dev", "/proc", "/sys", "/run")
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """Where staging and target paths may be: never over the node's system trees or the
+    driver's own files, and inside allowed_roots when that opt-in is set."""
+
+    allowed_roots: tuple[str, ...] = ()
+    # The driver's own state (state dir, pool, socket): a mount at, inside or above one of
+    # them hides it from the driver.
+    protected: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, allowed_roots: tuple[str, ...], protected: tuple[str, ...]) -> PathPolicy:
+        return cls(tuple(os.path.realpath(r) for r in allowed_roots),
+                   tuple(os.path.realpath(p) for p in protected if p))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _forbidden(path: str, policy: PathPolicy) -> str:
+    """Why a volume may not be mounted at path ('' when it may)."""
+    if path == "/":
+        return "is the root directory"
+    top = "/" + path.split("/")[1]
+    if top in SYSTEM_TREES or top.startswith("/lib"):
+        opened = top == "/run" and any(
+            _inside(path, r) and r != "/run" and _inside(r, "/run")
+            for r in policy.allowed_roots)
+        if not opened:
+            return f"is in the system tree {top}"
+    for own in policy.protected:
+        if _inside(path, own):
+            return f"is inside the driver's own {own}"
+        if _inside(own, path):
+            return f"would hide the driver's own {own}"
+    return ""
+
+
+def check_path(path: str, what: str, policy: PathPolicy = PathPolicy()) -> str:
+    """The one check of every staging and target path: absolute, no NUL, never over a
+    system tree or the driver's own files (nor through a symlink that leads there), inside
+    the allowed roots when set. Returns the path with its symlinks resolved, so mounts and
+    records name the place the kernel will show."""
     require(path, what)
     if not os.path.isabs(path):
         raise invalid(f"{what} must be an absolute path, not {path!r}")
     norm = os.path.normpath(path)
-    if allowed_roots:
-        real = os.path.realpath(norm)
-        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in allowed_roots):
-            raise invalid(f"{what} {path!r} is outside the allowed roots")
-    return norm
+    real = os.path.realpath(norm)
+    for candidate in dict.fromkeys((norm, real)):
+        why = _forbidden(candidate, policy)
+        if why:
+            leads = f" (it leads to {real})" if candidate != norm else ""
+            raise invalid(f"{what} {path!r}{leads} {why}: refused")
+    if policy.allowed_roots and not any(_inside(real, r) for r in policy.allowed_roots):
+        raise invalid(f"{what} {path!r} is outside the allowed roots")
+    return real
 
 
 def access_type(cap: csi_pb2.VolumeCapability) -> str:

@@ -1,8 +1,9 @@
 """Named crash points, so tests can kill the driver at an exact step of an operation.
 
 Set TANDEM_CRASH_AT=<name>[,<name>...] and the process SIGKILLs itself when it reaches
-that point: no cleanup handlers run, exactly as with `kill -9`. Unset, it costs a dict
-lookup.
+that point: no cleanup handlers run, exactly as with `kill -9`. Set TANDEM_FAIL_AT instead
+and the same point raises InjectedFault, so tests can check that a failed step rolls back
+what the call did. Unset, each costs a dict lookup.
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ import os
 import signal
 
 _ENV = "TANDEM_CRASH_AT"
+_FAIL_ENV = "TANDEM_FAIL_AT"
 
 
-def _armed() -> frozenset[str]:
-    return frozenset(p for p in os.environ.get(_ENV, "").split(",") if p)
+class InjectedFault(Exception):
+    """Raised at an armed TANDEM_FAIL_AT point: an unexpected failure (INTERNAL)."""
+
+
+def _armed(env: str) -> frozenset[str]:
+    return frozenset(p for p in os.environ.get(env, "").split(",") if p)
 
 
 def point(name: str) -> None:
-    """Die here, as if by `kill -9`, when the point `name` is armed."""
-    if name in _armed():
+    """Die here, as if by `kill -9`, when the point `name` is armed; fail here when the
+    point is armed for failure."""
+    if name in _armed(_ENV):
         os.kill(os.getpid(), signal.SIGKILL)
+    if name in _armed(_FAIL_ENV):
+        raise InjectedFault(f"injected failure at {name}")

@@ -38,6 +38,12 @@ class InUse(PreconditionFailed):
     """The object is held by something else (published elsewhere, has dependants)."""
 
 
+class Precondition(EngineError):
+    """The request is well-formed, but the node's state forbids it: a path of the wrong type,
+    a device whose data a format would destroy, a device still held open (CSI
+    FAILED_PRECONDITION). The message says what must change first."""
+
+
 class Busy(EngineError):
     """Another operation on the same object is under way: retry later (CSI ABORTED)."""
 

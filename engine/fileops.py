@@ -84,6 +84,21 @@ def set_nocow(path: str) -> None:
         os.close(fd)
 
 
+def has_data(path: str) -> bool:
+    """Whether any byte of the file was ever written (SEEK_DATA finds an extent): a fresh
+    sparse volume has none, anything written through its device has some."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data at or after offset 0
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
 @dataclass(frozen=True)
 class Extent:
     offset_bytes: int

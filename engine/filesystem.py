@@ -21,14 +21,43 @@ def check_fs_type(fs_type: str) -> str:
     return fs_type
 
 
-def detect(device: str) -> str | None:
-    """The filesystem type on device, None when blank. Probes the device itself (no cache)."""
-    proc = command.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], check=False)
+@dataclass(frozen=True)
+class Signature:
+    """What blkid recognises on a device: a filesystem, a partition table, a RAID or LVM
+    member, swap, an encrypted container..."""
+
+    type: str  # "ext4", "xfs", "swap", "LVM2_member", "dos", "gpt"...
+    usage: str  # "filesystem", "raid", "crypto", "other", or "partition table"
+
+    @property
+    def is_filesystem(self) -> bool:
+        return self.usage == "filesystem"
+
+
+def probe(device: str) -> Signature | None:
+    """Any signature on device, None when blkid recognises nothing. Probes the device
+    itself (-p: no cache), and looks for partition tables as well as filesystems."""
+    proc = command.run(["blkid", "-p", "-o", "export", device], check=False)
     if proc.returncode == 2:  # nothing recognised
         return None
+    if proc.returncode == 8:  # several signatures that contradict each other
+        return Signature("ambivalent", "several signatures")
     if proc.returncode != 0:
-        raise CommandFailed(["blkid", device], proc.returncode, proc.stdout, proc.stderr)
-    return proc.stdout.strip() or None
+        raise CommandFailed(["blkid", "-p", device], proc.returncode, proc.stdout, proc.stderr)
+    fields = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    if fields.get("TYPE"):
+        return Signature(fields["TYPE"], fields.get("USAGE", "other"))
+    if fields.get("PTTYPE"):
+        return Signature(fields["PTTYPE"], "partition table")
+    # blkid found something it cannot name: treat it as a signature all the same
+    return Signature("unknown", "other")
+
+
+def check_size(fs_type: str, size_bytes: int) -> None:
+    """Refuse, before any side effect, a filesystem the device is too small for."""
+    if fs_type == "xfs" and size_bytes < XFS_MIN_BYTES:
+        raise InvalidSpec(f"xfs needs at least {XFS_MIN_BYTES // 2**20} MiB; the volume has "
+                          f"{size_bytes // 2**20} MiB")
 
 
 def make(device: str, fs_type: str) -> None:

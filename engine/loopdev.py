@@ -1,20 +1,56 @@
 """Loop devices: attach a file with direct I/O, find them again, resize, detach.
 
-The kernel is the source of truth: a device is found through
-/sys/block/loopN/loop/backing_file, never through our own notes. No udev runs on
-every node, so the device node is awaited through sysfs/devtmpfs with a timeout.
+The kernel is the source of truth: a device is found by its backing file's device and
+inode (LOOP_GET_STATUS64), never through our own notes and never by path alone.
+/sys/block/loopN/loop/backing_file shows the path as the mount namespace that attached
+the device saw it; once that namespace is gone (every container restart or upgrade) it
+shows the path relative to the filesystem instead (`/volumes/<id>/data.img`), so a path
+match would lose the device. No udev runs on every node, so the device node is awaited
+through sysfs/devtmpfs with a timeout.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import struct
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from engine import command
-from engine.errors import CommandFailed, InvalidSpec, NotFound
+from engine.errors import CommandFailed, InUse, InvalidSpec, NotFound
+
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LO_FLAGS_AUTOCLEAR = 4
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit, lo_number,
+# lo_encrypt_type, lo_encrypt_key_size, lo_flags, file name, crypt name, key, lo_init[2]
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
+_LO_FLAGS_OFFSET = 52
+# how long a detach may take to show (another process may hold the device for a moment)
+DETACH_SETTLE_S = 1.0
+
+FileId = tuple[int, int]  # a file's (st_dev, st_ino): its identity in any mount namespace
+
+
+def file_id(path: str) -> FileId | None:
+    """The identity of the file at path (symlinks followed), None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _decode_huge_dev(value: int) -> int:
+    """The kernel's huge_encode_dev() format (lo_device) as a userspace dev_t."""
+    major = (value >> 8) & 0xFFF
+    minor = (value & 0xFF) | ((value >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
 
 # losetup --find picks the first free device; serialise our own attaches so two
 # threads never race for the same number (other processes are handled by losetup's retry).
@@ -72,9 +108,67 @@ class LoopDevices:
                     found.append(dev)
         return found
 
+    def backing_id(self, dev: LoopDevice) -> FileId | None:
+        """The (device, inode) of the file behind dev, from the kernel; None when unbound."""
+        info = self._status(dev.name)
+        if info is None:
+            return None
+        lo_device, lo_inode = _LOOP_INFO64.unpack_from(info, 0)[:2]
+        return _decode_huge_dev(lo_device), lo_inode
+
+    def _status(self, name: str) -> bytearray | None:
+        try:
+            fd = os.open(os.path.join(self.dev_root, name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENXIO):
+                return None
+            raise
+        try:
+            buf = bytearray(_LOOP_INFO64.size)
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+            return buf
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # not bound (any more)
+                return None
+            raise
+        finally:
+            os.close(fd)
+
+    def identified(self, basenames: Collection[str]) -> list[tuple[LoopDevice, FileId]]:
+        """Bound devices whose backing file is named one of basenames, with its identity.
+
+        The name filter is only there to leave other programs' devices alone: opening a
+        device while its owner detaches it turns the detach into a deferred one. The
+        basename survives a mount namespace's end; the directory part does not.
+        """
+        found = []
+        for name in sorted(os.listdir(os.path.join(self.sys_root, "block"))):
+            if not name.startswith("loop"):
+                continue
+            try:
+                backing = self._read(name, "loop/backing_file")
+            except FileNotFoundError:
+                continue  # not bound
+            if os.path.basename(backing.removesuffix(" (deleted)")) not in basenames:
+                continue
+            dev = self.get(name)
+            ident = self.backing_id(dev) if dev is not None else None
+            if dev is not None and ident is not None:
+                found.append((dev, ident))
+        return found
+
     def by_backing_file(self, path: str) -> list[LoopDevice]:
-        real = os.path.realpath(path)
-        return [d for d in self.all() if d.backing_file in (path, real)]
+        """Every loop device on the file at path, found by its device and inode."""
+        ident = file_id(path)
+        if ident is None:
+            return []
+        names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
+        return [d for d, i in self.identified(names) if i == ident]
+
+    def holds(self, dev: LoopDevice, path: str) -> bool:
+        """Whether dev is (still) bound to the file at path."""
+        ident = file_id(path)
+        return ident is not None and self.backing_id(dev) == ident
 
     def by_path(self, dev_path: str) -> LoopDevice | None:
         return self.get(os.path.basename(dev_path))
@@ -127,15 +221,56 @@ class LoopDevices:
                 raise NotFound(f"loop device {name} did not appear within {timeout_s}s")
             time.sleep(0.01)
 
-    def detach(self, dev_path: str, timeout_s: float = 30.0) -> None:
-        """Detach; a device that is already free is fine (idempotent)."""
-        if self.by_path(dev_path) is None:
+    def detach(self, dev_path: str, backing: FileId | None = None, *,
+               require_released: bool = False, timeout_s: float = 30.0) -> None:
+        """Detach; a free device is fine (idempotent).
+
+        `backing`: the identity the device must still have (a number freed meanwhile may
+        already serve another file, which is not ours to detach). The kernel answers a
+        detach of a device someone still holds open (a mount in another mount namespace, a
+        process) with success and only marks it to detach on last close. With
+        `require_released` that is InUse, and the mark is taken back so nothing changes
+        behind the caller's back; without, the deferred detach is accepted.
+        """
+        dev = self.by_path(dev_path)
+        if dev is None or (backing is not None and self.backing_id(dev) != backing):
             return
+        ident = backing or self.backing_id(dev)
         try:
             command.run(["losetup", "--detach", dev_path], timeout_s=timeout_s)
         except CommandFailed:
-            if self.by_path(dev_path) is not None:
+            if self._still_bound(dev, ident):
                 raise
+        if not require_released:
+            return
+        deadline = time.monotonic() + DETACH_SETTLE_S
+        while self._still_bound(dev, ident):
+            if time.monotonic() > deadline:
+                self._clear_autoclear(dev)
+                raise InUse(f"{dev_path} is still held open (by a mount in another mount "
+                            "namespace or by a process); release it first")
+            time.sleep(0.02)
+
+    def _still_bound(self, dev: LoopDevice, ident: FileId | None) -> bool:
+        current = self.get(dev.name)
+        return current is not None and (ident is None or self.backing_id(current) == ident)
+
+    def _clear_autoclear(self, dev: LoopDevice) -> None:
+        """Take back the deferred detach the kernel armed (best effort)."""
+        try:
+            fd = os.open(os.path.join(self.dev_root, dev.name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            buf = bytearray(_LOOP_INFO64.size)
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, buf)
+            flags = struct.unpack_from("=I", buf, _LO_FLAGS_OFFSET)[0]
+            struct.pack_into("=I", buf, _LO_FLAGS_OFFSET, flags & ~LO_FLAGS_AUTOCLEAR)
+            fcntl.ioctl(fd, LOOP_SET_STATUS64, buf)
+        except OSError as e:
+            log.warning("%s stays marked to detach on last close: %s", dev.path, e)
+        finally:
+            os.close(fd)
 
     def refresh_capacity(self, dev_path: str) -> LoopDevice:
         """Make the device see its backing file's new size (after a resize)."""

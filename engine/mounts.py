@@ -11,7 +11,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine import command
+from engine import command, crash
+from engine.errors import CommandFailed, InUse
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -91,14 +92,28 @@ class Mounts:
 
     def bind(self, source: str, target: str, *, read_only: bool,
              options: Sequence[str] = ()) -> None:
-        """Bind-mount; read-only needs a remount, since the kernel ignores ro on the bind itself."""
+        """Bind-mount; read-only needs a remount, since the kernel ignores ro on the bind itself.
+        All or nothing: a failed remount takes the bind off again (never a writable
+        mount where a read-only one was asked for)."""
         command.run(["mount", "--bind", source, target])
         extra = [o for o in options if o not in ("bind", "ro", "rw")]
         if read_only or extra:
             flags = ["remount", "bind"] + (["ro"] if read_only else []) + extra
-            command.run(["mount", "-o", ",".join(flags), target])
+            try:
+                crash.point("bind-before-remount")
+                command.run(["mount", "-o", ",".join(flags), target])
+            except BaseException:
+                command.run(["umount", target], check=False)
+                raise
 
     def unmount(self, target: str) -> None:
-        """Unmount everything stacked on target; nothing mounted is fine."""
+        """Unmount everything stacked on target; nothing mounted is fine. A busy mount
+        (open files, or held in a peer mount namespace) is InUse."""
         while self.is_mounted(target):
-            command.run(["umount", target])
+            try:
+                command.run(["umount", target])
+            except CommandFailed as e:
+                if "busy" in e.stderr:
+                    raise InUse(f"{target} is busy (files open on it): {e.stderr.strip()}") \
+                        from None
+                raise

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from engine.errors import InUse
 from engine.freeze import Freezer
 from engine.locks import KeyLocks
-from engine.loopdev import LoopDevices
+from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos, parse_device
-from engine.node_volumes import NodeVolumes, PublishRequest
+from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
 from engine.pool import Pool, PoolUsage
 from engine.qos.admission import measure_capacity_iops
 from engine.qos.tiers import QosSpec
@@ -79,29 +79,44 @@ class NodeEngine:
 
     # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                      clone_from_volume: str = "", version: int = 0) -> Backing:
+                      clone_from_volume: str = "", version: int = 0,
+                      access_types: tuple[str, ...] = ()) -> Backing:
+        """access_types: "block" and/or "mount", as the volume was created for (kept, so
+        staging it otherwise is refused: a mount stage of a block volume would format it)."""
         if not clone_from_volume:
             return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
-                                     version=version)
+                                     version=version, access_types=access_types)
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
             return self.files.create(volume_id, size_bytes, clone_from=source,
-                                     qos_json=qos.to_json(), version=version)
+                                     qos_json=qos.to_json(), version=version,
+                                     access_types=access_types)
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
-                       snapshot_id: str, version: int = 0) -> Backing:
+                       snapshot_id: str, version: int = 0,
+                       access_types: tuple[str, ...] = ()) -> Backing:
         return self.files.create(volume_id, size_bytes,
                                  restore_from=self.snapshots.require(snapshot_id),
-                                 qos_json=qos.to_json(), version=version)
+                                 qos_json=qos.to_json(), version=version,
+                                 access_types=access_types)
 
     def delete_volume(self, volume_id: str, version: int = 0) -> None:
+        """Delete the volume's storage once no loop device holds it any more: a device a
+        driver lost track of is detached first, or the delete refused while it is in use."""
         backing = self.files.get(volume_id)
         if backing is None:
             return
         self.files.check_version(backing, version)
-        if self.is_staged(volume_id):
+        if self.volumes.stage_record(volume_id) is not None:
             raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
+        path = self.files.path(backing)
+        for dev in self.volumes.loops.by_backing_file(path):
+            if self.volumes.mounts.of_device(dev.major, dev.minor):
+                raise InUse(f"volume {volume_id} is still mounted through {dev.path}")
+            log.warning("detaching %s from volume %s before deleting it", dev.path,
+                        volume_id)
+            self.volumes.loops.detach(dev.path, file_id(path), require_released=True)
         self.files.delete(volume_id)
 
     def set_qos(self, volume_id: str, qos: QosSpec, version: int = 0) -> None:
@@ -138,19 +153,19 @@ class NodeEngine:
     def volume(self, volume_id: str) -> Backing | None:
         return self.files.get(volume_id)
 
-    def condition(self, volume_id: str) -> tuple[bool, str]:
-        """(abnormal, why) of a volume from the pool and the kernel, not only records."""
-        backing = self.files.get(volume_id)
-        if backing is None:
-            return True, f"volume {volume_id} has no backing file on this node"
-        if not self.pool.volume_exists(backing.pool_name):
-            return True, "the volume's backing file is missing from the pool"
-        if self.is_staged(volume_id) and self.volumes.device_of(backing) is None:
-            return True, "the volume's loop device is gone; stage it again"
-        return False, ""
-
     def is_staged(self, volume_id: str) -> bool:
         return self.volumes.stage_record(volume_id) is not None
+
+    def is_mounted(self, path: str) -> bool:
+        return self.volumes.mounts.is_mounted(path)
+
+    def kernel_view(self) -> KernelView:
+        """One reading of mounts and loop devices, to ask many volume_condition()s."""
+        return self.volumes.kernel_view()
+
+    def volume_condition(self, volume_id: str, view: KernelView | None = None) -> Condition:
+        """The volume's health here, from the kernel's state (lost devices and mounts)."""
+        return self.volumes.condition(volume_id, view)
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()

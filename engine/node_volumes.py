@@ -1,23 +1,31 @@
 """Node-side life of a volume: stage, publish, unpublish, unstage, expand, measure.
 
-Each step converges on the kernel's state (loop devices by backing file, mounts from
-/proc/self/mountinfo), so a retry after a timeout or a crash neither stacks mounts nor
-leaks devices. Records (kinds "stage" and "publish") are written before the first side
-effect and marked done after, so `reconcile()` can roll back what a crash cut short
-while leaving finished work, used by running pods, untouched.
+Each step converges on the kernel's state (loop devices by their backing file's device
+and inode, mounts from /proc/self/mountinfo), so a retry after a timeout, a crash, a
+restart in a new mount namespace or a reboot neither stacks mounts nor leaks devices.
+Records (kinds "stage" and "publish") are written before the first side effect and marked
+done after, so `reconcile()` can roll back what a crash cut short while leaving finished
+work, used by running pods, untouched. A call that fails rolls back what it did itself
+(engine/rollback.py): the volume stays as it was, usable.
+
+Data is never destroyed: a stage refuses an access type the volume was not created for,
+and never formats a device that carries a signature, or data Tandem did not put there
+by formatting it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 from dataclasses import dataclass
 
-from engine import crash, filesystem
-from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound
-from engine.loopdev import LoopDevice, LoopDevices
+from engine import crash, fileops, filesystem
+from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, Precondition
+from engine.loopdev import FileId, LoopDevice, LoopDevices, file_id
 from engine.mounts import MountEntry, Mounts
+from engine.rollback import Rollback
 from engine.state import Store
 from engine.volumes import Backing, VolumeFiles
 
@@ -51,6 +59,15 @@ class PublishRequest:
 
 
 @dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+HEALTHY = Condition(False, "")
+
+
+@dataclass(frozen=True)
 class VolumeStats:
     block: bool  # a block volume has bytes (its size) and no inodes
     usage: filesystem.FsUsage
@@ -68,6 +85,54 @@ def _check_mount_option(option: str) -> str:
     return option
 
 
+class KernelView:
+    """One reading of the kernel's mount table and loop devices, for many questions
+    (ListVolumes asks about every volume; each device's identity is read at most once)."""
+
+    def __init__(self, loops: LoopDevices, mounts: Mounts):
+        self.loops = loops
+        self.mounts = mounts
+        self._table: list[MountEntry] | None = None  # read on first use
+        self._devices: list[LoopDevice] | None = None
+        self._ids: dict[str, FileId | None] = {}
+
+    @property
+    def table(self) -> list[MountEntry]:
+        if self._table is None:
+            self._table = self.mounts.table()
+        return self._table
+
+    def devices_on(self, path: str) -> list[LoopDevice]:
+        ident = file_id(path)
+        if ident is None:
+            return []
+        if self._devices is None:
+            self._devices = self.loops.all()
+        name = os.path.basename(path)
+        found = []
+        for dev in self._devices:
+            if os.path.basename(dev.backing_file) != name:
+                continue
+            if dev.name not in self._ids:
+                self._ids[dev.name] = self.loops.backing_id(dev)
+            if self._ids[dev.name] == ident:
+                found.append(dev)
+        return found
+
+    def mount_at(self, target: str) -> MountEntry | None:
+        stack = [m for m in self.table if m.target == target]
+        return stack[-1] if stack else None
+
+
+def _is_device_bind(entry: MountEntry, dev: LoopDevice) -> bool:
+    """A bind mount of dev's device node (a block publish)."""
+    return entry.root == f"/{dev.name}" or entry.source == dev.path
+
+
+def _mounts_device(entry: MountEntry | None, dev: LoopDevice) -> bool:
+    return entry is not None and (entry.major, entry.minor) == (dev.major, dev.minor)
+
+
 class NodeVolumes:
     def __init__(self, store: Store, files: VolumeFiles, loops: LoopDevices, mounts: Mounts):
         self.store = store
@@ -82,17 +147,13 @@ class NodeVolumes:
                 return dev
         return None
 
-    def device_of(self, backing: Backing) -> LoopDevice | None:
-        """The volume's read-write loop device, if the kernel has one."""
-        return self._rw_device(backing)
-
-    def _ensure_rw_device(self, backing: Backing) -> LoopDevice:
+    def _ensure_rw_device(self, backing: Backing, undo: Rollback) -> LoopDevice:
         dev = self._rw_device(backing)
         if dev is None:
-            dev = self.loops.attach(
-                self.files.path(backing), sector_size_bytes=backing.sector_size_bytes,
-                strict_direct_io=False,
-            )
+            path = self.files.path(backing)
+            dev = self.loops.attach(path, sector_size_bytes=backing.sector_size_bytes,
+                                    strict_direct_io=False)
+            undo.add(f"attaching {dev.path}", self.loops.detach, dev.path, file_id(path))
         elif dev.size_bytes != backing.size_bytes:
             dev = self.loops.refresh_capacity(dev.path)  # expanded before staging
         return dev
@@ -101,22 +162,41 @@ class NodeVolumes:
         stack = self.mounts.at(target)
         return stack[-1] if stack else None
 
-    def _is_device_bind(self, entry: MountEntry, dev: LoopDevice) -> bool:
-        return entry.root == f"/{dev.name}" or entry.source == dev.path
-
     def stage_record(self, volume_id: str) -> dict | None:
         return self.store.get(STAGE, volume_id)
 
     def publishes(self, volume_id: str) -> list[dict]:
         return [r for _, r in self.store.list(PUBLISH, prefix=f"{volume_id}|")]
 
+    def kernel_view(self) -> KernelView:
+        return KernelView(self.loops, self.mounts)
+
+    def mounted_staging_path(self, volume_id: str) -> str:
+        """The staging path if the kernel shows the volume's filesystem mounted there, else
+        '' (after a reboot the record says staged and nothing is mounted: freezing that
+        directory would freeze the filesystem under it)."""
+        rec = self.stage_record(volume_id)
+        backing = self.files.get(volume_id)
+        if rec is None or rec["access_type"] != MOUNT or backing is None:
+            return ""
+        dev = self._rw_device(backing)
+        entry = self._mount_of(rec["staging_path"])
+        return rec["staging_path"] if dev is not None and _mounts_device(entry, dev) else ""
+
     # --- stage / unstage -----------------------------------------------------------
     def stage(self, req: StageRequest) -> None:
         backing = self.files.require(req.volume_id)
+        _check_access_type(backing, req.access_type)
         fs_type = filesystem.check_fs_type(req.fs_type) if req.access_type == MOUNT else ""
+        if fs_type:
+            filesystem.check_size(fs_type, backing.size_bytes)
         flags = [_check_mount_option(o) for o in req.mount_flags]
         staging = os.path.normpath(req.staging_path)
         rec = self.store.get(STAGE, req.volume_id)
+        if rec is not None and rec["state"] != DONE:
+            # an earlier attempt was cut short and not rolled back: finish rolling it back
+            self.unstage(req.volume_id, rec["staging_path"])
+            rec = None
         if rec is not None:
             if rec["staging_path"] != staging:
                 raise InUse(f"volume {req.volume_id} is staged at {rec['staging_path']}")
@@ -125,37 +205,72 @@ class NodeVolumes:
                     f"volume {req.volume_id} is staged at {staging} as "
                     f"{rec['access_type']} {rec.get('fs_type', '')}"
                 )
-        self.store.put(STAGE, req.volume_id, {
+        _check_directory(staging, "staging path")
+        record = {
             "staging_path": staging, "access_type": req.access_type, "fs_type": fs_type,
-            "read_only": req.read_only, "state": rec["state"] if rec else PENDING,
-        })
-        crash.point("stage-after-intent")
-        dev = self._ensure_rw_device(backing)
-        crash.point("stage-after-attach")
-        if req.access_type == MOUNT:
-            self._stage_filesystem(dev, staging, fs_type, flags, req.read_only)
-        crash.point("stage-after-mount")
-        self.store.put(STAGE, req.volume_id, {
-            "staging_path": staging, "access_type": req.access_type, "fs_type": fs_type,
-            "read_only": req.read_only, "state": DONE,
-        })
+            "mount_flags": flags, "read_only": req.read_only,
+            "state": rec["state"] if rec else PENDING,
+        }
+        with Rollback() as undo:
+            if rec is None:
+                self.store.put(STAGE, req.volume_id, record)
+                undo.add("the stage record", self.store.delete, STAGE, req.volume_id)
+            crash.point("stage-after-intent")
+            dev = self._ensure_rw_device(backing, undo)
+            crash.point("stage-after-attach")
+            if req.access_type == MOUNT:
+                self._stage_filesystem(backing, dev, staging, fs_type, flags, req.read_only,
+                                       undo)
+            crash.point("stage-after-mount")
+            record["state"] = DONE
+            self.store.put(STAGE, req.volume_id, record)
 
-    def _stage_filesystem(
-        self, dev: LoopDevice, staging: str, fs_type: str, flags: list[str], read_only: bool
-    ) -> None:
+    def _stage_filesystem(self, backing: Backing, dev: LoopDevice, staging: str, fs_type: str,
+                          flags: list[str], read_only: bool, undo: Rollback) -> None:
         current = self._mount_of(staging)
         if current is not None:
-            if (current.major, current.minor) != (dev.major, dev.minor):
+            if not _mounts_device(current, dev):
                 raise AlreadyExists(f"{staging} already has another filesystem mounted")
             return
-        os.makedirs(staging, exist_ok=True)
-        found = filesystem.detect(dev.path)
-        if found is None:
-            filesystem.make(dev.path, fs_type)
-        elif found != fs_type:
-            raise AlreadyExists(f"volume holds {found}, not the {fs_type} asked for")
+        _make_directories(staging, undo)
+        self._ensure_filesystem(backing, dev, fs_type)
+        crash.point("stage-after-mkfs")
         opts = list(flags) + (["ro"] if read_only else [])
         self.mounts.mount(dev.path, staging, fs_type, opts)
+        undo.add(f"mounting {staging}", self.mounts.unmount, staging)
+
+    def _ensure_filesystem(self, backing: Backing, dev: LoopDevice, fs_type: str) -> None:
+        """Make fs_type on the device unless it has it; never format over anything else.
+
+        The kubelet's safe-format-and-mount only looks for signatures and would format a
+        block volume's raw data: here a device is formatted only when blkid finds no
+        signature at all and the backing file holds no data, or only data of a mkfs of
+        Tandem's own that was cut short.
+        """
+        vid = backing.volume_id
+        found = filesystem.probe(dev.path)
+        if found is not None:
+            if found.is_filesystem and found.type == fs_type:
+                return
+            if found.is_filesystem:
+                raise Precondition(f"volume {vid} holds a {found.type} filesystem, not the "
+                                   f"{fs_type} asked for; it is never reformatted")
+            raise Precondition(f"volume {vid} carries a {found.type} signature "
+                               f"({found.usage}); refusing to format it")
+        ours = backing.made_fs and not backing.made_fs_done  # our own mkfs, cut short
+        if not ours and self._holds_data(backing, dev):
+            why = ("the filesystem Tandem made on it is gone" if backing.made_fs
+                   else "it was written without a filesystem (as a block device?)")
+            raise Precondition(f"volume {vid} holds data but no filesystem signature: {why}; "
+                               "refusing to format it")
+        self.files.set_made_fs(vid, fs_type, done=False)
+        crash.point("stage-format-started")
+        filesystem.make(dev.path, fs_type)
+        self.files.set_made_fs(vid, fs_type, done=True)
+
+    def _holds_data(self, backing: Backing, dev: LoopDevice) -> bool:
+        fileops.fsync_path(dev.path)  # writes still in the device's page cache count too
+        return fileops.has_data(self.files.path(backing))
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging = os.path.normpath(staging_path)
@@ -165,17 +280,17 @@ class NodeVolumes:
         if self.publishes(volume_id):
             raise InUse(f"volume {volume_id} is still published; unpublish it first")
         backing = self.files.get(volume_id)
-        dev = self._rw_device(backing) if backing else None
+        path = self.files.path(backing) if backing else ""
+        devs = [d for d in self.loops.by_backing_file(path) if not d.read_only] if path else []
         entry = self._mount_of(staging)
         # only our own filesystem comes off: another volume may be staged at this path
-        if entry is not None and dev is not None and (entry.major, entry.minor) == (
-                dev.major, dev.minor):
+        if any(_mounts_device(entry, d) for d in devs):
             self.mounts.unmount(staging)
         crash.point("unstage-after-unmount")
-        if dev is not None:
+        for dev in devs:
             if self.mounts.of_device(dev.major, dev.minor):
                 raise InUse(f"{dev.path} of volume {volume_id} is still mounted elsewhere")
-            self.loops.detach(dev.path)
+            self.loops.detach(dev.path, file_id(path), require_released=True)
         self.store.delete(STAGE, volume_id)
 
     # --- publish / unpublish -------------------------------------------------------
@@ -203,70 +318,84 @@ class NodeVolumes:
                     f"at {others[0]['target']}"
                 )
         flags = [_check_mount_option(o) for o in req.mount_flags]
+        if req.access_type == BLOCK:
+            _check_block_target(target)
+        else:
+            _check_directory(target, "target path")
         ro_device = rec.get("ro_device", "") if rec else ""
         record = {
             "volume_id": req.volume_id, "target": target, "access_type": req.access_type,
             "read_only": req.read_only, "ro_device": ro_device, "pod_uid": req.pod_uid,
             "state": rec["state"] if rec else PENDING,
         }
-        self.store.put(PUBLISH, key, record)
-        crash.point("publish-after-intent")
-        if req.access_type == BLOCK:
-            dev = self._publish_block(backing, target, req.read_only, ro_device)
-            record["ro_device"] = dev.path if req.read_only else ""
-        else:
-            dev = self._publish_mount(backing, staging, target, req.read_only, flags)
-        crash.point("publish-after-mount")
-        record["device"] = f"{dev.major}:{dev.minor}"
-        record["state"] = DONE
-        self.store.put(PUBLISH, key, record)
+        with Rollback() as undo:
+            if rec is None:
+                self.store.put(PUBLISH, key, record)
+                undo.add("the publish record", self.store.delete, PUBLISH, key)
+            crash.point("publish-after-intent")
+            rw = self._restore_stage(backing, stage, undo)
+            if req.access_type == BLOCK:
+                dev = self._publish_block(backing, rw, target, req.read_only, ro_device, undo)
+                record["ro_device"] = dev.path if req.read_only else ""
+            else:
+                dev = self._publish_mount(rw, staging, target, req.read_only, flags, undo)
+            crash.point("publish-after-mount")
+            record["device"] = f"{dev.major}:{dev.minor}"
+            record["state"] = DONE
+            self.store.put(PUBLISH, key, record)
         return dev
 
-    def _publish_mount(
-        self, backing: Backing, staging: str, target: str, read_only: bool, flags: list[str]
-    ) -> LoopDevice:
-        dev = self._rw_device(backing)
-        if dev is None:
-            raise NotFound(f"volume {backing.volume_id} lost its device; stage it again")
+    def _restore_stage(self, backing: Backing, stage: dict, undo: Rollback) -> LoopDevice:
+        """The staged device (and filesystem), brought back if a reboot took them."""
+        dev = self._ensure_rw_device(backing, undo)
+        if stage["access_type"] == MOUNT:
+            self._stage_filesystem(backing, dev, stage["staging_path"], stage["fs_type"],
+                                   list(stage.get("mount_flags", [])), stage["read_only"], undo)
+        return dev
+
+    def _publish_mount(self, dev: LoopDevice, staging: str, target: str, read_only: bool,
+                       flags: list[str], undo: Rollback) -> LoopDevice:
         current = self._mount_of(target)
         if current is not None:
-            if (current.major, current.minor) != (dev.major, dev.minor):
+            if not _mounts_device(current, dev):
                 raise AlreadyExists(f"{target} has another filesystem mounted")
             if current.read_only != read_only:
                 raise AlreadyExists(f"{target} is mounted with another read-only flag")
             return dev
-        os.makedirs(target, exist_ok=True)
+        _make_directories(target, undo)
         self.mounts.bind(staging, target, read_only=read_only, options=flags)
+        undo.add(f"mounting {target}", self.mounts.unmount, target)
         return dev
 
-    def _publish_block(
-        self, backing: Backing, target: str, read_only: bool, ro_device: str
-    ) -> LoopDevice:
+    def _publish_block(self, backing: Backing, rw: LoopDevice, target: str, read_only: bool,
+                       ro_device: str, undo: Rollback) -> LoopDevice:
+        dev = rw
         if read_only:
             # A read-only bind of a device node does not stop writes through it:
             # give the pod a loop device the kernel itself makes read-only.
-            dev = self.loops.by_path(ro_device) if ro_device else None
-            if dev is None or dev.backing_file != self.files.path(backing):
-                dev = self.loops.attach(
-                    self.files.path(backing), read_only=True,
-                    sector_size_bytes=backing.sector_size_bytes, strict_direct_io=False,
-                )
-        else:
-            dev = self._rw_device(backing)
-            if dev is None:
-                raise NotFound(f"volume {backing.volume_id} lost its device; stage it again")
+            path = self.files.path(backing)
+            found = self.loops.by_path(ro_device) if ro_device else None
+            if found is not None and found.read_only and self.loops.holds(found, path):
+                dev = found
+            else:
+                dev = self.loops.attach(path, read_only=True,
+                                        sector_size_bytes=backing.sector_size_bytes,
+                                        strict_direct_io=False)
+                undo.add(f"attaching {dev.path}", self.loops.detach, dev.path, file_id(path))
         current = self._mount_of(target)
         if current is not None:
-            if not self._is_device_bind(current, dev):
+            if not _is_device_bind(current, dev):
                 raise AlreadyExists(f"{target} already has something else mounted")
             return dev
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
+        _make_directories(os.path.dirname(target), undo)
         if os.path.isdir(target):
-            os.rmdir(target)  # only an empty directory: a block target must be a file
+            os.rmdir(target)  # only an empty directory (checked): a block target is a file
+            undo.add(f"removing the directory {target}", os.mkdir, target)
         if not os.path.exists(target):
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            undo.add(f"creating {target}", os.unlink, target)
         self.mounts.bind(dev.path, target, read_only=read_only)
+        undo.add(f"mounting {target}", self.mounts.unmount, target)
         return dev
 
     def publish_record(self, volume_id: str, target_path: str) -> dict | None:
@@ -281,23 +410,22 @@ class NodeVolumes:
         if entry is not None:
             if rec is None and not self._mount_is_ours(entry, backing):
                 # another volume is published here: nothing of this one to undo
-                self.store.delete(PUBLISH, key)
                 return
             self.mounts.unmount(target)
         crash.point("unpublish-after-unmount")
         _remove_target(target)
-        if rec is not None and rec.get("ro_device"):
+        if rec is not None and rec.get("ro_device") and backing is not None:
+            path = self.files.path(backing)
             dev = self.loops.by_path(rec["ro_device"])
-            if dev is not None and backing is not None \
-                    and dev.backing_file == self.files.path(backing):
-                self.loops.detach(dev.path)
+            if dev is not None and dev.read_only and self.loops.holds(dev, path):
+                self.loops.detach(dev.path, file_id(path), require_released=True)
         self.store.delete(PUBLISH, key)
 
     def _mount_is_ours(self, entry: MountEntry, backing: Backing | None) -> bool:
         if backing is None:
             return False
         return any(
-            (entry.major, entry.minor) == (d.major, d.minor) or self._is_device_bind(entry, d)
+            _mounts_device(entry, d) or _is_device_bind(entry, d)
             for d in self.loops.by_backing_file(self.files.path(backing))
         )
 
@@ -305,13 +433,8 @@ class NodeVolumes:
         """Flush the volume's staged device, so a buffered loop's cache reaches its file."""
         backing = self.files.get(volume_id)
         dev = self._rw_device(backing) if backing else None
-        if dev is None:
-            return
-        fd = os.open(dev.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if dev is not None:
+            fileops.fsync_path(dev.path)
 
     # --- expand and measure --------------------------------------------------------
     def expand(self, volume_id: str, volume_path: str) -> int:
@@ -320,7 +443,7 @@ class NodeVolumes:
         stage = self.store.get(STAGE, volume_id)
         if stage is None:
             raise InUse(f"volume {volume_id} is not staged on this node")
-        path = os.path.normpath(volume_path)
+        path = _canonical(volume_path)
         known = {stage["staging_path"]} | {p["target"] for p in self.publishes(volume_id)}
         if path not in known:
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
@@ -332,9 +455,39 @@ class NodeVolumes:
             filesystem.grow(stage["fs_type"], rw.path, stage["staging_path"])
         return backing.size_bytes
 
+    def condition(self, volume_id: str, view: KernelView | None = None) -> Condition:
+        """The volume's health on this node, from the kernel's state: records say what
+        should be there (a device, mounts), the kernel says what is."""
+        backing = self.files.get(volume_id)
+        if backing is None or not os.path.exists(self.files.path(backing)):
+            return Condition(True, "the volume's backing file is missing from the pool")
+        stage = self.stage_record(volume_id)
+        if stage is None or stage["state"] != DONE:
+            return HEALTHY
+        view = view or self.kernel_view()
+        devs = view.devices_on(self.files.path(backing))
+        rw = next((d for d in devs if not d.read_only), None)
+        staging = stage["staging_path"]
+        if rw is None:
+            return Condition(True, f"staged at {staging}, but its loop device is gone (a "
+                                   "reboot, or a detach behind the driver's back); stage it "
+                                   "again")
+        if stage["access_type"] == MOUNT and not _mounts_device(view.mount_at(staging), rw):
+            return Condition(True, f"staged at {staging}, but its filesystem is not mounted "
+                                   "there; stage it again")
+        for pub in self.publishes(volume_id):
+            if pub["state"] != DONE:
+                continue
+            entry = view.mount_at(pub["target"])
+            if entry is None or not (_mounts_device(entry, rw)
+                                     or any(_is_device_bind(entry, d) for d in devs)):
+                return Condition(True, f"published at {pub['target']}, but not mounted there; "
+                                       "publish it again")
+        return HEALTHY
+
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         backing = self.files.require(volume_id)
-        path = os.path.normpath(volume_path)
+        path = _canonical(volume_path)
         stage = self.store.get(STAGE, volume_id)
         known = set()
         if stage is not None:
@@ -342,11 +495,7 @@ class NodeVolumes:
         known |= {p["target"] for p in self.publishes(volume_id)}
         if path not in known or not os.path.exists(path):
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
-        problem = ""
-        if not os.path.exists(self.files.path(backing)):
-            problem = "the volume's backing file is missing from the pool"
-        elif stage is not None and self._rw_device(backing) is None:
-            problem = "the volume's loop device is gone; stage it again"
+        cond = self.condition(volume_id)
         block = stage is not None and stage["access_type"] == BLOCK
         if block or stat.S_ISBLK(os.stat(path).st_mode):
             size = backing.size_bytes
@@ -354,8 +503,8 @@ class NodeVolumes:
             if dev is not None:
                 size = dev.size_bytes
             usage = filesystem.FsUsage(size, 0, 0, 0, 0, 0)
-            return VolumeStats(True, usage, bool(problem), problem)
-        return VolumeStats(False, filesystem.usage(path), bool(problem), problem)
+            return VolumeStats(True, usage, cond.abnormal, cond.message)
+        return VolumeStats(False, filesystem.usage(path), cond.abnormal, cond.message)
 
     # --- restart -------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -363,38 +512,137 @@ class NodeVolumes:
         for key, rec in self.store.list(PUBLISH):
             if rec["state"] == PENDING:
                 log.warning("rolling back interrupted publish of %s", key)
-                self.unpublish(rec["volume_id"], rec["target"])
+                self._try(self.unpublish, rec["volume_id"], rec["target"])
         for volume_id, rec in self.store.list(STAGE):
             if rec["state"] == PENDING and not self.publishes(volume_id):
                 log.warning("rolling back interrupted stage of %s", volume_id)
-                self.unstage(volume_id, rec["staging_path"])
-        owned: dict[str, str] = {}
+                self._try(self.unstage, volume_id, rec["staging_path"])
+        self._detach_unowned()
+
+    @staticmethod
+    def _try(step, *args) -> None:
+        """A roll-back that fails at start-up is logged, not fatal: its record stays, so the
+        CO's retry (or the next start) finishes it; the driver must come up meanwhile."""
+        try:
+            step(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("rolling back %s failed; it stays recorded", args)
+
+    def _detach_unowned(self) -> None:
+        """Detach loop devices on pool files that no record uses and nothing mounts."""
+        owners: dict[FileId, str] = {}
         for backing in self.files.all():
-            owned[self.files.path(backing)] = backing.volume_id
+            ident = file_id(self.files.path(backing))
+            if ident is not None:
+                owners[ident] = backing.volume_id
+        kept_ro = {
+            rec["ro_device"] for _, rec in self.store.list(PUBLISH)
+            if rec.get("ro_device") and rec["state"] == DONE
+        }
         pool_dir = self.files.pool.volumes_dir + os.sep
-        for dev in self.loops.all():
-            if not dev.backing_file.startswith(pool_dir):
-                continue
-            owner = owned.get(dev.backing_file)
-            in_use = self.mounts.of_device(dev.major, dev.minor) or any(
-                self._is_device_bind(m, dev) for m in self.mounts.table()
-            )
-            if in_use:
+        names = {os.path.basename(self.files.path(b)) for b in self.files.all()}
+        names |= {os.path.basename(d.backing_file) for d in self.loops.all()
+                  if d.backing_file.startswith(pool_dir)}
+        table = self.mounts.table()
+        for dev, ident in self.loops.identified(names):
+            owner = owners.get(ident)
+            if owner is None and not dev.backing_file.startswith(pool_dir):
+                continue  # not provably on our pool: someone else's
+            if any(_mounts_device(m, dev) or _is_device_bind(m, dev) for m in table):
                 continue
             staged = owner is not None and self.store.get(STAGE, owner) is not None
             if staged and not dev.read_only:
                 continue  # a staged block volume: its device is its state
+            if owner is not None and dev.path in kept_ro:
+                continue  # a published read-only block device (its bind may be elsewhere)
             log.warning("detaching %s (%s): no record uses it", dev.path, dev.backing_file)
-            self.loops.detach(dev.path)
+            self.loops.detach(dev.path, ident)
+
+
+def _check_access_type(backing: Backing, access_type: str) -> None:
+    """The volume is used the way it was created for (when that is known)."""
+    if backing.access_types and access_type not in backing.access_types:
+        made = " and ".join(backing.access_types)
+        harm = " (that would format it)" if access_type == MOUNT else ""
+        raise Precondition(f"volume {backing.volume_id} was created for {made} access; "
+                           f"refusing to stage it for {access_type} access{harm}")
+
+
+def _canonical(path: str) -> str:
+    """Where a path really leads (a relative path leads nowhere of ours)."""
+    return os.path.realpath(path) if os.path.isabs(path) else path
+
+
+def _check_directory(path: str, what: str) -> None:
+    """A place for a directory: a directory already, or nothing yet."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise Precondition(f"{what} {path}: a parent of it is not a directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Precondition(f"{what} {path} exists and is not a directory")
+
+
+def _check_block_target(target: str) -> None:
+    """A place for a block volume's device file: a file, an empty directory (the CO may
+    have made one), or nothing yet."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return _check_directory(os.path.dirname(target), "the target's parent")
+    except NotADirectoryError:
+        raise Precondition(f"target path {target}: a parent of it is not a directory") from None
+    if stat.S_ISDIR(st.st_mode):
+        if os.listdir(target):
+            raise Precondition(f"target path {target} is a directory that is not empty")
+    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise Precondition(f"target path {target} is neither a file nor a directory")
+
+
+def _make_directories(path: str, undo: Rollback) -> None:
+    """os.makedirs, with each directory it makes removed again if the call fails."""
+    missing = []
+    cur = path
+    while not os.path.lexists(cur):
+        missing.append(cur)
+        cur = os.path.dirname(cur)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours to remove
+        except (NotADirectoryError, FileNotFoundError) as e:
+            raise Precondition(f"cannot make directory {d}: {e.strerror}") from None
+        undo.add(f"making {d}", _remove_empty_dir, d)
+    if not os.path.isdir(path):
+        raise Precondition(f"{path} is not a directory")
+
+
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove_target(target: str) -> None:
-    """Remove a publish target after unmounting: the CO expects it gone."""
+    """Remove a publish target after unmounting: the CO expects it gone. Only an empty
+    directory or an empty file: never data. Files written into the bare directory while
+    nothing was mounted there (after a reboot) are not the volume's: they stay, with a
+    warning, and the unpublish is done all the same (an error would be retried forever)."""
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        os.rmdir(target)  # refuses a non-empty directory: never delete data
+        try:
+            os.rmdir(target)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.warning("target %s holds files of its own once unmounted; left in place",
+                        target)
     elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
         os.unlink(target)

@@ -133,7 +133,11 @@ class Snapshots:
             if stage is None:
                 continue
             if stage["access_type"] == MOUNT:
-                mount_points.append(stage["staging_path"])
+                # frozen only where the kernel shows it mounted: after a reboot the record
+                # says staged, and freezing the bare directory freezes the host's filesystem
+                mounted = self.volumes.mounted_staging_path(vid)
+                if mounted:
+                    mount_points.append(mounted)
             elif stage["access_type"] == BLOCK:
                 if not allow_block_in_use:
                     raise InUse(
@@ -157,9 +161,9 @@ class Snapshots:
         self.store.delete(KIND, snapshot_id)
 
     def restore(self, snapshot_id: str, volume_id: str, size_bytes: int,
-                qos_json: str = "") -> Backing:
+                qos_json: str = "", access_types: tuple[str, ...] = ()) -> Backing:
         return self.files.create(volume_id, size_bytes, restore_from=self.require(snapshot_id),
-                                 qos_json=qos_json)
+                                 qos_json=qos_json, access_types=access_types)
 
     # --- start-up --------------------------------------------------------------------
     def reconcile(self) -> None:

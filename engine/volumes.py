@@ -42,9 +42,18 @@ class Backing:
     qos_json: str = ""
     source_pool_name: str = ""  # what a clone or restore copies (to finish a retry)
     version: int = 0  # the newest cluster-record version this node acted on
+    # How the volume was created to be used ("block", "mount"); () for records made before
+    # this was kept: unknown, and only the device's own content protects it then.
+    access_types: tuple[str, ...] = ()
+    # The filesystem Tandem made on the volume (written before mkfs starts), and whether
+    # mkfs finished: data found where mkfs was cut short is Tandem's own, not a user's.
+    made_fs: str = ""
+    made_fs_done: bool = False
 
     @classmethod
     def from_record(cls, volume_id: str, rec: dict) -> Backing:
+        rec = dict(rec)
+        rec["access_types"] = tuple(rec.get("access_types", ()))
         return cls(volume_id=volume_id, **rec)
 
     def record(self) -> dict:
@@ -91,6 +100,7 @@ class VolumeFiles:
         restore_from: PoolObject | None = None,
         qos_json: str = "",
         version: int = 0,
+        access_types: tuple[str, ...] = (),
     ) -> Backing:
         """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
 
@@ -109,7 +119,8 @@ class VolumeFiles:
         sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, time.time(), origin,
-                          qos_json, source.pool_name if source else "", version)
+                          qos_json, source.pool_name if source else "", version,
+                          tuple(sorted(set(access_types))))
         self.store.put(KIND, volume_id, backing.record())
         crash.point("volume-create-after-record")
         try:
@@ -174,6 +185,16 @@ class VolumeFiles:
             rec["qos_json"] = qos_json
             rec["version"] = max(version, rec.get("version", 0))
             t.put(KIND, volume_id, rec)
+
+    def set_made_fs(self, volume_id: str, fs_type: str, done: bool) -> Backing:
+        """Record that Tandem is making (done=False) or has made fs_type on the volume."""
+        with self.store.txn() as t:
+            rec = t.get(KIND, volume_id)
+            if rec is None:
+                raise NotFound(f"volume {volume_id} has no backing file on this node")
+            rec["made_fs"], rec["made_fs_done"] = fs_type, done
+            t.put(KIND, volume_id, rec)
+        return Backing.from_record(volume_id, rec)
 
     def all(self) -> list[Backing]:
         return [Backing.from_record(k, r) for k, r in self.store.list(KIND)]

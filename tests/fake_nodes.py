@@ -36,7 +36,7 @@ class FakeNode:
         self.free_bytes = free_bytes
         self.iops_capacity = iops_capacity
         self.max_volumes = max_volumes
-        self.volumes: dict[str, VolumeInfo] = {}
+        self.held: dict[str, VolumeInfo] = {}
         self.snapshots: dict[str, SnapshotInfo] = {}
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
@@ -59,7 +59,7 @@ class FakeNode:
                         self.iops_capacity, self.max_volumes)
 
     def _check_version(self, volume_id: str, version: int) -> VolumeInfo:
-        vol = self.volumes.get(volume_id)
+        vol = self.held.get(volume_id)
         if vol is None:
             raise NotFound(f"volume {volume_id} is not on {self._node_id}")
         if version < vol.version:
@@ -71,29 +71,29 @@ class FakeNode:
         if self.fail_creates:
             raise Unavailable(f"node {self._node_id} failed while creating {spec.volume_id}")
         with self._lock:
-            vol = self.volumes.get(spec.volume_id)
+            vol = self.held.get(spec.volume_id)
             if vol is not None:
                 if vol.size_bytes != spec.size_bytes:
                     raise AlreadyExists(f"{spec.volume_id} exists with another size")
                 return vol
-            if spec.source.kind == "volume" and spec.source.source_id not in self.volumes:
+            if spec.source.kind == "volume" and spec.source.source_id not in self.held:
                 raise NotFound(f"source {spec.source.source_id} is not here")
             if spec.source.kind == "snapshot" and spec.source.source_id not in self.snapshots:
                 raise NotFound(f"source {spec.source.source_id} is not here")
             vol = VolumeInfo(spec.volume_id, spec.size_bytes, spec.access_types, spec.qos,
                              time.time(), False, Condition(), spec.version)
-            self.volumes[spec.volume_id] = vol
+            self.held[spec.volume_id] = vol
             return vol
 
     def delete_volume(self, volume_id: str, version: int) -> None:
         self._reach("delete_volume", volume_id)
         with self._lock:
-            if volume_id not in self.volumes:
+            if volume_id not in self.held:
                 return
             self._check_version(volume_id, version)
             if volume_id in self.staged:
                 raise InUse(f"{volume_id} is staged on {self._node_id}")
-            del self.volumes[volume_id]
+            del self.held[volume_id]
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
         self._reach("expand_volume", volume_id)
@@ -101,25 +101,29 @@ class FakeNode:
             vol = self._check_version(volume_id, version)
             vol = dataclasses.replace(vol, size_bytes=max(vol.size_bytes, size_bytes),
                                       version=version)
-            self.volumes[volume_id] = vol
+            self.held[volume_id] = vol
             return vol
 
     def set_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
         self._reach("set_qos", volume_id)
         with self._lock:
             vol = self._check_version(volume_id, version)
-            self.volumes[volume_id] = dataclasses.replace(vol, qos=qos, version=version)
+            self.held[volume_id] = dataclasses.replace(vol, qos=qos, version=version)
 
     def volume(self, volume_id: str) -> VolumeInfo | None:
         self._reach("volume", volume_id)
-        vol = self.volumes.get(volume_id)
+        vol = self.held.get(volume_id)
         if vol is not None and volume_id in self.staged:
             vol = dataclasses.replace(vol, staged=True)
         return vol
 
+    def volumes(self, volume_ids: tuple[str, ...]) -> tuple[VolumeInfo, ...]:
+        found = (self.volume(v) for v in volume_ids)
+        return tuple(v for v in found if v is not None)
+
     def inventory(self) -> Inventory:
         self._reach("inventory")
-        return Inventory(tuple(self.volumes.values()), tuple(self.snapshots.values()))
+        return Inventory(tuple(self.held.values()), tuple(self.snapshots.values()))
 
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
         self._reach("create_snapshots", ",".join(m.snapshot_id for m in members))
@@ -128,7 +132,7 @@ class FakeNode:
             for m in members:
                 snap = self.snapshots.get(m.snapshot_id)
                 if snap is None:
-                    vol = self.volumes.get(m.volume_id)
+                    vol = self.held.get(m.volume_id)
                     if vol is None:
                         raise NotFound(f"volume {m.volume_id} is not on {self._node_id}")
                     snap = SnapshotInfo(m.snapshot_id, m.volume_id, vol.size_bytes, time.time())

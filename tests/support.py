@@ -7,9 +7,11 @@ removes it, whether the test passed or not.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -27,31 +29,62 @@ from proto import csi_pb2, csi_pb2_grpc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def file_ids_under(root: str) -> dict[str, tuple[int, int]]:
+    """path -> (st_dev, st_ino) of every regular file below root (mounts included)."""
+    found: dict[str, tuple[int, int]] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[f"{dirpath}/{name}"] = (st.st_dev, st.st_ino)
+    return found
+
+
 def cleanup_tree(root: str) -> None:
-    """Unmount and detach everything under root, then remove it.
+    """Unmount and detach everything under root, then remove it."""
+    release_tree(root)
+    shutil.rmtree(os.path.realpath(root), ignore_errors=True)
+
+
+def release_tree(root: str, keep: tuple[str, ...] = ()) -> None:
+    """Unmount and detach everything under root but the mounts at `keep` (what a reboot
+    does to a node's kernel state).
 
     Order matters: a volume's mount holds its loop device, whose file keeps the pool
     busy. Each pass takes off what is free; lazy unmounts are the last resort (a lazily
     unmounted pool hides its files' paths, so their loop devices could not be found).
+    Loop devices are recognised by path, and by their files' identity (a device attached
+    in a mount namespace that is gone shows its file's path relative to its filesystem).
     """
     root = os.path.realpath(root)
     mounts, loops = Mounts(), LoopDevices()
+    files = file_ids_under(root)
+    idents = set(files.values())
+    names = {os.path.basename(p) for p in files}
     for _ in range(6):
         under = [m for m in mounts.table()
-                 if m.target == root or m.target.startswith(root + "/")]
+                 if (m.target == root or m.target.startswith(root + "/"))
+                 and m.target not in keep]
         for m in sorted(under, key=lambda m: -len(m.target)):
             subprocess.run(["umount", m.target], capture_output=True)
         mounted = {(m.major, m.minor) for m in mounts.table()}
-        ours = [d for d in loops.all() if d.backing_file.startswith(root + "/")]
+        # identities are asked only for paths that lead nowhere here (relative, or
+        # deleted): asking opens the device, which would defer another program's detach
+        ours = [d for d in loops.all() if d.backing_file.startswith(root + "/")
+                or (os.path.basename(d.backing_file) in names
+                    and not os.path.exists(d.backing_file)
+                    and loop_backing_id(d.name) in idents)]
         for dev in ours:
             if (dev.major, dev.minor) not in mounted:
                 subprocess.run(["losetup", "-d", dev.path], capture_output=True)
         if not under and not ours:
             break
     for m in mounts.table():
-        if m.target == root or m.target.startswith(root + "/"):
+        if (m.target == root or m.target.startswith(root + "/")) and m.target not in keep:
             subprocess.run(["umount", "-l", m.target], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -106,19 +139,54 @@ class InProcessDriver:
         self.driver.stop(0)
 
 
-class DriverProcess:
-    """`python -m csi.server` as a child process, for kill -9 and restart tests."""
+def loop_backing_id(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind loop device `name`, asked of losetup (which
+    reads it with LOOP_GET_STATUS64): an oracle independent of the driver's own code."""
+    proc = subprocess.run(["losetup", "--list", "--json", "-O", "BACK-INO,BACK-MAJ:MIN",
+                           f"/dev/{name}"], capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    (dev,) = json.loads(proc.stdout)["loopdevices"]
+    if dev["back-ino"] is None or dev["back-maj:min"] is None:
+        return None  # unbound, or being torn down as we ask
+    major, minor = (int(x) for x in dev["back-maj:min"].split(":"))
+    return os.makedev(major, minor), int(dev["back-ino"])
 
-    def __init__(self, root: str, *, env: dict[str, str] | None = None, extra: list[str] = ()):
+
+def loops_on(path_or_id: str | tuple[int, int], basename: str = "") -> list[str]:
+    """The loop devices (/dev/loopN) bound to a file, by its identity, whatever path sysfs
+    shows for it. Only devices whose file has the same basename are asked about (asking
+    opens the device, which would defer another program's detach for a moment)."""
+    if isinstance(path_or_id, str):
+        st = os.stat(path_or_id)
+        ident, basename = (st.st_dev, st.st_ino), os.path.basename(path_or_id)
+    else:
+        ident = path_or_id
+    found = []
+    for dev in LoopDevices().all():
+        if os.path.basename(dev.backing_file) == basename and loop_backing_id(dev.name) == ident:
+            found.append(dev.path)
+    return found
+
+
+class DriverProcess:
+    """`python -m csi.server` as a child process, for kill -9 and restart tests.
+
+    `wrap`: a command line the driver runs under (e.g. `unshare -m`: a mount namespace
+    of its own, which ends with the process, as a container's does)."""
+
+    def __init__(self, root: str, *, env: dict[str, str] | None = None, extra: list[str] = (),
+                 wrap: list[str] = ()):
         self.root = root
         self.endpoint = f"unix://{root}/csi.sock"
         self.env = env or {}
         self.extra = list(extra)
+        self.wrap = list(wrap)
         self.proc: subprocess.Popen | None = None
         self.log_path = f"{root}/driver.log"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "csi.server", "--endpoint", self.endpoint,
+        return [*self.wrap, sys.executable, "-m", "csi.server", "--endpoint", self.endpoint,
                 "--node-id", "node-a", "--zone", "zone-a", "--state-dir", f"{self.root}/state",
                 "--pool-size-gib", "8", "--max-volumes-per-node", "8",
                 "--node-iops-capacity", "100000", *self.extra]

@@ -1,8 +1,10 @@
 """Node error cases: (request, expected status code) tables, in both access types.
 
 Required fields come before any lookup (the sanity suite sends fake IDs with the
-missing field); an unknown volume is NOT_FOUND; NodeGetVolumeStats checks the volume
-first and the path second ('some/path' is NOT_FOUND, not INVALID_ARGUMENT).
+missing field); an unknown volume is NOT_FOUND, except that unpublishing or unstaging it
+where nothing is mounted is done (OK: the kubelet retries NOT_FOUND forever after a reboot
+or a failover); NodeGetVolumeStats checks the volume first and the path second
+('some/path' is NOT_FOUND, not INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tests.conformance.helpers import (
     GIB,
     INVALID,
     NOT_FOUND,
+    OK,
     UNKNOWN_VOLUME_IDS,
     capability,
     expect_code,
@@ -80,14 +83,14 @@ CASES = [
     ("unpublish-no-target", "NodeUnpublishVolume", lambda c: pb.NodeUnpublishVolumeRequest(
         volume_id=FAKE_VOLUME_ID), INVALID),
     ("unpublish-unknown-volume", "NodeUnpublishVolume", lambda c: pb.NodeUnpublishVolumeRequest(
-        volume_id=FAKE_VOLUME_ID, target_path=c.target), NOT_FOUND),
+        volume_id=FAKE_VOLUME_ID, target_path=c.target), OK),
     # NodeUnstageVolume
     ("unstage-no-id", "NodeUnstageVolume", lambda c: pb.NodeUnstageVolumeRequest(
         staging_target_path=c.staging), INVALID),
     ("unstage-no-staging-path", "NodeUnstageVolume", lambda c: pb.NodeUnstageVolumeRequest(
         volume_id=FAKE_VOLUME_ID), INVALID),
     ("unstage-unknown-volume", "NodeUnstageVolume", lambda c: pb.NodeUnstageVolumeRequest(
-        volume_id=FAKE_VOLUME_ID, staging_target_path=c.staging), NOT_FOUND),
+        volume_id=FAKE_VOLUME_ID, staging_target_path=c.staging), OK),
     # NodeGetVolumeStats
     ("stats-no-id", "NodeGetVolumeStats", lambda c: pb.NodeGetVolumeStatsRequest(
         volume_path="some/path"), INVALID),
@@ -134,10 +137,13 @@ def test_unknown_volume_ids(co, access_type, volume_id):
             volume_id=volume_id, volume_path=c.staging)),
         (node.NodeExpandVolume, pb.NodeExpandVolumeRequest(
             volume_id=volume_id, volume_path=c.staging)),
+    ]:
+        expect_code(method, request, NOT_FOUND)
+    for method, request in [  # nothing of it here: done
         (node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(
             volume_id=volume_id, target_path=c.target)),
         (node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(
             volume_id=volume_id, staging_target_path=c.staging)),
     ]:
-        expect_code(method, request, NOT_FOUND)
+        expect_code(method, request, OK)
     assert os.listdir(c.staging) == [] and not os.path.lexists(c.target)

@@ -94,7 +94,8 @@ def test_allowed_roots_refuse_traversal(test_root):
         for bad in [f"{allowed}/../escape", "/etc/x", f"{test_root}/elsewhere"]:
             got, details = code_of(d.stubs.node.NodeStageVolume,
                                    stage_request(vol.volume_id, bad))
-            assert got == grpc.StatusCode.INVALID_ARGUMENT and "outside" in details
+            assert got == grpc.StatusCode.INVALID_ARGUMENT
+            assert "outside" in details or "system tree" in details
         d.stubs.node.NodeStageVolume(stage_request(vol.volume_id, f"{allowed}/staging"))
         d.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=f"{allowed}/staging"))

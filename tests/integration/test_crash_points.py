@@ -22,14 +22,19 @@ from tests.support import DriverProcess, cleanup_tree, make_root
 
 # step of the lifecycle -> crash points inside it
 POINTS = {
-    "create": ["create-volume-after-intent", "volume-create-after-record", "create-volume-after-engine"],
+    "create": ["create-volume-after-intent", "volume-create-after-record",
+               "create-volume-after-engine"],
     "stage": ["stage-after-intent", "stage-after-attach", "stage-after-mount"],
     "publish": ["publish-after-intent", "publish-after-mount"],
     "unpublish": ["unpublish-after-unmount"],
     "unstage": ["unstage-after-unmount"],
     "delete": ["volume-delete-after-file", "delete-volume-after-engine"],
 }
-CASES = [(step, point) for step, points in POINTS.items() for point in points]
+# points only a filesystem volume passes (making its filesystem)
+MOUNT_ONLY = {"stage": ["stage-format-started", "stage-after-mkfs"]}
+CASES = [(step, point, block) for step, points in POINTS.items() for point in points
+         for block in (False, True)]
+CASES += [(step, point, False) for step, points in MOUNT_ONLY.items() for point in points]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,8 @@ def etcd_url():
 
 
 @pytest.mark.parametrize("store", ["sqlite", "etcd"])
-@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
-@pytest.mark.parametrize("step, point", CASES, ids=[p for _, p in CASES])
+@pytest.mark.parametrize("step, point, block", CASES,
+                         ids=[f"{p}-{'block' if b else 'mount'}" for _, p, b in CASES])
 def test_crash_then_retry_converges(request, test_root, step, point, block, store):
     extra = []
     if store == "etcd":

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -120,6 +121,11 @@ def test_lost_device_and_lost_backing_are_reported_abnormal(stubs, test_root, dr
     prefix = f"{test_root}/state/pool/volumes/"
     (dev,) = [d for d in LoopDevices().all() if d.backing_file.startswith(prefix)]
     subprocess.run(["losetup", "-d", dev.path], check=True)
+    # the kernel defers a detach while anything holds the device open (any program on the
+    # machine listing loop devices opens them for a moment): wait until it is really gone
+    deadline = time.monotonic() + 10
+    while LoopDevices().get(dev.name) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
     stats = stubs.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=vol.volume_id, volume_path=target))
     assert stats.volume_condition.abnormal and "loop device" in stats.volume_condition.message

@@ -146,11 +146,11 @@ def test_retry_after_node_failure_finishes_the_same_intent(three_zones):
     (key, got), = c.store.list(VOLUME)  # the intent exists, no storage
     assert got.value["state"] == CREATING
     volume_id = got.value["volume_id"]
-    assert volume_id not in c.nodes["n1"].volumes
+    assert volume_id not in c.nodes["n1"].held
     c.nodes["n1"].fail_creates = False
     vol = c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
     assert vol.volume_id == volume_id and vol.state == READY
-    assert volume_id in c.nodes["n1"].volumes
+    assert volume_id in c.nodes["n1"].held
 
 
 def test_listing_hides_intents_and_tombstones(three_zones):
@@ -183,10 +183,10 @@ def test_expired_intent_becomes_a_tombstone_and_its_storage_goes(three_zones):
     volume_id = got.value["volume_id"]
     node.create_volume(NewVolume(volume_id, GIB, ("mount",), version=got.version))
     c.reconciler.run_once()  # not yet expired: untouched
-    assert c.state(volume_id) == CREATING and volume_id in node.volumes
+    assert c.state(volume_id) == CREATING and volume_id in node.held
     c.clock.now += 3600
     c.reconciler.run_once()
-    assert c.state(volume_id) is None and volume_id not in node.volumes
+    assert c.state(volume_id) is None and volume_id not in node.held
     # the name is free again, for a new ID
     assert c.create("a").volume_id != volume_id
 
@@ -199,8 +199,8 @@ def test_storage_without_a_record_is_reported_never_deleted(three_zones, tmp_pat
     c.store.commit([Delete(VOLUME + lost.volume_id)])
     orphans = c.reconciler.run_once()
     assert orphans.volumes == {lost.node_id: [lost.volume_id]}
-    assert lost.volume_id in c.nodes[lost.node_id].volumes
-    assert kept.volume_id in c.nodes[kept.node_id].volumes
+    assert lost.volume_id in c.nodes[lost.node_id].held
+    assert kept.volume_id in c.nodes[kept.node_id].held
 
 
 def test_an_empty_store_deletes_nothing(tmp_path):
@@ -211,7 +211,7 @@ def test_an_empty_store_deletes_nothing(tmp_path):
     fresh = Cluster(str(tmp_path / "b.sqlite"), nodes)  # the store's view lost
     orphans = fresh.reconciler.run_once()
     assert sorted(orphans.volumes["n1"]) == sorted(ids)
-    assert sorted(nodes[0].volumes) == sorted(ids)
+    assert sorted(nodes[0].held) == sorted(ids)
     fresh.store.close()
 
 
@@ -228,7 +228,7 @@ def test_delete_on_a_down_node_keeps_a_tombstone_until_it_returns(three_zones):
     node.down = False
     c.registry.add(node)
     c.reconciler.run_once()
-    assert c.state(vol.volume_id) is None and vol.volume_id not in node.volumes
+    assert c.state(vol.volume_id) is None and vol.volume_id not in node.held
     c.volumes.delete(vol.volume_id)  # idempotent
 
 
@@ -275,9 +275,9 @@ def test_node_calls_carry_increasing_record_versions(three_zones):
     vol = c.create("a")
     node = c.nodes[vol.node_id]
     c.volumes.expand(vol.volume_id, 2 * GIB)
-    v1 = node.volumes[vol.volume_id].version
+    v1 = node.held[vol.volume_id].version
     c.volumes.modify(vol.volume_id, {"tier": "bronze"}, lambda p, m: DEFAULT_TIERS["bronze"])
-    v2 = node.volumes[vol.volume_id].version
+    v2 = node.held[vol.volume_id].version
     assert v2 > v1 > 0
     with pytest.raises(StaleVersion):  # a delayed call from before the tier change
         node.expand_volume(vol.volume_id, 3 * GIB, v1)
@@ -306,7 +306,7 @@ def test_two_controllers_racing_on_one_name_make_one_volume(tmp_path):
         t.join()
     assert all(isinstance(e, Busy) for e in errors), errors
     assert len(set(results)) == 1 and len(results) == 4
-    assert sum(len(n.volumes) for n in nodes) == 1
+    assert sum(len(n.held) for n in nodes) == 1
     a.store.close()
 
 
@@ -317,7 +317,7 @@ def test_restore_goes_to_the_snapshot_node(three_zones):
     snap = c.snapshots.create("s", vol.volume_id, "h")
     restored = c.create("r", source=VolumeSource("snapshot", snap.snapshot_id))
     assert restored.node_id == "n2"
-    assert restored.volume_id in c.nodes["n2"].volumes
+    assert restored.volume_id in c.nodes["n2"].held
     with pytest.raises(AlreadyExists):
         c.snapshots.create("s", vol.volume_id, "other")
     c.snapshots.delete(snap.snapshot_id)

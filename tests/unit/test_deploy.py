@@ -3,10 +3,12 @@
 import glob
 import os
 
+import pytest
 import yaml
 
 from csi import validation
 from csi.config import DRIVER_NAME
+from csi.errors import RpcError
 from csi.server import parse_args
 from engine.qos.tiers import DEFAULT_TIERS, resolve_qos
 
@@ -50,3 +52,27 @@ def test_the_node_daemonset_flags_parse():
     config = parse_args(args)
     assert config.endpoint == "unix:///csi/csi.sock"
     assert config.node_id == "node-1" and config.zone == "zone-1"
+
+
+def test_the_node_daemonset_keeps_paths_in_the_kubelets_directory():
+    """--allowed-path-root is the kubelet's directory, which the container mounts: the
+    kubelet's staging and target paths pass, anything else is refused."""
+    (ds,) = objects("DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "tandem"]
+    config = parse_args([a.replace("$(NODE_NAME)", "n").replace("$(NODE_ZONE)", "z")
+                         for a in container["args"]])
+    assert config.allowed_path_roots == ("/var/lib/kubelet",)
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/var/lib/kubelet" in mounted
+    policy = validation.PathPolicy.of(config.allowed_path_roots,
+                                      (config.state_dir, config.pool_directory,
+                                       config.socket_path))
+    kubelet = "/var/lib/kubelet"
+    for path in [f"{kubelet}/plugins/kubernetes.io/csi/tandem.csi.dev/abc/globalmount",
+                 f"{kubelet}/pods/uid/volumes/kubernetes.io~csi/pvc-1/mount",
+                 f"{kubelet}/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/uid"]:
+        assert validation.check_path(path, "p", policy) == path
+    for path in ["/etc/x", "/var/lib/tandem/pool/x", "/tmp/x", "/var/lib"]:
+        with pytest.raises(RpcError):
+            validation.check_path(path, "p", policy)

@@ -55,12 +55,57 @@ def test_paths(tmp_path):
     assert code(validation.check_path, "relative/path", "p") == grpc.StatusCode.INVALID_ARGUMENT
     assert code(validation.check_path, "/a\0b", "p") == grpc.StatusCode.INVALID_ARGUMENT
     root = str(tmp_path)
-    assert validation.check_path(f"{root}/x", "p", (root,)) == f"{root}/x"
-    assert code(validation.check_path, f"{root}/../escape", "p", (root,)) == \
+    policy = validation.PathPolicy.of((root,), ())
+    assert validation.check_path(f"{root}/x", "p", policy) == f"{root}/x"
+    assert code(validation.check_path, f"{root}/../escape", "p", policy) == \
         grpc.StatusCode.INVALID_ARGUMENT
     (tmp_path / "link").symlink_to("/etc")
-    assert code(validation.check_path, f"{root}/link/x", "p", (root,)) == \
+    assert code(validation.check_path, f"{root}/link/x", "p", policy) == \
         grpc.StatusCode.INVALID_ARGUMENT
+
+
+SYSTEM_PATHS = ["/", "/etc", "/etc/kubernetes", "/usr/lib/x", "/bin", "/sbin/x", "/lib",
+                "/lib64/x", "/boot", "/dev/shm", "/proc/1", "/sys/fs", "/run", "/run/x",
+                "/var/../etc", "//etc"]
+
+
+@pytest.mark.parametrize("path", SYSTEM_PATHS)
+def test_system_paths_are_refused_whatever_the_flags(path):
+    for policy in (validation.PathPolicy(), validation.PathPolicy.of(("/",), ()),
+                   validation.PathPolicy.of(("/etc", "/run"), ())):
+        with pytest.raises(RpcError) as e:
+            validation.check_path(path, "staging_target_path", policy)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "refused" in str(e.value) or "outside" in str(e.value)
+
+
+def test_defaults_keep_the_places_the_co_and_csi_sanity_use():
+    policy = validation.PathPolicy.of((), ("/var/lib/tandem", "/run/tandem/csi.sock"))
+    for path in ["/tmp/csi-mount/target", "/tmp/csi-staging",
+                 "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/pv/mount",
+                 "/var/lib/kubelet/plugins/kubernetes.io/csi/tandem.csi.dev/x/globalmount"]:
+        assert validation.check_path(path, "p", policy) == path
+
+
+def test_run_opens_only_inside_an_allowed_root_below_it():
+    policy = validation.PathPolicy.of(("/run/kubelet",), ())
+    assert validation.check_path("/run/kubelet/pods/x", "p", policy) == "/run/kubelet/pods/x"
+    assert code(validation.check_path, "/run/other", "p", policy) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_drivers_own_files_are_refused(tmp_path):
+    state = tmp_path / "state"
+    (state / "pool").mkdir(parents=True)
+    (tmp_path / "to-state").symlink_to(state)
+    policy = validation.PathPolicy.of((), (str(state), str(state / "pool"),
+                                          str(tmp_path / "csi.sock")))
+    for path in [state, state / "pool" / "x", tmp_path / "to-state" / "sub", tmp_path,
+                 tmp_path / "csi.sock", "/" + str(tmp_path).split("/")[1]]:
+        assert code(validation.check_path, str(path), "p", policy) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+    assert validation.check_path(str(tmp_path / "staging"), "p", policy) == \
+        str(tmp_path / "staging")
 
 
 def test_ids():
