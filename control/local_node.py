@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from control.node_api import (
     BLOCK,
+    MOUNT,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
     ByteRange,

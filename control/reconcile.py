@@ -64,25 +64,23 @@ class Reconciler:
         for _, got in self.store.list(VOLUME):
             vol = VolumeRecord.from_value(got.value)
             known_volumes.add(vol.volume_id)
-            self._settle(vol.volume_id, lambda vol=vol, got=got: self._volume(vol, got.version,
-                                                                           now))
+            self._settle(vol.volume_id, self._volume, vol, got.version, now)
         for _, got in self.store.list(GROUP):
             group = GroupRecord.from_value(got.value)
             if group.state == DELETING:
-                self._settle(group.group_id, lambda group=group, got=got:
-                             self.snapshots.converge_group_deleted(group, got.version))
+                self._settle(group.group_id, self.snapshots.converge_group_deleted, group,
+                             got.version)
         known_snapshots: set[str] = set()
         for _, got in self.store.list(SNAPSHOT):
             snap = SnapshotRecord.from_value(got.value)
             known_snapshots.add(snap.snapshot_id)
-            self._settle(snap.snapshot_id, lambda snap=snap, got=got:
-                         self._snapshot(snap, got.version, now))
+            self._settle(snap.snapshot_id, self._snapshot, snap, got.version, now)
         self.orphans = self._find_orphans(known_volumes, known_snapshots)
         return self.orphans
 
-    def _settle(self, what: str, work: Callable[[], object]) -> None:
+    def _settle(self, what: str, work: Callable[..., object], *args: object) -> None:
         try:
-            work()
+            work(*args)
         except EngineError as e:  # busy, node away, a race: the next round tries again
             log.info("reconcile of %s postponed: %s", what, e)
 

@@ -30,6 +30,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, config: Config, engine: NodeEngine):
         self.config = config
         self.engine = engine
+        self.locks = engine.locks  # the node's one table: the controller's calls use it too
         self.paths = validation.PathPolicy.of(
             config.allowed_path_roots,
             (config.state_dir, config.pool_directory, config.socket_path))

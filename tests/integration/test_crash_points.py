@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from proto import csi_pb2
+from tests.etcd_cluster import EtcdCluster
 from tests.integration.helpers import (
     create_request,
     mounts_under,
@@ -17,7 +18,6 @@ from tests.integration.helpers import (
     stage_request,
     volume_loops,
 )
-from tests.etcd_cluster import EtcdCluster
 from tests.support import DriverProcess, cleanup_tree, make_root
 
 # step of the lifecycle -> crash points inside it

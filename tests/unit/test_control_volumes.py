@@ -10,8 +10,8 @@ import pytest
 
 from control.node_api import NewVolume, StaleVersion, VolumeSource
 from control.placement import Constraints
-from control.records import CREATING, DELETING, READY, VOLUME
 from control.reconcile import Reconciler
+from control.records import CREATING, DELETING, READY, VOLUME
 from control.registry import NodeRegistry
 from control.snapshots import Snapshots
 from control.sqlite_store import SqliteStore
@@ -31,6 +31,8 @@ from engine.errors import (
 from engine.locks import KeyLocks
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 from tests.fake_nodes import GIB, FakeNode
+
+NO_QOS, ANYWHERE, EMPTY = QosSpec(), Constraints(), VolumeSource()
 
 
 class Clock:
@@ -64,8 +66,8 @@ class Cluster:
         self.reconciler = Reconciler(self.store, self.registry, self.volumes, self.snapshots,
                                      self.clock)
 
-    def create(self, name: str, size: int = GIB, qos: QosSpec = QosSpec(), digest: str = "h",
-               constraints: Constraints = Constraints(), source: VolumeSource = VolumeSource()):
+    def create(self, name: str, size: int = GIB, qos: QosSpec = NO_QOS, digest: str = "h",
+               constraints: Constraints = ANYWHERE, source: VolumeSource = EMPTY):
         return self.volumes.create(VolumeRequest(
             name=name, request_hash=digest, size_bytes=size, access_types=("mount",),
             qos=qos, constraints=constraints, source=source))

@@ -4,8 +4,8 @@ import grpc
 import pytest
 
 from csi.errors import code_for, invalid
-from engine.locks import KeyLocks
 from engine import errors
+from engine.locks import KeyLocks
 
 
 @pytest.mark.parametrize(
