@@ -30,11 +30,7 @@ class OutOfCapacity(EngineError):
     """Not enough room (pool bytes, guaranteed IOPS, attach slots): may succeed later."""
 
 
-class PreconditionFailed(EngineError):
-    """The object is not in a state that allows the call (CSI FAILED_PRECONDITION)."""
-
-
-class InUse(PreconditionFailed):
+class InUse(EngineError):
     """The object is held by something else (published elsewhere, has dependants)."""
 
 
