@@ -293,6 +293,10 @@ class EtcdStore:
     def watch(self, prefix: str = "", start_revision: int = 0) -> Watch:
         """Events of keys starting with prefix, from start_revision (0: from now on)."""
         raw = self._raw(prefix) if prefix else self._data
+        if start_revision <= 0:
+            # "now" is the revision when watch() was called, not whenever etcd gets to
+            # creating the watch: a commit made right after watch() returns is seen
+            start_revision = self.revision() + 1
 
         def convert(ev: Any) -> Event:
             key = self._key(ev.kv.key)
