@@ -149,39 +149,35 @@ class EtcdStore:
         """Apply ops all or none (see control.store). With a fence, only while the
         leadership it names lasts (else NotLeader)."""
         ops = validate_ops(ops, self.max_ops)
-        compares = [_mod_equal(self._raw(op.key), op.expect) for op in ops
-                    if op.expect is not None]
-        if fence is not None:
-            compares.append(rpc_pb2.Compare(key=fence.key, target=rpc_pb2.Compare.CREATE,
-                                            result=rpc_pb2.Compare.EQUAL,
-                                            create_revision=fence.create_revision))
-        success = [self._request(op) for op in ops if is_write(op)]
         deadline = self.client.deadline()
-        if not success:  # guards only: a read, safe to repeat
-            rsp = self.client.call("KV", "Txn", self._txn(compares, [], ops, fence),
-                                   idempotent=True, deadline=deadline)
-            if not rsp.succeeded:
-                self._raise_failure(rsp, ops, fence, None)
-            return int(rsp.header.revision)
-        slot = self._take_slot()
         try:
-            revision = self._commit_with_token(slot, compares, success, ops, fence, deadline)
-        except OutcomeUnknown:
-            raise  # the slot is retired: the commit may still land on it
-        except BaseException:
-            self._give_slot(slot)
-            raise
-        self._give_slot(slot)
-        return revision
-
-    def _commit_with_token(self, slot: _Slot, compares: Sequence[Any], success: Sequence[Any],
-                           ops: Sequence[Op], fence: Fence | None, deadline: float) -> int:
-        for _ in range(3):
-            token = b"commit-" + uuid.uuid4().hex.encode()
-            txn = self._txn([*compares, _mod_equal(slot.key, slot.mod_revision)],
-                            [*success, _put(slot.key, token)], ops, fence, slot)
+            if not any(is_write(op) for op in ops):  # guards only: a read, safe to repeat
+                rsp = self.client.call("KV", "Txn", self._request(ops, fence),
+                                       idempotent=True, deadline=deadline)
+                if not rsp.succeeded:
+                    self._raise_failure(rsp, ops, fence, None)
+                return int(rsp.header.revision)
+            slot = self._take_slot()
             try:
-                rsp = self.client.call("KV", "Txn", txn, idempotent=False, deadline=deadline)
+                revision = self._commit_with_token(slot, ops, fence, deadline)
+            except OutcomeUnknown:
+                raise  # the slot is retired: the commit may still land on it
+            except BaseException:
+                self._give_slot(slot)
+                raise
+            self._give_slot(slot)
+            return revision
+        except EtcdRejected as e:  # validate_ops lets nothing through that etcd refuses
+            raise ValueError(str(e)) from None
+
+    def _commit_with_token(self, slot: _Slot, ops: Sequence[Op], fence: Fence | None,
+                           deadline: float) -> int:
+        refreshed = False
+        while True:
+            token = b"commit-" + uuid.uuid4().hex.encode()
+            try:
+                rsp = self.client.call("KV", "Txn", self._request(ops, fence, slot, token),
+                                       idempotent=False, deadline=deadline)
             except MaybeApplied as lost:
                 applied = self._resolve(slot, token, lost, ops, deadline)
                 if applied:
@@ -190,17 +186,36 @@ class EtcdStore:
                     raise Unavailable(f"commit of {_keys(ops)} not applied: etcd did not "
                                       f"answer in time ({lost})") from None
                 continue  # fenced off: it can never apply; send it again
-            except EtcdRejected as e:
-                raise ValueError(str(e)) from None
             if rsp.succeeded:
                 slot.mod_revision = rsp.header.revision
                 return int(rsp.header.revision)
             self._raise_failure(rsp, ops, fence, slot)
-            # only our slot's guard failed (our bookkeeping was behind): try again
-        raise RuntimeError(f"commit token key {slot.key!r} keeps changing: another client "
-                           "writes under this client's id")
+            # only our slot's guard failed: our note of its revision was behind
+            if refreshed:
+                raise RuntimeError(f"commit token key {slot.key!r} keeps changing: another "
+                                   "client writes under this client's id")
+            refreshed = True
 
-    def _resolve(self, slot: _Slot, token: bytes, lost: MaybeApplied, ops: Sequence[Op],
+    def _request(self, ops: Sequence[Op], fence: Fence | None, slot: _Slot | None = None,
+                 token: bytes = b"") -> Any:
+        """The Txn for a commit: its guards (plus the fence's and the slot's), its writes
+        (plus the token), and on failure a read of every key guarded, to name conflicts."""
+        compares = [_mod_equal(self._raw(op.key), op.expect) for op in ops
+                    if op.expect is not None]
+        success = [self._write(op) for op in ops if is_write(op)]
+        failure = [_range(self._raw(op.key)) for op in ops if op.expect is not None]
+        if fence is not None:
+            compares.append(rpc_pb2.Compare(key=fence.key, target=rpc_pb2.Compare.CREATE,
+                                            result=rpc_pb2.Compare.EQUAL,
+                                            create_revision=fence.create_revision))
+            failure.append(_range(fence.key))
+        if slot is not None:
+            compares.append(_mod_equal(slot.key, slot.mod_revision))
+            success.append(_put(slot.key, token))
+            failure.append(_range(slot.key))
+        return rpc_pb2.TxnRequest(compare=compares, success=success, failure=failure)
+
+    def _resolve(self, slot: _Slot, token: bytes, lost: Exception, ops: Sequence[Op],
                  deadline: float) -> int:
         """Learn whether the commit carrying `token` applied: its revision, or 0 after
         fencing it off for good. Raises OutcomeUnknown when etcd cannot be reached."""
@@ -236,16 +251,6 @@ class EtcdStore:
             f"commit of {_keys(ops)}: outcome unknown (it may still apply): no etcd member "
             f"answered within {self.config.timeout_s:g}s ({last})")
 
-    def _txn(self, compares: Sequence[Any], success: Sequence[Any], ops: Sequence[Op],
-             fence: Fence | None, slot: _Slot | None = None) -> Any:
-        # on failure, read back what the guards looked at, to name the conflicting keys
-        failure = [_range(self._raw(op.key)) for op in ops if op.expect is not None]
-        if fence is not None:
-            failure.append(_range(fence.key))
-        if slot is not None:
-            failure.append(_range(slot.key))
-        return rpc_pb2.TxnRequest(compare=compares, success=success, failure=failure)
-
     def _raise_failure(self, rsp: Any, ops: Sequence[Op], fence: Fence | None,
                        slot: _Slot | None) -> None:
         """Raise for a failed guard (Conflict or NotLeader); return if only the slot's
@@ -270,7 +275,7 @@ class EtcdStore:
         kvs = next(reads).response_range.kvs
         slot.mod_revision = kvs[0].mod_revision if kvs else 0
 
-    def _request(self, op: Op) -> Any:
+    def _write(self, op: Op) -> Any:
         if isinstance(op, Put):
             return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
                 key=self._raw(op.key), value=encode(op.value).encode(), lease=op.lease))

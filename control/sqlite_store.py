@@ -98,6 +98,8 @@ class SqliteStore:
         self._failed: dict[int, BaseException] = {}
         self._bodies = 0  # commits in the group being filled
         self._group_changes: list[_Change] = []
+        self.commits = 0  # commits applied, and the groups (fsyncs) that made them durable
+        self.groups = 0
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -184,6 +186,10 @@ class SqliteStore:
                 raise Unavailable("the cluster store is closed")
             if not self._open:
                 self._conn.execute("BEGIN IMMEDIATE")
+                # the file's counter, not ours alone: another store object or process may
+                # have committed since (BEGIN IMMEDIATE excludes it from now on)
+                (self._revision,) = self._conn.execute(
+                    "SELECT value FROM meta WHERE name='revision'").fetchone()
                 self._open = True
                 self._batch += 1
                 self._bodies = 0
@@ -203,6 +209,7 @@ class SqliteStore:
             revision = self._revision
             self._pending -= 1
             self._bodies += 1
+            self.commits += 1
             self._wait_durable(batch)
         if conflict is not None:
             raise conflict
@@ -269,6 +276,7 @@ class SqliteStore:
                 pass
             self._failed[batch] = error
         else:
+            self.groups += 1
             self._publish(changes)
         self._open = False
         self._committing = False
