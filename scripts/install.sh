@@ -16,8 +16,10 @@ packages=(python3 python3-venv python3-pip python3-dev gcc libc6-dev xfsprogs e2
 if [ "$dev" = 1 ]; then
   # the tests: namespaces and firewall rules for zones; the QEMU guest of tests/vm (cgroup v2
   # io.max): a Debian kernel with 9p, busybox for its initramfs; tiny-initramfs satisfies the
-  # kernel's initramfs dependency without udev/systemd
-  packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio)
+  # kernel's initramfs dependency without udev/systemd; etcd members for the cluster store's
+  # tests, and openssl for their certificates
+  packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio
+             etcd-server openssl)
 fi
 missing=()
 for p in "${packages[@]}"; do
