@@ -244,7 +244,10 @@ class EtcdClient:
             raise Unavailable("the etcd client is closed")
         index = self._current()
         rpc = getattr(self._stubs[index][service], method)
-        return self.config.endpoints[index], rpc(iter(requests), timeout=timeout_s)
+        # hasleader: a member cut off from the quorum ends the stream ("no leader") rather
+        # than keeping it open and silent, so the caller moves to another member
+        return self.config.endpoints[index], rpc(iter(requests), timeout=timeout_s,
+                                                 metadata=[("hasleader", "true")])
 
     def rotate(self, endpoint: str) -> None:
         """The member at `endpoint` failed a stream: prefer the next one."""

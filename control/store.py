@@ -257,6 +257,10 @@ class Event:
 _END = object()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Watch:
     """A stream of Events in revision order. Iterate it, or poll with get(timeout_s).
 
@@ -264,7 +268,7 @@ class Watch:
     Unavailable (the store closed). cancel() ends it quietly; iteration then stops.
     """
 
-    def __init__(self, on_cancel: Callable[[], None] = lambda: None):
+    def __init__(self, on_cancel: Callable[[], None] = _nothing):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._finished = threading.Event()  # nothing more will be pushed
@@ -314,9 +318,10 @@ class Watch:
             yield event
 
     def cancel(self) -> None:
-        if not self._finished.is_set():
-            self.finish()
-            self._on_cancel()
+        """Stop the watch and release what feeds it (also after it ended on an error)."""
+        self.finish()
+        on_cancel, self._on_cancel = self._on_cancel, _nothing
+        on_cancel()
 
     def __enter__(self) -> Watch:
         return self
