@@ -39,6 +39,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # our own connections: another client's reconnect backoff to a member is not ours
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 _FINAL = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,

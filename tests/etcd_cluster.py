@@ -74,6 +74,7 @@ class Member:
         self.log_path = os.path.join(cluster.root, f"{self.name}.log")
         self.proc: subprocess.Popen | None = None
         self.paused = False
+        self.stopped = False  # by us: an exit is expected
 
     @property
     def endpoint(self) -> str:
@@ -107,6 +108,7 @@ class Member:
                                          stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)  # noqa: PLW1509
         self.paused = False
+        self.stopped = False
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -117,6 +119,7 @@ class Member:
             self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        self.stopped = True
         if not self.running():
             return
         assert self.proc is not None
@@ -146,15 +149,23 @@ class Member:
         return grpc.secure_channel(self.endpoint, creds)
 
     def healthy(self) -> bool:
-        """A linearizable read answers: the member is up and sees a leader."""
+        """A linearizable read answers: the member is up and sees a leader. The answer must
+        come from this cluster (a port freed by a killed member can be taken by anyone on a
+        shared machine) and the process must still run afterwards."""
         if not self.running() or self.paused:
             return False
         try:
             with self.channel() as ch:
-                rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"health"), timeout=0.5)
-            return True
+                rsp = rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"health"),
+                                                    timeout=0.5)
         except grpc.RpcError:
             return False
+        if self.cluster.cluster_id is None:
+            self.cluster.cluster_id = rsp.header.cluster_id
+        elif rsp.header.cluster_id != self.cluster.cluster_id:
+            raise RuntimeError(f"{self.endpoint} answers for another etcd cluster: its port "
+                               f"was taken while {self.name} was down")
+        return self.running()
 
 
 class EtcdCluster:
@@ -165,6 +176,7 @@ class EtcdCluster:
         self.root = os.path.join(root, f"etcd-{uuid.uuid4().hex[:6]}")
         os.makedirs(self.root)
         self.token = f"tdm-{uuid.uuid4().hex[:8]}"
+        self.cluster_id: int | None = None  # learnt from the first answer
         self.tls = EtcdTls.create(os.path.join(self.root, "pki")) if tls else None
         ports = free_ports(2 * size)
         self.members: list[Member] = []
@@ -203,6 +215,13 @@ class EtcdCluster:
                 logs = "\n".join(f"--- {m.name}\n{m.log()}" for m in wanted)
                 raise TimeoutError(f"etcd not healthy in {timeout_s}s\n{logs}")
             time.sleep(0.05)
+
+    def check_running(self) -> None:
+        """Fail, with its log, if a member that nobody stopped has exited."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is not None and not m.stopped:
+                raise RuntimeError(f"etcd {m.name} exited by itself ({m.proc.returncode}):\n"
+                                   f"{m.log()}")
 
     def stop(self, i: int) -> None:
         self.members[i].stop(signal.SIGTERM)

@@ -28,6 +28,8 @@ def backend(request, tmp_path):
         yield b
     finally:
         b.close()
+    if request.param == "etcd":
+        b.cluster.check_running()
 
 
 @pytest.fixture
