@@ -7,12 +7,12 @@
 Members are started with fast raft timings (heartbeat 50 ms, election 500 ms) and fsync
 left on (no --unsafe-no-fsync): durability tests mean something. Every process is killed
 and every data dir removed on close, whatever the test did; members also die with the
-process that started them (PR_SET_PDEATHSIG), so a killed test run leaves none behind.
+process that started them (`setpriv --pdeathsig`), so a killed test run leaves none behind.
+(Not a preexec_fn: forking with Python code in the child deadlocks beside gRPC's threads.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,11 +28,7 @@ from proto.etcd import rpc_pb2, rpc_pb2_grpc
 from tests.pki import CertificateAuthority, KeyPair
 
 ETCD = "/usr/bin/etcd"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]  # util-linux
 
 
 def free_ports(n: int) -> list[int]:
@@ -104,9 +100,8 @@ class Member:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.proc = subprocess.Popen(DIE_WITH_PARENT + self.argv(), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.paused = False
         self.stopped = False
 
