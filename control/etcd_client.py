@@ -141,6 +141,9 @@ def _not_sent(error: grpc.RpcError) -> bool:
 def final_error(error: grpc.RpcError) -> Exception:
     """The domain error for an answer that retrying cannot change."""
     code, details = error.code(), error.details() or ""
+    if "too large" in details or "larger than max" in details:
+        return EtcdRejected(f"etcd refused a message too large ({details}): etcd takes "
+                            "requests up to --max-request-bytes (1.5 MiB by default)")
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
         return Compacted(0, f"etcd: {details}")
     if code == grpc.StatusCode.NOT_FOUND:

@@ -84,6 +84,15 @@ def test_urls():
         EtcdConfig.from_url("etcds://h:1", cert_file="c")
 
 
+def test_a_commit_too_large_for_etcd_is_refused_whole(open_store):
+    store = open_store()
+    for size in (1_600_000, 3_000_000):  # over etcd's request limit; over gRPC's as well
+        with pytest.raises(ValueError, match="too large"):
+            store.commit([Put("volume/small", {}), Put("volume/big", {"x": "a" * size})])
+    assert store.list("volume/") == []
+    store.commit([Put("volume/small", {})])  # and the store goes on
+
+
 # -- unknown outcomes ------------------------------------------------------------------------------
 def test_a_lost_reply_is_resolved_as_applied_once(etcd1, open_store):
     """The proxy forwards the commit to etcd but loses the reply: the store learns on the
