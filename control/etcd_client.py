@@ -39,6 +39,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # our own connections: another client's reconnect backoff to a member is not ours
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 _FINAL = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
@@ -139,6 +141,9 @@ def _not_sent(error: grpc.RpcError) -> bool:
 def final_error(error: grpc.RpcError) -> Exception:
     """The domain error for an answer that retrying cannot change."""
     code, details = error.code(), error.details() or ""
+    if "too large" in details or "larger than max" in details:
+        return EtcdRejected(f"etcd refused a message too large ({details}): etcd takes "
+                            "requests up to --max-request-bytes (1.5 MiB by default)")
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
         return Compacted(0, f"etcd: {details}")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -244,7 +249,10 @@ class EtcdClient:
             raise Unavailable("the etcd client is closed")
         index = self._current()
         rpc = getattr(self._stubs[index][service], method)
-        return self.config.endpoints[index], rpc(iter(requests), timeout=timeout_s)
+        # hasleader: a member cut off from the quorum ends the stream ("no leader") rather
+        # than keeping it open and silent, so the caller moves to another member
+        return self.config.endpoints[index], rpc(iter(requests), timeout=timeout_s,
+                                                 metadata=[("hasleader", "true")])
 
     def rotate(self, endpoint: str) -> None:
         """The member at `endpoint` failed a stream: prefer the next one."""

@@ -235,8 +235,7 @@ class SqliteStore:
             elif isinstance(op, Delete) and self._conn.execute(
                     "DELETE FROM records WHERE key=?", (op.key,)).rowcount:
                 changes.append(_Change(op.key, None, revision))
-        self._conn.execute("UPDATE meta SET value=? WHERE name='revision'", (revision,))
-        self._revision = revision
+        self._revision = revision  # saved in the file once per group, before its COMMIT
         self._group_changes.extend(changes)
         return None
 
@@ -261,9 +260,12 @@ class SqliteStore:
     def _commit_group(self, batch: int) -> None:
         self._committing = True
         changes, self._group_changes = self._group_changes, []
+        revision = self._revision
         self._lock.release()  # others may queue up meanwhile: they form the next group
         error: BaseException | None = None
         try:
+            self._conn.execute("UPDATE meta SET value=? WHERE name='revision' AND value<>?",
+                               (revision, revision))
             self._conn.execute("COMMIT")
         except BaseException as e:  # noqa: BLE001 - handed to every caller of the group
             error = e

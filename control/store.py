@@ -188,7 +188,8 @@ def _check_expect(expect: int | None, *, allow_absent: bool) -> None:
 
 
 def validate_ops(ops: Sequence[Op], max_ops: int) -> list[Op]:
-    """Check a commit before anything is sent: size, types, one write per key."""
+    """Check a commit before anything is sent: size, types, one write per key. (Stores
+    encode every value before applying anything, which checks the values.)"""
     ops = list(ops)
     if len(ops) > max_ops:
         raise ValueError(f"a commit holds at most {max_ops} operations, not {len(ops)}: "
@@ -197,8 +198,6 @@ def validate_ops(ops: Sequence[Op], max_ops: int) -> list[Op]:
     for op in ops:
         if not isinstance(op, Put | Delete | Check):
             raise ValueError(f"not a store operation: {op!r}")
-        if isinstance(op, Put):
-            encode(op.value)  # fail on bad values before anything is applied
         if not isinstance(op, Check):
             if op.key in written:
                 raise ValueError(f"a commit writes each key once; {op.key!r} is written twice")
@@ -258,6 +257,10 @@ class Event:
 _END = object()
 
 
+def _nothing() -> None:
+    pass
+
+
 class Watch:
     """A stream of Events in revision order. Iterate it, or poll with get(timeout_s).
 
@@ -265,7 +268,7 @@ class Watch:
     Unavailable (the store closed). cancel() ends it quietly; iteration then stops.
     """
 
-    def __init__(self, on_cancel: Callable[[], None] = lambda: None):
+    def __init__(self, on_cancel: Callable[[], None] = _nothing):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._finished = threading.Event()  # nothing more will be pushed
@@ -315,9 +318,10 @@ class Watch:
             yield event
 
     def cancel(self) -> None:
-        if not self._finished.is_set():
-            self.finish()
-            self._on_cancel()
+        """Stop the watch and release what feeds it (also after it ended on an error)."""
+        self.finish()
+        on_cancel, self._on_cancel = self._on_cancel, _nothing
+        on_cancel()
 
     def __enter__(self) -> Watch:
         return self

@@ -52,7 +52,8 @@ def main() -> None:
         with open(os.path.join(src, path)) as f:
             text = trim(f.read())
         header = (f"// From etcd v{version} ({path}), Apache License 2.0, Copyright The etcd\n"
-                  "// Authors. Go annotations removed by scripts/trim_etcd_proto.py; do not edit.\n")
+                  "// Authors. Go annotations removed by scripts/trim_etcd_proto.py; "
+                  "do not edit.\n")
         with open(os.path.join(REPO, "proto", "etcd", name), "w") as f:
             f.write(header + text)
 

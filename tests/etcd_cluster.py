@@ -7,12 +7,12 @@
 Members are started with fast raft timings (heartbeat 50 ms, election 500 ms) and fsync
 left on (no --unsafe-no-fsync): durability tests mean something. Every process is killed
 and every data dir removed on close, whatever the test did; members also die with the
-process that started them (PR_SET_PDEATHSIG), so a killed test run leaves none behind.
+process that started them (`setpriv --pdeathsig`), so a killed test run leaves none behind.
+(Not a preexec_fn: forking with Python code in the child deadlocks beside gRPC's threads.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,11 +28,7 @@ from proto.etcd import rpc_pb2, rpc_pb2_grpc
 from tests.pki import CertificateAuthority, KeyPair
 
 ETCD = "/usr/bin/etcd"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]  # util-linux
 
 
 def free_ports(n: int) -> list[int]:
@@ -74,6 +70,7 @@ class Member:
         self.log_path = os.path.join(cluster.root, f"{self.name}.log")
         self.proc: subprocess.Popen | None = None
         self.paused = False
+        self.stopped = False  # by us: an exit is expected
 
     @property
     def endpoint(self) -> str:
@@ -103,10 +100,10 @@ class Member:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)  # noqa: PLW1509
+            self.proc = subprocess.Popen(DIE_WITH_PARENT + self.argv(), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.paused = False
+        self.stopped = False
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -117,6 +114,7 @@ class Member:
             self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        self.stopped = True
         if not self.running():
             return
         assert self.proc is not None
@@ -146,15 +144,23 @@ class Member:
         return grpc.secure_channel(self.endpoint, creds)
 
     def healthy(self) -> bool:
-        """A linearizable read answers: the member is up and sees a leader."""
+        """A linearizable read answers: the member is up and sees a leader. The answer must
+        come from this cluster (a port freed by a killed member can be taken by anyone on a
+        shared machine) and the process must still run afterwards."""
         if not self.running() or self.paused:
             return False
         try:
             with self.channel() as ch:
-                rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"health"), timeout=0.5)
-            return True
+                rsp = rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"health"),
+                                                    timeout=0.5)
         except grpc.RpcError:
             return False
+        if self.cluster.cluster_id is None:
+            self.cluster.cluster_id = rsp.header.cluster_id
+        elif rsp.header.cluster_id != self.cluster.cluster_id:
+            raise RuntimeError(f"{self.endpoint} answers for another etcd cluster: its port "
+                               f"was taken while {self.name} was down")
+        return self.running()
 
 
 class EtcdCluster:
@@ -165,6 +171,7 @@ class EtcdCluster:
         self.root = os.path.join(root, f"etcd-{uuid.uuid4().hex[:6]}")
         os.makedirs(self.root)
         self.token = f"tdm-{uuid.uuid4().hex[:8]}"
+        self.cluster_id: int | None = None  # learnt from the first answer
         self.tls = EtcdTls.create(os.path.join(self.root, "pki")) if tls else None
         ports = free_ports(2 * size)
         self.members: list[Member] = []
@@ -203,6 +210,13 @@ class EtcdCluster:
                 logs = "\n".join(f"--- {m.name}\n{m.log()}" for m in wanted)
                 raise TimeoutError(f"etcd not healthy in {timeout_s}s\n{logs}")
             time.sleep(0.05)
+
+    def check_running(self) -> None:
+        """Fail, with its log, if a member that nobody stopped has exited."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is not None and not m.stopped:
+                raise RuntimeError(f"etcd {m.name} exited by itself ({m.proc.returncode}):\n"
+                                   f"{m.log()}")
 
     def stop(self, i: int) -> None:
         self.members[i].stop(signal.SIGTERM)

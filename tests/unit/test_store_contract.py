@@ -1,7 +1,7 @@
 """The cluster store contract (control/store.py), run on both stores: SQLite and etcd.
 
-Every test here takes `store` (or `backend`), parametrised over both implementations by
-tests/unit/conftest.py; etcd-only behaviour (failover, TLS, leases, election, unknown
+Every test here takes `store` (or `backend`), parametrised over both implementations by the
+fixtures below; etcd-only behaviour (failover, TLS, leases, election, unknown
 outcomes) is in test_etcd_store.py.
 """
 
@@ -31,6 +31,33 @@ from control.store import (
     update_many,
 )
 from engine.errors import Busy
+from tests.store_backends import EtcdBackend, SqliteBackend
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def backend(request, tmp_path):
+    """Each cluster store in turn; stores opened through it are closed after the test."""
+    if request.param == "sqlite":
+        b = SqliteBackend(str(tmp_path))
+    else:
+        cluster = request.getfixturevalue("etcd1")
+        if not all(m.running() for m in cluster.members):  # a test killed it: bring it back
+            for m in cluster.members:
+                if not m.running():
+                    m.start()
+            cluster.wait_healthy()
+        b = EtcdBackend(cluster)
+    try:
+        yield b
+    finally:
+        b.close()
+    if request.param == "etcd":
+        b.cluster.check_running()
+
+
+@pytest.fixture
+def store(backend):
+    return backend.open()
 
 
 # -- versions and guards ----------------------------------------------------------------------
