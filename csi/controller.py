@@ -18,9 +18,9 @@ from control.volume_index import VolumeIndex
 from control.volumes import VolumeRequest, Volumes
 from csi import validation
 from csi.config import Config
-from csi.errors import invalid, translated
+from csi.errors import translated
 from csi.snapshotter import Snapshotter
-from engine.errors import EngineError, NotFound
+from engine.errors import EngineError, InvalidSpec, NotFound
 from engine.qos.tiers import QosSpec, resolve_qos
 from proto import csi_pb2, csi_pb2_grpc
 
@@ -190,7 +190,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                            "volume_content_source.snapshot.snapshot_id")
             self.snapshotter.require(source_id)
             return VolumeSource("snapshot", source_id)
-        raise invalid("volume_content_source has no type")
+        raise InvalidSpec("volume_content_source has no type")
 
     @translated
     def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context):
@@ -205,7 +205,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         volume_id = validation.require(req.volume_id, "volume_id")
         node_id = validation.require(req.node_id, "node_id")
         if not req.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
+            raise InvalidSpec("volume_capability is required")
         kind = validation.check_capability(req.volume_capability)
         self._require_volume(volume_id)
         self.volumes.publish(volume_id, node_id, kind, req.readonly)
@@ -223,7 +223,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ValidateVolumeCapabilities(self, req, context):
         volume_id = validation.require(req.volume_id, "volume_id")
         if not req.volume_capabilities:
-            raise invalid("volume_capabilities are required")
+            raise InvalidSpec("volume_capabilities are required")
         vol = self._require_volume(volume_id)
         validation.check_parameters(req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
         for cap in req.volume_capabilities:
@@ -249,7 +249,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     @translated
     def ListVolumes(self, req: csi_pb2.ListVolumesRequest, context) -> csi_pb2.ListVolumesResponse:
         if req.max_entries < 0:
-            raise invalid("max_entries must not be negative")
+            raise InvalidSpec("max_entries must not be negative")
         after = validation.page_start(req.starting_token)
         vols, last = self.volumes.list_ready(after, req.max_entries)
         conditions = self._conditions(vols)
@@ -309,7 +309,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerExpandVolume(self, req, context) -> csi_pb2.ControllerExpandVolumeResponse:
         volume_id = validation.require(req.volume_id, "volume_id")
         if not req.HasField("capacity_range"):
-            raise invalid("capacity_range is required")
+            raise InvalidSpec("capacity_range is required")
         if req.HasField("volume_capability"):
             validation.check_capability(req.volume_capability)
         vol = self._require_volume(volume_id)

@@ -1,7 +1,8 @@
 """The single translator from domain errors to gRPC status codes.
 
-Handlers raise; this decorator maps. Anything unexpected is logged with its traceback
-and returned as INTERNAL. Handlers never set codes themselves.
+Handlers raise domain errors (engine/errors.py); this module maps them, for the CSI
+services and for the node agent's API alike. Anything unexpected is logged with its
+traceback and returned as INTERNAL. Handlers never pick or set codes themselves.
 """
 
 from __future__ import annotations
@@ -18,22 +19,6 @@ from engine import errors
 log = logging.getLogger(__name__)
 
 
-class RpcError(Exception):
-    """A CSI-level error with an explicit code (request validation, mostly)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def invalid(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def not_found(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.NOT_FOUND, message)
-
-
 CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -43,13 +28,27 @@ CODES: dict[type[Exception], grpc.StatusCode] = {
     errors.InUse: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Precondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Busy: grpc.StatusCode.ABORTED,
+    errors.InvalidToken: grpc.StatusCode.ABORTED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+# The way back, for the node agent's client: a status from a remote node becomes the
+# domain error it was raised as (the most general class of each code).
+ERRORS: dict[grpc.StatusCode, type[errors.EngineError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidSpec,
+    grpc.StatusCode.OUT_OF_RANGE: errors.OutOfRange,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.OutOfCapacity,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.Precondition,
+    grpc.StatusCode.ABORTED: errors.Busy,
+    grpc.StatusCode.DATA_LOSS: errors.DataLoss,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
 }
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode | None:
-    if isinstance(exc, RpcError):
-        return exc.code
     for cls in type(exc).__mro__:
         if cls in CODES:
             return CODES[cls]

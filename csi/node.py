@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-import grpc
-
 from csi import validation
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
-from csi.errors import RpcError, invalid, not_found, translated
+from csi.errors import translated
+from engine.errors import InvalidSpec, NotFound, Precondition
 from engine.node_engine import NodeEngine
 from engine.node_volumes import BLOCK, PublishRequest, StageRequest
 from proto import csi_pb2, csi_pb2_grpc
@@ -40,7 +39,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
     def _require_volume(self, volume_id: str) -> None:
         if not self._known(volume_id):
-            raise not_found(f"volume {volume_id!r} does not exist on node {self.config.node_id}")
+            raise NotFound(f"volume {volume_id!r} does not exist on node {self.config.node_id}")
 
     def _path(self, value: str, what: str) -> str:
         return validation.check_path(value, what, self.paths)
@@ -50,7 +49,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         reboot's leftovers): done, as the kubelet expects, unless something is mounted at
         the path, which is then someone else's to take off (NOT_FOUND, nothing touched)."""
         if self.engine.is_mounted(path):
-            raise not_found(f"volume {volume_id!r} does not exist on node "
+            raise NotFound(f"volume {volume_id!r} does not exist on node "
                             f"{self.config.node_id}, and {path} holds another mount")
 
     @translated
@@ -58,7 +57,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validation.require(req.volume_id, "volume_id")
         staging = self._path(req.staging_target_path, "staging_target_path")
         if not req.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
+            raise InvalidSpec("volume_capability is required")
         cap = req.volume_capability
         kind = validation.check_capability(cap)
         with self.locks.hold(volume_id):
@@ -89,10 +88,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validation.require(req.volume_id, "volume_id")
         target = self._path(req.target_path, "target_path")
         if not req.HasField("volume_capability"):
-            raise invalid("volume_capability is required")
+            raise InvalidSpec("volume_capability is required")
         if not req.staging_target_path:
             # the spec's code: STAGE_UNSTAGE_VOLUME is advertised, so staging comes first
-            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "staging_target_path is not set")
+            raise Precondition("staging_target_path is not set")
         staging = self._path(req.staging_target_path, "staging_target_path")
         cap = req.volume_capability
         kind = validation.check_capability(cap)

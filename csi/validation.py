@@ -10,9 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-import grpc
-
-from csi.errors import RpcError, invalid
+from engine.errors import InvalidSpec, InvalidToken
 from engine.filesystem import check_fs_type
 from engine.node_volumes import BLOCK, MOUNT
 from engine.qos.tiers import QOS_KEYS
@@ -37,18 +35,18 @@ MAX_NAME_CHARS = 1024
 
 def require(value: str, what: str) -> str:
     if not value:
-        raise invalid(f"{what} is required")
+        raise InvalidSpec(f"{what} is required")
     if "\0" in value:
-        raise invalid(f"{what} contains a NUL byte")
+        raise InvalidSpec(f"{what} contains a NUL byte")
     return value
 
 
 def check_name(name: str) -> str:
     require(name, "name")
     if len(name) > MAX_NAME_CHARS:
-        raise invalid(f"name is longer than {MAX_NAME_CHARS} characters")
+        raise InvalidSpec(f"name is longer than {MAX_NAME_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise invalid("name contains control characters")
+        raise InvalidSpec("name contains control characters")
     return name
 
 
@@ -104,16 +102,16 @@ def check_path(path: str, what: str, policy: PathPolicy = PathPolicy()) -> str:
     records name the place the kernel will show."""
     require(path, what)
     if not os.path.isabs(path):
-        raise invalid(f"{what} must be an absolute path, not {path!r}")
+        raise InvalidSpec(f"{what} must be an absolute path, not {path!r}")
     norm = os.path.normpath(path)
     real = os.path.realpath(norm)
     for candidate in dict.fromkeys((norm, real)):
         why = _forbidden(candidate, policy)
         if why:
             leads = f" (it leads to {real})" if candidate != norm else ""
-            raise invalid(f"{what} {path!r}{leads} {why}: refused")
+            raise InvalidSpec(f"{what} {path!r}{leads} {why}: refused")
     if policy.allowed_roots and not any(_inside(real, r) for r in policy.allowed_roots):
-        raise invalid(f"{what} {path!r} is outside the allowed roots")
+        raise InvalidSpec(f"{what} {path!r} is outside the allowed roots")
     return real
 
 
@@ -123,7 +121,7 @@ def access_type(cap: csi_pb2.VolumeCapability) -> str:
         return MOUNT
     if kind == "block":
         return BLOCK
-    raise invalid("volume capability has neither mount nor block access type")
+    raise InvalidSpec("volume capability has neither mount nor block access type")
 
 
 def check_capability(cap: csi_pb2.VolumeCapability) -> str:
@@ -132,21 +130,21 @@ def check_capability(cap: csi_pb2.VolumeCapability) -> str:
     mode = cap.access_mode.mode
     if mode not in SUPPORTED_MODES:
         name = Mode.Mode.Name(mode) if mode in Mode.Mode.values() else str(mode)
-        raise invalid(f"access mode {name} is not supported by local volumes")
+        raise InvalidSpec(f"access mode {name} is not supported by local volumes")
     if kind == MOUNT:
         try:
             check_fs_type(cap.mount.fs_type)
         except Exception as e:  # InvalidSpec -> same code, clearer context
-            raise invalid(str(e)) from None
+            raise InvalidSpec(str(e)) from None
         for flag in cap.mount.mount_flags:
             if not flag or "," in flag or "\0" in flag:
-                raise invalid(f"bad mount flag {flag!r}")
+                raise InvalidSpec(f"bad mount flag {flag!r}")
     return kind
 
 
 def check_capabilities(caps) -> list[str]:
     if not caps:
-        raise invalid("volume_capabilities are required")
+        raise InvalidSpec("volume_capabilities are required")
     return [check_capability(c) for c in caps]
 
 
@@ -166,7 +164,7 @@ def check_parameters(params, allowed: frozenset[str], what: str) -> dict[str, st
         if key.startswith(SIDECAR_PREFIX):
             continue
         if key not in allowed:
-            raise invalid(f"unknown {what} key {key!r} (known: {', '.join(sorted(allowed))})")
+            raise InvalidSpec(f"unknown {what} key {key!r} (known: {', '.join(sorted(allowed))})")
         ours[key] = value
     return ours
 
@@ -190,5 +188,5 @@ def page_start(token: str) -> str:
         return ""
     after = token[len(TOKEN_PREFIX):]
     if not token.startswith(TOKEN_PREFIX) or not well_formed_id(after):
-        raise RpcError(grpc.StatusCode.ABORTED, f"starting_token {token!r} is not ours")
+        raise InvalidToken(f"starting_token {token!r} is not ours")
     return after

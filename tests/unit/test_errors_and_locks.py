@@ -3,7 +3,7 @@ import threading
 import grpc
 import pytest
 
-from csi.errors import code_for, invalid
+from csi.errors import code_for
 from engine import errors
 from engine.locks import KeyLocks
 
@@ -19,7 +19,10 @@ from engine.locks import KeyLocks
         (errors.InUse("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (errors.Busy("x"), grpc.StatusCode.ABORTED),
         (errors.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
-        (invalid("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.Precondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.StaleVersion("x"), grpc.StatusCode.ABORTED),
+        (errors.InvalidToken("x"), grpc.StatusCode.ABORTED),
+        (errors.DataLoss("x"), grpc.StatusCode.DATA_LOSS),
         (errors.CommandFailed(["mkfs"], 1, "", "bad"), None),  # -> INTERNAL with traceback
         (ValueError("x"), None),
     ],

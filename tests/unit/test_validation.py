@@ -2,7 +2,8 @@ import grpc
 import pytest
 
 from csi import validation
-from csi.errors import RpcError
+from csi.errors import code_for
+from engine.errors import EngineError
 from proto import csi_pb2
 
 Mode = csi_pb2.VolumeCapability.AccessMode
@@ -19,9 +20,9 @@ def cap(mode=Mode.SINGLE_NODE_WRITER, block=False, fs="", flags=()):
 
 
 def code(fn, *args):
-    with pytest.raises(RpcError) as e:
+    with pytest.raises(EngineError) as e:
         fn(*args)
-    return e.value.code
+    return code_for(e.value)
 
 
 def test_capabilities():
@@ -73,9 +74,9 @@ SYSTEM_PATHS = ["/", "/etc", "/etc/kubernetes", "/usr/lib/x", "/bin", "/sbin/x",
 def test_system_paths_are_refused_whatever_the_flags(path):
     for policy in (validation.PathPolicy(), validation.PathPolicy.of(("/",), ()),
                    validation.PathPolicy.of(("/etc", "/run"), ())):
-        with pytest.raises(RpcError) as e:
+        with pytest.raises(EngineError) as e:
             validation.check_path(path, "staging_target_path", policy)
-        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert code_for(e.value) == grpc.StatusCode.INVALID_ARGUMENT
         assert "refused" in str(e.value) or "outside" in str(e.value)
 
 
