@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from control.reconcile import Reconciler
+from control.reconcile import Orphans, Reconciler
 from control.records import VOLUME
 from control.registry import NodeRegistry
 from control.snapshots import Snapshots
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class ControlPlane:
     def __init__(self, store: Store, nodes: NodeRegistry, policy: VolumePolicy,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 report: Callable[[Orphans], None] | None = None):
         self.store = store
         self.nodes = nodes
         self.index = VolumeIndex()
@@ -37,7 +38,7 @@ class ControlPlane:
         self.snapshots = Snapshots(store, nodes, self.volumes, self.locks,
                                    intent_timeout_s=policy.intent_timeout_s, clock=clock)
         self.volumes.snapshot_source = self.snapshots.source_of
-        self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock)
+        self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock, report)
         self._watch: Watch | None = None
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()

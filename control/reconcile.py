@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Orphans:
-    """Storage found on nodes that no record names, by node."""
+    """Storage found on nodes that no cluster record names, by node: the node has its
+    own record of it (pool objects without even that are the node's own orphans)."""
 
     volumes: dict[str, list[str]] = field(default_factory=dict)
     snapshots: dict[str, list[str]] = field(default_factory=dict)
@@ -48,13 +49,15 @@ class Orphans:
 
 class Reconciler:
     def __init__(self, store: Store, nodes: NodeRegistry, volumes: Volumes,
-                 snapshots: Snapshots, clock: Callable[[], float]):
+                 snapshots: Snapshots, clock: Callable[[], float],
+                 report: Callable[[Orphans], None] | None = None):
         self.store = store
         self.nodes = nodes
         self.volumes = volumes
         self.snapshots = snapshots
         self.clock = clock
         self.orphans = Orphans()
+        self.report = report  # called with each round's orphans (tandem-admin reads them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -76,6 +79,8 @@ class Reconciler:
             known_snapshots.add(snap.snapshot_id)
             self._settle(snap.snapshot_id, self._snapshot, snap, got.version, now)
         self.orphans = self._find_orphans(known_volumes, known_snapshots)
+        if self.report is not None:
+            self.report(self.orphans)
         return self.orphans
 
     def _settle(self, what: str, work: Callable[..., object], *args: object) -> None:

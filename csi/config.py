@@ -63,5 +63,9 @@ class Config:
         return path if path.startswith("/") else "/" + path
 
     @property
+    def orphans_path(self) -> str:
+        return os.path.join(self.state_dir, "orphans.json")
+
+    @property
     def lock_path(self) -> str:
         return os.path.join(self.state_dir, "tandem.lock")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import concurrent.futures
 import errno
 import fcntl
@@ -12,10 +13,12 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import grpc
 
 from control.local_node import LocalNode
+from control.reconcile import Orphans
 from control.plane import ControlPlane
 from control.registry import NodeRegistry
 from control.store import Store
@@ -28,6 +31,7 @@ from csi.identity import IdentityService
 from csi.node import NodeService
 from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
+from engine import fileops
 from engine.errors import EngineError
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
@@ -184,7 +188,7 @@ class Driver:
         plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(
             overcommit_ratio=cfg.overcommit_ratio,
             max_volumes_per_node=cfg.max_volumes_per_node,
-            intent_timeout_s=cfg.intent_timeout_s))
+            intent_timeout_s=cfg.intent_timeout_s), report=self._report_orphans)
         plane.start(cfg.reconcile_interval_s)
         self.plane = plane
         snapshotter = Snapshotter(plane.snapshots)
@@ -208,6 +212,20 @@ class Driver:
         self.ready.set()
         log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
                  cfg.zone, cfg.pool_directory)
+
+    def _report_orphans(self, orphans: Orphans) -> None:
+        """What no record owns, for `tandem-admin orphans` (kept, never deleted)."""
+        engine = self.engine
+        report = {
+            "at": time.time(),
+            # this node's volumes and snapshots that no cluster record names
+            "volumes": orphans.volumes.get(self.config.node_id, []),
+            "snapshots": orphans.snapshots.get(self.config.node_id, []),
+            # pool objects that not even this node's own records name
+            "pool_volumes": list(engine.files.orphans) if engine else [],
+            "pool_snapshots": list(engine.snapshots.orphans) if engine else [],
+        }
+        fileops.write_file_atomic(self.config.orphans_path, json.dumps(report, indent=2))
 
     def stop(self, grace_s: float = 5.0) -> None:
         self.ready.clear()

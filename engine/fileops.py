@@ -31,6 +31,19 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: str, text: str, mode: int = 0o600) -> None:
+    """Replace path with text in one step: a reader sees the old file or the new one."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
