@@ -50,8 +50,10 @@ class LocalNode:
                         self.max_volumes, condition)
 
     # --- volumes -------------------------------------------------------------------
-    def _info(self, backing: Backing, view: KernelView | None = None) -> VolumeInfo:
-        condition = self.engine.volume_condition(backing.volume_id, view)
+    def _info(self, backing: Backing, view: KernelView | None = None, *,
+              condition_too: bool = True) -> VolumeInfo:
+        condition = self.engine.volume_condition(backing.volume_id, view) if condition_too \
+            else Condition()
         return VolumeInfo(
             volume_id=backing.volume_id, size_bytes=backing.size_bytes,
             # records from before access types were kept: unknown, either may be asked
@@ -91,7 +93,7 @@ class LocalNode:
 
     def volume(self, volume_id: str) -> VolumeInfo | None:
         backing = self.engine.volume(volume_id)
-        return self._info(backing) if backing is not None else None
+        return self._info(backing, condition_too=False) if backing is not None else None
 
     def volumes(self, volume_ids: tuple[str, ...]) -> tuple[VolumeInfo, ...]:
         view = self.engine.kernel_view()

@@ -18,6 +18,7 @@ from control.records import VOLUME
 from control.registry import NodeRegistry
 from control.snapshots import Snapshots
 from control.store import Compacted, Store, Watch
+from control.tombstones import TombstoneSweeper
 from control.volume_index import VolumeIndex
 from control.volumes import VolumePolicy, Volumes
 from engine.errors import Unavailable
@@ -38,10 +39,14 @@ class ControlPlane:
         self.snapshots = Snapshots(store, nodes, self.volumes, self.locks,
                                    intent_timeout_s=policy.intent_timeout_s, clock=clock)
         self.volumes.snapshot_source = self.snapshots.source_of
+        self.volumes.sweeper = TombstoneSweeper(store, self._tombstone_removed)
         self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock, report)
         self._watch: Watch | None = None
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
+
+    def _tombstone_removed(self, key: str, revision: int) -> None:
+        self.index.note_value(key, None, revision)
 
     def start(self, reconcile_interval_s: float) -> None:
         revision = self._load_index()
@@ -80,6 +85,8 @@ class ControlPlane:
     def close(self) -> None:
         self._closed.set()
         self.reconciler.stop()
+        if self.volumes.sweeper is not None:
+            self.volumes.sweeper.close()
         if self._watch is not None:
             self._watch.cancel()
         if self._watcher is not None:

@@ -52,9 +52,19 @@ def request_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _plain(value: Any) -> Any:
-    """Dataclass -> JSON-able dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(value)))
+def _plain(value: Any) -> dict:
+    """Dataclass -> JSON-able dict: tuples become lists, nested dataclasses dicts."""
+    out = {}
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        if dataclasses.is_dataclass(item):
+            item = dataclasses.asdict(item)  # type: ignore[arg-type]
+        elif isinstance(item, tuple):
+            item = list(item)
+        elif isinstance(item, dict):
+            item = dict(item)
+        out[f.name] = item
+    return out
 
 
 @dataclass(frozen=True)

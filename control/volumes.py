@@ -35,6 +35,7 @@ from control.records import (
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
+from control.tombstones import TombstoneSweeper
 from control.volume_index import VolumeIndex
 from engine import crash
 from engine.errors import (
@@ -89,6 +90,8 @@ class Volumes:
         # snapshot_id -> (node_id, size_bytes) of a READY snapshot (NotFound otherwise)
         self.snapshot_source = snapshot_source
         self.clock = clock
+        # removes confirmed tombstones in batches; None: at once, inside DeleteVolume
+        self.sweeper: TombstoneSweeper | None = None
 
     # --- reading ---------------------------------------------------------------------
     def record(self, volume_id: str) -> tuple[VolumeRecord, int] | None:
@@ -263,12 +266,15 @@ class Volumes:
             return False
         node.delete_volume(tomb.volume_id, version)
         crash.point("delete-volume-after-engine")
+        log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
+        if self.sweeper is not None:
+            self.sweeper.add(tomb.key, version)  # bookkeeping, off the request path
+            return True
         try:
             revision = self.store.commit([Delete(tomb.key, expect=version)])
         except Conflict:
             return False  # someone else finished it
         self.index.note(tomb.volume_id, None, revision)
-        log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
         return True
 
     def abandon_intent(self, record: VolumeRecord, version: int) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import concurrent.futures
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -18,8 +18,8 @@ import time
 import grpc
 
 from control.local_node import LocalNode
-from control.reconcile import Orphans
 from control.plane import ControlPlane
+from control.reconcile import Orphans
 from control.registry import NodeRegistry
 from control.store import Store
 from control.stores import StoreSpec, open_store

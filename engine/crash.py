@@ -26,6 +26,9 @@ def _armed(env: str) -> frozenset[str]:
 def point(name: str) -> None:
     """Die here, as if by `kill -9`, when the point `name` is armed; fail here when the
     point is armed for failure."""
+    environ = os.environ
+    if _ENV not in environ and _FAIL_ENV not in environ:
+        return  # the common case: two dict lookups
     if name in _armed(_ENV):
         os.kill(os.getpid(), signal.SIGKILL)
     if name in _armed(_FAIL_ENV):

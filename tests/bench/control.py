@@ -1,12 +1,19 @@
-"""Control-path benchmark: CreateVolume+DeleteVolume pairs per second, and RSS.
+"""Control-path benchmark: CreateVolume+DeleteVolume pairs per second, side by side.
 
-Runs the real driver as a process on a private pool, drives it over its unix socket
-with 1, 8 and 32 concurrent clients, then measures its resident memory holding 1,000
-volumes. The baseline measured in the same run is Probe, the cheapest RPC: it shows
-what the gRPC transport alone allows on this machine. The hostpath figures are the
-reference measured on this machine class (issue #2), for the ratios.
+Runs, in one run and with one client: Tandem (the real driver as a process on a private
+pool) on its embedded SQLite store, Tandem on etcd (one member started here on
+loopback), and the reference, csi-driver-host-path v1.18.0's `hostpathplugin`, whose
+path comes from TANDEM_BENCH_HOSTPATH (built by hand from a fetched copy; never part of
+this repository). Each is driven over its unix socket by 1, 8 and 32 concurrent clients
+(one gRPC channel per client, as sidecars have); ratios are taken within the run. Also:
+Tandem's CPU seconds per pair (the driver process's user+system time during the 8-client
+phase over the pairs it made), its RSS holding 1,000 volumes, and listing them.
 
-    python -m tests.bench.control [--seconds 5] [--volumes 1000]
+    TANDEM_BENCH_HOSTPATH=/path/to/hostpathplugin python -m tests.bench.control \\
+        [--seconds 5] [--volumes 1000] [--stores sqlite,etcd]
+
+Runtime: about (3 phases x --seconds) per driver plus start-ups and the 1,000-volume
+fill: ~1.5 minutes with the defaults. The final line is JSON.
 """
 
 from __future__ import annotations
@@ -15,17 +22,21 @@ import argparse
 import concurrent.futures
 import itertools
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
 
-from proto import csi_pb2
+import grpc
+
+from proto import csi_pb2, csi_pb2_grpc
 from tests import support
+from tests.etcd_cluster import EtcdCluster
 from tests.integration.helpers import create_request
 
-HOSTPATH_PAIRS_PER_S = {1: 252, 8: 339, 32: 287}
-HOSTPATH_RSS_MIB = 22
+CLIENTS = (1, 8, 32)
 
 
 def rss_mib(pid: int) -> float:
@@ -36,11 +47,17 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_clients(clients: int, seconds: float, work) -> int:
-    """Run work() in `clients` threads for `seconds`; returns how many completed."""
+    """Run work(i, n) in `clients` threads for `seconds`; returns how many completed."""
     stop = time.monotonic() + seconds
     counter = itertools.count()
-    done = []
+    done: list[int] = []
 
     def loop(i: int) -> None:
         n = 0
@@ -57,63 +74,139 @@ def run_clients(clients: int, seconds: float, work) -> int:
     return sum(done)
 
 
+def wait_socket(endpoint: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(endpoint) as ch:
+                csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=1)
+                return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{endpoint} did not answer in {timeout_s}s")
+
+
+def measure_pairs(endpoint: str, seconds: float, pid: int | None) -> dict[str, float]:
+    """Pairs/s at 1, 8, 32 clients against the driver at endpoint (+ CPU/pair at 8)."""
+    channels = [grpc.insecure_channel(endpoint) for _ in range(max(CLIENTS))]
+    stubs = [csi_pb2_grpc.ControllerStub(ch) for ch in channels]
+    tag = uuid.uuid4().hex[:8]
+
+    def create_delete(i: int, n: int) -> None:
+        vol = stubs[i].CreateVolume(create_request(f"bench-{tag}-{n}", size=1 << 30)).volume
+        stubs[i].DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+    out: dict[str, float] = {}
+    try:
+        run_clients(4, 1.0, create_delete)  # warm up: connections, caches, first commits
+        for clients in CLIENTS:
+            before = cpu_s(pid) if pid else 0.0
+            n = run_clients(clients, seconds, create_delete)
+            out[f"c{clients}"] = round(n / seconds, 1)
+            if pid and clients == 8:
+                out["cpu_s_per_pair"] = round((cpu_s(pid) - before) / max(n, 1), 5)
+    finally:
+        for ch in channels:
+            ch.close()
+    return out
+
+
+def tandem(root: str, seconds: float, volumes: int, store_args: list[str]) -> dict[str, float]:
+    os.makedirs(root)
+    proc = support.DriverProcess(
+        root, extra=["--pool-size-gib", "200", "--log-level", "WARNING", *store_args])
+    try:
+        proc.start()
+        pid = proc.proc.pid
+        result = measure_pairs(proc.endpoint, seconds, pid)
+        if volumes:
+            result.update(fill_and_list(proc, volumes))
+        return result
+    finally:
+        proc.stop(signal.SIGTERM)
+
+
+def fill_and_list(proc: support.DriverProcess, volumes: int) -> dict[str, float]:
+    channels = [proc.stubs() for _ in range(8)]
+    tag = uuid.uuid4().hex[:8]
+    out = {"rss_mib_idle": round(rss_mib(proc.proc.pid), 1)}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: channels[n % 8].controller.CreateVolume(
+            create_request(f"keep-{tag}-{n}", size=1 << 30)), range(volumes)))
+    out["rss_mib_1000_volumes"] = round(rss_mib(proc.proc.pid), 1)
+    t0 = time.monotonic()
+    listed, token = 0, ""
+    while True:
+        page = channels[0].controller.ListVolumes(
+            csi_pb2.ListVolumesRequest(max_entries=500, starting_token=token))
+        listed += len(page.entries)
+        token = page.next_token
+        if not token:
+            break
+    out["list_1000_volumes_s"] = round(time.monotonic() - t0, 3)
+    assert listed == volumes, listed
+    return out
+
+
+def hostpath(binary: str, root: str, seconds: float) -> dict[str, float]:
+    endpoint = f"unix://{root}/hostpath.sock"
+    os.makedirs(f"{root}/hostpath-state")
+    with open(f"{root}/hostpath.log", "wb") as log:
+        proc = subprocess.Popen(
+            [binary, "--endpoint", endpoint, "--nodeid", "bench-node",
+             "--drivername", "hostpath.csi.k8s.io", "--statedir", f"{root}/hostpath-state",
+             "--v", "0"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_socket(endpoint)
+        result = measure_pairs(endpoint, seconds, proc.pid)
+        result["rss_mib_idle"] = round(rss_mib(proc.pid), 1)
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--volumes", type=int, default=1000)
+    ap.add_argument("--stores", default="sqlite,etcd")
     args = ap.parse_args()
-
+    binary = os.environ.get("TANDEM_BENCH_HOSTPATH", "")
+    if not binary or not os.access(binary, os.X_OK):
+        raise SystemExit("set TANDEM_BENCH_HOSTPATH to a hostpathplugin binary "
+                         "(csi-driver-host-path v1.18.0): the reference is measured in the "
+                         "same run, never taken from another day")
+    stores = args.stores.split(",")
     root = support.make_root("tdm-bench-")
-    proc = support.DriverProcess(root, extra=["--pool-size-gib", "200", "--log-level", "WARNING"])
-    results: dict[str, float] = {}
+    results: dict[str, float | None] = {}
+    etcd = None
     try:
-        proc.start()
-        channels = [proc.stubs() for _ in range(32)]  # one channel per client, like sidecars
-        tag = uuid.uuid4().hex[:8]
-
-        def probe(i: int, n: int) -> None:
-            channels[i].identity.Probe(csi_pb2.ProbeRequest())
-
-        def create_delete(i: int, n: int) -> None:
-            c = channels[i].controller
-            vol = c.CreateVolume(create_request(f"bench-{tag}-{n}", size=1 << 30)).volume
-            c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
-
-        for clients in (1, 8, 32):
-            n = run_clients(clients, args.seconds, probe)
-            results[f"probe_per_s_c{clients}"] = round(n / args.seconds, 1)
-            n = run_clients(clients, args.seconds, create_delete)
-            rate = n / args.seconds
-            results[f"create_delete_per_s_c{clients}"] = round(rate, 1)
-            results[f"over_hostpath_c{clients}"] = round(rate / HOSTPATH_PAIRS_PER_S[clients], 2)
-            print(f"{clients:>2} clients: {rate:8.1f} create+delete pairs/s "
-                  f"({rate / HOSTPATH_PAIRS_PER_S[clients]:.2f}x hostpath), "
-                  f"probe {results[f'probe_per_s_c{clients}']:.0f}/s", flush=True)
-
-        results["rss_mib_idle"] = round(rss_mib(proc.proc.pid), 1)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(
-                lambda n: channels[n % 8].controller.CreateVolume(
-                    create_request(f"keep-{tag}-{n}", size=1 << 30)),
-                range(args.volumes)))
-        results["rss_mib_1000_volumes"] = round(rss_mib(proc.proc.pid), 1)
-        t0 = time.monotonic()
-        listed = 0
-        token = ""
-        while True:
-            page = channels[0].controller.ListVolumes(
-                csi_pb2.ListVolumesRequest(max_entries=500, starting_token=token))
-            listed += len(page.entries)
-            token = page.next_token
-            if not token:
-                break
-        results["list_1000_volumes_s"] = round(time.monotonic() - t0, 3)
-        assert listed == args.volumes, listed
-        results["rss_over_hostpath"] = round(results["rss_mib_1000_volumes"] / HOSTPATH_RSS_MIB, 2)
-        print(f"RSS: {results['rss_mib_idle']} MiB idle, {results['rss_mib_1000_volumes']} MiB "
-              f"with {args.volumes} volumes (hostpath: {HOSTPATH_RSS_MIB} MiB)")
+        ref = hostpath(binary, root, args.seconds)
+        print(f"hostpath: {ref}", flush=True)
+        if "sqlite" in stores:
+            mine = tandem(f"{root}/sqlite", args.seconds, args.volumes, [])
+            print(f"tandem (sqlite): {mine}", flush=True)
+            for c in CLIENTS:
+                results[f"pairs_per_s_c{c}"] = mine[f"c{c}"]
+                results[f"hostpath_pairs_per_s_c{c}"] = ref[f"c{c}"]
+                results[f"over_hostpath_c{c}"] = round(mine[f"c{c}"] / ref[f"c{c}"], 2)
+            results["cpu_s_per_pair"] = mine["cpu_s_per_pair"]
+            results["hostpath_cpu_s_per_pair"] = ref["cpu_s_per_pair"]
+            for key in ("rss_mib_idle", "rss_mib_1000_volumes", "list_1000_volumes_s"):
+                results[key] = mine.get(key)
+            results["hostpath_rss_mib_idle"] = ref["rss_mib_idle"]
+        if "etcd" in stores:
+            etcd = EtcdCluster(f"{root}/etcd").start()
+            mine = tandem(f"{root}/etcd-driver", args.seconds, 0, ["--store", etcd.url])
+            print(f"tandem (etcd): {mine}", flush=True)
+            for c in CLIENTS:
+                results[f"etcd_pairs_per_s_c{c}"] = mine[f"c{c}"]
+            results["etcd_over_hostpath_c8"] = round(mine["c8"] / ref["c8"], 2)
+            results["etcd_cpu_s_per_pair"] = mine["cpu_s_per_pair"]
     finally:
-        proc.stop(signal.SIGTERM)
+        if etcd is not None:
+            etcd.close()
         support.cleanup_tree(root)
     print(json.dumps(results))
 
