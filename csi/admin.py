@@ -18,33 +18,35 @@ import time
 from dataclasses import dataclass
 
 from engine.errors import EngineError
-from engine.node_qos import parse_device
+from engine.node_records import Device, NodeRecords, format_device
 from engine.qos import stats
 from engine.qos.cgroups import CgroupLayout, detect, find_pod_cgroup
 from engine.qos.tiers import QosSpec
 from engine.state import SqliteStore
 from engine.volumes import KIND as BACKING
+from engine.volumes import Backing
 
 
 @dataclass(frozen=True)
 class Sampled:
     volume_id: str
     pod_uid: str
-    device: tuple[int, int]
+    device: Device
     cgroup_dir: str  # "" when the I/O is read from the device (no pod known)
 
 
 def volumes_report(store: SqliteStore) -> list[dict]:
     published: dict[str, list[dict]] = {}
-    for _, rec in store.list("publish"):
-        published.setdefault(rec["volume_id"], []).append(
-            {"target": rec["target"], "pod_uid": rec.get("pod_uid", ""),
-             "device": rec.get("device", ""), "read_only": rec["read_only"]})
+    for pub in NodeRecords(store).list_publishes():
+        published.setdefault(pub.volume_id, []).append(
+            {"target": pub.target, "pod_uid": pub.pod_uid,
+             "device": format_device(pub.device), "read_only": pub.read_only})
     out = []
     for volume_id, rec in store.list(BACKING):  # this node's volumes, as it enforces them
-        spec = QosSpec.from_json(rec.get("qos_json", ""))
+        backing = Backing.from_record(volume_id, rec)
+        spec = QosSpec.from_json(backing.qos_json)
         out.append({
-            "volume_id": volume_id, "capacity_bytes": rec["size_bytes"],
+            "volume_id": volume_id, "capacity_bytes": backing.size_bytes,
             "tier": spec.name or "(none)",
             "max_read_iops": spec.max_read_iops, "max_write_iops": spec.max_write_iops,
             "min_iops": spec.min_iops, "published": published.get(volume_id, []),
@@ -54,17 +56,16 @@ def volumes_report(store: SqliteStore) -> list[dict]:
 
 def _sources(store: SqliteStore, layout: CgroupLayout | None) -> list[Sampled]:
     found = []
-    for _, rec in store.list("publish"):
-        device = parse_device(rec.get("device", ""))
-        if device is None:
+    for pub in NodeRecords(store).list_publishes():
+        if pub.device is None:
             continue
         cgroup_dir = ""
-        if rec.get("pod_uid") and layout is not None:
+        if pub.pod_uid and layout is not None:
             try:
-                cgroup_dir = find_pod_cgroup(layout, rec["pod_uid"])
+                cgroup_dir = find_pod_cgroup(layout, pub.pod_uid)
             except EngineError:
                 pass
-        found.append(Sampled(rec["volume_id"], rec.get("pod_uid", ""), device, cgroup_dir))
+        found.append(Sampled(pub.volume_id, pub.pod_uid, pub.device, cgroup_dir))
     return found
 
 

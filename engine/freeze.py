@@ -1,7 +1,7 @@
 """Filesystem freezes for consistent snapshots, recorded so a crash never leaves one frozen.
 
-The freeze is written to the store before FIFREEZE and removed after FITHAW; on start-up
-`thaw_all_recorded()` thaws whatever a crash left frozen.
+The freeze is recorded (engine/node_records.py) before FIFREEZE and removed after FITHAW;
+on start-up `thaw_all_recorded()` thaws whatever a crash left frozen.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 import time
 from collections.abc import Iterator
 
+from engine.node_records import FreezeRecord, NodeRecords
 from engine.state import Store
 
 log = logging.getLogger(__name__)
 
-KIND = "freeze"
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 
@@ -33,7 +33,7 @@ def _ioctl(mount_point: str, request: int) -> None:
 
 class Freezer:
     def __init__(self, store: Store):
-        self.store = store
+        self.records = NodeRecords(store)
 
     def thaw(self, mount_point: str) -> None:
         try:
@@ -43,7 +43,7 @@ class Freezer:
         except OSError as e:
             if e.errno != errno.EINVAL:  # EINVAL: it was not frozen
                 raise
-        self.store.delete(KIND, mount_point)
+        self.records.delete_freeze(mount_point)
 
     @contextlib.contextmanager
     def frozen(self, mount_points: list[str]) -> Iterator[None]:
@@ -51,7 +51,7 @@ class Freezer:
         done: list[str] = []
         try:
             for mp in sorted(set(mount_points)):
-                self.store.put(KIND, mp, {"at": time.time(), "pid": os.getpid()})
+                self.records.put_freeze(FreezeRecord(mp, frozen_at=time.time(), pid=os.getpid()))
                 _ioctl(mp, FIFREEZE)  # flushes the filesystem and blocks new writes
                 done.append(mp)
             yield
@@ -59,9 +59,10 @@ class Freezer:
             for mp in reversed(done):
                 self.thaw(mp)
             for mp in set(mount_points) - set(done):
-                self.store.delete(KIND, mp)
+                self.records.delete_freeze(mp)
 
     def thaw_all_recorded(self) -> None:
-        for mount_point, _ in self.store.list(KIND):
-            log.warning("thawing %s, left frozen by an interrupted snapshot", mount_point)
-            self.thaw(mount_point)
+        for freeze in self.records.list_freezes():
+            log.warning("thawing %s, left frozen by an interrupted snapshot",
+                        freeze.mount_point)
+            self.thaw(freeze.mount_point)

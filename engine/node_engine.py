@@ -16,7 +16,8 @@ from engine.freeze import Freezer
 from engine.locks import KeyLocks
 from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
-from engine.node_qos import NodeQos, parse_device
+from engine.node_qos import NodeQos
+from engine.node_records import NodeRecords, PoolInfo
 from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
 from engine.pool import Pool, PoolUsage
 from engine.qos.admission import measure_capacity_iops
@@ -26,8 +27,6 @@ from engine.state import Store
 from engine.volumes import Backing, VolumeFiles
 
 log = logging.getLogger(__name__)
-
-POOL_INFO = "pool-info"
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ class NodeEngine:
                  iops_capacity: int = 0):
         self.identity = identity
         self.store = store
+        self.records = NodeRecords(store)
         self.pool = pool
         self.qos = qos or NodeQos(store, enabled=False)
         self.iops_capacity = iops_capacity
@@ -68,14 +68,14 @@ class NodeEngine:
 
     def _measured_iops(self) -> int:
         """The pool's IOPS capacity for guaranteed minima: measured once, then kept."""
-        rec = self.store.get(POOL_INFO, "iops_capacity")
-        if rec is None:
+        info = self.records.get_pool_info()
+        if info is None:
             iops = measure_capacity_iops(self.pool.directory, seconds=3.0)
             log.info("pool %s measured at %d IOPS (4 KiB random 50/50, direct)",
                      self.pool.directory, iops)
-            rec = {"iops": iops}
-            self.store.put(POOL_INFO, "iops_capacity", rec)
-        return int(rec["iops"])
+            info = PoolInfo(iops_capacity=iops)
+            self.records.put_pool_info(info)
+        return info.iops_capacity
 
     # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
@@ -132,8 +132,7 @@ class NodeEngine:
         rec = self.volumes.publish_record(volume_id, target_path)
         self.volumes.unpublish(volume_id, target_path)
         if rec is not None:
-            self.qos.unpublished(volume_id, rec.get("pod_uid", ""),
-                                 parse_device(rec.get("device", "")))
+            self.qos.unpublished(volume_id, rec.pod_uid, rec.device)
 
     def create_snapshots(self, members: list[tuple[str, str]]) -> list[SnapshotBacking]:
         """(snapshot_id, volume_id) pairs, taken at one instant."""

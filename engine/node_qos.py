@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from engine.errors import EngineError, NotFound, Unavailable
+from engine.node_records import Device, NodeRecords
 from engine.qos.squeeze import SqueezeLoop
 from engine.qos.throttle import QosBinding, QosEnforcer
 from engine.qos.tiers import QosSpec
@@ -21,20 +22,11 @@ from engine.volumes import VolumeFiles
 
 log = logging.getLogger(__name__)
 
-PUBLISH = "publish"
-
-
-def parse_device(text: str) -> tuple[int, int] | None:
-    if not text:
-        return None
-    major, minor = text.split(":")
-    return int(major), int(minor)
-
 
 class NodeQos:
     def __init__(self, store: Store, cgroup_root: str = "/sys/fs/cgroup", *,
                  cgroup_parent: str = "", enabled: bool = True):
-        self.store = store
+        self.records = NodeRecords(store)
         self.cgroup_root = cgroup_root
         self.cgroup_parent = cgroup_parent
         self.enabled = enabled
@@ -83,7 +75,7 @@ class NodeQos:
             self.enforcer.update(volume_id, spec)
 
     # --- publish / unpublish ---------------------------------------------------------------
-    def published(self, volume_id: str, pod_uid: str, device: tuple[int, int]) -> None:
+    def published(self, volume_id: str, pod_uid: str, device: Device) -> None:
         spec = self.spec(volume_id)
         if not pod_uid or self.enforcer is None:
             if pod_uid and spec.limited:
@@ -97,15 +89,12 @@ class NodeQos:
         except EngineError as e:
             log.warning("volume %s: tier not enforced on pod %s: %s", volume_id, pod_uid, e)
 
-    def unpublished(self, volume_id: str, pod_uid: str, device: tuple[int, int] | None) -> None:
+    def unpublished(self, volume_id: str, pod_uid: str, device: Device | None) -> None:
         if pod_uid and self.enforcer is not None:
             self.enforcer.remove(volume_id, pod_uid, device)
 
     def bindings(self) -> list[QosBinding]:
-        out = []
-        for _, rec in self.store.list(PUBLISH):
-            device = parse_device(rec.get("device", ""))
-            if rec.get("pod_uid") and device and rec.get("state") == "done":
-                out.append(QosBinding(rec["volume_id"], rec["pod_uid"], device,
-                                      self.spec(rec["volume_id"])))
-        return out
+        """The rules each finished publish to a known pod calls for."""
+        return [QosBinding(p.volume_id, p.pod_uid, p.device, self.spec(p.volume_id))
+                for p in self.records.list_publishes()
+                if p.done and p.pod_uid and p.device is not None]

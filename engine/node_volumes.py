@@ -3,10 +3,10 @@
 Each step converges on the kernel's state (loop devices by their backing file's device
 and inode, mounts from /proc/self/mountinfo), so a retry after a timeout, a crash, a
 restart in a new mount namespace or a reboot neither stacks mounts nor leaks devices.
-Records (kinds "stage" and "publish") are written before the first side effect and marked
-done after, so `reconcile()` can roll back what a crash cut short while leaving finished
-work, used by running pods, untouched. A call that fails rolls back what it did itself
-(engine/rollback.py): the volume stays as it was, usable.
+Records (engine/node_records.py: stage and publish) are written before the first side
+effect and marked done after, so `reconcile()` can roll back what a crash cut short while
+leaving finished work, used by running pods, untouched. A call that fails rolls back what
+it did itself (engine/rollback.py): the volume stays as it was, usable.
 
 Data is never destroyed: a stage refuses an access type the volume was not created for,
 and never formats a device that carries a signature, or data Tandem did not put there
@@ -19,20 +19,19 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine import crash, fileops, filesystem
 from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, Precondition
 from engine.loopdev import FileId, LoopDevice, LoopDevices, file_id
 from engine.mounts import MountEntry, Mounts
+from engine.node_records import DONE, PENDING, NodeRecords, PublishRecord, StageRecord
 from engine.rollback import Rollback
 from engine.state import Store
 from engine.volumes import Backing, VolumeFiles
 
 log = logging.getLogger(__name__)
 
-STAGE, PUBLISH = "stage", "publish"
-PENDING, DONE = "pending", "done"
 MOUNT, BLOCK = "mount", "block"
 
 
@@ -73,10 +72,6 @@ class VolumeStats:
     usage: filesystem.FsUsage
     abnormal: bool
     message: str
-
-
-def _publish_key(volume_id: str, target: str) -> str:
-    return f"{volume_id}|{os.path.normpath(target)}"
 
 
 def _check_mount_option(option: str) -> str:
@@ -135,7 +130,7 @@ def _mounts_device(entry: MountEntry | None, dev: LoopDevice) -> bool:
 
 class NodeVolumes:
     def __init__(self, store: Store, files: VolumeFiles, loops: LoopDevices, mounts: Mounts):
-        self.store = store
+        self.records = NodeRecords(store)
         self.files = files
         self.loops = loops
         self.mounts = mounts
@@ -162,11 +157,11 @@ class NodeVolumes:
         stack = self.mounts.at(target)
         return stack[-1] if stack else None
 
-    def stage_record(self, volume_id: str) -> dict | None:
-        return self.store.get(STAGE, volume_id)
+    def stage_record(self, volume_id: str) -> StageRecord | None:
+        return self.records.get_stage(volume_id)
 
-    def publishes(self, volume_id: str) -> list[dict]:
-        return [r for _, r in self.store.list(PUBLISH, prefix=f"{volume_id}|")]
+    def publishes(self, volume_id: str) -> list[PublishRecord]:
+        return self.records.publishes_of(volume_id)
 
     def kernel_view(self) -> KernelView:
         return KernelView(self.loops, self.mounts)
@@ -177,11 +172,11 @@ class NodeVolumes:
         directory would freeze the filesystem under it)."""
         rec = self.stage_record(volume_id)
         backing = self.files.get(volume_id)
-        if rec is None or rec["access_type"] != MOUNT or backing is None:
+        if rec is None or rec.access_type != MOUNT or backing is None:
             return ""
         dev = self._rw_device(backing)
-        entry = self._mount_of(rec["staging_path"])
-        return rec["staging_path"] if dev is not None and _mounts_device(entry, dev) else ""
+        entry = self._mount_of(rec.staging_path)
+        return rec.staging_path if dev is not None and _mounts_device(entry, dev) else ""
 
     # --- stage / unstage -----------------------------------------------------------
     def stage(self, req: StageRequest) -> None:
@@ -192,29 +187,29 @@ class NodeVolumes:
             filesystem.check_size(fs_type, backing.size_bytes)
         flags = [_check_mount_option(o) for o in req.mount_flags]
         staging = os.path.normpath(req.staging_path)
-        rec = self.store.get(STAGE, req.volume_id)
-        if rec is not None and rec["state"] != DONE:
+        rec = self.records.get_stage(req.volume_id)
+        if rec is not None and not rec.done:
             # an earlier attempt was cut short and not rolled back: finish rolling it back
-            self.unstage(req.volume_id, rec["staging_path"])
+            self.unstage(req.volume_id, rec.staging_path)
             rec = None
         if rec is not None:
-            if rec["staging_path"] != staging:
-                raise InUse(f"volume {req.volume_id} is staged at {rec['staging_path']}")
-            if rec["access_type"] != req.access_type or rec.get("fs_type", "") != fs_type:
+            if rec.staging_path != staging:
+                raise InUse(f"volume {req.volume_id} is staged at {rec.staging_path}")
+            if rec.access_type != req.access_type or rec.fs_type != fs_type:
                 raise AlreadyExists(
                     f"volume {req.volume_id} is staged at {staging} as "
-                    f"{rec['access_type']} {rec.get('fs_type', '')}"
+                    f"{rec.access_type} {rec.fs_type}"
                 )
         _check_directory(staging, "staging path")
-        record = {
-            "staging_path": staging, "access_type": req.access_type, "fs_type": fs_type,
-            "mount_flags": flags, "read_only": req.read_only,
-            "state": rec["state"] if rec else PENDING,
-        }
+        record = StageRecord(
+            volume_id=req.volume_id, staging_path=staging, access_type=req.access_type,
+            fs_type=fs_type, mount_flags=tuple(flags), read_only=req.read_only,
+            state=rec.state if rec else PENDING,
+        )
         with Rollback() as undo:
             if rec is None:
-                self.store.put(STAGE, req.volume_id, record)
-                undo.add("the stage record", self.store.delete, STAGE, req.volume_id)
+                self.records.put_stage(record)
+                undo.add("the stage record", self.records.delete_stage, req.volume_id)
             crash.point("stage-after-intent")
             dev = self._ensure_rw_device(backing, undo)
             crash.point("stage-after-attach")
@@ -222,8 +217,7 @@ class NodeVolumes:
                 self._stage_filesystem(backing, dev, staging, fs_type, flags, req.read_only,
                                        undo)
             crash.point("stage-after-mount")
-            record["state"] = DONE
-            self.store.put(STAGE, req.volume_id, record)
+            self.records.put_stage(replace(record, state=DONE))
 
     def _stage_filesystem(self, backing: Backing, dev: LoopDevice, staging: str, fs_type: str,
                           flags: list[str], read_only: bool, undo: Rollback) -> None:
@@ -274,8 +268,8 @@ class NodeVolumes:
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging = os.path.normpath(staging_path)
-        rec = self.store.get(STAGE, volume_id)
-        if rec is not None and rec["staging_path"] != staging:
+        rec = self.records.get_stage(volume_id)
+        if rec is not None and rec.staging_path != staging:
             return  # staged elsewhere: nothing is staged at this path
         if self.publishes(volume_id):
             raise InUse(f"volume {volume_id} is still published; unpublish it first")
@@ -291,66 +285,67 @@ class NodeVolumes:
             if self.mounts.of_device(dev.major, dev.minor):
                 raise InUse(f"{dev.path} of volume {volume_id} is still mounted elsewhere")
             self.loops.detach(dev.path, file_id(path), require_released=True)
-        self.store.delete(STAGE, volume_id)
+        self.records.delete_stage(volume_id)
 
     # --- publish / unpublish -------------------------------------------------------
     def publish(self, req: PublishRequest) -> LoopDevice:
         """Publish; returns the device the pod does its I/O on (for its QoS rules)."""
         backing = self.files.require(req.volume_id)
-        stage = self.store.get(STAGE, req.volume_id)
+        stage = self.records.get_stage(req.volume_id)
         staging = os.path.normpath(req.staging_path)
-        if stage is None or stage["state"] != DONE or stage["staging_path"] != staging:
+        if stage is None or not stage.done or stage.staging_path != staging:
             raise InUse(f"volume {req.volume_id} is not staged at {staging}")
-        if stage["access_type"] != req.access_type:
-            raise AlreadyExists(f"volume {req.volume_id} is staged as {stage['access_type']}")
+        if stage.access_type != req.access_type:
+            raise AlreadyExists(f"volume {req.volume_id} is staged as {stage.access_type}")
         target = os.path.normpath(req.target_path)
-        key = _publish_key(req.volume_id, target)
-        rec = self.store.get(PUBLISH, key)
-        if rec is not None and (rec["read_only"] != req.read_only
-                                or rec["access_type"] != req.access_type):
+        rec = self.records.get_publish(req.volume_id, target)
+        if rec is not None and (rec.read_only != req.read_only
+                                or rec.access_type != req.access_type):
             raise AlreadyExists(f"volume {req.volume_id} is published at {target} differently")
         if req.single_writer and not req.read_only:
             others = [p for p in self.publishes(req.volume_id)
-                      if p["target"] != target and not p["read_only"]]
+                      if p.target != target and not p.read_only]
             if others:
                 raise InUse(
                     f"volume {req.volume_id} is single-writer and already published "
-                    f"at {others[0]['target']}"
+                    f"at {others[0].target}"
                 )
         flags = [_check_mount_option(o) for o in req.mount_flags]
         if req.access_type == BLOCK:
             _check_block_target(target)
         else:
             _check_directory(target, "target path")
-        ro_device = rec.get("ro_device", "") if rec else ""
-        record = {
-            "volume_id": req.volume_id, "target": target, "access_type": req.access_type,
-            "read_only": req.read_only, "ro_device": ro_device, "pod_uid": req.pod_uid,
-            "state": rec["state"] if rec else PENDING,
-        }
+        ro_device = rec.ro_device if rec else ""
+        # a retry keeps what the record knew; the pod is the one asking now
+        record = PublishRecord(
+            volume_id=req.volume_id, target=target, access_type=req.access_type,
+            read_only=req.read_only, ro_device=ro_device, pod_uid=req.pod_uid,
+            state=rec.state if rec else PENDING,
+        )
         with Rollback() as undo:
             if rec is None:
-                self.store.put(PUBLISH, key, record)
-                undo.add("the publish record", self.store.delete, PUBLISH, key)
+                self.records.put_publish(record)
+                undo.add("the publish record", self.records.delete_publish, req.volume_id,
+                         target)
             crash.point("publish-after-intent")
             rw = self._restore_stage(backing, stage, undo)
             if req.access_type == BLOCK:
                 dev = self._publish_block(backing, rw, target, req.read_only, ro_device, undo)
-                record["ro_device"] = dev.path if req.read_only else ""
+                record = replace(record, ro_device=dev.path if req.read_only else "")
             else:
                 dev = self._publish_mount(rw, staging, target, req.read_only, flags, undo)
             crash.point("publish-after-mount")
-            record["device"] = f"{dev.major}:{dev.minor}"
-            record["state"] = DONE
-            self.store.put(PUBLISH, key, record)
+            self.records.put_publish(replace(record, device=(dev.major, dev.minor),
+                                             state=DONE))
         return dev
 
-    def _restore_stage(self, backing: Backing, stage: dict, undo: Rollback) -> LoopDevice:
+    def _restore_stage(self, backing: Backing, stage: StageRecord,
+                       undo: Rollback) -> LoopDevice:
         """The staged device (and filesystem), brought back if a reboot took them."""
         dev = self._ensure_rw_device(backing, undo)
-        if stage["access_type"] == MOUNT:
-            self._stage_filesystem(backing, dev, stage["staging_path"], stage["fs_type"],
-                                   list(stage.get("mount_flags", [])), stage["read_only"], undo)
+        if stage.access_type == MOUNT:
+            self._stage_filesystem(backing, dev, stage.staging_path, stage.fs_type,
+                                   list(stage.mount_flags), stage.read_only, undo)
         return dev
 
     def _publish_mount(self, dev: LoopDevice, staging: str, target: str, read_only: bool,
@@ -398,13 +393,12 @@ class NodeVolumes:
         undo.add(f"mounting {target}", self.mounts.unmount, target)
         return dev
 
-    def publish_record(self, volume_id: str, target_path: str) -> dict | None:
-        return self.store.get(PUBLISH, _publish_key(volume_id, os.path.normpath(target_path)))
+    def publish_record(self, volume_id: str, target_path: str) -> PublishRecord | None:
+        return self.records.get_publish(volume_id, target_path)
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target = os.path.normpath(target_path)
-        key = _publish_key(volume_id, target)
-        rec = self.store.get(PUBLISH, key)
+        rec = self.records.get_publish(volume_id, target)
         backing = self.files.get(volume_id)
         entry = self._mount_of(target)
         if entry is not None:
@@ -414,12 +408,12 @@ class NodeVolumes:
             self.mounts.unmount(target)
         crash.point("unpublish-after-unmount")
         _remove_target(target)
-        if rec is not None and rec.get("ro_device") and backing is not None:
+        if rec is not None and rec.ro_device and backing is not None:
             path = self.files.path(backing)
-            dev = self.loops.by_path(rec["ro_device"])
+            dev = self.loops.by_path(rec.ro_device)
             if dev is not None and dev.read_only and self.loops.holds(dev, path):
                 self.loops.detach(dev.path, file_id(path), require_released=True)
-        self.store.delete(PUBLISH, key)
+        self.records.delete_publish(volume_id, target)
 
     def _mount_is_ours(self, entry: MountEntry, backing: Backing | None) -> bool:
         if backing is None:
@@ -440,19 +434,19 @@ class NodeVolumes:
     def expand(self, volume_id: str, volume_path: str) -> int:
         """Grow devices (and the filesystem) to the backing file's size; returns bytes."""
         backing = self.files.require(volume_id)
-        stage = self.store.get(STAGE, volume_id)
+        stage = self.records.get_stage(volume_id)
         if stage is None:
             raise InUse(f"volume {volume_id} is not staged on this node")
         path = _canonical(volume_path)
-        known = {stage["staging_path"]} | {p["target"] for p in self.publishes(volume_id)}
+        known = {stage.staging_path} | {p.target for p in self.publishes(volume_id)}
         if path not in known:
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
         for dev in self.loops.by_backing_file(self.files.path(backing)):
             if dev.size_bytes != backing.size_bytes:
                 self.loops.refresh_capacity(dev.path)
         rw = self._rw_device(backing)
-        if stage["access_type"] == MOUNT and rw is not None:
-            filesystem.grow(stage["fs_type"], rw.path, stage["staging_path"])
+        if stage.access_type == MOUNT and rw is not None:
+            filesystem.grow(stage.fs_type, rw.path, stage.staging_path)
         return backing.size_bytes
 
     def condition(self, volume_id: str, view: KernelView | None = None) -> Condition:
@@ -462,41 +456,41 @@ class NodeVolumes:
         if backing is None or not os.path.exists(self.files.path(backing)):
             return Condition(True, "the volume's backing file is missing from the pool")
         stage = self.stage_record(volume_id)
-        if stage is None or stage["state"] != DONE:
+        if stage is None or not stage.done:
             return HEALTHY
         view = view or self.kernel_view()
         devs = view.devices_on(self.files.path(backing))
         rw = next((d for d in devs if not d.read_only), None)
-        staging = stage["staging_path"]
+        staging = stage.staging_path
         if rw is None:
             return Condition(True, f"staged at {staging}, but its loop device is gone (a "
                                    "reboot, or a detach behind the driver's back); stage it "
                                    "again")
-        if stage["access_type"] == MOUNT and not _mounts_device(view.mount_at(staging), rw):
+        if stage.access_type == MOUNT and not _mounts_device(view.mount_at(staging), rw):
             return Condition(True, f"staged at {staging}, but its filesystem is not mounted "
                                    "there; stage it again")
         for pub in self.publishes(volume_id):
-            if pub["state"] != DONE:
+            if not pub.done:
                 continue
-            entry = view.mount_at(pub["target"])
+            entry = view.mount_at(pub.target)
             if entry is None or not (_mounts_device(entry, rw)
                                      or any(_is_device_bind(entry, d) for d in devs)):
-                return Condition(True, f"published at {pub['target']}, but not mounted there; "
+                return Condition(True, f"published at {pub.target}, but not mounted there; "
                                        "publish it again")
         return HEALTHY
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
         backing = self.files.require(volume_id)
         path = _canonical(volume_path)
-        stage = self.store.get(STAGE, volume_id)
+        stage = self.records.get_stage(volume_id)
         known = set()
         if stage is not None:
-            known.add(stage["staging_path"])
-        known |= {p["target"] for p in self.publishes(volume_id)}
+            known.add(stage.staging_path)
+        known |= {p.target for p in self.publishes(volume_id)}
         if path not in known or not os.path.exists(path):
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
         cond = self.condition(volume_id)
-        block = stage is not None and stage["access_type"] == BLOCK
+        block = stage is not None and stage.access_type == BLOCK
         if block or stat.S_ISBLK(os.stat(path).st_mode):
             size = backing.size_bytes
             dev = self._rw_device(backing)
@@ -509,14 +503,15 @@ class NodeVolumes:
     # --- restart -------------------------------------------------------------------
     def reconcile(self) -> None:
         """Roll back half-done stage/publish steps; detach loop devices nobody owns."""
-        for key, rec in self.store.list(PUBLISH):
-            if rec["state"] == PENDING:
-                log.warning("rolling back interrupted publish of %s", key)
-                self._try(self.unpublish, rec["volume_id"], rec["target"])
-        for volume_id, rec in self.store.list(STAGE):
-            if rec["state"] == PENDING and not self.publishes(volume_id):
-                log.warning("rolling back interrupted stage of %s", volume_id)
-                self._try(self.unstage, volume_id, rec["staging_path"])
+        for pub in self.records.list_publishes():
+            if pub.state is PENDING:
+                log.warning("rolling back interrupted publish of %s at %s", pub.volume_id,
+                            pub.target)
+                self._try(self.unpublish, pub.volume_id, pub.target)
+        for stage in self.records.list_stages():
+            if stage.state is PENDING and not self.publishes(stage.volume_id):
+                log.warning("rolling back interrupted stage of %s", stage.volume_id)
+                self._try(self.unstage, stage.volume_id, stage.staging_path)
         self._detach_unowned()
 
     @staticmethod
@@ -535,10 +530,7 @@ class NodeVolumes:
             ident = file_id(self.files.path(backing))
             if ident is not None:
                 owners[ident] = backing.volume_id
-        kept_ro = {
-            rec["ro_device"] for _, rec in self.store.list(PUBLISH)
-            if rec.get("ro_device") and rec["state"] == DONE
-        }
+        kept_ro = {p.ro_device for p in self.records.list_publishes() if p.ro_device and p.done}
         pool_dir = self.files.pool.volumes_dir + os.sep
         names = {os.path.basename(self.files.path(b)) for b in self.files.all()}
         names |= {os.path.basename(d.backing_file) for d in self.loops.all()
@@ -550,7 +542,7 @@ class NodeVolumes:
                 continue  # not provably on our pool: someone else's
             if any(_mounts_device(m, dev) or _is_device_bind(m, dev) for m in table):
                 continue
-            staged = owner is not None and self.store.get(STAGE, owner) is not None
+            staged = owner is not None and self.records.get_stage(owner) is not None
             if staged and not dev.read_only:
                 continue  # a staged block volume: its device is its state
             if owner is not None and dev.path in kept_ro:

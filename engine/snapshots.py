@@ -132,13 +132,13 @@ class Snapshots:
             stage = self.volumes.stage_record(vid)
             if stage is None:
                 continue
-            if stage["access_type"] == MOUNT:
+            if stage.access_type == MOUNT:
                 # frozen only where the kernel shows it mounted: after a reboot the record
                 # says staged, and freezing the bare directory freezes the host's filesystem
                 mounted = self.volumes.mounted_staging_path(vid)
                 if mounted:
                     mount_points.append(mounted)
-            elif stage["access_type"] == BLOCK:
+            elif stage.access_type == BLOCK:
                 if not allow_block_in_use:
                     raise InUse(
                         f"volume {vid} is a block volume in use: a plain loop device cannot be "
