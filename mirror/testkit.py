@@ -1,5 +1,6 @@
 """Test and benchmark support: zones as network namespaces, replica processes,
-and a verified-data writer. Used by tests/integration and tests/bench only.
+a verified-data writer and a mirrored volume across zones (Cluster). Used by
+tests/integration and tests/bench only.
 
 Addresses come from 198.18.0.0/15 (benchmark range) and exist only inside the
 namespaces created here: a bridge in a namespace of its own, one veth per zone.
@@ -11,6 +12,7 @@ import hashlib
 import mmap
 import os
 import random
+import resource
 import signal
 import struct
 import subprocess
@@ -22,7 +24,8 @@ import zlib
 
 from engine import command
 
-from .frontend import _package_root
+from .frontend import Frontend, _package_root
+from .spec import FrontendTuning, ReplicaAddr, ReplicaState
 
 BLOCK = 4096
 
@@ -86,9 +89,12 @@ class ReplicaProc:
     """A replica service process in a zone; kill() is a SIGKILL, start() brings it back."""
 
     def __init__(self, pool_dir: str, netns: str | None, host: str, port: int, key_path: str,
-                 test_delay_ms: float = 0.0):
+                 test_delay_ms: float = 0.0, nofile: int | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        """nofile: the process's descriptor limit (RLIMIT_NOFILE), to make EMFILE happen."""
         self.pool_dir, self.netns, self.host, self.port = pool_dir, netns, host, port
         self.key_path, self.delay = key_path, test_delay_ms
+        self.nofile, self.extra_args = nofile, tuple(extra_args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ReplicaProc:
@@ -97,12 +103,20 @@ class ReplicaProc:
                 "--test-delay-ms", str(self.delay)]
         if self.netns:
             argv += ["--netns", self.netns]
+        argv += list(self.extra_args)
         os.makedirs(self.pool_dir, exist_ok=True)
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                      # the parent's copy of the log fd stays open (unchanged)
                                      stderr=open(  # noqa: SIM115
                                          os.path.join(self.pool_dir, "replica.log"), "ab"),
-                                     cwd=_package_root(), start_new_session=True)
+                                     cwd=_package_root(), start_new_session=True,
+                                     preexec_fn=limit if nofile is not None else None)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith(b"listening"):
@@ -118,6 +132,19 @@ class ReplicaProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def threads(self) -> int:
+        """Threads of the replica process now (from /proc)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no Threads line")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -155,13 +182,20 @@ class VerifiedWriter:
     """Threads writing self-checking 4 KiB blocks with O_DIRECT; remembers what was acked.
 
     Each thread owns a disjoint set of blocks, so an acknowledged block has exactly
-    one expected content. Any I/O error is recorded: the tests require none.
+    one expected content. A failed write leaves its block unknown until the next
+    acknowledged one: it may or may not have reached the replicas, so verify()
+    accepts either the last acknowledged content or any failed attempt since.
+    Every I/O error is recorded (most tests require none), and so is the time
+    of every acknowledgement (ack_times, monotonic), for tests that must see none
+    during a fault.
     """
 
     def __init__(self, dev: str, blocks: int, threads: int = 4, fsync_every: int = 64):
         self.dev, self.blocks, self.threads, self.fsync_every = dev, blocks, threads, fsync_every
         self.acked: dict[int, bytes] = {}
+        self.unknown: dict[int, list[bytes]] = {}  # failed attempts since the last ack
         self.errors: list[str] = []
+        self.ack_times: list[float] = []
         self.writes = 0
         self._stop = threading.Event()
         self._ts: list[threading.Thread] = []
@@ -189,16 +223,25 @@ class VerifiedWriter:
                 buf.write(data)
                 try:
                     os.pwrite(fd, buf, blk * BLOCK)
-                    if seq % self.fsync_every == 0:
-                        os.fsync(fd)
                 except OSError as e:
                     with self._lock:
                         self.errors.append(f"block {blk}: {e}")
+                        self.unknown.setdefault(blk, []).append(data)
                     time.sleep(0.05)
                     continue
+                now = time.monotonic()
                 with self._lock:
                     self.acked[blk] = data
+                    self.unknown.pop(blk, None)
+                    self.ack_times.append(now)
                     self.writes += 1
+                if seq % self.fsync_every == 0:
+                    try:
+                        os.fsync(fd)
+                    except OSError as e:  # the write itself was acknowledged
+                        with self._lock:
+                            self.errors.append(f"fsync: {e}")
+                        time.sleep(0.05)
         finally:
             os.close(fd)
 
@@ -215,8 +258,13 @@ class VerifiedWriter:
                 raise TimeoutError(f"only {self.writes - start} writes in {timeout_s}s")
             time.sleep(0.02)
 
+    def acks_after(self, t: float) -> int:
+        """Writes acknowledged after monotonic time t."""
+        with self._lock:
+            return sum(1 for a in self.ack_times if a > t)
+
     def verify(self, path: str, direct: bool = False) -> list[int]:
-        """Blocks whose content differs from the last acknowledged write."""
+        """Blocks whose content is neither the last acknowledged write nor a failed one since."""
         bad = []
         flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
         fd = os.open(path, flags)
@@ -224,8 +272,88 @@ class VerifiedWriter:
         try:
             for blk, data in self.acked.items():
                 os.preadv(fd, [buf], blk * BLOCK)
-                if bytes(buf) != data:
+                got = bytes(buf)
+                if got != data and got not in self.unknown.get(blk, ()):
                     bad.append(blk)
         finally:
             os.close(fd)
         return bad
+
+
+class Cluster:
+    """A mirrored volume across zones: a Topology, one replica process per zone and a
+    Frontend in the frontend namespace. down() undoes everything, even half-made."""
+
+    def __init__(self, tmp: str, zones: int = 2, delay_ms: float = 0.0, port: int = 7400,
+                 size_bytes: int = 64 * 1024 * 1024, tuning: FrontendTuning | None = None,
+                 replica_nofile: int | None = None, replica_args: tuple[str, ...] = ()):
+        assert os.geteuid() == 0, "needs root"
+        self.tmp = str(tmp)
+        self.topo = Topology(zones)
+        self.key = os.path.join(self.tmp, "key")
+        with open(self.key, "wb") as f:
+            f.write(os.urandom(24).hex().encode())
+        os.chmod(self.key, 0o600)
+        self.replicas: list[ReplicaProc] = []
+        self.fe: Frontend | None = None
+        self.delay_ms, self.port, self.size = delay_ms, port, size_bytes
+        self.tuning = tuning or FrontendTuning(io_timeout_s=1.5, reconnect_interval_s=0.3)
+        self.replica_nofile, self.replica_args = replica_nofile, replica_args
+        self.volume_id = "vol-t"
+
+    def up(self, volume_id: str = "vol-t", replicas: int | None = None) -> str:
+        """Zones, replica processes (the first `replicas` of them in the volume) and the
+        frontend; returns the device path."""
+        self.volume_id = volume_id
+        self.topo.up()
+        for i in range(1, self.topo.zones + 1):
+            self.replicas.append(ReplicaProc(
+                os.path.join(self.tmp, f"pool{i}"), self.topo.ns(f"z{i}"), self.topo.zone_ip(i),
+                self.port, self.key, test_delay_ms=self.delay_ms, nofile=self.replica_nofile,
+                extra_args=self.replica_args).start())
+        used = self.replicas[:replicas or len(self.replicas)]
+        self.fe = Frontend(volume_id, self.size, [self.addr(i) for i in range(len(used))],
+                           f"sqlite:{self.tmp}/arbiter.db", os.path.join(self.tmp, "fe"),
+                           self.key, netns=self.topo.ns("fe"), tuning=self.tuning)
+        return self.fe.start()
+
+    def addr(self, i: int) -> ReplicaAddr:
+        """Replica i (0-based) of the volume: id r<i+1> in zone i+1."""
+        r = self.replicas[i]
+        return ReplicaAddr(f"r{i + 1}", r.host, r.port)
+
+    def down(self) -> None:
+        try:
+            if self.fe is not None:
+                self.fe.stop()
+        finally:
+            for r in self.replicas:
+                r.kill()
+            self.topo.down()
+
+    def state(self, rid: str) -> ReplicaState:
+        assert self.fe is not None
+        return next(r.state for r in self.fe.status().replicas if r.replica_id == rid)
+
+    def wait_state(self, rid: str, st: ReplicaState, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.state(rid) != st:
+            assert time.monotonic() < deadline, f"{rid} never became {st}"
+            time.sleep(0.05)
+
+    def check(self, w: VerifiedWriter, allow_errors: bool = False,
+              replicas: list[ReplicaProc] | None = None) -> None:
+        """Everything in sync, every acknowledged block on the device and on every replica's
+        file, identical replica files. Stops the frontend (cleanly) to compare the files."""
+        assert self.fe is not None and self.fe.device_path
+        if not allow_errors:
+            assert not w.errors, f"the application saw I/O errors: {w.errors[:5]}"
+        self.fe.wait_in_sync(60)
+        assert w.verify(self.fe.device_path, direct=True) == [], "acknowledged writes lost (device)"
+        self.fe.stop()  # clean stop: replicas quiesced before comparing files
+        for r in replicas if replicas is not None else self.replicas:
+            assert w.verify(r.data_path(self.volume_id)) == [], (
+                f"acknowledged writes lost on {r.pool_dir}")
+        sums = {file_sha256(r.data_path(self.volume_id), self.size)
+                for r in (replicas if replicas is not None else self.replicas)}
+        assert len(sums) == 1, "replicas differ"
