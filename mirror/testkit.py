@@ -35,11 +35,13 @@ def run(argv: list[str], timeout_s: float = 30.0) -> str:
 
 
 class Topology:
-    """Namespaces <prefix>-br (bridge), <prefix>-fe and <prefix>-z1..zN."""
+    """Namespaces <prefix>-br (bridge), <prefix>-fe, <prefix>-z1..zN and, for tests that
+    need another peer (a connection flood), <prefix>-x1..xM."""
 
-    def __init__(self, zones: int, prefix: str | None = None):
+    def __init__(self, zones: int, prefix: str | None = None, extra_hosts: int = 0):
         self.prefix = prefix or f"tdm-mir-{uuid.uuid4().hex[:6]}"
         self.zones = zones
+        self.extra_hosts = extra_hosts
         self.created: list[str] = []
 
     def ns(self, name: str) -> str:
@@ -47,6 +49,9 @@ class Topology:
 
     def zone_ip(self, i: int) -> str:
         return f"198.18.0.{10 + i}"
+
+    def host_ip(self, i: int) -> str:
+        return f"198.18.0.{100 + i}"
 
     fe_ip = "198.18.0.1"
 
@@ -56,7 +61,8 @@ class Topology:
         run(["ip", "-n", br, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", br, "link", "set", "br0", "up"])
         zone_ips = [(f"z{i}", self.zone_ip(i)) for i in range(1, self.zones + 1)]
-        for name, ip in [("fe", self.fe_ip)] + zone_ips:
+        host_ips = [(f"x{i}", self.host_ip(i)) for i in range(1, self.extra_hosts + 1)]
+        for name, ip in [("fe", self.fe_ip)] + zone_ips + host_ips:
             ns = self.ns(name)
             self._add(ns)
             # created inside the namespaces: no names or addresses ever in the root namespace
@@ -156,6 +162,101 @@ class ReplicaProc:
 
     def data_path(self, volume_id: str) -> str:
         return os.path.join(self.pool_dir, volume_id, "data")
+
+
+class Flood:
+    """`count` TCP connections to a replica service, made from inside a namespace (a
+    subprocess entered it) and held open until stop(): silent ones that never answer the
+    server's hello, or, with key_path, ones that pass the handshake and then sit idle.
+    `connected` and `authenticated` say how many got that far."""
+
+    def __init__(self, netns: str, host: str, port: int, count: int,
+                 key_path: str | None = None):
+        self.argv = [sys.executable, "-m", "mirror.testkit", "flood", "--netns", netns,
+                     "--target", f"{host}:{port}", "--count", str(count)]
+        if key_path:
+            self.argv += ["--key-file", key_path]
+        self.proc: subprocess.Popen | None = None
+        self.connected = self.authenticated = 0
+
+    def start(self) -> Flood:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=_package_root(), start_new_session=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != b"holding":
+            self.stop()
+            raise RuntimeError(f"flood did not start: {line!r}")
+        self.connected, self.authenticated = int(line[1]), int(line[2])
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # it closes every connection and exits
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _flood_main(argv: list[str]) -> None:
+    """The Flood subprocess: enter the namespace, connect, report, hold until stdin ends."""
+    import argparse
+    import socket
+
+    from . import auth, netns
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--netns", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--key-file")
+    args = p.parse_args(argv)
+    netns.enter(args.netns)
+    host, _, port = args.target.rpartition(":")
+    key = auth.load_key(args.key_file) if args.key_file else None
+    held: list[socket.socket] = []
+    counts = {"connected": 0, "authenticated": 0}
+    lock = threading.Lock()
+
+    def one() -> None:
+        deadline = time.monotonic() + 4.0
+        while True:  # authenticated: retried like a real client (caps refuse bursts)
+            try:
+                s = socket.create_connection((host, int(port)), timeout=2.0)
+            except OSError:
+                if key is None or time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+                continue
+            if key is None:
+                break
+            try:
+                auth.client_handshake(s, key)
+            except (OSError, auth.AuthFailed):
+                s.close()
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+                continue
+            with lock:
+                counts["authenticated"] += 1
+            break
+        with lock:
+            held.append(s)
+            counts["connected"] += 1
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    print(f"holding {counts['connected']} {counts['authenticated']}", flush=True)
+    sys.stdin.read()
+    for s in held:
+        s.close()
 
 
 def file_sha256(path: str, size: int) -> str:
@@ -286,10 +387,11 @@ class Cluster:
 
     def __init__(self, tmp: str, zones: int = 2, delay_ms: float = 0.0, port: int = 7400,
                  size_bytes: int = 64 * 1024 * 1024, tuning: FrontendTuning | None = None,
-                 replica_nofile: int | None = None, replica_args: tuple[str, ...] = ()):
+                 replica_nofile: int | None = None, replica_args: tuple[str, ...] = (),
+                 extra_hosts: int = 0):
         assert os.geteuid() == 0, "needs root"
         self.tmp = str(tmp)
-        self.topo = Topology(zones)
+        self.topo = Topology(zones, extra_hosts=extra_hosts)
         self.key = os.path.join(self.tmp, "key")
         with open(self.key, "wb") as f:
             f.write(os.urandom(24).hex().encode())
@@ -357,3 +459,11 @@ class Cluster:
         sums = {file_sha256(r.data_path(self.volume_id), self.size)
                 for r in (replicas if replicas is not None else self.replicas)}
         assert len(sums) == 1, "replicas differ"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["flood"]:
+        _flood_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m mirror.testkit flood --netns NS --target HOST:PORT --count N "
+                 "[--key-file F]")

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mirror.spec import FrontendTuning, ReplicaState
-from mirror.testkit import Cluster, VerifiedWriter
+from mirror.testkit import Cluster, Flood, VerifiedWriter
 
 BLOCKS = 8192  # the first 32 MiB of the 64 MiB volume
 PORT = 7410
@@ -39,6 +39,11 @@ def cluster(tmp_path):
     yield make
     for c in made:
         c.down()
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def double_cut(c: Cluster, w: VerifiedWriter) -> float:
@@ -91,3 +96,41 @@ def test_double_cut_then_frontend_restart_repairs_the_replica_that_missed_writes
     w.wait_writes(300, timeout_s=30)
     w.stop()
     c.check(w, allow_errors=True)
+
+
+def test_connection_flood_never_stops_a_replica_accepting(cluster):
+    """r2 runs with 64 descriptors. 400 silent connections from another host must cost
+    no threads and leave room for the frontend's; then authenticated connections use up
+    the descriptors (accept() fails with EMFILE): the service backs off, and accepts
+    the frontend again once they are gone. Before: one thread per connection, and the
+    first EMFILE ended the accept loop for good, so r2's volumes stayed degraded."""
+    c = cluster(replica_nofile=64, extra_hosts=1)
+    dev = c.up()
+    assert c.fe is not None
+    r2 = c.replicas[1]
+    w = VerifiedWriter(dev, BLOCKS).start()
+    w.wait_writes(200)
+    threads = r2.threads()
+    flood = Flood(c.topo.ns("x1"), r2.host, r2.port, 400).start()
+    try:
+        time.sleep(0.5)
+        assert r2.threads() <= threads + 1, "a thread per unauthenticated connection"
+        c.fe.restart_worker()  # the new worker connects to r2 during the flood
+        c.fe.wait_in_sync(20)
+    finally:
+        flood.stop()
+    flood = Flood(c.topo.ns("x1"), r2.host, r2.port, 80, key_path=c.key).start()
+    try:
+        assert flood.authenticated < 80, "the descriptors never ran out: EMFILE not tested"
+        deadline = time.monotonic() + 10
+        while "Too many open files" not in read(os.path.join(r2.pool_dir, "replica.log")):
+            assert time.monotonic() < deadline, "accept() never failed with EMFILE"
+            time.sleep(0.1)
+    finally:
+        flood.stop()
+    assert r2.alive
+    c.fe.restart_worker()  # must find r2 accepting again
+    c.fe.wait_in_sync(20)
+    w.wait_writes(200)
+    w.stop()
+    c.check(w)
