@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 
 from engine import command
 
@@ -459,6 +460,64 @@ class Cluster:
         sums = {file_sha256(r.data_path(self.volume_id), self.size)
                 for r in (replicas if replicas is not None else self.replicas)}
         assert len(sums) == 1, "replicas differ"
+
+
+def fault_sequence(c: Cluster, seed: int, steps: int, say: Callable[[str], None] = print,
+                   frontend_kills: float = 0.35) -> list[str]:
+    """Replica faults chosen by a seeded generator, one per step: a zone cut or healed
+    (silent: no reset), a replica SIGKILLed or started again; after each, with
+    probability frontend_kills, the frontend worker is SIGKILLed at a random point and
+    started again a moment later. Ends with every zone healed, every replica running and
+    a worker up. Returns what was done (also passed to say, as it happens)."""
+    assert c.fe is not None
+    rnd = random.Random(seed)
+    zones = c.topo.zones
+    cut: set[int] = set()
+    dead: set[int] = set()
+    done: list[str] = []
+
+    def note(what: str) -> None:
+        done.append(what)
+        say(f"[seed {seed}] {time.monotonic():.2f} {what}")
+
+    for _ in range(steps):
+        z = rnd.randint(1, zones)
+        if rnd.random() < 0.5:
+            if z in cut:
+                c.topo.heal(z)
+                cut.discard(z)
+                note(f"heal z{z}")
+            else:
+                c.topo.cut(z)
+                cut.add(z)
+                note(f"cut z{z}")
+        elif z in dead:
+            c.replicas[z - 1].start()
+            dead.discard(z)
+            note(f"start r{z}")
+        else:
+            c.replicas[z - 1].kill()
+            dead.add(z)
+            note(f"kill r{z}")
+        pause = rnd.uniform(0.1, 1.2 * c.tuning.io_timeout_s)  # faults overlap often
+        if rnd.random() < frontend_kills:
+            first = rnd.uniform(0, pause)
+            time.sleep(first)
+            c.fe.kill_worker()
+            note("kill the frontend")
+            time.sleep(rnd.uniform(0, 0.5))
+            c.fe.start_worker()
+            note("frontend back")
+            time.sleep(max(0.0, pause - first))
+        else:
+            time.sleep(pause)
+    for z in sorted(cut):
+        c.topo.heal(z)
+        note(f"heal z{z}")
+    for z in sorted(dead):
+        c.replicas[z - 1].start()
+        note(f"start r{z}")
+    return done
 
 
 if __name__ == "__main__":

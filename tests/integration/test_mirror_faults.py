@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mirror.spec import FrontendTuning, ReplicaState
-from mirror.testkit import Cluster, Flood, VerifiedWriter
+from mirror.testkit import Cluster, Flood, VerifiedWriter, fault_sequence
 
 BLOCKS = 8192  # the first 32 MiB of the 64 MiB volume
 PORT = 7410
@@ -134,3 +134,23 @@ def test_connection_flood_never_stops_a_replica_accepting(cluster):
     w.wait_writes(200)
     w.stop()
     c.check(w)
+
+
+# (seed, zones): a fixed list in CI; tests/bench/mirror_soak.py runs many more, longer
+SEQUENCES = [(11, 2), (12, 3)]
+STEPS = 8
+
+
+@pytest.mark.parametrize(("seed", "zones"), SEQUENCES)
+def test_frontend_killed_at_random_points_during_replica_faults(cluster, seed, zones):
+    """The general rule: whatever the faults and wherever the frontend dies, once all is
+    healed every acknowledged block is on the device and on every replica, and the
+    replicas are identical."""
+    c = cluster(zones=zones)
+    dev = c.up()
+    w = VerifiedWriter(dev, BLOCKS).start()
+    w.wait_writes(200)
+    fault_sequence(c, seed, STEPS)
+    w.wait_writes(200, timeout_s=60)  # serving again after the heal
+    w.stop()
+    c.check(w, allow_errors=True)
