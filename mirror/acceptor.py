@@ -2,9 +2,9 @@
 all of them on one thread, so an unauthenticated peer costs a socket and a few bytes,
 never a thread. Authenticated sockets are handed on (blocking) to on_peer.
 
-- Caps: at most max_pending handshakes at a time and max_per_source from one address,
-  both also bounded by the descriptor limit (a quarter of it, and a quarter of that);
-  a connection over a cap is reset at once.
+- Caps: at most max_pending handshakes at a time and max_per_source from one address;
+  when the descriptor limit is lower, a quarter of it and a quarter of that. A
+  connection over a cap is reset at once.
 - A handshake not finished within handshake_timeout_s is dropped.
 - accept() failing never ends the loop: out of descriptors or memory (EMFILE, ENFILE,
   ENOBUFS, ENOMEM) it makes room (the oldest handshake of the address with the most)
@@ -77,10 +77,12 @@ class Acceptor:
                  on_peer: Callable[[socket.socket, str], None], max_pending: int = 512,
                  max_per_source: int = 64, handshake_timeout_s: float = 5.0):
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft != resource.RLIM_INFINITY:
-            max_pending = min(max_pending, max(4, soft // 4))
+        if soft != resource.RLIM_INFINITY and soft // 4 < max_pending:
+            # the descriptors are the limit: one address may take a quarter of what is left
+            max_pending = max(4, soft // 4)
+            max_per_source = min(max_per_source, max(2, max_pending // 4))
         self.max_pending = max(1, max_pending)
-        self.max_per_source = max(1, min(max_per_source, max(2, self.max_pending // 4)))
+        self.max_per_source = max(1, min(max_per_source, self.max_pending))
         self.timeout_s = handshake_timeout_s
         self._listener = listener
         listener.setblocking(False)

@@ -465,7 +465,8 @@ class Cluster:
 def fault_sequence(c: Cluster, seed: int, steps: int, say: Callable[[str], None] = print,
                    frontend_kills: float = 0.35) -> list[str]:
     """Replica faults chosen by a seeded generator, one per step: a zone cut or healed
-    (silent: no reset), a replica SIGKILLed or started again; after each, with
+    (silent: no reset), two zones cut a moment apart, a replica SIGKILLed or started
+    again; after each, with
     probability frontend_kills, the frontend worker is SIGKILLed at a random point and
     started again a moment later. Ends with every zone healed, every replica running and
     a worker up. Returns what was done (also passed to say, as it happens)."""
@@ -482,7 +483,18 @@ def fault_sequence(c: Cluster, seed: int, steps: int, say: Callable[[str], None]
 
     for _ in range(steps):
         z = rnd.randint(1, zones)
-        if rnd.random() < 0.5:
+        kind = rnd.random()
+        if kind < 0.3:
+            # a burst: two zones cut a moment apart (a shared switch, say), before the
+            # first one has timed out
+            for i, zz in enumerate(rnd.sample(range(1, zones + 1), 2)):
+                if i:
+                    time.sleep(rnd.uniform(0.1, 0.9 * c.tuning.io_timeout_s))
+                if zz not in cut:
+                    c.topo.cut(zz)
+                    cut.add(zz)
+                    note(f"cut z{zz}")
+        elif kind < 0.65:
             if z in cut:
                 c.topo.heal(z)
                 cut.discard(z)

@@ -57,13 +57,26 @@ def one(seed: int, zones: int, steps: int) -> tuple[bool, str, float]:
             c.down()
         finally:
             if not ok:
-                keep = f"/tmp/tdm-soak-logs-{seed}"
-                shutil.rmtree(keep, ignore_errors=True)
-                shutil.copytree(tmp, keep, ignore=shutil.ignore_patterns("data", "*.map", "mnt"),
-                                dirs_exist_ok=True)
-                why = f"{why}\nactions: {actions}\nlogs: {keep}"
+                why = f"{why}\nactions: {actions}\nlogs: {keep_logs(tmp, seed)}"
             cleanup_tree(tmp)  # unmounts and detaches whatever is left, then removes it
     return ok, why, time.monotonic() - t0
+
+
+def keep_logs(tmp: str, seed: int) -> str:
+    """Copy the worker's and replicas' logs of a failed seed out of its directory."""
+    keep = f"/tmp/tdm-soak-logs-{seed}"
+    shutil.rmtree(keep, ignore_errors=True)
+    for root, dirs, files in os.walk(tmp):
+        dirs[:] = [d for d in dirs if d != "mnt"]  # a FUSE mount with no worker would hang us
+        for name in files:
+            if name.endswith(".log"):
+                dst = os.path.join(keep, os.path.relpath(root, tmp))
+                os.makedirs(dst, exist_ok=True)
+                try:
+                    shutil.copy(os.path.join(root, name), dst)
+                except OSError:
+                    pass
+    return keep
 
 
 def main() -> int:
