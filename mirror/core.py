@@ -241,6 +241,14 @@ class MirrorCore:
         states = self.record.replicas
         fresh = self.record.version == 1  # we just created it: every replica starts empty
         results: dict[str, tuple[Any, BaseException | None]] = {}
+        given_up = False
+
+        def opened(link: Link, res: Any, err: BaseException | None) -> None:
+            if given_up and err is None:
+                res[0].close()  # too late: the replica is treated as unreachable
+            else:
+                results[link.rid] = (res, err)
+
         for link in self.links:
             st = states.get(link.rid)
             link.state = ReplicaState(st) if st else OUT_OF_SYNC
@@ -252,12 +260,13 @@ class MirrorCore:
             self.helpers.submit(
                 self._opener(link, gen),
                 # mypy cannot infer lambdas with default arguments
-                lambda res, err, lk=link: results.__setitem__(lk.rid, (res, err)),  # type: ignore[misc]
+                lambda res, err, lk=link: opened(lk, res, err),  # type: ignore[misc]
             )
         deadline = time.monotonic() + self.t.io_timeout_s + 5
         while len(results) < len(self.links) and time.monotonic() < deadline:
             select.select([self.helpers.wake_fd], [], [], 0.2)
             self.helpers.drain()
+        given_up = True
         for link in self.links:
             link.connecting = False
             res, err = results.get(link.rid, (None, TimeoutError("connect timed out")))
@@ -328,6 +337,8 @@ class MirrorCore:
             log.warning("replica %s has no copy of the volume: full rebuild", link.rid)
             link.needs_create = True
             link.dirty[:] = b"\1" * self.regions
+            if link.state == IN_SYNC:
+                self._lost_copy(link)
         else:
             log.warning("replica %s unreachable: %s", link.rid, err)
 
@@ -857,6 +868,24 @@ class MirrorCore:
                 self._record(link.rid, OUT_OF_SYNC, hold)
         self._settle()
         self.flush()
+
+    def _lost_copy(self, link: Link) -> None:
+        """An in-sync replica without its copy is out of sync whatever the others are, and
+        recorded so before anything is acknowledged without it. With no other in-sync
+        replica I/O fails: a recreated, empty copy is never a source."""
+        log.error("replica %s was in sync and lost its copy", link.rid)
+        survivors = {lk for lk in self.links if lk is not link and lk.state == IN_SYNC}
+        hold = self._hold(Hold(f"{link.rid} lost its copy", survivors, recorded=False))
+        link.state = OUT_OF_SYNC
+        link.suspect = link.planned = link.recording = False
+        for h in self.holds:
+            h.waiting.discard(link)
+        self._recompute()
+        for s in survivors:
+            if s.connected:
+                self._track_on(s)
+        self._record(link.rid, OUT_OF_SYNC, hold)
+        self._settle()
 
     def _drop_unreachable_in_sync(self) -> None:
         """An in-sync replica kept while too few others were reachable is dropped as soon

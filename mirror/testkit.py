@@ -513,7 +513,10 @@ def fault_sequence(c: Cluster, seed: int, steps: int, say: Callable[[str], None]
             note(f"kill r{z}")
         pause = rnd.uniform(0.1, 1.2 * c.tuning.io_timeout_s)  # faults overlap often
         if rnd.random() < frontend_kills:
-            first = rnd.uniform(0, pause)
+            # at a random point: half the time before the fault can be noticed, half the
+            # time after (the replica dropped, or I/O failing)
+            first = rnd.choice([rnd.uniform(0, pause),
+                                pause + rnd.uniform(1.0, 1.4) * c.tuning.io_timeout_s])
             time.sleep(first)
             c.fe.kill_worker()
             note("kill the frontend")

@@ -331,3 +331,23 @@ def test_no_write_or_flush_is_acknowledged_with_no_replica(env):
     h.core.submit_sync(2)
     assert h.spin(lambda: {1, 2} <= h.replies.keys())
     assert h.replies[1][0] == -errno.EIO and h.replies[2][0] == -errno.EIO
+
+
+def test_an_in_sync_replica_that_lost_its_copy_is_never_a_source(env):
+    """r1 is the only in-sync replica and its node lost the volume (OPEN: ENOENT). It used
+    to be recreated empty and kept in sync: reads returned zeros and r2 was "resynced"
+    from it. Now it is recorded out of sync and I/O fails: nothing left can prove the
+    data."""
+    svcs, arb, make = env
+    prepare(svcs, arb, {"r1": "in_sync", "r2": "out_of_sync"})
+    with ReplicaClient(("127.0.0.1", svcs[0].port), KEY) as c:
+        c.delete_volume("vol")
+    h = make()
+    h.spin(timeout_s=1.0)
+    h.core.submit_read(1, 0, 4096)
+    assert h.spin(lambda: 1 in h.replies)
+    assert h.replies[1][0] == -errno.EIO, "served from a replica that lost its copy"
+    assert h.spin(lambda: arb.get("vol").replicas["r1"] == "out_of_sync", timeout_s=3)
+    with ReplicaClient(("127.0.0.1", svcs[1].port), KEY) as c:  # r2 was left alone
+        c.open("vol", 10**9)
+        assert c.read(0, 4096) == b"a" * 4096
