@@ -223,7 +223,7 @@ def _flood_main(argv: list[str]) -> None:
     lock = threading.Lock()
 
     def one() -> None:
-        deadline = time.monotonic() + 4.0
+        deadline = time.monotonic() + 1.5
         while True:  # authenticated: retried like a real client (caps refuse bursts)
             try:
                 s = socket.create_connection((host, int(port)), timeout=2.0)

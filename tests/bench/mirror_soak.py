@@ -9,9 +9,10 @@ Needs root.
 
 Runtime: about 20 s per seed at the defaults (TDM_SOAK_STEPS=12), so the default 30
 seeds take about 10 minutes; TDM_SOAK_SEEDS=first:last picks them (default 100:130),
-TDM_SOAK_ZONES=2 or 3 fixes the zone count. Prints one line per seed and a final JSON
-line; exits 1 if any seed failed (its actions and the failure are printed, and its
-logs are kept in /tmp/tdm-soak-logs-SEED).
+TDM_SOAK_ZONES=2 or 3 fixes the zone count, TDM_SOAK_IO_TIMEOUT_S (default 1.0, as in
+CI) the frontend's io timeout, which every pause of a sequence scales with. Prints one
+line per seed and a final JSON line; exits 1 if any seed failed (its actions and the
+failure are printed, and its logs are kept in /tmp/tdm-soak-logs-SEED).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.support import cleanup_tree
 
 PORT = 7600
 BLOCKS = 8192
-TUNING = FrontendTuning(io_timeout_s=1.5, reconnect_interval_s=0.3)
+IO_TIMEOUT_S = float(os.environ.get("TDM_SOAK_IO_TIMEOUT_S", "1.0"))
+TUNING = FrontendTuning(io_timeout_s=IO_TIMEOUT_S, reconnect_interval_s=0.2)
 
 
 def one(seed: int, zones: int, steps: int) -> tuple[bool, str, float]:
