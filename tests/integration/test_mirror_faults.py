@@ -84,13 +84,17 @@ def test_double_cut_acknowledges_nothing_without_a_durable_record(cluster):
 def test_double_cut_then_frontend_restart_repairs_the_replica_that_missed_writes(cluster):
     """The same double fault, then the frontend dies during the cut. The new one must
     not trust r2's dirty map alone (the DEGRADE never reached it): every region named
-    by any replica's activity log or dirty map is copied to r1 before r1 is in sync."""
+    by any replica's activity log or dirty map is copied to r1 before r1 is in sync.
+    r1's node also restarts during the cut: otherwise the dead worker's orphaned sockets
+    may retransmit the missing writes to r1 after the heal, hiding the loss by chance."""
     c = cluster()
     dev = c.up()
     assert c.fe is not None
     w = VerifiedWriter(dev, BLOCKS).start()
     double_cut(c, w)
     c.fe.kill_worker()
+    c.replicas[0].kill()
+    c.replicas[0].start()
     c.topo.heal(1)
     c.topo.heal(2)
     c.fe.start_worker()
