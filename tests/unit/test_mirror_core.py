@@ -49,14 +49,15 @@ class FlakyArbiter:
 
 
 class Harness:
-    def __init__(self, tmp, svcs, arbiter, owner="fe-1", **tuning):
+    def __init__(self, tmp, svcs, arbiter, owner="fe-1", preferred=None, **tuning):
         self.svcs = svcs
         cfg = FrontendConfig("vol", SIZE,
                              tuple(ReplicaAddr(f"r{i + 1}", "127.0.0.1", s.port)
                                    for i, s in enumerate(svcs)),
                              str(tmp), "", "sqlite:unused",
                              tuning=FrontendTuning(io_timeout_s=1.0, reconnect_interval_s=0.2,
-                                                   node_safety=False, **tuning))
+                                                   node_safety=False, **tuning),
+                             preferred_read_replica=preferred)
         self.replies: dict[int, tuple[int, object]] = {}
         self.order: list[int] = []
         self.ep = select.epoll()
@@ -351,3 +352,27 @@ def test_an_in_sync_replica_that_lost_its_copy_is_never_a_source(env):
     with ReplicaClient(("127.0.0.1", svcs[1].port), KEY) as c:  # r2 was left alone
         c.open("vol", 10**9)
         assert c.read(0, 4096) == b"a" * 4096
+
+
+def test_a_returning_replica_is_not_read_before_its_repair(env):
+    """Two in-sync replicas, both needed (min_in_sync 2): r2 dies with a write in flight
+    that r1 applied; the write fails, r2 stays in sync. When r2 (the preferred reader)
+    returns, reads stay on r1 until r2 is repaired from the logs: a read never returns
+    what a later read will not, and the replicas end identical (before: r2 became the
+    read source at once and, being the source, was never repaired at all)."""
+    svcs, arb, make = env
+    h = make(preferred="r2", min_in_sync=2)
+    h.write(1, 0, b"1" * 4096)
+    assert h.spin(lambda: 1 in h.replies) and h.replies[1] == (0, 4096)
+    svcs[1].stop()
+    h.write(2, 0, b"2" * 4096)  # goes out before the frontend notices: r1 applies it
+    assert h.spin(lambda: 2 in h.replies) and h.replies[2][0] == -errno.EIO
+    restart(svcs, 1)
+    assert h.spin(lambda: h.core.links[1].connected, timeout_s=5)
+    h.core.submit_read(3, 0, 4096)
+    assert h.spin(lambda: 3 in h.replies)
+    assert h.spin(h.settled, timeout_s=5)
+    h.core.submit_read(4, 0, 4096)
+    assert h.spin(lambda: 4 in h.replies)
+    assert h.replies[3] == h.replies[4], "the block changed between two reads"
+    assert checksum(svcs[0]) == checksum(svcs[1])
