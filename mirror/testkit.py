@@ -260,6 +260,21 @@ def _flood_main(argv: list[str]) -> None:
         s.close()
 
 
+def release_tree(root: str) -> None:
+    """Lazily unmount every mount below root and detach every loop device whose file is
+    below it (what a failed frontend stop may leave); the files, logs included, stay."""
+    from engine.loopdev import LoopDevices
+    from engine.mounts import Mounts
+
+    root = os.path.realpath(root)
+    for dev in LoopDevices().all():
+        if dev.backing_file.startswith(root + "/"):
+            command.run(["losetup", "-d", dev.path], check=False)
+    for m in sorted(Mounts().table(), key=lambda m: -len(m.target)):
+        if m.target == root or m.target.startswith(root + "/"):
+            command.run(["umount", "-l", m.target], check=False)
+
+
 def file_sha256(path: str, size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

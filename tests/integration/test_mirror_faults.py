@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mirror.spec import FrontendTuning, ReplicaState
-from mirror.testkit import Cluster, Flood, VerifiedWriter, fault_sequence
+from mirror.testkit import Cluster, Flood, VerifiedWriter, fault_sequence, release_tree
 
 BLOCKS = 8192  # the first 32 MiB of the 64 MiB volume
 PORT = 7410
@@ -37,8 +37,11 @@ def cluster(tmp_path):
         return c
 
     yield make
-    for c in made:
-        c.down()
+    try:
+        for c in made:
+            c.down()
+    finally:
+        release_tree(str(tmp_path))  # whatever a failed stop left: mounts, loop devices
 
 
 def read(path: str) -> str:

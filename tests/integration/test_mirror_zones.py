@@ -17,7 +17,7 @@ import pytest
 from engine import command
 from mirror.frontend import Frontend
 from mirror.spec import FrontendTuning, ReplicaAddr, ReplicaState
-from mirror.testkit import Cluster, ReplicaProc, VerifiedWriter
+from mirror.testkit import Cluster, ReplicaProc, VerifiedWriter, release_tree
 
 SIZE = 64 * 1024 * 1024
 BLOCKS = 8192  # the first 32 MiB are written by the checker
@@ -39,8 +39,11 @@ def cluster(tmp_path):
         return c
 
     yield make
-    for c in made:
-        c.down()
+    try:
+        for c in made:
+            c.down()
+    finally:
+        release_tree(str(tmp_path))  # whatever a failed stop left: mounts, loop devices
 
 
 def test_mirrored_device_basic_and_fallocate(cluster):
