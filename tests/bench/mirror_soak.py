@@ -10,7 +10,8 @@ Needs root.
 Runtime: about 20 s per seed at the defaults (TDM_SOAK_STEPS=12), so the default 30
 seeds take about 10 minutes; TDM_SOAK_SEEDS=first:last picks them (default 100:130),
 TDM_SOAK_ZONES=2 or 3 fixes the zone count, TDM_SOAK_IO_TIMEOUT_S (default 1.0, as in
-CI) the frontend's io timeout, which every pause of a sequence scales with. Prints one
+CI) the frontend's io timeout, which every pause of a sequence scales with, and
+TDM_SOAK_MIN_IN_SYNC (default 1; 2 = majority with 3 zones) the replicas I/O needs. Prints one
 line per seed and a final JSON line; exits 1 if any seed failed (its actions and the
 failure are printed, and its logs are kept in /tmp/tdm-soak-logs-SEED).
 """
@@ -32,12 +33,14 @@ from tests.support import cleanup_tree
 PORT = 7600
 BLOCKS = 8192
 IO_TIMEOUT_S = float(os.environ.get("TDM_SOAK_IO_TIMEOUT_S", "1.0"))
-TUNING = FrontendTuning(io_timeout_s=IO_TIMEOUT_S, reconnect_interval_s=0.2)
+MIN_IN_SYNC = int(os.environ.get("TDM_SOAK_MIN_IN_SYNC", "1"))  # 2: majority with 3 zones
 
 
 def one(seed: int, zones: int, steps: int) -> tuple[bool, str, float]:
     tmp = tempfile.mkdtemp(prefix=f"tdm-soak-{seed}-", dir="/tmp")
-    c = Cluster(tmp, zones=zones, port=PORT, tuning=TUNING)
+    tuning = FrontendTuning(io_timeout_s=IO_TIMEOUT_S, reconnect_interval_s=0.2,
+                            min_in_sync=min(MIN_IN_SYNC, zones - 1))
+    c = Cluster(tmp, zones=zones, port=PORT, tuning=tuning)
     actions: list[str] = []
     t0 = time.monotonic()
     ok, why = False, ""
@@ -98,6 +101,7 @@ def main() -> int:
             print(why, flush=True)
     failed = [r["seed"] for r in results if not r["ok"]]
     print(json.dumps({"seeds": len(results), "failed": failed, "steps": steps,
+                      "io_timeout_s": IO_TIMEOUT_S, "min_in_sync": MIN_IN_SYNC,
                       "seconds": round(sum(r["seconds"] for r in results), 1)}))
     return 1 if failed else 0
 
