@@ -52,7 +52,7 @@ def read(path: str) -> str:
 def double_cut(c: Cluster, w: VerifiedWriter) -> float:
     """Cut zone 1, then zone 2 half a second later, and wait until both timed out.
     Returns the time of the first cut."""
-    w.wait_writes(300)
+    w.wait_writes(200)
     t_cut = time.monotonic()
     c.topo.cut(1)
     time.sleep(0.5)
@@ -79,7 +79,7 @@ def test_double_cut_acknowledges_nothing_without_a_durable_record(cluster):
     assert w.errors, "the writes during the double fault must fail"
     c.topo.heal(1)
     c.topo.heal(2)
-    w.wait_writes(300, timeout_s=30)  # serving again once r2 is back
+    w.wait_writes(200, timeout_s=30)  # serving again once r2 is back
     w.stop()
     c.check(w, allow_errors=True)
 
@@ -102,7 +102,7 @@ def test_double_cut_then_frontend_restart_repairs_the_replica_that_missed_writes
     c.topo.heal(2)
     c.fe.start_worker()
     c.wait_state("r1", ReplicaState.IN_SYNC, 40)
-    w.wait_writes(300, timeout_s=30)
+    w.wait_writes(200, timeout_s=30)
     w.stop()
     c.check(w, allow_errors=True)
 
@@ -122,7 +122,7 @@ def test_connection_flood_never_stops_a_replica_accepting(cluster):
     threads = r2.threads()
     flood = Flood(c.topo.ns("x1"), r2.host, r2.port, 400).start()
     try:
-        time.sleep(0.5)
+        time.sleep(0.3)
         assert r2.threads() <= threads + 1, "a thread per unauthenticated connection"
         c.fe.restart_worker()  # the new worker connects to r2 during the flood
         c.fe.wait_in_sync(20)
@@ -140,7 +140,7 @@ def test_connection_flood_never_stops_a_replica_accepting(cluster):
     assert r2.alive
     c.fe.restart_worker()  # must find r2 accepting again
     c.fe.wait_in_sync(20)
-    w.wait_writes(200)
+    w.wait_writes(100)
     w.stop()
     c.check(w)
 
@@ -160,8 +160,8 @@ def test_frontend_killed_at_random_points_during_replica_faults(cluster, seed, z
     c = cluster(zones=zones, tuning=FAST)
     dev = c.up()
     w = VerifiedWriter(dev, BLOCKS).start()
-    w.wait_writes(200)
+    w.wait_writes(100)
     fault_sequence(c, seed, STEPS)
-    w.wait_writes(200, timeout_s=60)  # serving again after the heal
+    w.wait_writes(100, timeout_s=60)  # serving again after the heal
     w.stop()
     c.check(w, allow_errors=True)
