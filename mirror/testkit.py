@@ -307,8 +307,12 @@ class VerifiedWriter:
     during a fault.
     """
 
-    def __init__(self, dev: str, blocks: int, threads: int = 4, fsync_every: int = 64):
+    def __init__(self, dev: str, blocks: int, threads: int = 4, fsync_every: int = 64,
+                 first_block: int = 0):
+        """Writes blocks first_block .. first_block + blocks - 1 (writers on disjoint
+        ranges can run side by side)."""
         self.dev, self.blocks, self.threads, self.fsync_every = dev, blocks, threads, fsync_every
+        self.first_block = first_block
         self.acked: dict[int, bytes] = {}
         self.unknown: dict[int, list[bytes]] = {}  # failed attempts since the last ack
         self.errors: list[str] = []
@@ -329,7 +333,7 @@ class VerifiedWriter:
         fd = os.open(self.dev, os.O_RDWR | os.O_DIRECT)
         buf = mmap.mmap(-1, BLOCK)
         rnd = random.Random(t)
-        mine = range(t, self.blocks, self.threads)
+        mine = range(self.first_block + t, self.first_block + self.blocks, self.threads)
         seq = 0
         try:
             while not self._stop.is_set():
@@ -379,6 +383,19 @@ class VerifiedWriter:
         """Writes acknowledged after monotonic time t."""
         with self._lock:
             return sum(1 for a in self.ack_times if a > t)
+
+    def landed(self, path: str) -> int:
+        """How many of this writer's blocks in the file at path hold one of its blocks
+        (its index and a good CRC), acknowledged or not."""
+        n = 0
+        with open(path, "rb") as f:
+            for blk in range(self.first_block, self.first_block + self.blocks):
+                f.seek(blk * BLOCK)
+                b = f.read(BLOCK)
+                if (len(b) == BLOCK and struct.unpack_from("<Q", b)[0] == blk
+                        and struct.unpack_from("<I", b, BLOCK - 4)[0] == zlib.crc32(b[:-4])):
+                    n += 1
+        return n
 
     def verify(self, path: str, direct: bool = False) -> list[int]:
         """Blocks whose content is neither the last acknowledged write nor a failed one since."""
@@ -460,18 +477,25 @@ class Cluster:
             time.sleep(0.05)
 
     def check(self, w: VerifiedWriter, allow_errors: bool = False,
-              replicas: list[ReplicaProc] | None = None) -> None:
-        """Everything in sync, every acknowledged block on the device and on every replica's
-        file, identical replica files. Stops the frontend (cleanly) to compare the files."""
+              replicas: list[ReplicaProc] | None = None,
+              also: tuple[VerifiedWriter, ...] = ()) -> None:
+        """Everything in sync, every acknowledged block (of w and of the writers in `also`)
+        on the device and on every replica's file, identical replica files. Stops the
+        frontend (cleanly) to compare the files."""
         assert self.fe is not None and self.fe.device_path
+        writers = (w, *also)
         if not allow_errors:
-            assert not w.errors, f"the application saw I/O errors: {w.errors[:5]}"
+            for x in writers:
+                assert not x.errors, f"the application saw I/O errors: {x.errors[:5]}"
         self.fe.wait_in_sync(60)
-        assert w.verify(self.fe.device_path, direct=True) == [], "acknowledged writes lost (device)"
+        for x in writers:
+            assert x.verify(self.fe.device_path, direct=True) == [], (
+                "acknowledged writes lost (device)")
         self.fe.stop()  # clean stop: replicas quiesced before comparing files
         for r in replicas if replicas is not None else self.replicas:
-            assert w.verify(r.data_path(self.volume_id)) == [], (
-                f"acknowledged writes lost on {r.pool_dir}")
+            for x in writers:
+                assert x.verify(r.data_path(self.volume_id)) == [], (
+                    f"acknowledged writes lost on {r.pool_dir}")
         sums = {file_sha256(r.data_path(self.volume_id), self.size)
                 for r in (replicas if replicas is not None else self.replicas)}
         assert len(sums) == 1, "replicas differ"

@@ -49,13 +49,22 @@ def read(path: str) -> str:
         return f.read()
 
 
-def double_cut(c: Cluster, w: VerifiedWriter) -> float:
+def double_cut(c: Cluster, w: VerifiedWriter, between: VerifiedWriter | None = None) -> float:
     """Cut zone 1, then zone 2 half a second later, and wait until both timed out.
+    `between` starts right after the first cut: its writes reach r2 and never r1.
     Returns the time of the first cut."""
     w.wait_writes(200)
     t_cut = time.monotonic()
     c.topo.cut(1)
-    time.sleep(0.5)
+    if between is not None:
+        between.start()
+        r2_file = c.replicas[1].data_path(c.volume_id)
+        deadline = time.monotonic() + 5
+        while not between.landed(r2_file):  # r2 has one of them: it is pending on r1
+            assert time.monotonic() < deadline, "no write reached r2 after r1's cut"
+            time.sleep(0.05)
+    else:
+        time.sleep(0.5)
     c.topo.cut(2)
     # r1 times out at ~1.5 s; r2 had nothing pending when it was cut, so it times out on
     # r1's DEGRADE, 1.5 s later: that failed DEGRADE (and, before the fix, the writes
@@ -88,13 +97,15 @@ def test_double_cut_then_frontend_restart_repairs_the_replica_that_missed_writes
     """The same double fault, then the frontend dies during the cut. The new one must
     not trust r2's dirty map alone (the DEGRADE never reached it): every region named
     by any replica's activity log or dirty map is copied to r1 before r1 is in sync.
-    r1's node also restarts during the cut: otherwise the dead worker's orphaned sockets
-    may retransmit the missing writes to r1 after the heal, hiding the loss by chance."""
+    Writes that certainly never reached r1 come from a second writer started after r1's
+    cut; r1's node restarts during the cut, or the dead worker's orphaned sockets could
+    retransmit what they had sent to r1 after the heal, hiding a loss by chance."""
     c = cluster()
     dev = c.up()
     assert c.fe is not None
     w = VerifiedWriter(dev, BLOCKS).start()
-    double_cut(c, w)
+    late = VerifiedWriter(dev, 1024, first_block=BLOCKS)
+    double_cut(c, w, between=late)
     c.fe.kill_worker()
     c.replicas[0].kill()
     c.replicas[0].start()
@@ -104,7 +115,8 @@ def test_double_cut_then_frontend_restart_repairs_the_replica_that_missed_writes
     c.wait_state("r1", ReplicaState.IN_SYNC, 40)
     w.wait_writes(200, timeout_s=30)
     w.stop()
-    c.check(w, allow_errors=True)
+    late.stop()
+    c.check(w, allow_errors=True, also=(late,))
 
 
 def test_connection_flood_never_stops_a_replica_accepting(cluster):
