@@ -567,8 +567,8 @@ static int issue_write(DataPath *self, uint64_t unique, int wop, uint64_t off, u
         op->remaining++;
         op->refs++;
     }
-    if (op->refs == 0) {
-        write_done(self, op);
+    if (op->refs == 0) { /* no replica to write to: a failure, never an acknowledgement */
+        op_fail(self, op, EIO);
         op_free(self, i);
     }
     return 0;
@@ -752,12 +752,24 @@ static void on_readable(DataPath *self, int slot)
         }
         const char *payload = p + REP_BYTES;
         size_t plen = length - REP_BYTES;
+        if (status > 0) { /* the protocol has 0 or -errno: anything else is never a success */
+            snprintf(why, sizeof why, "reply %llu with status %d", (unsigned long long)rid, (int)status);
+            link_error(self, slot, -EPROTO, why);
+            goto out;
+        }
         if (e->op >= 0) {
             int32_t oi = e->op;
             COp *op = &self->ops[oi];
             if (status < 0 && !(op->kind == K_READ && status == -EINVAL)) {
                 /* stays pending on this link: the failure path (Python) owns it */
                 link_error(self, slot, status, op_name(op->wop));
+                goto out;
+            }
+            if (op->kind == K_READ && status == 0 && plen != op->length) {
+                /* a short (or long) read would reach the application as data: never */
+                snprintf(why, sizeof why, "READ reply of %zu bytes for %llu", plen,
+                         (unsigned long long)op->length);
+                link_error(self, slot, -EPROTO, why);
                 goto out;
             }
             ring_pop(L);

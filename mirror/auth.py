@@ -43,16 +43,30 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def server_handshake(sock: socket.socket, key: bytes) -> None:
-    """Raises AuthFailed; the caller closes the socket without a word."""
+def server_hello() -> tuple[bytes, bytes]:
+    """The server's first message and its nonce (for servers that do the handshake
+    themselves, without blocking: send the message, collect CLIENT_PROOF.size bytes,
+    then server_verify)."""
     nonce_s = os.urandom(NONCE_BYTES)
-    sock.sendall(SERVER_HELLO.pack(b"TDMR", wire.PROTOCOL_VERSION, 0, nonce_s))
-    magic, version, _, nonce_c, mac_c = CLIENT_PROOF.unpack(recv_exact(sock, CLIENT_PROOF.size))
+    return SERVER_HELLO.pack(b"TDMR", wire.PROTOCOL_VERSION, 0, nonce_s), nonce_s
+
+
+def server_verify(key: bytes, nonce_s: bytes, proof: bytes) -> bytes:
+    """Check the client's proof; returns the server's answer. Raises AuthFailed (the
+    caller closes the socket without a word)."""
+    magic, version, _, nonce_c, mac_c = CLIENT_PROOF.unpack(proof)
     if magic != b"TDMC" or version != wire.PROTOCOL_VERSION:
         raise AuthFailed(f"bad client hello (version {version})")
     if not hmac.compare_digest(mac_c, _mac(key, b"client", nonce_s, nonce_c)):
         raise AuthFailed("client failed the key check")
-    sock.sendall(_mac(key, b"server", nonce_c, nonce_s))
+    return _mac(key, b"server", nonce_c, nonce_s)
+
+
+def server_handshake(sock: socket.socket, key: bytes) -> None:
+    """Blocking form. Raises AuthFailed; the caller closes the socket without a word."""
+    hello, nonce_s = server_hello()
+    sock.sendall(hello)
+    sock.sendall(server_verify(key, nonce_s, recv_exact(sock, CLIENT_PROOF.size)))
 
 
 def client_handshake(sock: socket.socket, key: bytes) -> None:

@@ -10,14 +10,24 @@ sets, the activity-log extents, the gate); anything else reaches it as a slow
 request, a reply to one of its own requests, or a link error.
 
 Invariants (docs/mirror.md explains them):
-- a write is acknowledged only when every replica in `write_links` acked it;
+- a write or flush is acknowledged only when every replica in `write_links` acked
+  it, and every replica the arbiter may hold in sync is in `write_links` or has a
+  Hold: until every Hold is settled (the arbiter recorded the change, and every
+  in-sync replica acked a DEGRADE naming what the others lack) completions are
+  held back (the gate); a failed DEGRADE is that replica's failure, never an ack;
+- an in-sync replica that fails when too few others remain is not dropped: every
+  write in flight or held fails first, and I/O fails until it returns or can be
+  dropped (an in-sync replica missing from the write set makes I/O unavailable);
+- while any replica is not in sync, every in-sync replica tracks: a DEGRADE goes
+  first on its stream (at start, on return, at a resync's end), so dirty bits are
+  durable before the data they cover;
 - overlapping writes are never in flight together (deferred in arrival order);
 - before a write leaves, its activity-log extent is durable on every replica
-  (AL_ADD goes first on the same ordered stream);
-- a replica is dropped only after survivors durably track dirty regions
-  (DEGRADE acked) and the arbiter recorded it out of sync; until then every
-  completion is held back (the gate);
-- a replica not in sync is never read and never a resync source.
+  (AL_ADD goes first on the same ordered stream); an extent leaves the log only
+  when what it says is recorded elsewhere (dirty maps) or repaired;
+- a replica is declared in sync only after every region that any reachable
+  replica's dirty map or activity log names, and every write it missed since it
+  returned, was copied to it; a replica not in sync is never read nor a source.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any, cast
 
 from engine.errors import NotFound, Unavailable
 
-from . import _fastpath, wire
+from . import _fastpath, regionmap, wire
 from .arbiter import Arbiter, VolumeRecord
 from .client import ReplicaClient, ReplicaError
 from .helpers import Helpers
@@ -111,13 +121,36 @@ class Link:
         self.sock: socket.socket | None = None
         self.connecting = False
         self.needs_create = False
-        self.maps_pending = False
+        self.maps_pending = False  # a gather of the replicas' maps for its return is under way
+        self.planned = False  # RESYNCING: an in-sync replica's maps were merged since it returned
+        self.suspect = False  # IN_SYNC: may differ in unacknowledged writes until repaired
+        self.recording = False  # IN_SYNC in memory, the arbiter's record still to come
         self.last_attempt = 0.0
         self.dirty = bytearray(regions)  # regions this replica may lack (frontend's copy)
 
     @property
     def connected(self) -> bool:
         return self.sock is not None
+
+    def __repr__(self) -> str:
+        return f"<Link {self.rid} {self.state.value}{' connected' if self.sock else ''}>"
+
+
+class Hold:
+    """While a Hold is open, completions are held back (the gate). One per replica being
+    recorded out of sync (or in sync): settled when the arbiter has the new state and
+    every in-sync replica in `waiting` acked a DEGRADE naming what the others lack."""
+
+    __slots__ = ("why", "waiting", "recorded")
+
+    def __init__(self, why: str, waiting: set[Link] | None = None, recorded: bool = True):
+        self.why = why
+        self.waiting: set[Link] = waiting or set()
+        self.recorded = recorded
+
+    @property
+    def settled(self) -> bool:
+        return self.recorded and not self.waiting
 
 
 class ResyncJob:
@@ -147,6 +180,7 @@ class MirrorCore:
         where the C side answers plain reads and writes (else it calls reply too)."""
         self.cfg = cfg
         self.t = cfg.tuning
+        self.min_in_sync = max(1, self.t.min_in_sync)  # 0 would acknowledge with no replica
         self.key = key
         self.arbiter = arbiter
         self.reply = reply
@@ -154,6 +188,7 @@ class MirrorCore:
         self.owner = owner
         self.size = cfg.size_bytes
         self.regions = -(-cfg.size_bytes // REGION_BYTES)
+        self.extents = -(-cfg.size_bytes // AL_EXTENT_BYTES)
         self.dp = _fastpath.DataPath(
             cfg.size_bytes,
             ep.fileno(),
@@ -169,15 +204,24 @@ class MirrorCore:
         self.by_slot: dict[int, Link] = {link.slot: link for link in self.links}
         self.helpers = Helpers()
         self.record: VolumeRecord | None = None
+        self._arb_record: VolumeRecord | None = None  # the arbiter thread's copy
         self.write_links: list[Link] = []
         self.read_link: Link | None = None
         self.missing: list[bytearray] = []  # dirty maps of replicas not receiving writes
         self.deferred: deque[Op] = deque()
-        self.al_recovered: set[int] = set()
-        self.gate = 0  # > 0: completions are held (a replica is being dropped)
+        self.holds: list[Hold] = []  # open: completions are held (the gate)
         self.held: list[Op] = []  # held Python completions (syncs); the C side holds writes
         self.fenced = False
         self.jobs: dict[str, ResyncJob] = {}
+        # activity log: extents named by the replicas' logs when their maps were read (from
+        # earlier frontends, or a fenced one), and extents with writes that failed: both stay
+        # in the log until what they say is repaired or recorded in the in-sync dirty maps
+        self.al_recovered: set[int] = set()
+        self.al_pinned: set[int] = set()
+        self._gathers = 0  # map gathers in flight
+        self._absorbing = 0  # DEGRADE rounds recording suspects on the in-sync replicas
+        self._later: deque[Callable[[], None]] = deque()  # run outside the C callbacks
+        self._closing = False
         self._last_tick = 0.0
 
     def _new_link(self, addr: ReplicaAddr) -> Link:
@@ -185,14 +229,26 @@ class MirrorCore:
             raise Unavailable(f"at most {_fastpath.MAX_LINKS} replicas per volume")
         return Link(addr, self.regions, self._free_slots.pop())
 
+    @property
+    def gate(self) -> bool:
+        return bool(self.holds)
+
     # ------------------------------------------------------------------ start-up
     def start(self) -> None:
         """Take ownership (generation + 1), connect every replica, plan repairs."""
-        self.record = self._take_ownership()
+        self.record = self._arb_record = self._take_ownership()
         gen = self.record.generation
         states = self.record.replicas
         fresh = self.record.version == 1  # we just created it: every replica starts empty
         results: dict[str, tuple[Any, BaseException | None]] = {}
+        given_up = False
+
+        def opened(link: Link, res: Any, err: BaseException | None) -> None:
+            if given_up and err is None:
+                res[0].close()  # too late: the replica is treated as unreachable
+            else:
+                results[link.rid] = (res, err)
+
         for link in self.links:
             st = states.get(link.rid)
             link.state = ReplicaState(st) if st else OUT_OF_SYNC
@@ -204,12 +260,13 @@ class MirrorCore:
             self.helpers.submit(
                 self._opener(link, gen),
                 # mypy cannot infer lambdas with default arguments
-                lambda res, err, lk=link: results.__setitem__(lk.rid, (res, err)),  # type: ignore[misc]
+                lambda res, err, lk=link: opened(lk, res, err),  # type: ignore[misc]
             )
         deadline = time.monotonic() + self.t.io_timeout_s + 5
         while len(results) < len(self.links) and time.monotonic() < deadline:
             select.select([self.helpers.wake_fd], [], [], 0.2)
             self.helpers.drain()
+        given_up = True
         for link in self.links:
             link.connecting = False
             res, err = results.get(link.rid, (None, TimeoutError("connect timed out")))
@@ -222,11 +279,15 @@ class MirrorCore:
         if not any(lk.connected for lk in in_sync):
             log.error("no in-sync replica reachable; I/O fails until one returns")
         for link in in_sync:
+            link.suspect = link.connected  # until the activity logs say otherwise
             if not link.connected:
                 self._fail_link(link, "unreachable at start")
-        source = self.read_link
-        if source is not None:
-            self._ctrl(source, wire.GET_MAPS, cb=self._on_startup_maps)
+        if self._needs_tracking():
+            for link in self.links:
+                if link.connected and link.state == IN_SYNC:
+                    self._track_on(link)
+        self._recompute()
+        self._gather(None)
         self.flush()
 
     def _take_ownership(self) -> VolumeRecord:
@@ -276,6 +337,8 @@ class MirrorCore:
             log.warning("replica %s has no copy of the volume: full rebuild", link.rid)
             link.needs_create = True
             link.dirty[:] = b"\1" * self.regions
+            if link.state == IN_SYNC:
+                self._lost_copy(link)
         else:
             log.warning("replica %s unreachable: %s", link.rid, err)
 
@@ -286,42 +349,149 @@ class MirrorCore:
         link.sock = sock
         link.needs_create = False
         log.info(
-            "replica %s connected (generation %s, %s dirty regions)",
+            "replica %s connected (generation %s, %s dirty regions, %s log extents)",
             link.rid,
             info.get("generation"),
             info.get("dirty_regions"),
+            info.get("al_extents"),
         )
 
-    def _on_startup_maps(self, link: Link, status: int, payload: object) -> None:
-        if status < 0:
+    # ------------------------------------------------------------------ what may differ
+    def _needs_tracking(self) -> bool:
+        return any(lk.state != IN_SYNC for lk in self.links)
+
+    def _track_on(self, link: Link, done: Callable[[bool], None] | None = None) -> None:
+        """DEGRADE on link's stream: it durably records every region the replicas not in
+        sync may lack, and tracks every later write, before anything after it on the
+        stream is applied. Its ack settles the link's part of the holds open now."""
+        need = bytearray(self.regions)
+        for lk in self.links:
+            if lk.state != IN_SYNC and lk is not link:
+                regionmap.union_into(need, lk.dirty)
+        covered = list(self.holds)
+        payloads = regionmap.u32_payloads(need) or [b""]
+
+        def acked(_l: Link, status: int, _p: object) -> None:
+            if status == 0:  # a failure is that replica's failure (_fail_link), never an ack
+                for h in covered:
+                    h.waiting.discard(link)
+            if done is not None:
+                done(status == 0)
+            self._later.append(self._settle)
+
+        for i, payload in enumerate(payloads):
+            last = i == len(payloads) - 1
+            self._ctrl(link, wire.DEGRADE, payload=payload, cb=acked if last else None)
+
+    def _gather(self, returning: Link | None) -> None:
+        """Read every connected replica's dirty map and activity log, then plan from their
+        union (start-up: returning is None; else the replica that came back)."""
+        links = [lk for lk in self.links if lk.connected]
+        if not links:
             return
-        data = bytes(cast(_Buffer, payload))
-        dirty, al = data[: self.regions], data[self.regions :]
-        al_regions = bytearray(self.regions)
+        if returning is not None:
+            returning.maps_pending = True
+        got: dict[Link, bytes] = {}
+        waiting = set(links)
+        self._gathers += 1
+
+        def on_maps(link: Link, status: int, payload: object) -> None:
+            if status == 0 and payload is not None:
+                got[link] = bytes(cast(_Buffer, payload))
+            waiting.discard(link)
+            if not waiting:
+                self._gathers -= 1
+                self._later.append(lambda: self._plan(returning, got))
+
+        for lk in links:
+            self._ctrl(lk, wire.GET_MAPS, cb=on_maps)
+
+    def _plan(self, returning: Link | None, got: dict[Link, bytes]) -> None:
+        """Every region any of these maps names is suspect: replicas not in sync get all of
+        them, in-sync ones (at start-up, or the one that returned) those of the activity
+        logs. The in-sync replicas then record what the others lack, durably."""
+        if returning is not None:
+            returning.maps_pending = False
+        if self.fenced:
+            return
         per = AL_EXTENT_BYTES // REGION_BYTES
-        for e, b in enumerate(al):
-            if b:
-                self.al_recovered.add(e)
-                al_regions[e * per : (e + 1) * per] = b"\1" * per
-        del al_regions[self.regions :]
-        for other in self.links:
-            if other is link:
-                continue
-            if other.state == IN_SYNC:
-                if self.al_recovered and other.connected:
-                    _or_into(other.dirty, al_regions)
-                    self._start_job(other, mark_in_sync=False)
+        dirty = bytearray(self.regions)
+        al = bytearray(self.extents)
+        from_in_sync = False
+        for lk, data in got.items():
+            regionmap.union_into(dirty, data[: self.regions])
+            regionmap.union_into(al, data[self.regions :])
+            from_in_sync = from_in_sync or lk.state == IN_SYNC
+        al_regions = regionmap.extents_to_regions(al, self.regions, per)
+        self.al_recovered.update(regionmap.indices(al))
+        suspects = bytearray(dirty)
+        regionmap.union_into(suspects, al_regions)
+        if regionmap.any_set(al):
+            log.info("activity logs name %d extents", al.count(1))
+        source = self.read_link
+        for lk in self.links:
+            if lk.state == IN_SYNC:
+                if not lk.connected or (returning is not None and lk is not returning):
+                    continue
+                if lk is source:
+                    lk.suspect = False
+                    continue
+                regionmap.union_into(lk.dirty, al_regions)
+                self._start_job(lk, mark_in_sync=False)
             else:
-                # survivors tracked every write since the drop (durably, before applying it),
-                # so the activity log adds nothing here and would defeat resuming
-                _or_into(other.dirty, dirty)
-                if other.connected and other.state == OUT_OF_SYNC:
-                    other.state = RESYNCING
-                    self._recompute()
-                    self._start_job(other, mark_in_sync=True)
-        if not self.al_recovered:
+                regionmap.union_into(lk.dirty, suspects)
+                if lk.connected and lk.state == OUT_OF_SYNC:
+                    lk.state = RESYNCING  # receives every new write from now on
+                if lk.connected and lk.state == RESYNCING:
+                    lk.planned = lk.planned or from_in_sync
+                    self._start_job(lk, mark_in_sync=True)
+        self._recompute()
+        self._absorb()
+        self.flush()
+
+    def _absorb(self) -> None:
+        """The in-sync replicas record (DEGRADE) every region the others may lack; after
+        that the activity logs that named some of them are no longer needed for them."""
+        targets = [lk for lk in self.links if lk.connected and lk.state == IN_SYNC]
+        if not self._needs_tracking() or not targets:
+            self._trim_recovered_al()
             return
-        log.info("activity log holds %d extents from the previous frontend", len(self.al_recovered))
+        self._absorbing += 1
+        left = set(targets)
+
+        def one(link: Link, _ok: bool) -> None:
+            left.discard(link)
+            if not left:
+                self._absorbing -= 1
+                self._later.append(self._trim_recovered_al)
+
+        for s in targets:
+            # mypy cannot infer lambdas with default arguments
+            self._track_on(s, lambda ok, s=s: one(s, ok))  # type: ignore[misc]
+
+    def _trim_recovered_al(self) -> None:
+        """Once nothing depends on them: the recovered extents leave the activity logs, and
+        so do our own cold ones. A cold extent (no write in flight) that is not pinned says
+        nothing a dirty map does not (its writes completed on every replica of the write
+        set; the in-sync ones tracked those the others missed), and each extent left in the
+        log costs a copy to every replica not in sync after a crash: trimmed here, when a
+        resync starts, a crash during the resync only repeats what was really in flight."""
+        if self._absorbing or self._gathers or self.holds or any(
+            not j.mark_in_sync for j in self.jobs.values()
+        ):
+            return
+        cold = self.dp.al_evict(0, 0)  # every extent without a write in flight
+        keep = [e for e in cold if e in self.al_pinned]
+        if keep:
+            self.dp.al_add(keep)
+        stale = {e for e in self.al_recovered if not self.dp.al_is_hot(e)}
+        stale.update(e for e in cold if e not in self.al_pinned)
+        stale -= self.al_pinned
+        self.al_recovered.clear()
+        if stale:
+            payload = wire.pack_u32s(sorted(stale))
+            for s in self.write_links:
+                self._ctrl(s, wire.AL_REMOVE, payload=payload)
 
     # ------------------------------------------------------------------ membership
     def _recompute(self) -> None:
@@ -331,7 +501,8 @@ class MirrorCore:
         self.missing = [lk.dirty for lk in self.links if lk not in self.write_links]
         readable = [lk for lk in self.links if lk.connected and lk.state == IN_SYNC]
         pref = self.cfg.preferred_read_replica
-        readable.sort(key=lambda lk: lk.rid != pref)
+        # a replica still being repaired is read only when no other in-sync one is there
+        readable.sort(key=lambda lk: (lk.suspect, lk.rid != pref))
         self.read_link = readable[0] if readable else None
         self.dp.set_links(
             [lk.slot for lk in self.write_links],
@@ -354,7 +525,7 @@ class MirrorCore:
             out.append(
                 ReplicaStatus(
                     lk.rid,
-                    lk.state,
+                    RESYNCING if lk.recording else lk.state,
                     lk.connected,
                     job.done * REGION_BYTES if job else 0,
                     job.total * REGION_BYTES if job else 0,
@@ -364,7 +535,13 @@ class MirrorCore:
 
     # ------------------------------------------------------------------ submission
     def _unavailable(self) -> bool:
-        return self.fenced or self.in_sync_count() < self.t.min_in_sync
+        """I/O fails: fenced, too few in-sync replicas, or an in-sync one is away and not
+        yet recorded out of sync (it may be the only one with the latest writes)."""
+        return (
+            self.fenced
+            or self.in_sync_count() < self.min_in_sync
+            or any(lk.state == IN_SYNC and not lk.connected for lk in self.links)
+        )
 
     def submit_write(self, unique: int, wop: int, offset: int, length: int, data: object) -> None:
         """A write the C side did not take (or any write, in tests)."""
@@ -417,8 +594,8 @@ class MirrorCore:
         op.remaining = len(links)
         for link in links:
             self._send(link, op, wire.SYNC)
-        if not links:
-            self._complete(op)
+        if not links:  # cannot happen while available (min_in_sync >= 1): never ack on nothing
+            self.reply(unique, -errno.EIO, None)
 
     def _send(
         self,
@@ -444,7 +621,8 @@ class MirrorCore:
     ) -> None:
         op = Op(K_CTRL, 0, wop)
         op.cb = cb
-        self._send(link, op, wop, offset, count, payload or None, flags)
+        if not self.dp.send(link.slot, op, wop, flags, offset, count, payload or None) and cb:
+            cb(link, -errno.ENOTCONN, None)  # detached: it never left
 
     # ------------------------------------------------------------------ I/O events
     def flush(self) -> None:
@@ -454,17 +632,23 @@ class MirrorCore:
     def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
         """Wait for and handle FUSE and replica events; returns the other fds' events."""
         others = self.dp.poll(timeout_ms)
-        if self.deferred:
-            self._run_deferred()
-            self.dp.flush()
+        self._after_events()
         return others
 
     def on_event(self, fd: int, ev: int) -> None:
         """An event on a DataPath fd (its epoll tag), for callers with their own loop."""
         self.dp.on_event(fd, ev)
+        self._after_events()
+
+    def _after_events(self) -> None:
+        self._run_later()
         if self.deferred:
             self._run_deferred()
-            self.dp.flush()
+        self.dp.flush()
+
+    def _run_later(self) -> None:
+        while self._later:
+            self._later.popleft()()
 
     def _on_link_error(self, slot: int, status: int, why: str) -> None:
         link = self.by_slot.get(slot)
@@ -483,14 +667,15 @@ class MirrorCore:
         link = self.by_slot[slot]
         kind = op.kind
         if kind == K_SYNC:
-            op.remaining -= 1
-            if op.remaining == 0:
-                self._complete(op)
+            if op.remaining > 0:
+                op.remaining -= 1
+                if op.remaining == 0:
+                    self._complete(op)
         elif kind == K_CTRL:
             if op.cb is not None:
                 op.cb(link, status, payload)
         elif kind == K_RREAD:
-            self._resync_read_done(op, payload)
+            self._resync_read_done(link, op, payload)
         elif kind == K_RWRITE:
             self._resync_write_done(op)
 
@@ -519,6 +704,7 @@ class MirrorCore:
 
     # ------------------------------------------------------------------ periodic
     def tick(self) -> None:
+        self._run_later()
         now = time.monotonic()
         if now - self._last_tick < 0.1:
             return
@@ -544,28 +730,50 @@ class MirrorCore:
             elif (
                 link.state == RESYNCING
                 and link.connected
-                and link.rid not in self.jobs
+                and not link.planned
                 and not link.maps_pending
                 and self.read_link is not None
-                and not self.gate
             ):
-                # the maps request was lost with a failed source: ask the current one
-                self._request_maps(link)
+                # its maps were gathered without an in-sync replica's: ask again
+                self._gather(link)
+        self._drop_unreachable_in_sync()
         self._evict_al()
+        self._unpin_when_healthy()
         self._pump_jobs()
+        self._run_later()
         self.flush()
 
     def _evict_al(self) -> None:
         cold = self.dp.al_evict(self.t.al_max_extents, int(self.t.al_max_extents * 0.9))
-        if cold:
-            payload = wire.pack_u32s(cold)
+        if not cold:
+            return
+        keep = [e for e in cold if e in self.al_pinned or e in self.al_recovered]
+        if keep:
+            self.dp.al_add(keep)  # never left the replicas' logs: only back in our hot set
+        gone = [e for e in cold if e not in self.al_pinned and e not in self.al_recovered]
+        if gone:
+            payload = wire.pack_u32s(gone)
             for link in self.write_links:
                 self._ctrl(link, wire.AL_REMOVE, payload=payload)
+
+    def _unpin_when_healthy(self) -> None:
+        """Extents of failed writes may leave the log once every replica is in sync again and
+        every repair is done (the returning replicas were repaired from the logs)."""
+        if (
+            self.al_pinned
+            and not self.jobs
+            and not self.holds
+            and not self._gathers
+            and all(lk.state == IN_SYNC and lk.connected and not lk.suspect for lk in self.links)
+        ):
+            self.al_pinned.clear()
 
     # ------------------------------------------------------------------ failures
     def _close(self, link: Link, mode: int = _fastpath.DETACH_DROP,
                graceful: bool = False) -> tuple[list, list, list]:
         """Detach from the DataPath (see its detach modes) and close the socket."""
+        if mode == _fastpath.DETACH_ACK:
+            self.dp.hold = True  # what completes here waits for _settle, never straight out
         pending = self.dp.detach(link.slot, mode)
         if link.sock is not None:
             if not graceful:
@@ -578,36 +786,60 @@ class MirrorCore:
         link.last_attempt = time.monotonic()
         return pending
 
-    def _set_gate(self, gate: int) -> None:
-        self.gate = gate
-        self.dp.hold = gate > 0
+    def _hold(self, hold: Hold) -> Hold:
+        self.holds.append(hold)
+        self.dp.hold = True
+        return hold
+
+    def _settle(self) -> None:
+        """Drop settled holds; with none left, answer what was held back (unless a failure
+        came meanwhile: then it fails, never succeeds)."""
+        self.holds = [h for h in self.holds if not h.settled]
+        self.dp.hold = bool(self.holds)
+        if not self.holds and (self.dp.held or self.held):
+            if self._unavailable():
+                self._fail_all("completions held across a failure")
+            else:
+                self.dp.release_held()
+                held, self.held = self.held, []
+                for op in held:
+                    self.reply(op.unique, 0, None)
+        self._refresh_fast()
 
     def _fail_link(self, link: Link, why: str) -> None:
-        """Drop a replica: survivors track, the arbiter records it, then acks resume."""
+        """Drop a replica: survivors track, the arbiter records it, then acks resume.
+        With too few in-sync replicas left it is kept in sync and I/O fails instead."""
         was = link.state
         log.warning("replica %s (%s) failed: %s", link.rid, was.value, why)
-        drop_in_sync = was == IN_SYNC
         others = sum(
             1 for lk in self.links if lk is not link and lk.connected and lk.state == IN_SYNC
         )
-        dropping = drop_in_sync and others >= self.t.min_in_sync and not self.fenced
-        if dropping:
-            self._set_gate(
-                self.gate + 1
-            )  # no ack without this replica until survivors and arbiter know
-        # with too few replicas the replica is not dropped: its pending writes fail instead
-        failing = drop_in_sync and not dropping
-        pyops, regions, reads = self._close(
-            link, _fastpath.DETACH_FAIL if failing else _fastpath.DETACH_ACK
-        )
+        in_sync = was == IN_SYNC and not self.fenced
+        dropping = in_sync and others >= self.min_in_sync
+        failing = in_sync and not dropping
+        survivors = {lk for lk in self.links if lk is not link and lk.state == IN_SYNC}
+        hold: Hold | None = None
+        if failing:
+            # nothing may complete from here: writes in flight and held ones fail first
+            self._fail_all(f"fewer than {self.min_in_sync} in-sync replicas reachable")
+        elif dropping:
+            hold = self._hold(Hold(f"drop {link.rid}", survivors, recorded=False))
+        elif was == RESYNCING and link.connected and self.dp.pending(link.slot):
+            # writes it had pending complete without it once the in-sync replicas track them
+            hold = self._hold(Hold(f"resync target {link.rid} lost", survivors))
+        mode = _fastpath.DETACH_DROP if self.fenced else (
+            _fastpath.DETACH_FAIL if failing else _fastpath.DETACH_ACK)
+        pyops, regions, reads = self._close(link, mode)
         job = self.jobs.pop(link.rid, None)
         if was == RESYNCING or dropping:
             link.state = OUT_OF_SYNC
-        self._recompute()
-        marks: set[int] = set()
+        link.suspect = link.planned = link.recording = False
+        if link.state != IN_SYNC:
+            for h in self.holds:
+                h.waiting.discard(link)
         for r0, r1 in regions:
             link.dirty[r0 : r1 + 1] = b"\1" * (r1 - r0 + 1)
-            marks.update(range(r0, r1 + 1))
+        self._recompute()
         for op in pyops:
             k = op.kind
             if k == K_SYNC:
@@ -628,74 +860,109 @@ class MirrorCore:
             self.submit_read(unique, offset, length)
         if job is not None:
             job.inflight = 0
-        if dropping:
-            self._degrade(link, sorted(marks))
-        elif failing:
-            self._fail_all(f"fewer than {self.t.min_in_sync} in-sync replicas reachable")
-        elif marks and self.write_links:
-            payload = wire.pack_u32s(sorted(marks))
-            for s in self.write_links:
-                self._ctrl(s, wire.DEGRADE, payload=payload)
+        if hold is not None:
+            for s in self.links:
+                if s in hold.waiting and s.connected:
+                    self._track_on(s)
+            if dropping:
+                self._record(link.rid, OUT_OF_SYNC, hold)
+        self._settle()
         self.flush()
 
-    def _degrade(self, link: Link, marks: list[int]) -> None:
-        state = {"acks": len(self.write_links), "arbiter": False}
+    def _lost_copy(self, link: Link) -> None:
+        """An in-sync replica without its copy is out of sync whatever the others are, and
+        recorded so before anything is acknowledged without it. With no other in-sync
+        replica I/O fails: a recreated, empty copy is never a source."""
+        log.error("replica %s was in sync and lost its copy", link.rid)
+        survivors = {lk for lk in self.links if lk is not link and lk.state == IN_SYNC}
+        hold = self._hold(Hold(f"{link.rid} lost its copy", survivors, recorded=False))
+        link.state = OUT_OF_SYNC
+        link.suspect = link.planned = link.recording = False
+        for h in self.holds:
+            h.waiting.discard(link)
+        self._recompute()
+        for s in survivors:
+            if s.connected:
+                self._track_on(s)
+        self._record(link.rid, OUT_OF_SYNC, hold)
+        self._settle()
 
-        def maybe_open() -> None:
-            if state["acks"] <= 0 and state["arbiter"]:
-                self._open_gate()
+    def _drop_unreachable_in_sync(self) -> None:
+        """An in-sync replica kept while too few others were reachable is dropped as soon
+        as enough are (before that, I/O fails: see _unavailable)."""
+        for lk in list(self.links):
+            if (
+                lk.state == IN_SYNC
+                and not lk.connected
+                and not self.fenced
+                and self.in_sync_count() >= self.min_in_sync
+            ):
+                self._fail_link(lk, "unreachable while the others serve")
 
-        def on_ack(_l: Link, status: int, _p: object) -> None:
-            state["acks"] -= 1  # a survivor that fails here is dropped on its own
-            maybe_open()
+    def _record(
+        self,
+        rid: str,
+        st: ReplicaState | None,
+        hold: Hold | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Have the arbiter record rid's state (None: remove it), retried until it sticks;
+        arbiter writes happen one at a time, in the order they are asked for."""
 
-        payload = wire.pack_u32s(marks)
-        for s in list(self.write_links):
-            self._ctrl(s, wire.DEGRADE, payload=payload, cb=on_ack)
-
-        def arbiter_done(res: object, err: BaseException | None) -> None:
-            if err is not None:
-                if isinstance(err, _FencedError):
-                    self._fence(str(err))
-                    return
-                log.warning("arbiter: %s; I/O stays blocked, retrying", err)
-
-                def retry() -> VolumeRecord:
-                    time.sleep(0.5)
-                    return self._cas_state(link.rid, OUT_OF_SYNC)
-
-                self.helpers.submit(retry, arbiter_done)
+        def done(res: object, err: BaseException | None) -> None:
+            if isinstance(err, _FencedError):
+                self._fence(str(err))
                 return
-            self.record = res  # type: ignore[assignment]
-            state["arbiter"] = True
-            maybe_open()
+            if err is not None:
+                log.error("arbiter: %s stays unrecorded: %s", rid, err)
+                return
+            rec = cast(VolumeRecord, res)
+            if self.record is None or rec.version > self.record.version:
+                self.record = rec
+            if hold is not None:
+                hold.recorded = True
+                self._settle()
+            if then is not None:
+                then()
 
-        self.helpers.submit(lambda: self._cas_state(link.rid, OUT_OF_SYNC), arbiter_done)
+        self.helpers.submit_arbiter(lambda: self._cas_until(rid, st), done)
 
-    def _cas_state(self, rid: str, st: ReplicaState | None) -> VolumeRecord:
-        """Runs on a helper thread. Raises Unavailable (retry) or _FencedError."""
-        assert self.record is not None
-        rec = self.record
+    def _cas_until(self, rid: str, st: ReplicaState | None) -> VolumeRecord:
+        """Runs on the arbiter thread. Raises _FencedError; retries while unreachable."""
+        warned = False
+        while True:
+            try:
+                return self._cas_once(rid, st)
+            except Unavailable as e:
+                if self._closing:
+                    raise
+                if not warned:
+                    log.warning("arbiter: %s; I/O stays blocked, retrying", e)
+                    warned = True
+                time.sleep(0.5)
+
+    def _cas_once(self, rid: str, st: ReplicaState | None) -> VolumeRecord:
+        assert self._arb_record is not None
+        rec = self._arb_record
         for _ in range(10):
             new = rec.without_replica(rid) if st is None else rec.with_replica(rid, st.value)
             got = self.arbiter.compare_and_set(new, rec.version)
             if got is not None:
+                self._arb_record = got
                 return got
-            rec = self.arbiter.get(self.cfg.volume_id)
-            if rec.generation != self.record.generation or rec.owner != self.owner:
+            try:
+                rec = self.arbiter.get(self.cfg.volume_id)
+            except NotFound:
+                raise _FencedError("the volume's record is gone") from None
+            if rec.generation != self._arb_record.generation or rec.owner != self.owner:
                 raise _FencedError(f"generation {rec.generation} owned by {rec.owner}")
         raise Unavailable("arbiter CAS kept losing")
 
-    def _open_gate(self) -> None:
-        self._set_gate(self.gate - 1)
-        if self.gate == 0:
-            self.dp.release_held()
-            held, self.held = self.held, []
-            for op in held:
-                self.reply(op.unique, 0, None)
-
     def _fail_all(self, why: str) -> None:
         log.error("failing I/O: %s", why)
+        # a failed write may have reached some replicas and not others: its extents stay in
+        # the activity log until every replica is in sync and repaired again
+        self.al_pinned.update(self.dp.al_hot_extents())
         held, self.held = self.held, []
         for op in held:
             self.reply(op.unique, -errno.EIO, None)
@@ -714,7 +981,8 @@ class MirrorCore:
             return
         log.error("fenced: %s; every request now fails", why)
         self.fenced = True
-        self._set_gate(0)
+        self.holds.clear()
+        self.dp.hold = False
         self._fail_all(why)
         for link in self.links:
             _, _, reads = self._close(link, _fastpath.DETACH_DROP)
@@ -737,49 +1005,36 @@ class MirrorCore:
             return
         self._attach_socket(link, res)  # type: ignore[arg-type]
         if link.state == IN_SYNC:
-            # never dropped (too few replicas): the activity log covers what may differ
+            # kept in sync while too few others were reachable: it tracks before any write
+            # reaches it if another replica is out of sync, and is repaired from the logs
+            if self._needs_tracking() or any(link in h.waiting for h in self.holds):
+                self._track_on(link)
+            link.suspect = True
             self._recompute()
-            if self.read_link is not None and self.read_link is not link:
-                self._ctrl(
-                    self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._al_repair(link, st, p)
-                )
-            return
-        link.state = RESYNCING  # receives every new write from now on
-        self._recompute()
-        if self.read_link is not None:
-            self._request_maps(link)
+            self._drop_unreachable_in_sync()
+        else:
+            link.state = RESYNCING  # receives every new write from now on
+            link.planned = False
+            self._recompute()
+        self._gather(link)
+        self._settle()
         self.flush()
 
-    def _request_maps(self, link: Link) -> None:
-        assert self.read_link is not None
-        link.maps_pending = True
-        self._ctrl(
-            self.read_link, wire.GET_MAPS, cb=lambda s, st, p: self._merge_and_start(link, st, p)
-        )
-
-    def _al_repair(self, link: Link, status: int, payload: object) -> None:
-        if status < 0 or not link.connected:
-            return
-        al = bytes(cast(_Buffer, payload))[self.regions :]
-        per = AL_EXTENT_BYTES // REGION_BYTES
-        for e, b in enumerate(al):
-            if b:
-                link.dirty[e * per : min((e + 1) * per, self.regions)] = b"\1" * (
-                    min((e + 1) * per, self.regions) - e * per
-                )
-        self._start_job(link, mark_in_sync=False)
-
-    def _merge_and_start(self, link: Link, status: int, payload: object) -> None:
-        link.maps_pending = False
-        if status < 0 or link.state != RESYNCING:
-            return
-        _or_into(link.dirty, bytes(cast(_Buffer, payload))[: self.regions])
-        self._start_job(link, mark_in_sync=True)
-
     def _start_job(self, link: Link, mark_in_sync: bool) -> None:
-        job = ResyncJob(link, link.dirty.count(1), mark_in_sync)
-        self.jobs[link.rid] = job
-        log.info("resync of %s: %d regions", link.rid, job.total)
+        remaining = link.dirty.count(1)
+        job = self.jobs.get(link.rid)
+        if job is None:
+            if not mark_in_sync and remaining == 0:
+                link.suspect = False
+                self._recompute()
+                return
+            job = ResyncJob(link, remaining, mark_in_sync)
+            self.jobs[link.rid] = job
+            log.info("%s of %s: %d regions", "resync" if mark_in_sync else "repair", link.rid,
+                     job.total)
+        else:
+            job.total = job.done + remaining
+            job.cursor = 0
         self._pump_jobs()
 
     def add_full_rebuild(self, link: Link) -> None:
@@ -795,6 +1050,12 @@ class MirrorCore:
         for job in list(self.jobs.values()):
             link = job.target
             if not link.connected or job.finishing:
+                continue
+            if link is src:
+                # its own source failed: it is the authority now, nothing to repair it from
+                del self.jobs[link.rid]
+                link.suspect = False
+                link.dirty[:] = bytes(self.regions)
                 continue
             dirty = link.dirty
             scanned_from_zero = job.cursor == 0
@@ -826,9 +1087,14 @@ class MirrorCore:
             if job.inflight == 0 and dirty.find(1) < 0:
                 self._finish_job(job)
 
-    def _resync_read_done(self, op: Op, payload: memoryview) -> None:
+    def _resync_read_done(self, src: Link, op: Op, payload: memoryview) -> None:
         link, _n = cast("tuple[Link, int]", op.data)
         job = op.job
+        if len(payload) not in (0, op.length):
+            # a malformed answer from the source: never copied anywhere
+            self._resync_chunk_failed(op)
+            self._fail_link(src, f"resync read of {len(payload)} bytes, not {op.length}")
+            return
         if job is None or self.jobs.get(link.rid) is not job or not link.connected:
             self._resync_chunk_failed(op)
             return
@@ -842,19 +1108,20 @@ class MirrorCore:
 
     def _resync_write_done(self, wop: Op) -> None:
         rop: Op = wop.cb  # type: ignore[assignment]
-        self.dp.unregister(rop.token)
         job = wop.job
         assert job is not None
         job.inflight -= 1
         job.done += wop.r1 - wop.r0 + 1
-        if self.deferred:
-            self._run_deferred()
         others_out = any(lk.state != IN_SYNC and lk is not job.target for lk in self.links)
         if job.mark_in_sync and not others_out:
+            # cleared ahead of any application write to these regions on the same streams
             payload = wire.pack_u32s(range(wop.r0, wop.r1 + 1))
             for s in self.links:
                 if s.connected and s.state == IN_SYNC:
                     self._ctrl(s, wire.CLEAR_DIRTY, payload=payload)
+        self.dp.unregister(rop.token)
+        if self.deferred:
+            self._run_deferred()
         self._pump_jobs()
 
     def _resync_chunk_failed(self, op: Op) -> None:
@@ -870,45 +1137,52 @@ class MirrorCore:
 
     def _finish_job(self, job: ResyncJob) -> None:
         link = job.target
-        job.finishing = True
         took = time.monotonic() - job.started
-        log.info("resync of %s copied %d regions in %.2fs", link.rid, job.done, took)
         if not job.mark_in_sync:
+            log.info("repair of %s copied %d regions in %.2fs", link.rid, job.done, took)
             del self.jobs[link.rid]
-            self._after_al_repair()
+            link.suspect = False
+            self._recompute()
+            self._trim_recovered_al()
             return
+        if link.maps_pending or not link.planned or self._gathers:
+            return  # not proven yet: the maps that name what it lacks are still to come
+        job.finishing = True
+        log.info("resync of %s copied %d regions in %.2fs", link.rid, job.done, took)
+        if self._needs_tracking() and any(
+            lk.state != IN_SYNC for lk in self.links if lk is not link
+        ):
+            # it becomes a source for the others: first it records what they lack
+            self._track_on(link, lambda ok: self._promote(job) if ok else None)
+        else:
+            self._promote(job)
 
-        def done(res: object, err: BaseException | None) -> None:
-            if self.jobs.get(link.rid) is not job:
-                return
-            if err is not None:
-                if isinstance(err, _FencedError):
-                    self._fence(str(err))
-                    return
-                job.finishing = False  # retried on the next tick
-                return
-            self.record = res  # type: ignore[assignment]
-            del self.jobs[link.rid]
-            if link.state == RESYNCING and link.connected:
-                link.state = IN_SYNC
-                self._recompute()
-                log.info("replica %s is in sync again", link.rid)
-            if all(lk.state == IN_SYNC for lk in self.links):
+    def _promote(self, job: ResyncJob) -> None:
+        """In sync in memory at once (it has every write), the gate closed until the arbiter
+        has it: a write acknowledged from now on may depend on it being in sync."""
+        link = job.target
+        if self.jobs.get(link.rid) is not job or not link.connected or link.state != RESYNCING:
+            return
+        if job.inflight or link.dirty.find(1) >= 0 or link.maps_pending or self._gathers:
+            job.finishing = False  # more to copy after all
+            return
+        del self.jobs[link.rid]
+        link.state = IN_SYNC
+        link.planned = False
+        link.recording = True
+        self._recompute()
+        hold = self._hold(Hold(f"{link.rid} in sync", recorded=False))
+
+        def recorded() -> None:
+            link.recording = False
+            log.info("replica %s is in sync again", link.rid)
+            if all(lk.state == IN_SYNC and lk.connected for lk in self.links):
                 for s in self.write_links:
                     self._ctrl(s, wire.CLEAR_DIRTY, flags=wire.F_ALL)
                 self.flush()
 
-        self.helpers.submit(lambda: self._cas_state(link.rid, IN_SYNC), done)
-
-    def _after_al_repair(self) -> None:
-        if any(not j.mark_in_sync for j in self.jobs.values()):
-            return
-        stale = [e for e in self.al_recovered if not self.dp.al_is_hot(e)]
-        self.al_recovered.clear()
-        if stale:
-            payload = wire.pack_u32s(sorted(stale))
-            for s in self.write_links:
-                self._ctrl(s, wire.AL_REMOVE, payload=payload)
+        self._record(link.rid, IN_SYNC, hold, recorded)
+        self._drop_unreachable_in_sync()
 
     # ------------------------------------------------------------------ control plane
     def add_replica(self, addr: ReplicaAddr) -> None:
@@ -921,12 +1195,7 @@ class MirrorCore:
         self.links.append(link)
         self.by_slot[link.slot] = link
         self._recompute()
-
-        def done(res: object, err: BaseException | None) -> None:
-            if err is None:
-                self.record = res  # type: ignore[assignment]
-
-        self.helpers.submit(lambda: self._cas_state(addr.replica_id, OUT_OF_SYNC), done)
+        self._record(addr.replica_id, OUT_OF_SYNC)
 
     def remove_replica(self, rid: str) -> None:
         link = next((lk for lk in self.links if lk.rid == rid), None)
@@ -934,20 +1203,19 @@ class MirrorCore:
             return
         if link.state == IN_SYNC and sum(1 for lk in self.links if lk.state == IN_SYNC) <= 1:
             raise Unavailable(f"{rid} is the last in-sync replica")
-        if link.connected:
-            # drained like a failure, so nothing in flight waits on it
+        if link.connected or link.state == IN_SYNC:
+            # drained and recorded out of sync like a failure, so nothing waits on it and
+            # nothing is acknowledged without it before the arbiter knows
             self._fail_link(link, "removed by the control plane")
         self.links.remove(link)
         del self.by_slot[link.slot]
         self._free_slots.append(link.slot)
         self.jobs.pop(rid, None)
+        for h in self.holds:
+            h.waiting.discard(link)
         self._recompute()
-
-        def done(res: object, err: BaseException | None) -> None:
-            if err is None:
-                self.record = res  # type: ignore[assignment]
-
-        self.helpers.submit(lambda: self._cas_state(rid, None), done)
+        self._settle()
+        self._record(rid, None)
 
     def pending(self) -> int:
         """Requests sent to replicas and not answered yet."""
@@ -957,13 +1225,20 @@ class MirrorCore:
         return not self.pending() and not self.deferred and not self.held and not self.dp.held
 
     def clear_activity_log(self) -> None:
-        """Clean shutdown: nothing in flight, so no extent needs repair next time."""
-        ext = self.dp.al_hot_extents() + list(self.al_recovered)
-        if ext and not self.jobs:
+        """Clean shutdown: nothing in flight, so no extent needs repair next time, unless
+        a repair or a record of what may differ is still under way, or writes failed."""
+        if self.jobs or self.holds or self._absorbing or self._gathers:
+            self.flush()
+            return
+        ext = sorted((set(self.dp.al_hot_extents()) | self.al_recovered) - self.al_pinned)
+        if ext:
             for s in self.write_links:
                 self._ctrl(s, wire.AL_REMOVE, payload=wire.pack_u32s(ext))
                 self._ctrl(s, wire.SYNC)
             self.dp.al_clear()
+            if self.al_pinned:
+                self.dp.al_add(sorted(self.al_pinned))
+            self.al_recovered.clear()
         self.flush()
 
     def close(self) -> None:
@@ -971,6 +1246,7 @@ class MirrorCore:
         removals) goes out before each connection ends with a FIN. Only failed links are
         closed abortively (_close): a clean stop has no write in flight, and a later
         frontend's generation fences anything stale anyway."""
+        self._closing = True
         self.flush()
         for link in self.links:
             if link.sock is not None:
@@ -984,10 +1260,3 @@ class MirrorCore:
 
 class _FencedError(Exception):
     pass
-
-
-def _or_into(dst: bytearray, src: bytes | bytearray) -> None:
-    i = src.find(1)
-    while i >= 0:
-        dst[i] = 1
-        i = src.find(1, i + 1)

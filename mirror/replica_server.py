@@ -1,10 +1,13 @@
 """The replica service: holds replicas in the node's pool and serves them over TCP.
 
-One thread per connection (a frontend keeps one connection per volume). Each
-thread takes everything the socket has, applies the whole batch in order, and
-answers it with one send. Plain writes and reads are applied by the C fast path
-(_fastpath.replica_apply: pwrite/pread, no GIL); every other request, and any
-request while the connection is not cleared for it, comes here.
+The key handshake of every new connection runs on one thread (mirror/acceptor.py:
+caps per source and overall, a deadline, accept() errors survived), so a flood of
+unauthenticated connections costs no threads. Each authenticated connection gets a
+thread (a frontend keeps one connection per volume), which takes everything the
+socket has, applies the whole batch in order, and answers it with one send. Plain
+writes and reads are applied by the C fast path (_fastpath.replica_apply:
+pwrite/pread, no GIL); every other request, and any request while the connection
+is not cleared for it, comes here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import time
 
 from engine.errors import AlreadyExists, EngineError, InvalidSpec, NotFound
 
-from . import _fastpath, auth, wire
+from . import _fastpath, wire
+from .acceptor import Acceptor
 from .replica_store import ReplicaVolume, check_volume_id
 from .spec import REGION_BYTES
 
@@ -48,18 +52,25 @@ class ProtocolError(Exception):
 class ReplicaService:
     """Serve the replicas under pool_dir on listen_addr ("host:port"; port 0 picks one)."""
 
-    def __init__(self, pool_dir: str, listen_addr: str, key: bytes):
+    def __init__(self, pool_dir: str, listen_addr: str, key: bytes, max_handshakes: int = 512,
+                 max_handshakes_per_source: int = 64, handshake_timeout_s: float = 5.0):
+        """max_handshakes*: unauthenticated connections at a time, overall and per address
+        (also bounded by the descriptor limit, see Acceptor)."""
         self.pool_dir = pool_dir
         host, _, port = listen_addr.rpartition(":")
         self._bind = (host or "0.0.0.0", int(port))
         self._key = key
+        self._caps = (max_handshakes, max_handshakes_per_source, handshake_timeout_s)
         self._vols: dict[str, list] = {}  # volume id -> [ReplicaVolume, open connections]
         self._vols_lock = threading.Lock()
         self._conns: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
+        self.acceptor: Acceptor | None = None
         self._stopping = False
         self._port = self._bind[1]
         self.test_delay_s = 0.0  # test hook: a slow replica (this kernel has no netem)
+        # test hook: a pause between a batch's generation check and its application, the
+        # window in which a newer frontend's OPEN must wait for the batch (see OPEN)
+        self.test_apply_delay_s = 0.0
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -67,10 +78,11 @@ class ReplicaService:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(self._bind)
-        s.listen(64)
-        self._listener = s
+        s.listen(128)
         self._port = s.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="replica-accept", daemon=True).start()
+        mx, per, timeout = self._caps
+        self.acceptor = Acceptor(s, self._key, self._on_peer, mx, per, timeout)
+        self.acceptor.start()
 
     @property
     def port(self) -> int:
@@ -78,28 +90,22 @@ class ReplicaService:
 
     def stop(self) -> None:
         self._stopping = True
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
+        if self.acceptor is not None:
+            self.acceptor.stop()
         for c in list(self._conns):
             try:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(
-                target=self._serve, args=(sock,), name="replica-conn", daemon=True
-            ).start()
+    def _on_peer(self, sock: socket.socket, source: str) -> None:
+        """An authenticated connection (from the acceptor's thread)."""
+        if self._stopping:
+            sock.close()
+            return
+        self._conns.add(sock)
+        threading.Thread(target=self._serve, args=(sock,), name="replica-conn",
+                         daemon=True).start()
 
     # --- volumes -------------------------------------------------------------
     def _acquire(self, volume_id: str, size_bytes: int, create: bool) -> ReplicaVolume:
@@ -145,16 +151,11 @@ class ReplicaService:
 
     # --- connections -----------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conns.add(sock)
         conn = _Conn(self, sock)
         try:
-            sock.settimeout(10.0)
-            auth.server_handshake(sock, self._key)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)
             conn.run()
-        except auth.AuthFailed as e:
-            log.warning("refused a peer: %s", e)
         except (OSError, ProtocolError) as e:
             if not self._stopping:
                 log.info("connection ended: %s", e)
@@ -188,31 +189,42 @@ class _Conn:
             out = bytearray()
             pos = 0
             premarked = False
-            vol = self.vol
-            if vol is not None and vol.tracking:
-                # dirty bits for the whole batch in one durable update, before any data lands
-                premarked = self._premark(vol, buf, fill)
-            while True:
+            batch_vol = self.vol  # counted while applying: a newer OPEN waits for this batch
+            if batch_vol is not None:
+                batch_vol.begin_batch()
+            try:
                 vol = self.vol
-                if (
-                    vol is not None
-                    and vol.generation == self.generation
-                    and self.writer_epoch == vol.writer_epoch
-                    and (premarked or not vol.tracking)
-                ):
-                    pos = apply_fast(buf, pos, fill, vol.fd, vol.size_bytes, out)  # the hot path
-                if fill - pos < wire.REQ_BYTES:
-                    break
-                length, op, flags, _, rid, off, cnt = unpack(buf, pos)
-                if length < wire.REQ_BYTES or length > wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES:
-                    raise ProtocolError(f"bad length {length}")
-                if fill - pos < length:
-                    break
-                with memoryview(buf) as mv:
-                    out += self._apply_one(
-                        op, flags, rid, off, cnt, mv[pos + wire.REQ_BYTES : pos + length], premarked
-                    )
-                pos += length
+                if vol is not None and vol.tracking:
+                    # dirty bits for the whole batch in one durable update, before data lands
+                    premarked = self._premark(vol, buf, fill)
+                while True:
+                    vol = self.vol
+                    if (
+                        vol is not None
+                        and vol.generation == self.generation
+                        and self.writer_epoch == vol.writer_epoch
+                        and (premarked or not vol.tracking)
+                    ):
+                        if self.svc.test_apply_delay_s:
+                            time.sleep(self.svc.test_apply_delay_s)
+                        pos = apply_fast(buf, pos, fill, vol.fd, vol.size_bytes, out)  # hot path
+                    if fill - pos < wire.REQ_BYTES:
+                        break
+                    length, op, flags, _, rid, off, cnt = unpack(buf, pos)
+                    if (length < wire.REQ_BYTES
+                            or length > wire.REQ_BYTES + wire.MAX_PAYLOAD_BYTES):
+                        raise ProtocolError(f"bad length {length}")
+                    if fill - pos < length:
+                        break
+                    with memoryview(buf) as mv:
+                        out += self._apply_one(
+                            op, flags, rid, off, cnt, mv[pos + wire.REQ_BYTES : pos + length],
+                            premarked,
+                        )
+                    pos += length
+            finally:
+                if batch_vol is not None:
+                    batch_vol.end_batch()
             if out:
                 if self.svc.test_delay_s:
                     time.sleep(self.svc.test_delay_s)
@@ -287,6 +299,11 @@ class _Conn:
                     self.writer_epoch = vol.writer_epoch
             else:
                 self.writer_epoch = vol.writer_epoch
+            # a batch of a fenced connection that passed its check just before is applied
+            # before this OPEN returns: nothing of it can land after the new owner's writes
+            # or after its reads of the maps
+            if not vol.wait_for_batches():
+                log.warning("%s: a batch of an older connection is still running", vol.volume_id)
             return json.dumps(vol.info()).encode()
         if op == wire.PING:
             return b""

@@ -73,6 +73,8 @@ class ReplicaVolume:
         self.al = bytearray(os.pread(self._al_fd, self.extents, 0))
         self._maps_unsynced = False
         self.writer_epoch = 0  # in memory: which data link may write (see replica_server)
+        self._batches = 0  # batches being applied right now (see wait_for_batches)
+        self._batches_done = threading.Condition()
 
     @property
     def regions(self) -> int:
@@ -132,6 +134,23 @@ class ReplicaVolume:
             if generation > self.generation:
                 self.generation = generation
                 self._save_meta()
+
+    # --- batches -----------------------------------------------------------
+    def begin_batch(self) -> None:
+        with self._batches_done:
+            self._batches += 1
+
+    def end_batch(self) -> None:
+        with self._batches_done:
+            self._batches -= 1
+            if self._batches == 0:
+                self._batches_done.notify_all()
+
+    def wait_for_batches(self, timeout_s: float = 30.0) -> bool:
+        """Wait until no batch is being applied: one that passed its generation check
+        before a newer frontend raised the generation lands before that frontend goes on."""
+        with self._batches_done:
+            return self._batches_done.wait_for(lambda: self._batches == 0, timeout_s)
 
     # --- data ------------------------------------------------------------
     def check_range(self, offset: int, count: int) -> None:

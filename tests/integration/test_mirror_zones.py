@@ -17,7 +17,7 @@ import pytest
 from engine import command
 from mirror.frontend import Frontend
 from mirror.spec import FrontendTuning, ReplicaAddr, ReplicaState
-from mirror.testkit import ReplicaProc, Topology, VerifiedWriter, file_sha256
+from mirror.testkit import Cluster, ReplicaProc, VerifiedWriter, release_tree
 
 SIZE = 64 * 1024 * 1024
 BLOCKS = 8192  # the first 32 MiB are written by the checker
@@ -29,76 +29,21 @@ def test_runs_as_root():
     assert os.geteuid() == 0, "integration tests need root (loop devices, FUSE, namespaces)"
 
 
-class Cluster:
-    def __init__(self, tmp, zones: int = 2, delay_ms: float = 0.0):
-        assert os.geteuid() == 0, "needs root"
-        self.tmp = str(tmp)
-        self.topo = Topology(zones)
-        self.key = os.path.join(self.tmp, "key")
-        with open(self.key, "wb") as f:
-            f.write(os.urandom(24).hex().encode())
-        os.chmod(self.key, 0o600)
-        self.replicas: list[ReplicaProc] = []
-        self.fe: Frontend | None = None
-        self.delay_ms = delay_ms
-
-    def up(self, volume_id: str = "vol-t") -> str:
-        self.volume_id = volume_id
-        self.topo.up()
-        for i in range(1, self.topo.zones + 1):
-            self.replicas.append(ReplicaProc(os.path.join(self.tmp, f"pool{i}"),
-                                             self.topo.ns(f"z{i}"), self.topo.zone_ip(i), PORT,
-                                             self.key, test_delay_ms=self.delay_ms).start())
-        addrs = [ReplicaAddr(f"r{i + 1}", r.host, r.port) for i, r in enumerate(self.replicas)]
-        self.fe = Frontend(volume_id, SIZE, addrs, f"sqlite:{self.tmp}/arbiter.db",
-                           os.path.join(self.tmp, "fe"), self.key, netns=self.topo.ns("fe"),
-                           tuning=TUNING)
-        return self.fe.start()
-
-    def down(self) -> None:
-        try:
-            if self.fe is not None:
-                self.fe.stop()
-        finally:
-            for r in self.replicas:
-                r.kill()
-            self.topo.down()
-
-    def state(self, rid: str) -> ReplicaState:
-        assert self.fe is not None
-        return next(r.state for r in self.fe.status().replicas if r.replica_id == rid)
-
-    def wait_state(self, rid: str, st: ReplicaState, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.state(rid) != st:
-            assert time.monotonic() < deadline, f"{rid} never became {st}: {self.fe.status()}"
-            time.sleep(0.05)
-
-    def check(self, w: VerifiedWriter) -> None:
-        assert self.fe is not None and self.fe.device_path
-        assert not w.errors, f"the application saw I/O errors: {w.errors[:5]}"
-        self.fe.wait_in_sync(60)
-        assert w.verify(self.fe.device_path, direct=True) == [], "acknowledged writes lost (device)"
-        self.fe.stop()  # clean stop: replicas quiesced before comparing files
-        for r in self.replicas:
-            assert w.verify(r.data_path(self.volume_id)) == [], (
-                f"acknowledged writes lost on {r.pool_dir}")
-        sums = {file_sha256(r.data_path(self.volume_id), SIZE) for r in self.replicas}
-        assert len(sums) == 1, "replicas differ"
-
-
 @pytest.fixture
 def cluster(tmp_path):
     made: list[Cluster] = []
 
     def make(**kw) -> Cluster:
-        c = Cluster(tmp_path, **kw)
+        c = Cluster(str(tmp_path), port=PORT, tuning=TUNING, **kw)
         made.append(c)
         return c
 
     yield make
-    for c in made:
-        c.down()
+    try:
+        for c in made:
+            c.down()
+    finally:
+        release_tree(str(tmp_path))  # whatever a failed stop left: mounts, loop devices
 
 
 def test_mirrored_device_basic_and_fallocate(cluster):

@@ -538,3 +538,47 @@ def test_replica_apply_error_replies(data_fd, tmp_path):
         assert (r6, s6) == (6, -errno.EBADF)
     finally:
         os.close(ro)
+
+
+@pytest.mark.parametrize("what", ["write", "control"])
+def test_a_positive_status_is_never_a_success(rig, what):
+    """The protocol answers 0 or -errno; a reply with any other status is a broken link,
+    not an acknowledgement (before: a write counted it as acked)."""
+    r = rig(links=1).ready(writes=1)
+    r.detach_mode = _fastpath.DETACH_FAIL
+    if what == "write":
+        r.kernel.send(fuse_write(50, 0, b"p" * 4096))
+        r.pump()
+    else:
+        r.dp.send(0, object(), wire.DEGRADE)
+        r.dp.flush()
+    rid = r.request(r.far[0])[0][4]
+    r.far[0].sendall(wire.reply(rid, 5))
+    r.pump()
+    assert r.errors == [(0, -errno.EPROTO, f"reply {rid} with status 5")]
+    assert not r.py_replies
+    if what == "write":
+        assert r.fuse_reply()[0] == (16, -errno.EIO, 50)  # failed by the failure path
+
+
+def test_a_read_answered_with_the_wrong_length_is_a_link_error(rig):
+    """A short read reply would reach the application as data (before: it did)."""
+    r = rig().ready()
+    r.kernel.send(fuse_read(60, 0, 8192))
+    r.pump()
+    rid = r.request(r.far[0])[0][4]
+    r.far[0].sendall(wire.reply(rid, 0, b"s" * 4096))
+    r.pump()
+    assert r.errors == [(0, -errno.EPROTO, "READ reply of 4096 bytes for 8192")]
+    assert r.detached[0][2] == [(60, 0, 8192)]  # handed back to be read elsewhere
+    assert r.no_fuse_reply()
+
+
+def test_a_write_with_no_replica_to_go_to_fails(rig):
+    """issue_write with an empty write set used to complete at once: acknowledged with no
+    replica holding it."""
+    r = rig(reply_cb=True)
+    r.dp.set_links([], -1, [])
+    r.dp.issue_write(70, wire.WRITE, 0, 4096, b"n" * 4096)
+    assert r.replies == [(70, -errno.EIO, None)]
+    assert r.dp.inflight == 0 and r.dp.stats()["busy"] == 0

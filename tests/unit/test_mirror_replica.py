@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -202,3 +203,57 @@ def test_new_data_link_fences_the_previous_one(svc):
     assert new.read(0, 4096) == b"c" * 4096
     old.close()
     new.close()
+
+
+def test_a_newer_open_waits_for_a_batch_that_passed_its_check(svc):
+    """An old frontend's write passed its generation check, then (the test hook widens
+    the window) is applied late. The newer frontend's OPEN returns only after it landed,
+    so it can never overwrite the newer frontend's data (before: it did)."""
+    old = client(svc)
+    old.open("vol-r", 1, 16 * MiB, create=True, writer=True)
+    svc.test_apply_delay_s = 0.5
+    old.sock.sendall(wire.request(wire.WRITE, 99, 0, 4096, b"o" * 4096))
+    time.sleep(0.1)
+    svc.test_apply_delay_s = 0.0  # only the old batch is slow
+    with client(svc) as new:
+        new.open("vol-r", 2, writer=True)
+        new.write(0, b"n" * 4096)
+        time.sleep(0.6)
+        assert new.read(0, 4096) == b"n" * 4096
+    old.close()
+
+
+def test_handshakes_cost_no_threads_are_capped_and_time_out(tmp_path):
+    s = ReplicaService(str(tmp_path / "pool"), "127.0.0.1:0", KEY, max_handshakes=6,
+                       max_handshakes_per_source=3, handshake_timeout_s=0.5)
+    s.start()
+    silent: list[socket.socket] = []
+    try:
+        threads = threading.active_count()
+        for _ in range(20):
+            try:
+                silent.append(socket.create_connection(("127.0.0.1", s.port), timeout=2))
+            except OSError:  # reset over the cap before connect() even returned
+                pass
+        time.sleep(0.2)
+        assert threading.active_count() == threads  # the handshakes run on one thread
+        greeted = 0
+        for c in silent:  # three got the server's hello, the others a reset
+            try:
+                greeted += len(auth.recv_exact(c, auth.SERVER_HELLO.size)) > 0
+            except (OSError, auth.AuthFailed):
+                pass
+        assert greeted == 3
+        # another address is not starved by the first one's flood
+        other = socket.create_connection(("127.0.0.1", s.port), timeout=2,
+                                         source_address=("127.0.0.2", 0))
+        auth.client_handshake(other, KEY)
+        other.close()
+        time.sleep(0.7)  # past the deadline: the silent ones are gone
+        assert s.acceptor is not None and s.acceptor.pending == 0
+        with client(s) as c:  # and the service still serves
+            c.open("vol-h", 1, 16 * MiB, create=True)
+    finally:
+        for c in silent:
+            c.close()
+        s.stop()
