@@ -49,6 +49,10 @@ ERRORS: dict[grpc.StatusCode, type[errors.EngineError]] = {
 
 
 def code_for(exc: BaseException) -> grpc.StatusCode | None:
+    if isinstance(exc, OSError) and isinstance(exc, errors.EngineError):
+        by_errno = errors.class_for_errno(exc.errno)  # a replica's or the kernel's answer
+        if by_errno is not None:
+            return CODES[next(c for c in by_errno.__mro__ if c in CODES)]
     for cls in type(exc).__mro__:
         if cls in CODES:
             return CODES[cls]

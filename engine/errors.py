@@ -5,6 +5,8 @@ No gRPC here: the CSI layer translates these in one place (csi/errors.py).
 
 from __future__ import annotations
 
+import errno
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -71,3 +73,29 @@ class CommandFailed(EngineError):
         self.stderr = stderr
         tail = (stderr or stdout).strip().splitlines()[-3:]
         super().__init__(f"{argv[0]} exited {returncode}: {' | '.join(tail)}")
+
+
+# What an errno means in the terms above: one table, used where the kernel or a replica
+# answers with an errno (the mirror's replica statuses, filesystem calls) and by the
+# translator to gRPC codes for errors that carry an errno.
+ERRNO_ERRORS: dict[int, type[EngineError]] = {
+    errno.ENOENT: NotFound,
+    errno.EEXIST: AlreadyExists,
+    errno.EINVAL: InvalidSpec,
+    errno.EFBIG: OutOfRange,
+    errno.ENOSPC: OutOfCapacity,
+    errno.EDQUOT: OutOfCapacity,
+    errno.EBUSY: InUse,
+    errno.EAGAIN: Busy,
+    errno.ESTALE: StaleVersion,  # fenced by a newer generation
+    errno.EIO: Unavailable,
+    errno.ETIMEDOUT: Unavailable,
+    errno.ECONNREFUSED: Unavailable,
+    errno.ECONNRESET: Unavailable,
+    errno.EHOSTUNREACH: Unavailable,
+    errno.EPIPE: Unavailable,
+}
+
+
+def class_for_errno(err: int | None) -> type[EngineError] | None:
+    return ERRNO_ERRORS.get(err or 0)

@@ -10,14 +10,15 @@ import os
 import socket
 from collections.abc import Iterable
 
-from engine.errors import Unavailable
+from engine.errors import EngineError, Unavailable
 
 from . import auth, wire
 from .spec import ReplicaAddr
 
 
-class ReplicaError(OSError):
-    """A replica answered a request with an error status (errno in .errno)."""
+class ReplicaError(OSError, EngineError):
+    """A replica answered a request with an error status (errno in .errno); its meaning in
+    domain terms (and so its gRPC code) comes from engine.errors.ERRNO_ERRORS."""
 
 
 class Fenced(ReplicaError):

@@ -1,3 +1,4 @@
+import errno
 import threading
 
 import grpc
@@ -52,3 +53,16 @@ def test_key_locks_answer_busy_instead_of_queueing():
     t.join()
     with locks.hold("vol-1"):
         pass
+
+
+@pytest.mark.parametrize("err, code", [
+    (errno.ENOENT, grpc.StatusCode.NOT_FOUND),
+    (errno.ENOSPC, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errno.ESTALE, grpc.StatusCode.ABORTED),
+    (errno.EIO, grpc.StatusCode.UNAVAILABLE),
+    (errno.EPROTO, None),  # no domain meaning: INTERNAL with its traceback
+])
+def test_replica_errnos_translate_through_the_one_table(err, code):
+    from mirror.client import Fenced, ReplicaError
+    assert code_for(ReplicaError(err, "replica said no")) == code
+    assert code_for(Fenced(errno.ESTALE, "fenced")) == grpc.StatusCode.ABORTED
