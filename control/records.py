@@ -21,8 +21,9 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from engine.qos.tiers import QosSpec
 
@@ -180,3 +181,32 @@ class GroupRecord:
 
     def replace(self, **changes: Any) -> GroupRecord:
         return dataclasses.replace(self, **changes)
+
+
+class _Listable(Protocol):
+    def list(self, prefix: str = "", *, after: str = "", limit: int = 0) -> list: ...
+
+
+R = TypeVar("R")
+
+
+def page(store: _Listable, prefix: str, after_id: str, limit: int,
+         decode: Callable[[dict], R], keep: Callable[[R], bool],
+         id_of: Callable[[R], str]) -> tuple[list[R], str]:
+    """One page of the records under prefix that `keep` accepts, in ID order after
+    `after_id`; returns (page, the last ID when more follow, else ""). Records it skips
+    (intents, tombstones, other filters) never shorten a page."""
+    out: list[R] = []
+    cursor = prefix + after_id if after_id else ""
+    while True:
+        batch = store.list(prefix, after=cursor, limit=limit + 1 if limit else 0)
+        for key, got in batch:
+            record = decode(got.value)
+            if keep(record):
+                out.append(record)
+            cursor = key
+        if not limit or len(out) > limit or len(batch) < limit + 1:
+            break
+    if limit and len(out) > limit:
+        return out[:limit], id_of(out[limit - 1])
+    return out, ""

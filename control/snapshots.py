@@ -26,6 +26,7 @@ from control.records import (
     SnapshotRecord,
     new_group_id,
     new_snapshot_id,
+    page,
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
@@ -67,21 +68,10 @@ class Snapshots:
 
     def list_ready(self, after: str, limit: int,
                    source_volume_id: str = "") -> tuple[list[SnapshotRecord], str]:
-        out: list[SnapshotRecord] = []
-        cursor = SNAPSHOT + after if after else ""
-        while True:
-            batch = self.store.list(SNAPSHOT, after=cursor, limit=limit + 1 if limit else 0)
-            for key, got in batch:
-                snap = SnapshotRecord.from_value(got.value)
-                if snap.state == READY and (not source_volume_id
-                                            or snap.source_volume_id == source_volume_id):
-                    out.append(snap)
-                cursor = key
-            if not limit or len(out) > limit or len(batch) < limit + 1:
-                break
-        if limit and len(out) > limit:
-            return out[:limit], out[limit - 1].snapshot_id
-        return out, ""
+        return page(self.store, SNAPSHOT, after, limit, SnapshotRecord.from_value,
+                    lambda s: s.state == READY and (not source_volume_id
+                                                    or s.source_volume_id == source_volume_id),
+                    lambda s: s.snapshot_id)
 
     def group(self, group_id: str) -> tuple[GroupRecord, int] | None:
         got = self.store.get(GROUP + group_id)

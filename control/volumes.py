@@ -32,6 +32,7 @@ from control.records import (
     VolumeRecord,
     attachment_key,
     new_volume_id,
+    page,
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
@@ -106,20 +107,8 @@ class Volumes:
 
     def list_ready(self, after: str, limit: int) -> tuple[list[VolumeRecord], str]:
         """READY volumes in ID order after `after`; returns (page, last ID if more follow)."""
-        out: list[VolumeRecord] = []
-        cursor = VOLUME + after if after else ""
-        while True:
-            batch = self.store.list(VOLUME, after=cursor, limit=limit + 1 if limit else 0)
-            for key, got in batch:
-                rec = VolumeRecord.from_value(got.value)
-                if rec.state == READY:
-                    out.append(rec)
-                cursor = key
-            if not limit or len(out) > limit or len(batch) < limit + 1:
-                break
-        if limit and len(out) > limit:
-            return out[:limit], out[limit - 1].volume_id
-        return out, ""
+        return page(self.store, VOLUME, after, limit, VolumeRecord.from_value,
+                    lambda v: v.state == READY, lambda v: v.volume_id)
 
     def attachments(self, volume_id: str) -> list[AttachmentRecord]:
         return [AttachmentRecord(**got.value)

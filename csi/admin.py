@@ -3,6 +3,8 @@
     tandem-admin [--state-dir DIR] volumes       volumes, tiers, where they are published
     tandem-admin [--state-dir DIR] io [--interval-s 1]
                                                  per-volume IOPS and bytes/s of each pod
+    tandem-admin [--state-dir DIR] orphans       storage no record owns (kept, reported)
+    tandem-admin [--state-dir DIR] purge NAME    remove one orphan (the driver stopped)
 
 It reads the driver's state store (SQLite in WAL mode: safe beside a running driver) and the
 pods' cgroup statistics; NodeGetVolumeStats has no field for I/O rates, so this is where
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 
+from csi.config import Config
 from engine.errors import EngineError
 from engine.node_records import Device, NodeRecords, format_device
 from engine.qos import stats
@@ -111,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("volumes")
     io = sub.add_parser("io")
     io.add_argument("--interval-s", type=float, default=1.0)
+    sub.add_parser("orphans", help="storage no record owns (kept until purged)")
+    purge = sub.add_parser("purge", help="remove one orphan (the driver must be stopped)")
+    purge.add_argument("name", help="a pool object name (32 hex) or a vol-/snap- ID")
+    for flag in ("--store", "--store-ca", "--store-cert", "--store-key"):
+        purge.add_argument(flag, default="")
+    purge.add_argument("--store-namespace", default="/tandem/")
+    purge.add_argument("--pool", default="", help="pool directory (default STATE_DIR/pool)")
     a = p.parse_args(argv)
+    if a.command in ("orphans", "purge"):
+        return _orphans_command(p, a)
     store = SqliteStore(f"{a.state_dir}/state.sqlite")
     try:
         if a.command == "volumes":
@@ -123,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0
+
+
+def _orphans_command(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    from csi import admin_orphans  # imports the driver's wiring: only when asked
+    if a.command == "purge" and not admin_orphans.is_purgeable_name(a.name):
+        p.error(f"{a.name!r} is neither a pool object name nor a vol-/snap- ID")
+    config = Config(endpoint="unix:///dev/null", node_id="admin",
+                    state_dir=os.path.abspath(a.state_dir),
+                    pool_dir=os.path.abspath(a.pool) if getattr(a, "pool", "") else "",
+                    store_url=getattr(a, "store", ""), store_ca_file=getattr(a, "store_ca", ""),
+                    store_cert_file=getattr(a, "store_cert", ""),
+                    store_key_file=getattr(a, "store_key", ""),
+                    store_namespace=getattr(a, "store_namespace", "/tandem/"))
+    if a.command == "orphans":
+        return admin_orphans.orphans(config)
+    return admin_orphans.purge(config, a.name)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 import os
+import uuid
 
 import pytest
 
 from tests import support
+from tests.etcd_cluster import EtcdCluster
 
 
 def require_root() -> None:
@@ -33,3 +35,20 @@ def driver(test_root):
 @pytest.fixture
 def stubs(driver):
     return driver.stubs
+
+
+@pytest.fixture(scope="session")
+def etcd_url():
+    """One etcd member on loopback for the whole run; each user takes a namespace of its
+    own (etcd_namespace), so tests never see each other's records."""
+    root = support.make_root("tdm-etcd-")
+    cluster = EtcdCluster(root).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
+        support.cleanup_tree(root)
+
+
+def etcd_namespace() -> str:
+    return f"/tandem-{uuid.uuid4().hex[:8]}/"

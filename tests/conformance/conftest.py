@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -32,8 +31,7 @@ from tests.conformance.helpers import (
     ok,
     rpc_name,
 )
-from tests.conftest import require_root
-from tests.etcd_cluster import EtcdCluster
+from tests.conftest import etcd_namespace, require_root
 
 
 @pytest.fixture
@@ -50,17 +48,6 @@ def test_root():
         assert not left, f"left behind under {root}: {left}"
 
 
-@pytest.fixture(scope="session")
-def etcd_url():
-    """One etcd member for the whole run; each driver gets a namespace of its own."""
-    root = support.make_root("tdm-etcd-")
-    cluster = EtcdCluster(root).start()
-    try:
-        yield cluster.url
-    finally:
-        cluster.close()
-        support.cleanup_tree(root)
-
 
 @pytest.fixture(params=["sqlite", "etcd"])
 def driver(request, test_root):
@@ -68,7 +55,7 @@ def driver(request, test_root):
     overrides = {}
     if request.param == "etcd":
         overrides = dict(store_url=request.getfixturevalue("etcd_url"),
-                         store_namespace=f"/tandem-{uuid.uuid4().hex[:8]}/")
+                         store_namespace=etcd_namespace())
     d = support.InProcessDriver(support.test_config(test_root, **overrides))
     try:
         yield d

@@ -3,13 +3,12 @@ with the operation done once and nothing orphaned (file, loop device or mount)."
 
 import os
 import signal
-import uuid
 
 import grpc
 import pytest
 
 from proto import csi_pb2
-from tests.etcd_cluster import EtcdCluster
+from tests.conftest import etcd_namespace
 from tests.integration.helpers import (
     create_request,
     mounts_under,
@@ -18,7 +17,7 @@ from tests.integration.helpers import (
     stage_request,
     volume_loops,
 )
-from tests.support import DriverProcess, cleanup_tree, make_root
+from tests.support import DriverProcess
 
 # step of the lifecycle -> crash points inside it
 POINTS = {
@@ -37,16 +36,6 @@ CASES = [(step, point, block) for step, points in POINTS.items() for point in po
 CASES += [(step, point, False) for step, points in MOUNT_ONLY.items() for point in points]
 
 
-@pytest.fixture(scope="module")
-def etcd_url():
-    root = make_root("tdm-etcd-")
-    cluster = EtcdCluster(root).start()
-    try:
-        yield cluster.url
-    finally:
-        cluster.close()
-        cleanup_tree(root)
-
 
 @pytest.mark.parametrize("store", ["sqlite", "etcd"])
 @pytest.mark.parametrize("step, point, block", CASES,
@@ -55,7 +44,7 @@ def test_crash_then_retry_converges(request, test_root, step, point, block, stor
     extra = []
     if store == "etcd":
         extra = ["--store", request.getfixturevalue("etcd_url"),
-                 "--store-namespace", f"/tandem-{uuid.uuid4().hex[:8]}/"]
+                 "--store-namespace", etcd_namespace()]
     proc = DriverProcess(test_root, extra=extra)
     staging, target = f"{test_root}/staging", f"{test_root}/target"
     os.makedirs(staging)

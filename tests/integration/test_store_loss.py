@@ -14,26 +14,14 @@ import os
 import shutil
 import signal
 import time
-import uuid
 
 import pytest
 
 from csi import admin
 from proto import csi_pb2
-from tests.etcd_cluster import EtcdCluster
+from tests.conftest import etcd_namespace
 from tests.integration.helpers import create_request, pool_files, publish_request, stage_request
-from tests.support import DriverProcess, cleanup_tree, make_root
-
-
-@pytest.fixture(scope="module")
-def etcd_url():
-    root = make_root("tdm-etcd-")
-    cluster = EtcdCluster(root).start()
-    try:
-        yield cluster.url
-    finally:
-        cluster.close()
-        cleanup_tree(root)
+from tests.support import DriverProcess
 
 
 def _orphans(root: str) -> dict:
@@ -48,7 +36,7 @@ def _ids(stubs) -> list[str]:
 
 @pytest.mark.parametrize("store", ["sqlite", "etcd"])
 def test_a_lost_cluster_store_deletes_nothing(request, test_root, store):
-    namespace = f"/tandem-{uuid.uuid4().hex[:8]}/"
+    namespace = etcd_namespace()
     extra = ["--store", request.getfixturevalue("etcd_url"), "--store-namespace",
              namespace] if store == "etcd" else []
     proc = DriverProcess(test_root, extra=extra)
@@ -66,7 +54,7 @@ def test_a_lost_cluster_store_deletes_nothing(request, test_root, store):
         proc.stop()
         # the cluster's view is gone: a fresh etcd namespace, or no cluster.sqlite
         if store == "etcd":
-            proc.extra[-1] = f"/tandem-{uuid.uuid4().hex[:8]}/"
+            proc.extra[-1] = etcd_namespace()
         else:
             for suffix in ("", "-wal", "-shm"):
                 path = f"{test_root}/state/cluster.sqlite{suffix}"
