@@ -23,7 +23,6 @@ from control.node_api import (
     VolumeInfo,
 )
 from engine import changed_blocks
-from engine.errors import AlreadyExists
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
 from engine.qos.tiers import QosSpec
@@ -51,24 +50,23 @@ class LocalNode:
 
     # --- volumes -------------------------------------------------------------------
     def _info(self, backing: Backing, view: KernelView | None = None, *,
-              condition_too: bool = True) -> VolumeInfo:
+              condition_too: bool = True, staged: bool | None = None) -> VolumeInfo:
         condition = self.engine.volume_condition(backing.volume_id, view) if condition_too \
             else Condition()
+        if staged is None:
+            staged = self.engine.is_staged(backing.volume_id)
         return VolumeInfo(
             volume_id=backing.volume_id, size_bytes=backing.size_bytes,
             # records from before access types were kept: unknown, either may be asked
             access_types=backing.access_types or (BLOCK, MOUNT),
             qos=QosSpec.from_json(backing.qos_json), created_at=backing.created_at,
-            staged=self.engine.is_staged(backing.volume_id),
+            staged=staged,
             condition=Condition(condition.abnormal, condition.message),
             version=backing.version)
 
     def create_volume(self, spec: NewVolume) -> VolumeInfo:
         # the source too: a snapshot or volume cannot go while it is being copied
         with self.engine.locks.hold(spec.volume_id, spec.source.source_id):
-            existing = self.engine.volume(spec.volume_id)
-            if existing is not None and existing.size_bytes != spec.size_bytes:
-                raise AlreadyExists(f"volume {spec.volume_id} exists with another size")
             if spec.source.kind == SOURCE_SNAPSHOT:
                 backing = self.engine.restore_volume(
                     spec.volume_id, spec.size_bytes, spec.qos, spec.source.source_id,
@@ -77,7 +75,8 @@ class LocalNode:
                 clone_from = spec.source.source_id if spec.source.kind == SOURCE_VOLUME else ""
                 backing = self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
                                                     clone_from, spec.version, spec.access_types)
-            return self._info(backing)
+            # a new volume is not staged; a repeat's staging does not matter to the caller
+            return self._info(backing, condition_too=False, staged=False)
 
     def delete_volume(self, volume_id: str, version: int) -> None:
         with self.engine.locks.hold(volume_id):
@@ -85,7 +84,8 @@ class LocalNode:
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
         with self.engine.locks.hold(volume_id):
-            return self._info(self.engine.expand_volume(volume_id, size_bytes, version))
+            return self._info(self.engine.expand_volume(volume_id, size_bytes, version),
+                              condition_too=False)
 
     def set_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
         with self.engine.locks.hold(volume_id):

@@ -48,10 +48,13 @@ class ControlPlane:
     def _tombstone_removed(self, key: str, revision: int) -> None:
         self.index.note_value(key, None, revision)
 
-    def start(self, reconcile_interval_s: float) -> None:
+    def start(self, reconcile_interval_s: float, *, shared_store: bool = True) -> None:
+        """shared_store: other controllers write to the store too (etcd), so the index
+        follows it; an embedded store only ever sees this controller's own commits."""
         revision = self._load_index()
         self.reconciler.run_once()
-        self._follow(revision)
+        if shared_store:
+            self._follow(revision)
         if reconcile_interval_s > 0:
             self.reconciler.start(reconcile_interval_s)
 

@@ -58,8 +58,8 @@ def _plain(value: Any) -> dict:
     out = {}
     for f in dataclasses.fields(value):
         item = getattr(value, f.name)
-        if dataclasses.is_dataclass(item):
-            item = dataclasses.asdict(item)  # type: ignore[arg-type]
+        if isinstance(item, QosSpec):
+            item = dict(vars(item))  # flat: cheaper than dataclasses.asdict
         elif isinstance(item, tuple):
             item = list(item)
         elif isinstance(item, dict):

@@ -189,7 +189,8 @@ class Driver:
             overcommit_ratio=cfg.overcommit_ratio,
             max_volumes_per_node=cfg.max_volumes_per_node,
             intent_timeout_s=cfg.intent_timeout_s), report=self._report_orphans)
-        plane.start(cfg.reconcile_interval_s)
+        plane.start(cfg.reconcile_interval_s,
+                    shared_store=not cfg.cluster_store_url.startswith("sqlite:"))
         self.plane = plane
         snapshotter = Snapshotter(plane.snapshots)
 
