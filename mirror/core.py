@@ -291,6 +291,7 @@ class MirrorCore:
         self.flush()
 
     def _take_ownership(self) -> VolumeRecord:
+        published = self.cfg.generation
         while True:
             try:
                 try:
@@ -298,14 +299,19 @@ class MirrorCore:
                 except NotFound:
                     new = VolumeRecord(
                         self.cfg.volume_id,
-                        1,
+                        published or 1,
                         self.owner,
                         {a.replica_id: IN_SYNC.value for a in self.cfg.replicas},
                     )
                     got = self.arbiter.compare_and_set(new, 0)
                 else:
+                    if published and rec.generation > published:
+                        raise _FencedError(f"published at generation {published}, but the "
+                                           f"arbiter holds {rec.generation}: attached elsewhere")
+                    generation = max(published, rec.generation) if published \
+                        else rec.generation + 1
                     got = self.arbiter.compare_and_set(
-                        replace(rec, generation=rec.generation + 1, owner=self.owner), rec.version
+                        replace(rec, generation=generation, owner=self.owner), rec.version
                     )
                 if got is not None:
                     log.info("own %s at generation %d", self.cfg.volume_id, got.generation)
@@ -975,6 +981,10 @@ class MirrorCore:
         while self.deferred:
             self.reply(self.deferred.popleft().unique, -errno.EIO, None)
         self._refresh_fast()
+
+    def self_fence(self, why: str) -> None:
+        """Stop serving for good (the frontend lost what it serves under: its lease)."""
+        self._fence(why)
 
     def _fence(self, why: str) -> None:
         if self.fenced:

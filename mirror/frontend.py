@@ -41,7 +41,13 @@ class Frontend:
                  arbiter_url: str, state_dir: str, key_path: str, netns: str | None = None,
                  tuning: FrontendTuning = _DEFAULT_TUNING,
                  preferred_read_replica: str | None = None,
-                 loops: LoopDevices | None = None):
+                 loops: LoopDevices | None = None, generation: int = 0,
+                 worker_module: str = "mirror.frontend_worker",
+                 extra: dict[str, Any] | None = None):
+        """generation: the one the volume was published at (0: take the next one).
+        worker_module: the data path's entry point (a cluster wraps it with its arbiter
+        and lease: control/frontend_main.py); extra: more configuration for that entry
+        point, kept in the same file."""
         self.volume_id = volume_id
         self.loops = loops or LoopDevices()
         self.size_bytes = size_bytes
@@ -53,10 +59,39 @@ class Frontend:
             "volume_id": volume_id, "size_bytes": size_bytes, "state_dir": self.state_dir,
             "replicas": [dataclasses.asdict(r) for r in replicas], "key_path": key_path,
             "arbiter_url": arbiter_url, "netns": netns, "tuning": dataclasses.asdict(tuning),
-            "preferred_read_replica": preferred_read_replica}
+            "preferred_read_replica": preferred_read_replica, "generation": generation,
+            "worker_module": worker_module, **(extra or {})}
+        self.worker_module = worker_module
         self.holder: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.device_path: str | None = None
+
+    @classmethod
+    def adopt(cls, state_dir: str, loops: LoopDevices | None = None) -> Frontend:
+        """A handle on a frontend that is already running (started by an earlier agent,
+        which may have lived in another container and mount namespace): its holder and
+        worker outlive whoever started them. Its processes are found through its control
+        socket and its loop device through the kernel, by the file it serves."""
+        with open(os.path.join(state_dir, "frontend.json")) as f:
+            cfg = json.load(f)
+        fe = cls(cfg["volume_id"], cfg["size_bytes"],
+                 [ReplicaAddr(**r) for r in cfg["replicas"]], cfg["arbiter_url"],
+                 cfg["state_dir"], cfg["key_path"], cfg.get("netns"),
+                 FrontendTuning(**cfg.get("tuning", {})), cfg.get("preferred_read_replica"),
+                 loops, int(cfg.get("generation", 0)),
+                 cfg.get("worker_module", "mirror.frontend_worker"))
+        fe._cfg = cfg
+        devices = fe.loops.by_backing_file(fe.file_path)
+        fe.device_path = devices[0].path if devices else None
+        return fe
+
+    def running(self) -> bool:
+        """Whether the data path answers (whoever started it)."""
+        try:
+            self.control({"op": "status"}, timeout_s=2.0)
+        except Unavailable:
+            return False
+        return True
 
     @property
     def file_path(self) -> str:
@@ -76,6 +111,7 @@ class Frontend:
             # the parent's copy of the log fd stays open (unchanged behaviour)
             stderr=open(os.path.join(self.state_dir, "holder.log"), "ab"),  # noqa: SIM115
             start_new_session=True, cwd=_package_root())
+        self._pid_file("holder.pid", self.holder.pid)
         fuse_mount.wait_for(
             lambda: fuse_mount.is_mounted(self.mountpoint) and os.path.exists(holder_sock),
             timeout_s, "the FUSE mount")
@@ -90,11 +126,12 @@ class Frontend:
         if os.path.exists(ctl):
             os.unlink(ctl)
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "mirror.frontend_worker", "--config", self.config_path],
+            [sys.executable, "-m", self.worker_module, "--config", self.config_path],
             stdout=subprocess.DEVNULL,
             # the parent's copy of the log fd stays open (unchanged behaviour)
             stderr=open(os.path.join(self.state_dir, "worker.log"), "ab"),  # noqa: SIM115
             start_new_session=True, cwd=_package_root())
+        self._pid_file("worker.pid", self.worker.pid)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.worker.poll() is not None:
@@ -137,6 +174,8 @@ class Frontend:
             except (Unavailable, OSError, subprocess.TimeoutExpired):
                 self.worker.kill()
                 self.worker.wait()
+        elif self.worker is None:  # adopted: not our child, reached through its pid files
+            self._stop_adopted("worker.pid", "shutdown")
         try:
             if fuse_mount.is_mounted(self.mountpoint):
                 fuse_mount.umount_lazy(self.mountpoint)
@@ -145,8 +184,36 @@ class Frontend:
         if self.holder is not None and self.holder.poll() is None:
             self.holder.kill()
             self.holder.wait()
+        elif self.holder is None:
+            self._stop_adopted("holder.pid", None)
         if errors:
             raise errors[0]
+
+    def _pid_file(self, name: str, pid: int) -> None:
+        with open(os.path.join(self.state_dir, name), "w") as f:
+            f.write(f"{pid}\n")
+
+    def _stop_adopted(self, pid_file: str, control_op: str | None,
+                      timeout_s: float = 15.0) -> None:
+        """Stop a process an earlier agent started: politely first (control op), then
+        SIGKILL; its pid is checked against its command line (pids get reused)."""
+        try:
+            with open(os.path.join(self.state_dir, pid_file)) as f:
+                pid = int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return
+        if not _is_ours(pid, self.state_dir):
+            return
+        if control_op:
+            try:
+                self.control({"op": control_op})
+            except Unavailable:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while _is_ours(pid, self.state_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _is_ours(pid, self.state_dir):
+            os.kill(pid, signal.SIGKILL)
 
     # --- control ---------------------------------------------------------------
     def control(self, req: dict, timeout_s: float = 5.0) -> dict:
@@ -202,6 +269,19 @@ class Frontend:
             if time.monotonic() > deadline:
                 raise Unavailable(f"replicas not in sync: {st.replicas}")
             time.sleep(0.1)
+
+
+def _is_ours(pid: int, state_dir: str) -> bool:
+    """A live process of this frontend (its command line names this state dir's files);
+    a zombie does not count."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z" and state_dir in cmdline
 
 
 def _package_root() -> str:

@@ -15,9 +15,10 @@ import socket
 import sys
 import time
 import uuid
+from typing import Protocol
 
 from . import auth, fuse_mount, netns, nodesafety
-from .arbiter import open_arbiter
+from .arbiter import Arbiter, open_arbiter
 from .core import MirrorCore
 from .fuse_server import FuseServer
 from .spec import FrontendConfig, FrontendTuning, ReplicaAddr
@@ -33,12 +34,24 @@ def load_config(path: str) -> FrontendConfig:
         replicas=tuple(ReplicaAddr(**r) for r in d["replicas"]), state_dir=d["state_dir"],
         key_path=d["key_path"], arbiter_url=d["arbiter_url"], netns=d.get("netns"),
         tuning=FrontendTuning(**d.get("tuning", {})),
-        preferred_read_replica=d.get("preferred_read_replica"))
+        preferred_read_replica=d.get("preferred_read_replica"),
+        generation=int(d.get("generation", 0)))
+
+
+class Guard(Protocol):
+    """Something the frontend may only serve under (a lease): checked at every tick."""
+
+    def check(self) -> str:
+        """'' while serving is allowed; else why not (the frontend then fences itself)."""
+        ...
 
 
 class Worker:
-    def __init__(self, cfg: FrontendConfig):
+    def __init__(self, cfg: FrontendConfig, arbiter: Arbiter | None = None,
+                 guard: Guard | None = None):
         self.cfg = cfg
+        self.arbiter = arbiter or open_arbiter(cfg.arbiter_url)
+        self.guard = guard
         self.sd = cfg.state_dir
         self.stopping = False
         self.stop_deadline = 0.0
@@ -54,7 +67,7 @@ class Worker:
         ep = select.epoll()
         self.fuse = FuseServer(fuse_fd, cfg.size_bytes, cfg.tuning)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.core = MirrorCore(cfg, auth.load_key(cfg.key_path), open_arbiter(cfg.arbiter_url),
+        self.core = MirrorCore(cfg, auth.load_key(cfg.key_path), self.arbiter,
                                self.fuse.reply, ep, owner, reply_fd=fuse_fd)
         self.core.start()
         if state.get("init") is None:
@@ -86,6 +99,10 @@ class Worker:
                 elif fd == ctl_fd:
                     self._control(ctl)
             core.tick()
+            if self.guard is not None and not core.fenced:
+                why = self.guard.check()
+                if why:
+                    core.self_fence(why)
             if self.stopping and (core.idle() or time.monotonic() > self.stop_deadline):
                 break
         if self.stopping:

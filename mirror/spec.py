@@ -70,3 +70,7 @@ class FrontendConfig:
     netns: str | None = None  # network namespace the data path runs in (tests, zones)
     tuning: FrontendTuning = field(default_factory=FrontendTuning)
     preferred_read_replica: str | None = None  # the node-local replica, when there is one
+    # The generation this frontend was published at (the controller bumped it at attach):
+    # ownership is taken at exactly that generation and refused if the arbiter holds a newer
+    # one. 0: take the next generation itself (a frontend with no controller: tests, tools).
+    generation: int = 0
