@@ -31,12 +31,13 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str, text: str, mode: int = 0o600) -> None:
-    """Replace path with text in one step: a reader sees the old file or the new one."""
-    tmp = f"{path}.tmp"
+def write_file_atomic(path: str, data: bytes | str, mode: int = 0o600) -> None:
+    """Replace path with data in one step, durably: temp file, fsync, rename, fsync the
+    directory. A reader (or a crash) sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data.encode() if isinstance(data, str) else data)
         os.fsync(fd)
     finally:
         os.close(fd)

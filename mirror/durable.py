@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-from engine.fileops import fsync_dir
+from engine.fileops import fsync_dir, write_file_atomic
 
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+__all__ = ["fsync_dir", "read_json", "write_atomic", "write_json"]
+write_atomic = write_file_atomic
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable
 
 from engine.errors import AlreadyExists, InvalidSpec, NotFound
+from engine.fileops import fsync_dir
 
 from . import durable
 from .spec import AL_EXTENT_BYTES, REGION_BYTES
@@ -86,7 +87,11 @@ class ReplicaVolume:
 
     # --- lifecycle -------------------------------------------------------
     @classmethod
-    def create(cls, pool_dir: str, volume_id: str, size_bytes: int) -> ReplicaVolume:
+    def create(cls, pool_dir: str, volume_id: str, size_bytes: int,
+               data_path: str = "") -> ReplicaVolume:
+        """A new replica. data_path: its bytes live in that existing file (a volume of the
+        node's own pool, so a replica is counted and snapshotted like any volume); the
+        replica keeps a link to it beside its maps. Else a sparse file of its own."""
         check_volume_id(volume_id)
         if size_bytes <= 0 or size_bytes % 4096:
             raise InvalidSpec(f"size {size_bytes} is not a positive multiple of 4096")
@@ -94,9 +99,18 @@ class ReplicaVolume:
         if os.path.exists(os.path.join(path, "meta.json")):
             raise AlreadyExists(volume_id)
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "data"), "wb") as f:
-            f.truncate(size_bytes)
-            os.fsync(f.fileno())
+        data = os.path.join(path, "data")
+        if data_path:
+            if os.path.getsize(data_path) < size_bytes:
+                raise InvalidSpec(f"{data_path} is smaller than {size_bytes} bytes")
+            if os.path.lexists(data):
+                os.unlink(data)
+            os.symlink(data_path, data)
+            fsync_dir(path)
+        else:
+            with open(data, "wb") as f:
+                f.truncate(size_bytes)
+                os.fsync(f.fileno())
         for name, n in (("dirty.map", _ceil_div(size_bytes, REGION_BYTES)),
                         ("al.map", _ceil_div(size_bytes, AL_EXTENT_BYTES))):
             with open(os.path.join(path, name), "wb") as f:
