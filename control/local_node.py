@@ -16,24 +16,32 @@ from control.node_api import (
     ByteRange,
     Condition,
     Inventory,
+    NewReplica,
     NewVolume,
     NodeInfo,
+    ReplicaInfo,
     SnapshotInfo,
     SnapshotMember,
     VolumeInfo,
 )
+from control.node_mirror import ReplicaHost
 from engine import changed_blocks
+from engine.errors import AlreadyExists, NotFound, Precondition
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
 from engine.qos.tiers import QosSpec
 from engine.snapshots import SnapshotBacking
 from engine.volumes import Backing
 
+REPLICA = "replica"
+
 
 class LocalNode:
-    def __init__(self, engine: NodeEngine, max_volumes: int):
+    def __init__(self, engine: NodeEngine, max_volumes: int,
+                 replicas: ReplicaHost | None = None):
         self.engine = engine
         self.max_volumes = max_volumes
+        self.replicas = replicas  # None: this node serves no replicas (all-in-one)
 
     @property
     def node_id(self) -> str:
@@ -46,7 +54,8 @@ class LocalNode:
                                     "`tandem-admin orphans`)") if orphans else Condition()
         return NodeInfo(self.node_id, self.engine.identity.zone, usage.total_bytes,
                         usage.free_bytes, usage.reserve_bytes, self.engine.iops_capacity,
-                        self.max_volumes, condition)
+                        self.max_volumes, condition,
+                        self.replicas.listen if self.replicas is not None else "")
 
     # --- volumes -------------------------------------------------------------------
     def _info(self, backing: Backing, view: KernelView | None = None, *,
@@ -106,6 +115,40 @@ class LocalNode:
             volumes=tuple(self._info(b, view) for b in self.engine.files.all()),
             snapshots=tuple(_snapshot_info(s) for s in self.engine.snapshots.all()),
             orphans=tuple(self.engine.files.orphans + self.engine.snapshots.orphans))
+
+    # --- replicas ------------------------------------------------------------------
+    def _replica_host(self) -> ReplicaHost:
+        if self.replicas is None:
+            raise Precondition(f"node {self.node_id} serves no replicas: mirrored volumes "
+                               "(replicas > 1) need the cluster mode's node processes")
+        return self.replicas
+
+    def create_replica(self, spec: NewReplica) -> ReplicaInfo:
+        host = self._replica_host()
+        with self.engine.locks.hold(spec.volume_id):
+            backing = self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                                version=spec.version, role=REPLICA)
+            if backing.role != REPLICA:
+                raise AlreadyExists(f"{spec.volume_id} is a volume of its own on "
+                                    f"{self.node_id}, not a replica")
+            host.create(spec.volume_id, spec.size_bytes, self.engine.files.path(backing))
+            return ReplicaInfo(spec.volume_id, self.node_id, host.listen, backing.size_bytes,
+                               backing.version)
+
+    def delete_replica(self, volume_id: str, version: int) -> None:
+        host = self._replica_host()
+        with self.engine.locks.hold(volume_id):
+            backing = self.engine.volume(volume_id)
+            if backing is not None:
+                self.engine.files.check_version(backing, version)
+            host.delete(volume_id)  # InUse while a frontend has it open
+            self.engine.delete_volume(volume_id, version)
+
+    def fence_replica(self, volume_id: str, generation: int) -> int:
+        host = self._replica_host()
+        if not host.exists(volume_id):
+            raise NotFound(f"no replica of {volume_id} on {self.node_id}")
+        return host.fence(volume_id, generation)
 
     # --- snapshots -----------------------------------------------------------------
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:

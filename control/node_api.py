@@ -42,6 +42,7 @@ class NodeInfo:
     iops_capacity: int  # what guaranteed minima are admitted against
     max_volumes: int
     condition: Condition = Condition()
+    replica_address: str = ""  # host:port of its replica service ("": serves none)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,26 @@ class ByteRange:
 
 
 @dataclass(frozen=True)
+class NewReplica:
+    """One replica of a mirrored volume: a volume of the node's pool, served to the
+    volume's frontend by the node's replica service."""
+
+    volume_id: str
+    size_bytes: int
+    qos: QosSpec = QosSpec()
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    volume_id: str
+    node_id: str
+    address: str  # host:port of the node's replica service
+    size_bytes: int
+    version: int = 0
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What a node holds, for reconciliation against the cluster's records."""
 
@@ -140,6 +161,20 @@ class NodeApi(Protocol):
         ...
 
     def inventory(self) -> Inventory: ...
+
+    # --- replicas of mirrored volumes ----------------------------------------------------
+    def create_replica(self, spec: NewReplica) -> ReplicaInfo:
+        """Make the replica (idempotent); Precondition where the node serves no replicas."""
+        ...
+
+    def delete_replica(self, volume_id: str, version: int) -> None:
+        """Remove it (a tombstone at `version`); InUse while a frontend has it open."""
+        ...
+
+    def fence_replica(self, volume_id: str, generation: int) -> int:
+        """Raise the replica's generation: every older frontend is cut off it for good.
+        Returns the replica's generation after (>= generation)."""
+        ...
 
     # --- snapshots -----------------------------------------------------------------
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:

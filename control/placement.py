@@ -60,3 +60,55 @@ def choose_node(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio:
             return node
         problems.append(problem)
     raise OutOfCapacity("; ".join(problems))
+
+
+def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio: float,
+                    size: int, qos: QosSpec, constraints: Constraints,
+                    count: int) -> list[NodeInfo]:
+    """`count` nodes in distinct zones for a mirrored volume's replicas: inside the
+    requisite topology, one in the first preferred topology's zone (the pod's), each with
+    room for the bytes and the guaranteed minimum (both are paid on every replica)."""
+    candidates = [n for n in nodes if not constraints.requisite
+                  or topology.matches_any(n.node_id, n.zone, constraints.requisite)]
+    by_zone: dict[str, list[NodeInfo]] = {}
+    problems: list[str] = []
+    for node in candidates:
+        problem = room_problem(node, index, overcommit_ratio, size, qos)
+        if problem:
+            problems.append(problem)
+        else:
+            by_zone.setdefault(node.zone, []).append(node)
+    for zone_nodes in by_zone.values():  # the roomiest node of each zone first
+        zone_nodes.sort(key=lambda n: -available_bytes(n, index, overcommit_ratio))
+    preferred_zones = [z for t in constraints.preferred for z in
+                       {n.zone for n in candidates if topology.matches(n.node_id, n.zone, t)}]
+    if preferred_zones and preferred_zones[0] not in by_zone:
+        raise OutOfCapacity(
+            f"no node in zone {preferred_zones[0]} (the pod's) has room for a replica: "
+            + ("; ".join(problems) or "no reachable node there"))
+    order = list(dict.fromkeys(preferred_zones + sorted(
+        by_zone, key=lambda z: -available_bytes(by_zone[z][0], index, overcommit_ratio))))
+    chosen = [by_zone[z][0] for z in order if z in by_zone][:count]
+    if len(chosen) < count:
+        zones = sorted({n.zone for n in candidates})
+        raise OutOfCapacity(
+            f"{count} replicas need {count} zones with room; found {len(chosen)} "
+            f"(zones asked for: {', '.join(zones) or 'none reachable'})"
+            + (f"; {'; '.join(problems)}" if problems else ""))
+    return chosen
+
+
+def replica_capacity(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio: float,
+                     segment_zones: set[str], count: int) -> int:
+    """GetCapacity of a segment for `count` replicas: the smaller of what the segment's
+    zone can hold and the (count-1)th best of the other zones (a replica goes to each)."""
+    best: dict[str, int] = {}
+    for n in nodes:
+        best[n.zone] = max(best.get(n.zone, 0), available_bytes(n, index, overcommit_ratio))
+    local = max((best.get(z, 0) for z in segment_zones), default=0)
+    others = sorted((b for z, b in best.items() if z not in segment_zones), reverse=True)
+    if count <= 1:
+        return local
+    if len(others) < count - 1:
+        return 0
+    return min(local, others[count - 2])

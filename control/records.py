@@ -75,6 +75,12 @@ class NameRecord:
 
 
 @dataclass(frozen=True)
+class ReplicaPlacement:
+    node_id: str
+    zone: str
+
+
+@dataclass(frozen=True)
 class VolumeRecord:
     volume_id: str
     name: str
@@ -91,19 +97,39 @@ class VolumeRecord:
     source_id: str = ""
     created_at: float = 0.0
     intent_deadline: float = 0.0  # a CREATING record older than this becomes a tombstone
+    # Mirrored volumes (replicas > 1): where each replica lives, in zone order of
+    # placement (the first in the provisioner's preferred zone). node_id/zone are the
+    # first replica's. Empty for a local volume.
+    replicas: tuple[ReplicaPlacement, ...] = ()
+    min_in_sync: int = 0  # replicas that must hold a write before it is acknowledged
+    remote_access: bool = False  # pods may run in any zone asked for, not only replicas'
+    access_zones: tuple[str, ...] = ()  # mirrored: the zones its pods may run in
 
     @property
     def key(self) -> str:
         return VOLUME + self.volume_id
 
+    @property
+    def mirrored(self) -> bool:
+        return bool(self.replicas)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Every node holding the volume's storage."""
+        return tuple(r.node_id for r in self.replicas) or (self.node_id,)
+
     def to_value(self) -> dict:
-        return _plain(self)
+        value = _plain(self)
+        value["replicas"] = [dataclasses.asdict(r) for r in self.replicas]
+        return value
 
     @classmethod
     def from_value(cls, value: dict) -> VolumeRecord:
         v = dict(value)
         v["access_types"] = tuple(v["access_types"])
         v["qos"] = QosSpec(**v["qos"])
+        v["replicas"] = tuple(ReplicaPlacement(**r) for r in v.get("replicas", ()))
+        v["access_zones"] = tuple(v.get("access_zones", ()))
         return cls(**v)
 
     def replace(self, **changes: Any) -> VolumeRecord:
@@ -116,6 +142,7 @@ class AttachmentRecord:
     node_id: str
     read_only: bool
     attached_at: float
+    publish_context: dict[str, str] = field(default_factory=dict)  # as answered: a repeat
 
     @property
     def key(self) -> str:

@@ -20,7 +20,7 @@ from engine.qos.tiers import QosSpec
 @dataclass(frozen=True)
 class _Entry:
     revision: int
-    node_id: str
+    node_ids: tuple[str, ...]  # a mirrored volume costs its bytes and minima on each
     capacity_bytes: int
     qos: QosSpec
 
@@ -42,7 +42,7 @@ class VolumeIndex:
                 self._entries.pop(volume_id, None)
                 self._gone[volume_id] = revision
             else:
-                self._entries[volume_id] = _Entry(revision, record.node_id,
+                self._entries[volume_id] = _Entry(revision, record.node_ids,
                                                   record.capacity_bytes, record.qos)
 
     def note_value(self, key: str, value: dict | None, revision: int) -> None:
@@ -53,10 +53,10 @@ class VolumeIndex:
 
     def provisioned_bytes(self, node_id: str) -> int:
         with self._lock:
-            return sum(e.capacity_bytes for e in self._entries.values() if e.node_id == node_id)
+            return sum(e.capacity_bytes for e in self._entries.values() if node_id in e.node_ids)
 
     def guaranteed(self, node_id: str) -> dict[str, QosSpec]:
         """The QoS specs of the volumes on node that guarantee a minimum."""
         with self._lock:
             return {vid: e.qos for vid, e in self._entries.items()
-                    if e.node_id == node_id and e.qos.min_iops}
+                    if node_id in e.node_ids and e.qos.min_iops}

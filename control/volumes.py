@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from control import placement, policy
+from control import mirrored, placement, policy, topology
 from control.node_api import NewVolume, VolumeSource
 from control.records import (
     ATTACHMENT,
@@ -29,6 +29,7 @@ from control.records import (
     VOLUME_NAME,
     AttachmentRecord,
     NameRecord,
+    ReplicaPlacement,
     VolumeRecord,
     attachment_key,
     new_volume_id,
@@ -47,6 +48,7 @@ from engine.errors import (
     NotFound,
     OutOfCapacity,
     OutOfRange,
+    Precondition,
 )
 from engine.locks import KeyLocks
 from engine.qos.tiers import QosSpec
@@ -69,6 +71,9 @@ class VolumeRequest:
     qos: QosSpec = QosSpec()
     source: VolumeSource = VolumeSource()
     constraints: placement.Constraints = placement.Constraints()
+    replicas: int = 1  # > 1: a mirrored volume, one replica per zone
+    min_in_sync: int = 0  # 0: the default for the replica count
+    remote_access: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Volumes:
         self.clock = clock
         # removes confirmed tombstones in batches; None: at once, inside DeleteVolume
         self.sweeper: TombstoneSweeper | None = None
+        self.mirrors = mirrored.Mirrors(store, nodes)
 
     # --- reading ---------------------------------------------------------------------
     def record(self, volume_id: str) -> tuple[VolumeRecord, int] | None:
@@ -145,10 +151,12 @@ class Volumes:
         if pinned:
             constraints = placement.Constraints(constraints.requisite, constraints.preferred,
                                                 pinned)
+        now = self.clock()
+        if req.replicas > 1:
+            return self._mirrored_intent(req, constraints, now)
         node = placement.choose_node(self.nodes.infos(), self.index,
                                      self.policy.overcommit_ratio, req.size_bytes, req.qos,
                                      constraints)
-        now = self.clock()
         return VolumeRecord(
             volume_id=new_volume_id(), name=req.name, request_hash=req.request_hash,
             state=CREATING, capacity_bytes=req.size_bytes, node_id=node.node_id,
@@ -157,6 +165,32 @@ class Volumes:
             qos=req.qos, source_kind=req.source.kind, source_id=req.source.source_id,
             created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
         )
+
+    def _mirrored_intent(self, req: VolumeRequest, constraints: placement.Constraints,
+                         now: float) -> VolumeRecord:
+        if req.source.kind:
+            raise Precondition("a mirrored volume cannot start from a snapshot or a clone yet: "
+                               "create it empty, or from a source with replicas: 1")
+        chosen = placement.choose_replicas(self.nodes.infos(), self.index,
+                                           self.policy.overcommit_ratio, req.size_bytes,
+                                           req.qos, constraints, req.replicas)
+        min_in_sync = req.min_in_sync or mirrored.default_min_in_sync(req.replicas)
+        zones = tuple(n.zone for n in chosen)
+        if req.remote_access:  # every zone asked for (every zone known, when none was)
+            asked = [n.zone for n in self.nodes.infos() if not constraints.requisite
+                     or topology.matches_any(n.node_id, n.zone,
+                                                       constraints.requisite)]
+            zones = tuple(dict.fromkeys(zones + tuple(sorted(asked))))
+        if not 1 <= min_in_sync <= req.replicas:
+            raise InvalidSpec(f"minInSync {min_in_sync} is outside 1..{req.replicas}")
+        return VolumeRecord(
+            volume_id=new_volume_id(), name=req.name, request_hash=req.request_hash,
+            state=CREATING, capacity_bytes=req.size_bytes, node_id=chosen[0].node_id,
+            zone=chosen[0].zone, access_types=tuple(sorted(set(req.access_types))),
+            parameters=dict(req.parameters), mutable_parameters=dict(req.mutable_parameters),
+            qos=req.qos, created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
+            replicas=tuple(ReplicaPlacement(n.node_id, n.zone) for n in chosen),
+            min_in_sync=min_in_sync, remote_access=req.remote_access, access_zones=zones)
 
     def _source(self, source: VolumeSource) -> tuple[str, int]:
         """(node, bytes) of the content source: clones and restores stay on its node."""
@@ -188,11 +222,13 @@ class Volumes:
 
     def _realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
         """Make the intent's storage, then confirm it."""
-        node = self.nodes.require(record.node_id)
-        node.create_volume(NewVolume(
-            volume_id=record.volume_id, size_bytes=record.capacity_bytes,
-            access_types=record.access_types, qos=record.qos,
-            source=VolumeSource(record.source_kind, record.source_id), version=version))
+        if record.mirrored:
+            self.mirrors.realize(record, version)
+        else:
+            self.nodes.require(record.node_id).create_volume(NewVolume(
+                volume_id=record.volume_id, size_bytes=record.capacity_bytes,
+                access_types=record.access_types, qos=record.qos,
+                source=VolumeSource(record.source_kind, record.source_id), version=version))
         crash.point("create-volume-after-engine")
         ready = record.replace(state=READY, intent_deadline=0.0)
         try:
@@ -232,7 +268,7 @@ class Volumes:
             if attached:
                 raise InUse(f"volume {record.volume_id} is still published to "
                             f"{', '.join(a.node_id for a in attached)}")
-            node = self.nodes.get(record.node_id)
+            node = self.nodes.get(record.node_id) if not record.mirrored else None
             info = node.volume(record.volume_id) if node is not None else None
             if info is not None and info.staged:
                 raise InUse(f"volume {record.volume_id} is still staged on {record.node_id}")
@@ -248,12 +284,16 @@ class Volumes:
     def converge_deleted(self, tomb: VolumeRecord, version: int) -> bool:
         """Remove a tombstone's storage, then the tombstone. False while its node is away
         (the tombstone waits for it)."""
-        node = self.nodes.get(tomb.node_id)
-        if node is None:
-            log.warning("volume %s deleted; its storage on %s goes when the node is back",
-                        tomb.volume_id, tomb.node_id)
-            return False
-        node.delete_volume(tomb.volume_id, version)
+        if tomb.mirrored:
+            if not self.mirrors.remove(tomb, version):
+                return False
+        else:
+            node = self.nodes.get(tomb.node_id)
+            if node is None:
+                log.warning("volume %s deleted; its storage on %s goes when the node is back",
+                            tomb.volume_id, tomb.node_id)
+                return False
+            node.delete_volume(tomb.volume_id, version)
         crash.point("delete-volume-after-engine")
         log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
         if self.sweeper is not None:
@@ -277,6 +317,9 @@ class Volumes:
     def expand(self, volume_id: str, size_bytes: int) -> VolumeRecord:
         with self.locks.hold(volume_id):
             record, version = self.require_ready(volume_id)
+            if record.mirrored:
+                raise Precondition(f"volume {volume_id} is mirrored: growing mirrored volumes "
+                                   "is not supported yet")
             node = self.nodes.require(record.node_id)
             if size_bytes > record.capacity_bytes:
                 growth = size_bytes - record.capacity_bytes
@@ -298,15 +341,16 @@ class Volumes:
             record, version = self.require_ready(volume_id)
             merged = {**record.mutable_parameters, **mutable}
             qos = resolve(record.parameters, merged)
-            node = self.nodes.require(record.node_id)
-            info = self.nodes.info(record.node_id)
-            # InvalidSpec: the minimum can never fit the node (INVALID_ARGUMENT);
-            # OutOfCapacity: no room now, the resizer retries (RESOURCE_EXHAUSTED).
-            policy.check_admission(info.iops_capacity, self.index.guaranteed(record.node_id),
-                                   volume_id, qos)
+            nodes = [self.nodes.require(n) for n in record.node_ids]
+            for node_id in record.node_ids:  # a minimum is paid on every replica's node
+                # InvalidSpec: the minimum can never fit the node (INVALID_ARGUMENT);
+                # OutOfCapacity: no room now, the resizer retries (RESOURCE_EXHAUSTED).
+                policy.check_admission(self.nodes.info(node_id).iops_capacity,
+                                       self.index.guaranteed(node_id), volume_id, qos)
             record = record.replace(mutable_parameters=merged, qos=qos)
             version = self._save(record, version)
-            node.set_qos(volume_id, qos, version)
+            for node in nodes:
+                node.set_qos(volume_id, qos, version)
 
     def _save(self, record: VolumeRecord, version: int) -> int:
         try:
@@ -317,30 +361,45 @@ class Volumes:
         return new_version
 
     # --- attachments -----------------------------------------------------------------
-    def publish(self, volume_id: str, node_id: str, access_type: str, read_only: bool) -> None:
+    def publish(self, volume_id: str, node_id: str, access_type: str,
+                read_only: bool) -> dict[str, str]:
+        """Record the attachment; returns the publish_context (a mirrored volume's new
+        generation and its replicas' addresses)."""
         with self.locks.hold(volume_id):
             record, _ = self.require_ready(volume_id)
-            self.nodes.require_known(node_id)
+            info = self.nodes.info(self.nodes.require_known(node_id).node_id)
             if access_type not in record.access_types:
                 raise InvalidSpec(f"volume {volume_id} was created for "
                                   f"{', '.join(record.access_types)}")
-            if node_id != record.node_id:
+            if not record.mirrored and node_id != record.node_id:
                 raise InUse(f"volume {volume_id} is local to node {record.node_id}")
+            if record.mirrored and info.zone not in record.access_zones:
+                raise Precondition(
+                    f"volume {volume_id} is reachable from zones "
+                    f"{', '.join(record.access_zones)}, not from {info.zone} where node "
+                    f"{node_id} is (remoteAccess lets pods run beyond the replicas' zones)")
             key = attachment_key(volume_id, node_id)
             current = self.store.get(key)
             if current is not None:
                 if current.value["read_only"] != read_only:
                     raise AlreadyExists(f"volume {volume_id} is published to {node_id} with "
                                         f"readonly={current.value['read_only']}")
-                return
+                return dict(current.value.get("publish_context", {}))
+            if record.mirrored:
+                others = [a.node_id for a in self.attachments(volume_id)]
+                if others:
+                    raise Precondition(f"volume {volume_id} is published to {others[0]}; "
+                                       "it must be unpublished there first")
             if self.attached_count(node_id) >= self.policy.max_volumes_per_node:
                 raise OutOfCapacity(f"node {node_id} has its maximum of "
                                     f"{self.policy.max_volumes_per_node} volumes attached")
-            attachment = AttachmentRecord(volume_id, node_id, read_only, self.clock())
+            context = self.mirrors.fence_for(record, node_id) if record.mirrored else {}
+            attachment = AttachmentRecord(volume_id, node_id, read_only, self.clock(), context)
             try:
                 self.store.commit([Put(key, _asdict(attachment), expect=0)])
             except Conflict:
                 raise Busy(f"volume {volume_id} was published meanwhile; retry") from None
+            return context
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
         with self.locks.hold(volume_id):
@@ -355,4 +414,5 @@ class Volumes:
 
 def _asdict(attachment: AttachmentRecord) -> dict:
     return {"volume_id": attachment.volume_id, "node_id": attachment.node_id,
-            "read_only": attachment.read_only, "attached_at": attachment.attached_at}
+            "read_only": attachment.read_only, "attached_at": attachment.attached_at,
+            "publish_context": dict(attachment.publish_context)}

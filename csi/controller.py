@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from control import placement, policy, topology
+from control import mirrored, placement, policy, topology
 from control.node_api import Condition, VolumeSource
 from control.records import VolumeRecord, request_hash
 from control.registry import NodeRegistry
@@ -87,11 +87,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         elif vol.source_kind == "snapshot":
             source = csi_pb2.VolumeContentSource(
                 snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=vol.source_id))
+        if vol.mirrored:  # zone-only: pods go next to a replica (or anywhere asked for)
+            segments = [{topology.TOPOLOGY_ZONE_KEY: z} for z in vol.access_zones]
+        else:  # a local volume lives on one node
+            segments = [topology.node_segments(vol.node_id, vol.zone)]
         return csi_pb2.Volume(
             volume_id=vol.volume_id,
             capacity_bytes=vol.capacity_bytes,
-            accessible_topology=[csi_pb2.Topology(
-                segments=topology.node_segments(vol.node_id, vol.zone))],
+            volume_context=mirrored.volume_context(vol),
+            accessible_topology=[csi_pb2.Topology(segments=s) for s in segments],
             content_source=source,
         )
 
@@ -99,13 +103,29 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         """Each volume's condition from its node (one node call, one reading of the kernel
         and one of the pool per node, whatever the number of volumes)."""
         by_node: dict[str, list[str]] = {}
-        for vol in vols:
-            by_node.setdefault(vol.node_id, []).append(vol.volume_id)
         found: dict[str, Condition] = {}
+        for vol in vols:
+            if vol.mirrored:
+                found[vol.volume_id] = self._mirrored_condition(vol)
+            else:
+                by_node.setdefault(vol.node_id, []).append(vol.volume_id)
         for node_id, ids in by_node.items():
             found.update(self._node_condition(node_id, ids))
         return {vid: csi_pb2.VolumeCondition(abnormal=c.abnormal, message=c.message)
                 for vid, c in found.items()}
+
+    def _mirrored_condition(self, vol: VolumeRecord) -> Condition:
+        """Each replica's state: in sync, out of sync (the arbiter's record), node down."""
+        states = self.volumes.mirrors.replica_states(vol.volume_id)
+        parts, abnormal = [], False
+        for r in vol.replicas:
+            state = states.get(r.node_id, "unknown")
+            if not self.nodes.known(r.node_id):
+                state, abnormal = f"{state}, node down", True
+            elif state != "in_sync":
+                abnormal = True
+            parts.append(f"{r.node_id} ({r.zone}): {state}")
+        return Condition(abnormal, "replicas: " + "; ".join(parts))
 
     def _node_condition(self, node_id: str, volume_ids: list[str]) -> dict[str, Condition]:
         node = self.nodes.get(node_id)
@@ -151,6 +171,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         mutable = validation.check_parameters(
             req.mutable_parameters, validation.MUTABLE_PARAMETER_KEYS, "mutable parameter")
         qos = self._resolve_qos(params, mutable)
+        replicas, min_in_sync, remote_access = mirrored.parse_parameters(params)
         minimum = policy.MIN_VOLUME_BYTES
         if any(c.WhichOneof("access_type") == "mount" and c.mount.fs_type == "xfs"
                for c in req.volume_capabilities):
@@ -172,6 +193,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             constraints=placement.Constraints(
                 requisite=tuple(dict(t.segments) for t in reqs.requisite),
                 preferred=tuple(dict(t.segments) for t in reqs.preferred)),
+            replicas=replicas, min_in_sync=min_in_sync, remote_access=remote_access,
         ))
         return csi_pb2.CreateVolumeResponse(volume=self._volume(vol))
 
@@ -208,8 +230,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidSpec("volume_capability is required")
         kind = validation.check_capability(req.volume_capability)
         self._require_volume(volume_id)
-        self.volumes.publish(volume_id, node_id, kind, req.readonly)
-        return csi_pb2.ControllerPublishVolumeResponse(publish_context={})
+        context = self.volumes.publish(volume_id, node_id, kind, req.readonly)
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=context)
 
     @translated
     def ControllerUnpublishVolume(self, req, context) -> csi_pb2.ControllerUnpublishVolumeResponse:
@@ -278,9 +300,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         params = validation.check_parameters(
             req.parameters, validation.VOLUME_PARAMETER_KEYS, "parameter")
         qos = self._resolve_qos(params, {})
+        replicas, _, _ = mirrored.parse_parameters(params)
         for cap in req.volume_capabilities:
             if validation.unsupported_capability(cap):
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
+        if replicas > 1:
+            return self._mirrored_capacity(req, qos, replicas)
         infos = [n for n in self.nodes.infos()
                  if not req.HasField("accessible_topology")
                  or topology.matches(n.node_id, n.zone, req.accessible_topology.segments)]
@@ -294,6 +319,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             available_capacity=sum(per_node),
             maximum_volume_size={"value": min(max(per_node, default=0),
                                               policy.MAX_VOLUME_BYTES)},
+            minimum_volume_size={"value": policy.MIN_VOLUME_BYTES},
+        )
+
+    def _mirrored_capacity(self, req: csi_pb2.GetCapacityRequest, qos: QosSpec,
+                           replicas: int) -> csi_pb2.GetCapacityResponse:
+        """A segment's capacity for N replicas: the smaller of what its zone holds and the
+        (N-1)th best of the other zones (nodes short of the tier's minimum count as 0)."""
+        infos = [n for n in self.nodes.infos() if not qos.min_iops or policy.can_place(
+            n.iops_capacity, self.index.guaranteed(n.node_id), qos)]
+        zones = {n.zone for n in self.nodes.infos()
+                 if not req.HasField("accessible_topology")
+                 or topology.matches(n.node_id, n.zone, req.accessible_topology.segments)}
+        available = placement.replica_capacity(infos, self.index,
+                                               self.config.overcommit_ratio, zones, replicas)
+        return csi_pb2.GetCapacityResponse(
+            available_capacity=available,
+            maximum_volume_size={"value": min(available, policy.MAX_VOLUME_BYTES)},
             minimum_volume_size={"value": policy.MIN_VOLUME_BYTES},
         )
 

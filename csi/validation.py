@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from control import mirrored
 from engine.errors import InvalidSpec, InvalidToken
 from engine.filesystem import check_fs_type
 from engine.node_volumes import BLOCK, MOUNT
@@ -28,7 +29,7 @@ READER_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_REA
 
 # Parameters the sidecars add (pvc/pv names, secrets' names): accepted and ignored.
 SIDECAR_PREFIX = "csi.storage.k8s.io/"
-VOLUME_PARAMETER_KEYS = QOS_KEYS
+VOLUME_PARAMETER_KEYS = QOS_KEYS | mirrored.PARAMETER_KEYS
 MUTABLE_PARAMETER_KEYS = QOS_KEYS
 MAX_NAME_CHARS = 1024
 

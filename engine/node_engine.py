@@ -80,12 +80,13 @@ class NodeEngine:
     # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                       clone_from_volume: str = "", version: int = 0,
-                      access_types: tuple[str, ...] = ()) -> Backing:
+                      access_types: tuple[str, ...] = (), role: str = "volume") -> Backing:
         """access_types: "block" and/or "mount", as the volume was created for (kept, so
-        staging it otherwise is refused: a mount stage of a block volume would format it)."""
+        staging it otherwise is refused: a mount stage of a block volume would format it).
+        role "replica": a mirrored volume's copy, never staged here directly."""
         if not clone_from_volume:
             return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
-                                     version=version, access_types=access_types)
+                                     version=version, access_types=access_types, role=role)
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):

@@ -49,6 +49,10 @@ class Backing:
     # mkfs finished: data found where mkfs was cut short is Tandem's own, not a user's.
     made_fs: str = ""
     made_fs_done: bool = False
+    # "volume": staged on this node as itself; "replica": one copy of a mirrored volume,
+    # reached only through the volume's frontend (never staged directly: writes must go to
+    # every replica)
+    role: str = "volume"
 
     @classmethod
     def from_record(cls, volume_id: str, rec: dict) -> Backing:
@@ -101,6 +105,7 @@ class VolumeFiles:
         qos_json: str = "",
         version: int = 0,
         access_types: tuple[str, ...] = (),
+        role: str = "volume",
     ) -> Backing:
         """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
 
@@ -120,7 +125,7 @@ class VolumeFiles:
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, time.time(), origin,
                           qos_json, source.pool_name if source else "", version,
-                          tuple(sorted(set(access_types))))
+                          tuple(sorted(set(access_types))), role=role)
         self.store.put(KIND, volume_id, backing.record())
         crash.point("volume-create-after-record")
         try:

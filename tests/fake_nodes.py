@@ -15,8 +15,10 @@ from control.node_api import (
     ByteRange,
     Condition,
     Inventory,
+    NewReplica,
     NewVolume,
     NodeInfo,
+    ReplicaInfo,
     SnapshotInfo,
     SnapshotMember,
     StaleVersion,
@@ -37,6 +39,7 @@ class FakeNode:
         self.iops_capacity = iops_capacity
         self.max_volumes = max_volumes
         self.held: dict[str, VolumeInfo] = {}
+        self.generations: dict[str, int] = {}  # replicas: the generation fenced at
         self.snapshots: dict[str, SnapshotInfo] = {}
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
@@ -56,7 +59,8 @@ class FakeNode:
     def info(self) -> NodeInfo:
         self._reach("info")
         return NodeInfo(self._node_id, self.zone, 1000 * GIB, self.free_bytes, GIB,
-                        self.iops_capacity, self.max_volumes)
+                        self.iops_capacity, self.max_volumes,
+                        replica_address=f"{self._node_id}:7400")
 
     def _check_version(self, volume_id: str, version: int) -> VolumeInfo:
         vol = self.held.get(volume_id)
@@ -124,6 +128,33 @@ class FakeNode:
     def inventory(self) -> Inventory:
         self._reach("inventory")
         return Inventory(tuple(self.held.values()), tuple(self.snapshots.values()))
+
+    # replicas: storage like a volume's, plus the generation the node last fenced at
+    def create_replica(self, spec: NewReplica) -> ReplicaInfo:
+        self._reach("create_replica", spec.volume_id)
+        if self.fail_creates:
+            raise Unavailable(f"node {self._node_id} failed while creating {spec.volume_id}")
+        with self._lock:
+            vol = self.held.get(spec.volume_id)
+            if vol is None:
+                vol = VolumeInfo(spec.volume_id, spec.size_bytes, ("block", "mount"),
+                                 spec.qos, time.time(), False, Condition(), spec.version)
+                self.held[spec.volume_id] = vol
+            self.generations.setdefault(spec.volume_id, 0)
+        return ReplicaInfo(spec.volume_id, self._node_id, f"{self._node_id}:7400",
+                           vol.size_bytes, vol.version)
+
+    def delete_replica(self, volume_id: str, version: int) -> None:
+        self._reach("delete_replica", volume_id)
+        self.delete_volume(volume_id, version)
+        self.generations.pop(volume_id, None)
+
+    def fence_replica(self, volume_id: str, generation: int) -> int:
+        self._reach("fence_replica", volume_id)
+        if volume_id not in self.generations:
+            raise NotFound(f"no replica of {volume_id} on {self._node_id}")
+        self.generations[volume_id] = max(self.generations[volume_id], generation)
+        return self.generations[volume_id]
 
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
         self._reach("create_snapshots", ",".join(m.snapshot_id for m in members))

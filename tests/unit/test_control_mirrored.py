@@ -1,0 +1,184 @@
+"""Mirrored volumes in the controller, on in-memory nodes: placement across zones,
+capacity, attach = fence (generations on the replicas, out-of-sync records), deletion
+with a node away, and the StorageClass parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from control import mirrored, placement
+from control.mirrored import GENERATION_KEY, REPLICAS_KEY
+from control.placement import Constraints
+from control.records import DELETING
+from control.store_arbiter import StoreArbiter
+from control.topology import TOPOLOGY_ZONE_KEY
+from control.volume_index import VolumeIndex
+from control.volumes import VolumeRequest
+from engine.errors import InvalidSpec, OutOfCapacity, Precondition, Unavailable
+from engine.qos.tiers import DEFAULT_TIERS
+from tests.fake_nodes import GIB, FakeNode
+from tests.unit.test_control_volumes import Cluster
+
+
+def zone(z: str) -> dict[str, str]:
+    return {TOPOLOGY_ZONE_KEY: z}
+
+
+@pytest.fixture
+def zones(tmp_path):
+    nodes = [FakeNode(f"n{i}", f"z{i}") for i in (1, 2, 3, 4)]
+    nodes.append(FakeNode("n1b", "z1"))  # a second node in zone 1
+    cluster = Cluster(str(tmp_path / "cluster.sqlite"), nodes)
+    yield cluster
+    cluster.store.close()
+
+
+ANYWHERE = Constraints()
+
+
+def create(c: Cluster, name: str, replicas: int = 3, remote: bool = False,
+           constraints: Constraints = ANYWHERE, size: int = GIB, **kw):
+    return c.volumes.create(VolumeRequest(
+        name=name, request_hash=name, size_bytes=size, access_types=("mount",),
+        replicas=replicas, remote_access=remote, constraints=constraints, **kw))
+
+
+def test_replicas_go_to_distinct_zones_one_in_the_pods(zones):
+    c = zones
+    vol = create(c, "a", constraints=Constraints(
+        requisite=tuple(zone(z) for z in ("z1", "z2", "z3", "z4")),
+        preferred=(zone("z3"), zone("z1"))))
+    assert [r.zone for r in vol.replicas][0] == "z3"
+    assert len({r.zone for r in vol.replicas}) == 3
+    assert vol.node_id == vol.replicas[0].node_id and vol.min_in_sync == 2
+    for r in vol.replicas:  # each replica is storage on its node
+        assert vol.volume_id in c.nodes[r.node_id].held
+    assert vol.access_zones == tuple(r.zone for r in vol.replicas)
+    # the arbiter's record: generation 0, every (empty) replica in sync
+    rec = StoreArbiter(c.store).get(vol.volume_id)
+    assert rec.generation == 0 and set(rec.replicas.values()) == {"in_sync"}
+
+
+def test_not_enough_zones_is_resource_exhausted_and_says_why(zones):
+    c = zones
+    with pytest.raises(OutOfCapacity, match="3 replicas need 3 zones"):
+        create(c, "a", constraints=Constraints(requisite=(zone("z1"), zone("z2"))))
+    c.nodes["n3"].free_bytes = 0
+    with pytest.raises(OutOfCapacity, match="z3"):
+        create(c, "b", constraints=Constraints(preferred=(zone("z3"),)))
+
+
+def test_capacity_and_minima_are_paid_on_every_replica_node(zones):
+    c = zones
+    gold = DEFAULT_TIERS["gold"]  # 4,000 of each node's 10,000
+    vol = create(c, "a", qos=gold)
+    for r in vol.replicas:
+        assert c.index.provisioned_bytes(r.node_id) == GIB
+        assert vol.volume_id in c.index.guaranteed(r.node_id)
+
+
+def test_replica_capacity_of_a_segment():
+    nodes = [FakeNode(f"n{i}", f"z{i}", free_bytes=(i + 1) * GIB) for i in (1, 2, 3)]
+    infos = [n.info() for n in nodes]
+    index = VolumeIndex()
+    avail = {n.node_id: placement.available_bytes(n, index, 1.0) for n in infos}
+    # 3 replicas seen from z1: min(z1, the 2nd best of z2, z3)
+    assert placement.replica_capacity(infos, index, 1.0, {"z1"}, 3) == min(
+        avail["n1"], avail["n2"])
+    assert placement.replica_capacity(infos, index, 1.0, {"z3"}, 2) == min(
+        avail["n3"], avail["n2"])
+    assert placement.replica_capacity(infos, index, 1.0, {"z1"}, 4) == 0  # not enough zones
+
+
+def test_publish_fences_the_replicas_at_a_new_generation(zones):
+    c = zones
+    vol = create(c, "a")
+    first = vol.replicas[0].node_id
+    context = c.volumes.publish(vol.volume_id, first, "mount", False)
+    assert context[GENERATION_KEY] == "1"
+    assert sorted(context[REPLICAS_KEY].split(",")) == sorted(
+        f"{r.node_id}@{r.node_id}:7400" for r in vol.replicas)
+    for r in vol.replicas:
+        assert c.nodes[r.node_id].generations[vol.volume_id] == 1
+    # a repeat answers the same context, fences nothing new
+    assert c.volumes.publish(vol.volume_id, first, "mount", False) == context
+    # another node while attached: refused; after the unpublish: a newer generation
+    other = c.nodes[vol.replicas[1].node_id]
+    with pytest.raises(Precondition, match="published to"):
+        c.volumes.publish(vol.volume_id, other.node_id, "mount", False)
+    c.volumes.unpublish(vol.volume_id, first)
+    context = c.volumes.publish(vol.volume_id, other.node_id, "mount", False)
+    assert context[GENERATION_KEY] == "2"
+    assert all(c.nodes[r.node_id].generations[vol.volume_id] == 2 for r in vol.replicas)
+
+
+def test_an_unreachable_replica_is_recorded_out_of_sync_at_publish(zones):
+    c = zones
+    vol = create(c, "a")
+    away = vol.replicas[2].node_id
+    c.nodes[away].down = True
+    c.volumes.publish(vol.volume_id, vol.replicas[0].node_id, "mount", False)
+    states = StoreArbiter(c.store).get(vol.volume_id).replicas
+    assert states[away] == "out_of_sync"
+    assert states[vol.replicas[0].node_id] == "in_sync"
+    # every replica away: nothing to fence, nothing to serve from
+    remote = create(c, "b", replicas=2, remote=True,
+                    constraints=Constraints(preferred=(zone("z1"),)))
+    for r in remote.replicas:
+        c.nodes[r.node_id].down = True
+    outsider = next(n for n in ("n2", "n3", "n4")
+                    if n not in {r.node_id for r in remote.replicas})
+    with pytest.raises(Unavailable, match="no replica"):
+        c.volumes.publish(remote.volume_id, outsider, "mount", False)
+
+
+def test_pods_go_only_to_replica_zones_unless_remote_access(zones):
+    c = zones
+    vol = create(c, "a", replicas=2, constraints=Constraints(
+        requisite=(zone("z1"), zone("z2"))))
+    outsider = "n4"  # zone z4 holds no replica
+    with pytest.raises(Precondition, match="remoteAccess"):
+        c.volumes.publish(vol.volume_id, outsider, "mount", False)
+    remote = create(c, "b", replicas=2, remote=True)
+    assert "z4" in remote.access_zones
+    c.volumes.publish(remote.volume_id, outsider, "mount", False)
+
+
+def test_delete_with_a_replica_node_away_keeps_the_tombstone(zones):
+    c = zones
+    vol = create(c, "a")
+    away = vol.replicas[1].node_id
+    c.registry.remove(away)
+    c.volumes.delete(vol.volume_id)
+    assert c.state(vol.volume_id) == DELETING
+    for r in vol.replicas:
+        if r.node_id != away:
+            assert vol.volume_id not in c.nodes[r.node_id].held
+    c.registry.add(c.nodes[away])
+    c.reconciler.run_once()
+    assert c.state(vol.volume_id) is None
+    assert vol.volume_id not in c.nodes[away].held
+    assert c.store.get(f"arbiter/{vol.volume_id}") is None
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, (1, 0, False)),
+    ({"replicas": "3"}, (3, 0, False)),
+    ({"replicas": "2", "minInSync": "2", "remoteAccess": "true"}, (2, 2, True)),
+])
+def test_storage_class_parameters(params, expected):
+    assert mirrored.parse_parameters(params) == expected
+
+
+@pytest.mark.parametrize("params", [
+    {"replicas": "4"}, {"replicas": "two"}, {"replicas": "2", "minInSync": "3"},
+    {"replicas": "1", "remoteAccess": "true"}, {"replicas": "2", "remoteAccess": "yes"},
+])
+def test_bad_storage_class_parameters_are_invalid(params):
+    with pytest.raises(InvalidSpec):
+        mirrored.parse_parameters(params)
+
+
+def test_default_min_in_sync():
+    assert mirrored.default_min_in_sync(2) == 1
+    assert mirrored.default_min_in_sync(3) == 2
