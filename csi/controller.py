@@ -45,8 +45,7 @@ CAPABILITIES = (
     Cap.CLONE_VOLUME,
     Cap.CREATE_DELETE_SNAPSHOT,
     Cap.LIST_SNAPSHOTS,
-    # GetSnapshot (alpha) is served but not advertised: csi-sanity v5.4 fails a driver
-    # that advertises a capability it does not know, and GET_SNAPSHOT is one of them.
+    Cap.GET_SNAPSHOT,  # csi-test master (v5.5) knows it; v5.4 failed any driver advertising it
 )
 
 
