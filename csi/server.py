@@ -27,6 +27,7 @@ from csi.node import NodeService
 from csi.snapshot_catalog import SnapshotCatalog
 from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
+from engine import permissions
 from engine.errors import EngineError
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
@@ -97,8 +98,9 @@ def socket_path(endpoint: str) -> str:
 
 def take_state_lock(config: Config) -> int:
     """One driver per state dir: a second one would corrupt the other's work."""
-    os.makedirs(config.state_dir, exist_ok=True)
-    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    permissions.private_dir(config.state_dir)  # records and pool image: tenants' data
+    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, permissions.PRIVATE_FILE)
+    permissions.tighten(config.lock_path, permissions.PRIVATE_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -115,7 +117,9 @@ def take_state_lock(config: Config) -> int:
 def clear_stale_socket(path: str) -> None:
     """Remove a socket left by a dead driver; refuse one a live server still answers on."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # only root's sidecars talk to the socket (0600): a directory made for it is 0700;
+        # one that exists (the kubelet's plugin dir) is left as it is
+        os.makedirs(os.path.dirname(path), mode=permissions.PRIVATE_DIR, exist_ok=True)
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -175,9 +179,15 @@ class Driver:
         csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
             SnapshotMetadataService(snapshot_catalog, nodes), self.server)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
-        self.server.add_insecure_port(f"unix://{path}")
+        # The socket is bound here with the process umask: make it owner-only from the start
+        # rather than chmod it after a window in which others could connect.
+        umask = os.umask(0o077)
+        try:
+            self.server.add_insecure_port(f"unix://{path}")
+        finally:
+            os.umask(umask)
+        os.chmod(path, permissions.PRIVATE_FILE)
         self.server.start()
-        os.chmod(path, 0o600)
         self.ready.set()
         log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
                  cfg.zone, cfg.pool_directory)
