@@ -34,6 +34,7 @@ from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
 from engine.node_qos import NodeQos
 from engine.pool import Pool
+from engine.qos import capacity
 from engine.qos.tiers import DEFAULT_TIERS, load_tiers
 from engine.state import SqliteStore
 from proto import csi_pb2_grpc
@@ -67,7 +68,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--cgroup-parent", default="",
                    help="cgroup under which the kubelet's kubepods sits (default: the root)")
     p.add_argument("--node-iops-capacity", type=int, default=0,
-                   help="IOPS the pool guarantees minima from; 0: measure once with fio")
+                   help="IOPS the pool guarantees minima from, set at every start; 0: the "
+                   "figure kept in the state (measured with fio at the first start, or "
+                   "set with tandem-admin capacity)")
+    p.add_argument("--capacity-measure-seconds", type=int, default=capacity.RUN_S,
+                   help="length of that one-off measurement (after a 2 s warm-up)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if not a.endpoint.startswith("unix://"):
@@ -75,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0 \
             or a.node_iops_capacity < 0:
         p.error("--overcommit-ratio, --pool-size-gib must be positive, "
-                "--max-volumes-per-node not negative")
+                "--max-volumes-per-node and --node-iops-capacity not negative")
+    if a.capacity_measure_seconds < capacity.MIN_SAMPLES + 1:
+        p.error(f"--capacity-measure-seconds must be at least {capacity.MIN_SAMPLES + 1}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tiers = load_tiers(a.tiers_file) if a.tiers_file else dict(DEFAULT_TIERS)
@@ -87,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         max_volumes_per_node=a.max_volumes_per_node,
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
         tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent,
-        node_iops_capacity=a.node_iops_capacity,
+        node_iops_capacity=a.node_iops_capacity, capacity_measure_s=a.capacity_measure_seconds,
     )
 
 
@@ -156,7 +163,8 @@ class Driver:
                     image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
         qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
         engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts,
-                            qos=qos, iops_capacity=cfg.node_iops_capacity)
+                            qos=qos, iops_capacity=cfg.node_iops_capacity,
+                            measure_s=cfg.capacity_measure_s)
         engine.open()
         self.engine = engine
         catalog = Catalog(self.store)
