@@ -28,7 +28,6 @@ from engine.volumes import Backing, VolumeFiles
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class NodeIdentity:
     node_id: str
