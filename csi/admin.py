@@ -6,8 +6,8 @@
     tandem-admin [--state-dir DIR] capacity [show]
                                                  the pool's IOPS capacity for guaranteed
                                                  minima: figure, source, method, date
-    tandem-admin [--state-dir DIR] capacity measure [--pool DIR] [--seconds 20]
-                                                 measure it again (about 25 s) and keep it
+    tandem-admin [--state-dir DIR] capacity measure [--pool DIR] [--seconds 30]
+                                                 measure it again (about 45 s) and keep it
     tandem-admin [--state-dir DIR] capacity set IOPS
                                                  set it by hand and keep it
 

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    "figure kept in the state (measured with fio at the first start, or "
                    "set with tandem-admin capacity)")
     p.add_argument("--capacity-measure-seconds", type=int, default=capacity.RUN_S,
-                   help="length of that one-off measurement (after a 2 s warm-up)")
+                   help="length of that one-off measurement (after a warm-up of a third of it, "
+                   "10 s at most)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if not a.endpoint.startswith("unix://"):

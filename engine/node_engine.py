@@ -85,7 +85,7 @@ class NodeEngine:
         elif kept is None:
             log.info("measuring pool %s's IOPS capacity once, for guaranteed minima "
                      "(%d s, plus writing a 1 GiB scratch file)", self.pool.directory,
-                     self._measure_s + capacity_mod.WARMUP_S)
+                     self._measure_s + capacity_mod.warmup_for(self._measure_s))
             try:
                 measured = capacity_mod.measure(self.pool.directory, seconds=self._measure_s)
             except CommandFailed as e:

@@ -6,17 +6,19 @@ figure was kept forever: a low one made the gold tier impossible on that node fo
 - **What runs**: fio on a scratch file in the pool (never on a volume): 4 KiB random 50/50
   read/write, direct I/O, JOBS jobs x IODEPTH (one job per core of a small node, so one busy
   core does not halve the figure), on a FILE_BYTES file (no-CoW on btrfs, as volume files
-  are) so that no cache holds it; WARMUP_S + RUN_S seconds, IOPS logged every second.
-- **The figure**: the warm-up's seconds (queues filling, the file's first touches) and
-  anything logged past the run's end are dropped; the figure is the median of the RUN_S
-  per-second totals. The median, not the mean: up to half the seconds can be disturbed,
-  either way, without moving it, and a burst or a stall of a few seconds does not count.
-  Conservative where it matters: a load beside the measurement lowers every second, so it can
-  only lower the figure, and the mix (small, random, half writes) is the hardest common one.
-  A low percentile was tried: on the shared VM it moved twice as much as the median between
-  runs (other sessions' bursts hit a quarter of the seconds more often than half).
+  are) so that no cache holds it; IOPS logged every second.
+- **Warm-up**: WARMUP_S seconds, left out. A new file's first seconds of random writes ran
+  30-60% faster than what followed on the test VM (for 5 to 40 s); a second run on the same
+  file showed no such phase.
+- **The figure**: the median of the next RUN_S per-second totals (anything fio logs past the
+  end left out). The median, not the mean: up to half the seconds can be disturbed, either
+  way, without moving it, so one noisy second (a stall, a burst) does not count. Conservative
+  where it matters: a load beside the measurement lowers every second, so it can only lower
+  the figure, and the mix (small, random, half writes) is the hardest common one. A low
+  percentile (p25) was tried on recorded runs: it moved up to twice as much as the median
+  between runs (other sessions' bursts hit a quarter of the seconds more often than half).
 - **When**: once, at the driver's first start (WARMUP_S + RUN_S seconds plus writing the
-  file: ~25 s), or when an operator asks (`tandem-admin capacity measure`); never at every
+  file: ~45 s), or when an operator asks (`tandem-admin capacity measure`); never at every
   start. An operator can also set the figure (`tandem-admin capacity set`), and
   `--node-iops-capacity` sets it at each start. The record keeps the figure, its source, the
   method, the date and the per-second samples.
@@ -38,8 +40,8 @@ from engine.qos import fio
 from engine.state import Store
 
 FILE_BYTES = 1024**3
-WARMUP_S = 2
-RUN_S = 20
+WARMUP_S = 10
+RUN_S = 30
 JOBS = 2
 IODEPTH = 32
 MIN_SAMPLES = 3
@@ -92,6 +94,11 @@ def save(store: Store, cap: Capacity) -> None:
     store.put(KIND, KEY, cap.record())
 
 
+def warmup_for(seconds: int) -> int:
+    """The warm-up before `seconds` of measurement: a third of it, WARMUP_S at most."""
+    return max(1, min(WARMUP_S, seconds // 3))
+
+
 def describe(seconds: int, warmup_s: int, file_bytes: int, jobs: int, iodepth: int) -> str:
     return (f"fio 4 KiB random 50/50 read/write, direct I/O, {jobs} jobs x iodepth {iodepth}, "
             f"{file_bytes // 1024**2} MiB scratch file in the pool; median of the per-second "
@@ -121,11 +128,12 @@ def remove_scratch(pool_dir: str) -> None:
             pass
 
 
-def measure(pool_dir: str, *, seconds: int = RUN_S, warmup_s: int = WARMUP_S,
+def measure(pool_dir: str, *, seconds: int = RUN_S, warmup_s: int | None = None,
             file_bytes: int = FILE_BYTES, jobs: int = JOBS, iodepth: int = IODEPTH,
             clock: Callable[[], float] = time.time) -> Capacity:
     """Measure the pool's capacity (see the module's docstring). Takes warmup_s + seconds
     plus writing the scratch file once; CommandFailed if fio fails or logs too little."""
+    warmup_s = warmup_for(seconds) if warmup_s is None else warmup_s
     remove_scratch(pool_dir)
     fd, path = tempfile.mkstemp(prefix=SCRATCH_PREFIX, dir=pool_dir)  # 0600
     os.close(fd)

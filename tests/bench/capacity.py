@@ -278,7 +278,7 @@ def main() -> int:
         "loaded_never_above_quiet": max(under, default=0) <= min(quiet_all),
     }
     print(json.dumps({
-        "method": capacity.describe(a.seconds, capacity.WARMUP_S, capacity.FILE_BYTES,
+        "method": capacity.describe(a.seconds, capacity.warmup_for(a.seconds), capacity.FILE_BYTES,
                                     capacity.JOBS, capacity.IODEPTH),
         "cold_starts": colds, "quiet_cold_spread": cold,
         "all_cold_spread": spread([r["iops"] for r in colds]),
