@@ -35,16 +35,24 @@ class VolumeRecord:
     source_kind: str = ""  # "", "volume" or "snapshot"
     source_id: str = ""
     created_at: float = 0.0
+    # What CreateVolume asked for, kept apart from the current state so that a retry of it
+    # is recognised after an expansion or a tier change (csi/idempotency.py). Records from
+    # before these were kept load with the defaults.
+    capabilities: tuple[tuple[str, str, str], ...] = ()  # (access type, mode, fs type)
+    created_mutable_parameters: dict[str, str] | None = None
+    created_bytes: int = 0
 
     def to_record(self) -> dict:
         rec = dataclasses.asdict(self)
         rec["access_types"] = list(self.access_types)
+        rec["capabilities"] = [list(c) for c in self.capabilities]
         return rec
 
     @classmethod
     def from_record(cls, rec: dict) -> VolumeRecord:
         rec = dict(rec)
         rec["access_types"] = tuple(rec["access_types"])
+        rec["capabilities"] = tuple(tuple(c) for c in rec.get("capabilities", ()))
         return cls(**rec)
 
     def replace(self, **changes) -> VolumeRecord:

@@ -15,10 +15,11 @@ from csi import sizes, validation
 from csi.catalog import Catalog, VolumeRecord, new_volume_id
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import RpcError, invalid, not_found, translated
+from csi.idempotency import CreateAsk, incompatibility
 from csi.locks import KeyLocks
 from csi.snapshotter import Snapshotter
 from engine import crash
-from engine.errors import InUse, OutOfCapacity
+from engine.errors import AlreadyExists, InUse, OutOfCapacity
 from engine.filesystem import XFS_MIN_BYTES
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
@@ -45,8 +46,7 @@ CAPABILITIES = (
     Cap.CLONE_VOLUME,
     Cap.CREATE_DELETE_SNAPSHOT,
     Cap.LIST_SNAPSHOTS,
-    # GetSnapshot (alpha) is served but not advertised: csi-sanity v5.4 fails a driver
-    # that advertises a capability it does not know, and GET_SNAPSHOT is one of them.
+    Cap.GET_SNAPSHOT,  # csi-test master (v5.5) knows it; v5.4 failed any driver advertising it
 )
 
 
@@ -180,11 +180,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             req.capacity_range.required_bytes, req.capacity_range.limit_bytes,
             self.config.default_volume_bytes, minimum)
         source_kind, source_id = self._content_source(req)
+        ask = CreateAsk.from_request(req, params, mutable, source_kind, source_id)
 
         with self.locks.hold(f"name:{name}"):
             existing = self.catalog.volume_by_name(name)
             if existing is not None:
-                self._check_same_request(existing, req, access_types, source_kind, source_id)
+                # Before any capacity check: a retry must not fail for lack of room.
+                why = incompatibility(existing, ask, {TOPOLOGY_NODE_KEY: existing.node_id,
+                                                      TOPOLOGY_ZONE_KEY: existing.zone})
+                if why:
+                    raise AlreadyExists(f"volume {name!r} exists with {why}")
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(existing))
             source_node, source_bytes = "", 0
             if source_kind == "volume":
@@ -204,7 +209,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 access_types=tuple(sorted(set(access_types))), parameters=params,
                 mutable_parameters=mutable, qos_json=qos.to_json(),
                 source_kind=source_kind, source_id=source_id,
-                created_at=time.time(),
+                created_at=time.time(), capabilities=tuple(sorted(ask.capabilities)),
+                created_mutable_parameters=mutable, created_bytes=size,
             )
             # Storage first, record second: a crash in between leaves a backing volume
             # no record owns, which reconcile() removes at start-up. Two commits in all.
@@ -238,21 +244,6 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                "volume_content_source.snapshot.snapshot_id")
             return "snapshot", src.snapshot.snapshot_id
         raise invalid("volume_content_source has no type")
-
-    def _check_same_request(self, vol: VolumeRecord, req, access_types, source_kind, source_id):
-        rng = req.capacity_range
-        if rng.required_bytes and vol.capacity_bytes < rng.required_bytes:
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"volume {vol.name!r} exists with {vol.capacity_bytes} bytes")
-        if rng.limit_bytes and vol.capacity_bytes > rng.limit_bytes:
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"volume {vol.name!r} exists with {vol.capacity_bytes} bytes")
-        if (source_kind, source_id) != (vol.source_kind, vol.source_id):
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"volume {vol.name!r} exists with another content source")
-        if not set(access_types) <= set(vol.access_types):
-            raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
-                           f"volume {vol.name!r} exists with other access types")
 
     @translated
     def DeleteVolume(self, req: csi_pb2.DeleteVolumeRequest, context):

@@ -1,19 +1,13 @@
 """Admission of guaranteed minima: the sum of minima placed on a node never exceeds its pool's
-IOPS capacity. Pure functions, plus a one-off fio measurement of that capacity (the caller
-stores the figure with the pool, so it is measured once, not at every start).
+IOPS capacity (measured or set: engine/qos/capacity.py). Pure functions.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 
 from engine.errors import InvalidSpec, OutOfCapacity
-from engine.qos import fio
 from engine.qos.tiers import QosSpec
-
-MEASURE_FILE_BYTES = 256 * 1024 * 1024
 
 
 def reserved_iops(specs: Iterable[QosSpec]) -> int:
@@ -54,27 +48,3 @@ def check_admission(
         raise OutOfCapacity(
             f"{volume_id}: {spec.min_iops} guaranteed IOPS asked, {free} of {capacity_iops} free"
         )
-
-
-def measure_capacity_iops(
-    pool_dir: str, seconds: float = 5.0, iodepth: int = 16, size_bytes: int = MEASURE_FILE_BYTES
-) -> int:
-    """Total IOPS of a 50/50 4 KiB random read/write load with direct I/O on the pool's
-    filesystem. Run once at pool creation and store it; derate it in configuration if the
-    pool also carries unguaranteed work."""
-    fd, path = tempfile.mkstemp(prefix=".qos-capacity-", dir=pool_dir)
-    os.close(fd)
-    try:
-        result = fio.run(
-            fio.FioJob(
-                filename=path,
-                rw="randrw",
-                runtime_s=seconds,
-                iodepth=iodepth,
-                size_bytes=size_bytes,
-                name="capacity",
-            )
-        )
-    finally:
-        os.unlink(path)
-    return int(result.iops)

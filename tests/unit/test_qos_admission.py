@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -60,21 +59,6 @@ def test_parse_fio_json_sums_jobs_and_skips_warnings() -> None:
     r = fio.parse_json(_fio_doc(100.0, 50.0))
     assert (r.read_iops, r.write_iops, r.iops) == (200.0, 100.0, 300.0)
     assert r.read_bytes_per_s == 200.0 * 4096
-
-
-def test_measure_capacity_runs_fio_on_a_temp_file_and_removes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[fio.FioJob] = []
-
-    def fake_run(job: fio.FioJob, timeout_s: float | None = None) -> fio.FioResult:
-        seen.append(job)
-        assert Path(job.filename).parent == tmp_path
-        return fio.FioResult(3000.4, 2999.9, 0.0, 0.0)
-
-    monkeypatch.setattr(fio, "run", fake_run)
-    assert admission.measure_capacity_iops(str(tmp_path), seconds=1) == 6000
-    assert seen[0].rw == "randrw" and list(tmp_path.iterdir()) == []
 
 
 def test_fio_failure_is_command_failed(monkeypatch: pytest.MonkeyPatch) -> None:
