@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from control.topology import TOPOLOGY_ZONE_KEY, node_segments
 from engine.qos.tiers import QosSpec
 
 CREATING, READY, DELETING = "creating", "ready", "deleting"
@@ -61,7 +62,7 @@ def _plain(value: Any) -> dict:
         if isinstance(item, QosSpec):
             item = dict(vars(item))  # flat: cheaper than dataclasses.asdict
         elif isinstance(item, tuple):
-            item = list(item)
+            item = [list(i) if isinstance(i, tuple) else i for i in item]
         elif isinstance(item, dict):
             item = dict(item)
         out[f.name] = item
@@ -104,6 +105,11 @@ class VolumeRecord:
     min_in_sync: int = 0  # replicas that must hold a write before it is acknowledged
     remote_access: bool = False  # pods may run in any zone asked for, not only replicas'
     access_zones: tuple[str, ...] = ()  # mirrored: the zones its pods may run in
+    # What CreateVolume asked for, kept apart from the current state so that a retry of it
+    # is recognised after an expansion or a tier change (control/idempotency.py).
+    capabilities: tuple[tuple[str, str, str], ...] = ()  # (access type, mode, fs type)
+    created_mutable_parameters: dict[str, str] = field(default_factory=dict)
+    created_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -112,6 +118,13 @@ class VolumeRecord:
     @property
     def mirrored(self) -> bool:
         return bool(self.replicas)
+
+    @property
+    def segments(self) -> list[dict[str, str]]:
+        """Where the volume is reachable from, as topology segments."""
+        if self.mirrored:  # zone-only: pods go next to a replica (or anywhere asked for)
+            return [{TOPOLOGY_ZONE_KEY: z} for z in self.access_zones]
+        return [node_segments(self.node_id, self.zone)]  # a local volume: one node
 
     @property
     def node_ids(self) -> tuple[str, ...]:
@@ -130,6 +143,7 @@ class VolumeRecord:
         v["qos"] = QosSpec(**v["qos"])
         v["replicas"] = tuple(ReplicaPlacement(**r) for r in v.get("replicas", ()))
         v["access_zones"] = tuple(v.get("access_zones", ()))
+        v["capabilities"] = tuple(tuple(c) for c in v.get("capabilities", ()))
         return cls(**v)
 
     def replace(self, **changes: Any) -> VolumeRecord:

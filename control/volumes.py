@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from control import mirrored, placement, policy, topology
+from control.idempotency import CreateAsk, incompatibility
 from control.node_api import NewVolume, VolumeSource
 from control.records import (
     ATTACHMENT,
@@ -71,6 +72,7 @@ class VolumeRequest:
     qos: QosSpec = QosSpec()
     source: VolumeSource = VolumeSource()
     constraints: placement.Constraints = placement.Constraints()
+    ask: CreateAsk | None = None  # for the spec's compatibility rule (control/idempotency.py)
     replicas: int = 1  # > 1: a mirrored volume, one replica per zone
     min_in_sync: int = 0  # 0: the default for the replica count
     remote_access: bool = False
@@ -164,6 +166,7 @@ class Volumes:
             parameters=dict(req.parameters), mutable_parameters=dict(req.mutable_parameters),
             qos=req.qos, source_kind=req.source.kind, source_id=req.source.source_id,
             created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
+            **_asked(req),
         )
 
     def _mirrored_intent(self, req: VolumeRequest, constraints: placement.Constraints,
@@ -190,7 +193,8 @@ class Volumes:
             parameters=dict(req.parameters), mutable_parameters=dict(req.mutable_parameters),
             qos=req.qos, created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
             replicas=tuple(ReplicaPlacement(n.node_id, n.zone) for n in chosen),
-            min_in_sync=min_in_sync, remote_access=req.remote_access, access_zones=zones)
+            min_in_sync=min_in_sync, remote_access=req.remote_access, access_zones=zones,
+            **_asked(req))
 
     def _source(self, source: VolumeSource) -> tuple[str, int]:
         """(node, bytes) of the content source: clones and restores stay on its node."""
@@ -204,15 +208,17 @@ class Volumes:
         return "", 0
 
     def _resume(self, req: VolumeRequest, name: NameRecord) -> VolumeRecord:
-        """The name is taken: the same request finishes or returns its volume."""
-        if name.request_hash != req.request_hash:
-            raise AlreadyExists(f"volume {req.name!r} exists, made by a different request "
-                                "(size, capabilities, parameters or source)")
+        """The name is taken: the same request, or a compatible one, finishes or returns
+        its volume; anything else is ALREADY_EXISTS."""
         found = self.record(name.object_id)
         if found is None:
             # a name record always commits with its volume's and goes with its tombstone
             raise Busy(f"volume name {req.name!r} points to a missing record; retry")
         record, version = found
+        if name.request_hash != req.request_hash:
+            why = incompatibility(record, req.ask) if req.ask else "another request"
+            if why:
+                raise AlreadyExists(f"volume {req.name!r} exists with {why}")
         if record.state == READY:
             return record
         if record.state == CREATING:
@@ -410,6 +416,13 @@ class Volumes:
     def attached_count(self, node_id: str) -> int:
         return sum(1 for _, got in self.store.list(ATTACHMENT)
                    if got.value["node_id"] == node_id)
+
+
+def _asked(req: VolumeRequest) -> dict:
+    """What the request asked for, kept in the record for the retry rule."""
+    return dict(capabilities=tuple(sorted(req.ask.capabilities)) if req.ask else (),
+                created_mutable_parameters=dict(req.mutable_parameters),
+                created_bytes=req.size_bytes)
 
 
 def _asdict(attachment: AttachmentRecord) -> dict:

@@ -5,10 +5,21 @@
                                                  per-volume IOPS and bytes/s of each pod
     tandem-admin [--state-dir DIR] orphans       storage no record owns (kept, reported)
     tandem-admin [--state-dir DIR] purge NAME    remove one orphan (the driver stopped)
+    tandem-admin [--state-dir DIR] capacity [show]
+                                                 the pool's IOPS capacity for guaranteed
+                                                 minima: figure, source, method, date
+    tandem-admin [--state-dir DIR] capacity measure [--pool DIR] [--seconds 30]
+                                                 measure it again (about 45 s) and keep it
+    tandem-admin [--state-dir DIR] capacity set IOPS
+                                                 set it by hand and keep it
 
-It reads the driver's state store (SQLite in WAL mode: safe beside a running driver) and the
-pods' cgroup statistics; NodeGetVolumeStats has no field for I/O rates, so this is where
-they are seen.
+It reads the driver's state store and the pods' cgroup statistics; NodeGetVolumeStats has no
+field for I/O rates, so this is where they are seen. The store is SQLite in WAL mode: reading
+and writing it beside a running driver is safe (SQLite's own locks order the writes), so
+this tool never takes the driver's state lock (`tandem.lock`, held by the driver for its
+whole life). The driver reads the capacity from the store at each admission decision: a
+figure measured or set here takes effect at once, without a restart (a driver started with
+--node-iops-capacity puts its flag's figure back at its next start).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +35,8 @@ from dataclasses import dataclass
 from csi.config import Config
 from engine.errors import EngineError
 from engine.node_records import Device, NodeRecords, format_device
-from engine.qos import stats
+from engine.qos import capacity, stats
+from engine.qos.capacity import Capacity
 from engine.qos.cgroups import CgroupLayout, detect, find_pod_cgroup
 from engine.qos.tiers import QosSpec
 from engine.state import SqliteStore
@@ -105,6 +118,50 @@ def io_report(store: SqliteStore, cgroup_root: str, cgroup_parent: str,
     return rows
 
 
+def capacity_report(cap: Capacity | None) -> dict:
+    if cap is None:
+        return {"iops": None, "source": "", "method": "never measured: the driver measures "
+                "the pool at its first start", "date": ""}
+    report: dict = {"iops": cap.iops, "source": cap.source, "method": cap.method,
+                    "date": cap.date}
+    if cap.samples:
+        report["per_second_iops"] = {"count": len(cap.samples), "min": min(cap.samples),
+                                     "median": round(statistics.median(cap.samples)),
+                                     "max": max(cap.samples)}
+    return report
+
+
+def pool_problem(layout: Config) -> str:
+    """Why the pool cannot be measured now ('' when it can): it must be the driver's pool,
+    set up and mounted (after a reboot, the driver mounts its image at its start)."""
+    pool_dir = layout.pool_directory
+    if not os.path.isdir(os.path.join(pool_dir, "volumes")):
+        return f"{pool_dir} is not a tandem pool (no volumes/ in it): give --pool"
+    if os.path.exists(layout.pool_image_path) and not os.path.ismount(pool_dir):
+        return f"the pool image is not mounted at {pool_dir}: start the driver first"
+    return ""
+
+
+def measure_capacity(store: SqliteStore, layout: Config, seconds: int) -> Capacity:
+    problem = pool_problem(layout)
+    if problem:
+        raise SystemExit(f"tandem-admin: {problem}")
+    staged = len(NodeRecords(store).list_stages())
+    if staged:
+        print(f"tandem-admin: {staged} volume(s) are staged on this node; their I/O competes "
+              "with the measurement, which may come out low (it runs on a scratch file, never "
+              "on a volume)", file=sys.stderr)
+    cap = capacity.measure(layout.pool_directory, seconds=seconds)
+    capacity.save(store, cap)
+    return cap
+
+
+def set_capacity(store: SqliteStore, iops: int) -> Capacity:
+    cap = Capacity(iops, capacity.OPERATOR, "set by an operator", time.time())
+    capacity.save(store, cap)
+    return cap
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tandem-admin", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,15 +179,41 @@ def main(argv: list[str] | None = None) -> int:
         purge.add_argument(flag, default="")
     purge.add_argument("--store-namespace", default="/tandem/")
     purge.add_argument("--pool", default="", help="pool directory (default STATE_DIR/pool)")
+    cap = sub.add_parser("capacity", help="the pool's IOPS capacity for guaranteed minima")
+    cap_sub = cap.add_subparsers(dest="action")
+    cap_sub.add_parser("show")
+    measure = cap_sub.add_parser("measure", help="measure again (the node should be quiet)")
+    measure.add_argument("--pool", default="", help="pool directory (default: STATE_DIR/pool)")
+    measure.add_argument("--seconds", type=int, default=capacity.RUN_S)
+    set_ = cap_sub.add_parser("set", help="set the figure by hand")
+    set_.add_argument("iops", type=int)
     a = p.parse_args(argv)
     if a.command in ("orphans", "purge"):
         return _orphans_command(p, a)
-    store = SqliteStore(f"{a.state_dir}/state.sqlite")
+    # where the driver keeps things, from the same definitions it uses
+    layout = Config(endpoint="", node_id="", state_dir=os.path.abspath(a.state_dir),
+                    pool_dir=os.path.abspath(a.pool) if getattr(a, "pool", "") else "")
+    path = layout.store_path
+    if not os.path.isfile(path):  # never make an empty store where the driver's is not
+        p.error(f"no driver state at {path}: give --state-dir")
+    if a.command == "capacity" and a.action == "set" and a.iops <= 0:
+        p.error("the capacity must be a positive number of IOPS")
+    if a.command == "capacity" and a.action == "measure" \
+            and a.seconds < capacity.MIN_SAMPLES + 1:
+        p.error(f"--seconds must be at least {capacity.MIN_SAMPLES + 1}")
+    store = SqliteStore(path)
+    report: object
     try:
         if a.command == "volumes":
             report = volumes_report(store)
-        else:
+        elif a.command == "io":
             report = io_report(store, a.cgroup_root, a.cgroup_parent, a.interval_s)
+        elif a.action == "measure":
+            report = capacity_report(measure_capacity(store, layout, a.seconds))
+        elif a.action == "set":
+            report = capacity_report(set_capacity(store, a.iops))
+        else:
+            report = capacity_report(capacity.load(store))
     finally:
         store.close()
     json.dump(report, sys.stdout, indent=2)

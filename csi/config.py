@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from control.topology import DEFAULT_ZONE, TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
+from engine.qos.capacity import RUN_S
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 
 DRIVER_NAME = "tandem.csi.dev"
@@ -31,6 +32,7 @@ class Config:
     cgroup_root: str = "/sys/fs/cgroup"  # the host's cgroup tree, where the pods' live
     cgroup_parent: str = ""  # where the kubelet's "kubepods" sits under each hierarchy
     node_iops_capacity: int = 0  # for guaranteed minima; 0: measure the pool once
+    capacity_measure_s: int = RUN_S  # how long that one-off measurement runs
     workers: int = 16
     store_url: str = ""  # cluster records; "" = sqlite:<state_dir>/cluster.sqlite
     store_ca_file: str = ""

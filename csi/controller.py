@@ -19,6 +19,7 @@ from control.volumes import VolumeRequest, Volumes
 from csi import validation
 from csi.config import Config
 from csi.errors import translated
+from csi.idempotency import create_ask
 from csi.snapshotter import Snapshotter
 from engine.errors import EngineError, InvalidSpec, NotFound
 from engine.qos.tiers import QosSpec, resolve_qos
@@ -42,8 +43,7 @@ CAPABILITIES = (
     Cap.CLONE_VOLUME,
     Cap.CREATE_DELETE_SNAPSHOT,
     Cap.LIST_SNAPSHOTS,
-    # GetSnapshot (alpha) is served but not advertised: csi-sanity v5.4 fails a driver
-    # that advertises a capability it does not know, and GET_SNAPSHOT is one of them.
+    Cap.GET_SNAPSHOT,  # csi-test master (v5.5) knows it; v5.4 failed any driver advertising it
 )
 
 
@@ -87,15 +87,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         elif vol.source_kind == "snapshot":
             source = csi_pb2.VolumeContentSource(
                 snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=vol.source_id))
-        if vol.mirrored:  # zone-only: pods go next to a replica (or anywhere asked for)
-            segments = [{topology.TOPOLOGY_ZONE_KEY: z} for z in vol.access_zones]
-        else:  # a local volume lives on one node
-            segments = [topology.node_segments(vol.node_id, vol.zone)]
         return csi_pb2.Volume(
             volume_id=vol.volume_id,
             capacity_bytes=vol.capacity_bytes,
             volume_context=mirrored.volume_context(vol),
-            accessible_topology=[csi_pb2.Topology(segments=s) for s in segments],
+            accessible_topology=[csi_pb2.Topology(segments=s) for s in vol.segments],
             content_source=source,
         )
 
@@ -194,6 +190,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 requisite=tuple(dict(t.segments) for t in reqs.requisite),
                 preferred=tuple(dict(t.segments) for t in reqs.preferred)),
             replicas=replicas, min_in_sync=min_in_sync, remote_access=remote_access,
+            ask=create_ask(req, params, mutable, source.kind, source.source_id),
         ))
         return csi_pb2.CreateVolumeResponse(volume=self._volume(vol))
 

@@ -31,13 +31,14 @@ from csi.identity import IdentityService
 from csi.node import NodeService
 from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
-from engine import fileops
+from engine import fileops, permissions
 from engine.errors import EngineError
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
 from engine.node_qos import NodeQos
 from engine.pool import Pool
+from engine.qos import capacity
 from engine.qos.tiers import DEFAULT_TIERS, load_tiers
 from engine.state import SqliteStore
 from proto import csi_pb2_grpc
@@ -71,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--cgroup-parent", default="",
                    help="cgroup under which the kubelet's kubepods sits (default: the root)")
     p.add_argument("--node-iops-capacity", type=int, default=0,
-                   help="IOPS the pool guarantees minima from; 0: measure once with fio")
+                   help="IOPS the pool guarantees minima from, set at every start; 0: the "
+                   "figure kept in the state (measured with fio at the first start, or "
+                   "set with tandem-admin capacity)")
+    p.add_argument("--capacity-measure-seconds", type=int, default=capacity.RUN_S,
+                   help="length of that one-off measurement (after a warm-up of a third of it, "
+                   "10 s at most)")
     p.add_argument("--store", default="",
                    help="cluster records: sqlite:PATH (default STATE_DIR/cluster.sqlite), "
                         "etcd://HOST:PORT,... or etcds://HOST:PORT,...")
@@ -93,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0 \
             or a.node_iops_capacity < 0:
         p.error("--overcommit-ratio, --pool-size-gib must be positive, "
-                "--max-volumes-per-node not negative")
+                "--max-volumes-per-node and --node-iops-capacity not negative")
+    if a.capacity_measure_seconds < capacity.MIN_SAMPLES + 1:
+        p.error(f"--capacity-measure-seconds must be at least {capacity.MIN_SAMPLES + 1}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tiers = load_tiers(a.tiers_file) if a.tiers_file else dict(DEFAULT_TIERS)
@@ -105,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         max_volumes_per_node=a.max_volumes_per_node,
         allowed_path_roots=tuple(os.path.realpath(r) for r in a.allowed_path_root),
         tiers=tiers, cgroup_root=a.cgroup_root, cgroup_parent=a.cgroup_parent,
-        node_iops_capacity=a.node_iops_capacity,
+        node_iops_capacity=a.node_iops_capacity, capacity_measure_s=a.capacity_measure_seconds,
         store_url=a.store, store_ca_file=a.store_ca, store_cert_file=a.store_cert,
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
         store_namespace=a.store_namespace,
@@ -120,8 +128,9 @@ def socket_path(endpoint: str) -> str:
 
 def take_state_lock(config: Config) -> int:
     """One driver per state dir: a second one would corrupt the other's work."""
-    os.makedirs(config.state_dir, exist_ok=True)
-    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    permissions.private_dir(config.state_dir)  # records and pool image: tenants' data
+    fd = os.open(config.lock_path, os.O_RDWR | os.O_CREAT, permissions.PRIVATE_FILE)
+    permissions.tighten(config.lock_path, permissions.PRIVATE_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -138,7 +147,9 @@ def take_state_lock(config: Config) -> int:
 def clear_stale_socket(path: str) -> None:
     """Remove a socket left by a dead driver; refuse one a live server still answers on."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # only root's sidecars talk to the socket (0600): a directory made for it is 0700;
+        # one that exists (the kubelet's plugin dir) is left as it is
+        os.makedirs(os.path.dirname(path), mode=permissions.PRIVATE_DIR, exist_ok=True)
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -177,7 +188,8 @@ class Driver:
                     image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
         qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
         engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts,
-                            qos=qos, iops_capacity=cfg.node_iops_capacity)
+                            qos=qos, iops_capacity=cfg.node_iops_capacity,
+                            measure_s=cfg.capacity_measure_s)
         engine.open()
         self.engine = engine
         self.cluster_store = open_store(StoreSpec(
@@ -207,9 +219,15 @@ class Driver:
         csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
             SnapshotMetadataService(plane.snapshots, nodes), self.server)
         csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
-        self.server.add_insecure_port(f"unix://{path}")
+        # The socket is bound here with the process umask: make it owner-only from the start
+        # rather than chmod it after a window in which others could connect.
+        umask = os.umask(0o077)
+        try:
+            self.server.add_insecure_port(f"unix://{path}")
+        finally:
+            os.umask(umask)
+        os.chmod(path, permissions.PRIVATE_FILE)
         self.server.start()
-        os.chmod(path, 0o600)
         self.ready.set()
         log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
                  cfg.zone, cfg.pool_directory)

@@ -20,7 +20,7 @@ import shutil
 import threading
 from typing import Protocol
 
-from engine import btrfs, command, fileops
+from engine import btrfs, command, fileops, permissions
 from engine.errors import AlreadyExists, InvalidSpec, NotFound, OutOfCapacity
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class FileLayout:
 
     def setup(self) -> None:
         for d in (self.volumes_dir, self.snapshots_dir):
-            os.makedirs(d, exist_ok=True)
+            permissions.private_dir(d)
             if self.fs_type == "xfs":
                 hint = EXTENT_HINT_BYTES // 1024
                 command.run(["xfs_io", "-c", f"extsize {hint}k", "-c", f"cowextsize {hint}k", d])
@@ -185,8 +185,8 @@ class SubvolumeLayout:
         self._reclaim = _Reclaimer(root)
 
     def setup(self) -> None:
-        os.makedirs(self.volumes_dir, exist_ok=True)
-        os.makedirs(self.snapshots_dir, exist_ok=True)
+        permissions.private_dir(self.volumes_dir)
+        permissions.private_dir(self.snapshots_dir)
 
     def volume_path(self, name: str) -> str:
         return os.path.join(self.volumes_dir, check_name(name), self.DATA)
@@ -204,6 +204,8 @@ class SubvolumeLayout:
         except OSError as e:
             raise _space_error(e) from None
         try:
+            # a new subvolume's root is 0755; snapshots and clones of it keep its mode
+            os.chmod(subvol, permissions.PRIVATE_DIR)
             fileops.set_nocow(subvol)  # inherited by the data file made next
             fd = os.open(os.path.join(subvol, self.DATA), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                          0o600)

@@ -9,18 +9,20 @@ snapshot's freeze can never race an unstage, whoever asked for which.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from engine.errors import InUse
+from engine.errors import CommandFailed, InUse
 from engine.freeze import Freezer
 from engine.locks import KeyLocks
 from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos
-from engine.node_records import NodeRecords, PoolInfo
+from engine.node_records import NodeRecords
 from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
 from engine.pool import Pool, PoolUsage
-from engine.qos.admission import measure_capacity_iops
+from engine.qos import capacity as capacity_mod
+from engine.qos.capacity import Capacity
 from engine.qos.tiers import QosSpec
 from engine.snapshots import SnapshotBacking, Snapshots
 from engine.state import Store
@@ -38,14 +40,14 @@ class NodeIdentity:
 class NodeEngine:
     def __init__(self, identity: NodeIdentity, store: Store, pool: Pool,
                  loops: LoopDevices, mounts: Mounts, qos: NodeQos | None = None,
-                 iops_capacity: int = 0):
+                 iops_capacity: int = 0, measure_s: int = capacity_mod.RUN_S):
         self.identity = identity
         self.store = store
         self.records = NodeRecords(store)
         self.pool = pool
         self.qos = qos or NodeQos(store, enabled=False)
-        self.iops_capacity = iops_capacity
         self._configured_iops = iops_capacity
+        self._measure_s = measure_s
         self.files = VolumeFiles(store, pool)
         self.qos.attach(self.files)
         self.volumes = NodeVolumes(store, self.files, loops, mounts)
@@ -61,21 +63,52 @@ class NodeEngine:
         self.volumes.reconcile()
         self.snapshots.reconcile()
         self.qos.open()
-        self.iops_capacity = self._configured_iops or self._measured_iops()
+        self._settle_capacity()
 
     def close(self) -> None:
         self.qos.close()
 
-    def _measured_iops(self) -> int:
-        """The pool's IOPS capacity for guaranteed minima: measured once, then kept."""
-        info = self.records.get_pool_info()
-        if info is None:
-            iops = measure_capacity_iops(self.pool.directory, seconds=3.0)
-            log.info("pool %s measured at %d IOPS (4 KiB random 50/50, direct)",
-                     self.pool.directory, iops)
-            info = PoolInfo(iops_capacity=iops)
-            self.records.put_pool_info(info)
-        return info.iops_capacity
+    # --- IOPS capacity (engine/qos/capacity.py) ---------------------------------------
+    @property
+    def iops_capacity(self) -> int:
+        return self.capacity().iops
+
+    def capacity(self) -> Capacity:
+        """The pool's IOPS capacity for guaranteed minima. Read from the store at each use:
+        a figure set or measured again with tandem-admin takes effect without a restart."""
+        return capacity_mod.load(self.store) or Capacity(0, "", "not measured yet", 0.0)
+
+    def _settle_capacity(self) -> None:
+        """At start: the flag's figure, else the one kept, else measure now (first start)."""
+        capacity_mod.remove_scratch(self.pool.directory)  # a measurement cut short
+        kept = capacity_mod.load(self.store)
+        if self._configured_iops:
+            flag = Capacity(self._configured_iops, capacity_mod.FLAG, "set by the driver's flag",
+                            time.time())
+            if kept is None or (kept.source, kept.iops) != (flag.source, flag.iops):
+                capacity_mod.save(self.store, flag)
+        elif kept is None:
+            log.info("measuring pool %s's IOPS capacity once, for guaranteed minima "
+                     "(%d s, plus writing a 1 GiB scratch file)", self.pool.directory,
+                     self._measure_s + capacity_mod.warmup_for(self._measure_s))
+            try:
+                measured = capacity_mod.measure(self.pool.directory, seconds=self._measure_s)
+            except CommandFailed as e:
+                # Serve anyway: volumes without minima work, guaranteed ones are refused
+                # (capacity 0) until a start measures it or an operator sets it.
+                log.error("could not measure the pool's IOPS capacity (%s); no guaranteed "
+                          "minimum is admitted until it is measured (next start, or "
+                          "tandem-admin capacity measure) or set (tandem-admin capacity "
+                          "set)", e)
+                return
+            capacity_mod.save(self.store, measured)
+        cap = self.capacity()
+        log.info("pool IOPS capacity %d (%s, %s; %s)", cap.iops, cap.source, cap.date,
+                 cap.method)
+        if cap.legacy:
+            log.warning("the pool's IOPS capacity comes from a single 3-second run, which "
+                        "can be far off; measure it again when the node is quiet: "
+                        "tandem-admin capacity measure")
 
     # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,

@@ -7,7 +7,6 @@ The only module that knows how these records look in the node's state store
   stage/<volume_id>                 StageRecord    the volume's device (and filesystem)
   publish/<volume_id>|<target>      PublishRecord  one target path of the volume
   freeze/<mount_point>              FreezeRecord   a filesystem frozen for a snapshot
-  pool-info/iops_capacity           PoolInfo       the pool's measured IOPS capacity
 
 Nodes upgrade in place, so the JSON field names never change, and a field added later is
 optional: a record written before it existed reads with its default. Stage and publish
@@ -25,8 +24,7 @@ from typing import Any
 from engine.state import Record, Store
 
 STAGE_KIND, PUBLISH_KIND = "stage", "publish"
-FREEZE_KIND, POOL_INFO_KIND = "freeze", "pool-info"
-IOPS_CAPACITY_KEY = "iops_capacity"  # the pool-info record PoolInfo is kept under
+FREEZE_KIND = "freeze"
 
 Device = tuple[int, int]  # a block device's (major, minor)
 
@@ -153,18 +151,6 @@ class FreezeRecord:
         return {"at": self.frozen_at, "pid": self.pid}
 
 
-@dataclass(frozen=True)
-class PoolInfo:
-    iops_capacity: int  # 4 KiB random 50/50 direct I/O, measured once (JSON "iops")
-
-    @classmethod
-    def from_record(cls, rec: Record) -> PoolInfo:
-        return cls(int(_required(rec, "iops", POOL_INFO_KIND, IOPS_CAPACITY_KEY)))
-
-    def to_record(self) -> Record:
-        return {"iops": self.iops_capacity}
-
-
 class NodeRecords:
     """Typed get/put/delete/list of the node-local records in one state store."""
 
@@ -217,9 +203,3 @@ class NodeRecords:
         return [FreezeRecord.from_record(k, r) for k, r in self.store.list(FREEZE_KIND)]
 
     # --- pool info -----------------------------------------------------------------
-    def get_pool_info(self) -> PoolInfo | None:
-        rec = self.store.get(POOL_INFO_KIND, IOPS_CAPACITY_KEY)
-        return PoolInfo.from_record(rec) if rec is not None else None
-
-    def put_pool_info(self, info: PoolInfo) -> None:
-        self.store.put(POOL_INFO_KIND, IOPS_CAPACITY_KEY, info.to_record())

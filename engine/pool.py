@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from engine import command, fileops
+from engine import command, fileops, permissions
 from engine.errors import InvalidSpec, NotFound
 from engine.layouts import FileLayout, Layout, SubvolumeLayout
 from engine.loopdev import LoopDevices
@@ -59,7 +59,8 @@ class Pool:
     # --- set-up ------------------------------------------------------------------
     def open(self) -> None:
         """Make the pool usable: adopt it as it is, or build the image once."""
-        os.makedirs(self.directory, exist_ok=True)
+        permissions.private_dir(self.directory)
+        permissions.tighten(self.image_path, permissions.PRIVATE_FILE)
         if not self.mounts.is_mounted(self.directory) and os.path.exists(self.image_path):
             self._mount_image()
         if not fileops.supports_reflink(self.directory):
@@ -70,6 +71,9 @@ class Pool:
                 )
             self._create_image()
             self._mount_image()
+            os.chmod(self.directory, permissions.PRIVATE_DIR)  # the new root, 0755 from mkfs
+        # Mounted, the directory is the filesystem's root: an older release left it 0755.
+        permissions.tighten(self.directory, permissions.PRIVATE_DIR)
         self.fs_type = self._fs_type()
         if self.fs_type == "btrfs":
             self.layout = SubvolumeLayout(self.directory)
@@ -90,15 +94,17 @@ class Pool:
         so probe with a reflinked file: 512 where the pool allows it, else 4096. Each
         volume keeps the size it was made with.
         """
-        probe_dir = os.path.join(self.directory, PROBE_DIR)
-        os.makedirs(probe_dir, exist_ok=True)
+        probe_dir = permissions.private_dir(os.path.join(self.directory, PROBE_DIR))
         src, dst = os.path.join(probe_dir, "src"), os.path.join(probe_dir, "clone")
         for path in (src, dst):
             if os.path.exists(path):
                 os.unlink(path)
         try:
-            with open(src, "wb") as f:
-                f.truncate(1 * MIB)
+            fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions.PRIVATE_FILE)
+            try:
+                os.ftruncate(fd, 1 * MIB)
+            finally:
+                os.close(fd)
             fileops.reflink(src, dst)
             for size in (512, 4096):
                 dev = self.loops.attach(dst, sector_size_bytes=size, strict_direct_io=False)
@@ -127,8 +133,13 @@ class Pool:
                  self.image_size_bytes // GIB)
         os.makedirs(os.path.dirname(self.image_path), exist_ok=True)
         tmp = self.image_path + ".partial"
-        with open(tmp, "wb") as f:
-            f.truncate(self.image_size_bytes)
+        # every volume's data ends up in this file: owner-only from the first byte
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, permissions.PRIVATE_FILE)
+        try:
+            os.fchmod(fd, permissions.PRIVATE_FILE)  # a .partial left by a crash may be looser
+            os.ftruncate(fd, self.image_size_bytes)
+        finally:
+            os.close(fd)
         if self.image_fs == "xfs":
             command.run(["mkfs.xfs", "-q", "-f", "-K", "-m", "reflink=1", tmp])
         else:

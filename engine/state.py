@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from engine import permissions
+
 SCHEMA_VERSION = 1
 MAX_GROUP = 32  # transactions committed together at most
 
@@ -92,6 +94,12 @@ class SqliteStore:
         self._pending = 0  # callers inside txn() whose body has not finished
         self._failed: dict[int, BaseException] = {}
         self._bodies = 0  # transactions in the group being filled
+        # Every tenant's records: owner-only. SQLite makes its -wal and -shm files with the
+        # database's mode, so the database is made 0600 before SQLite opens it; files left
+        # looser by an older release are tightened.
+        permissions.private_file(path)
+        for side_file in (path + "-wal", path + "-shm", path + "-journal"):
+            permissions.tighten(side_file, permissions.PRIVATE_FILE)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")

@@ -1,7 +1,9 @@
-"""Running fio for IOPS measurements (node capacity, benchmark, tests) and reading its JSON."""
+"""Running fio for IOPS measurements (node capacity, benchmark, tests) and reading its JSON
+and its per-interval IOPS logs."""
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ class FioJob:
     rwmixread_percent: int = 50
     ramp_s: float = 0.0  # excluded from the figures
     name: str = "qos"
+    iops_log: str = ""  # path prefix: IOPS per interval go to PREFIX_iops*.log
+    log_interval_ms: int = 1000
 
     def argv(self) -> list[str]:
         argv = [
@@ -48,6 +52,8 @@ class FioJob:
             argv.append(f"--rwmixread={self.rwmixread_percent}")
         if self.ramp_s:
             argv.append(f"--ramp_time={self.ramp_s:g}s")
+        if self.iops_log:
+            argv += [f"--write_iops_log={self.iops_log}", f"--log_avg_msec={self.log_interval_ms}"]
         return argv
 
 
@@ -77,6 +83,30 @@ def parse_json(text: str) -> FioResult:
         read_bw += float(job["read"]["bw_bytes"])
         write_bw += float(job["write"]["bw_bytes"])
     return FioResult(read, write, read_bw, write_bw)
+
+
+def parse_iops_log(text: str, interval_ms: int) -> dict[int, float]:
+    """IOPS per interval index from one fio IOPS log ("msec, value, direction, bs, offset"),
+    read and write added together."""
+    totals: dict[int, float] = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or not fields[0].strip():
+            continue
+        index = round(int(fields[0]) / interval_ms)
+        totals[index] = totals.get(index, 0.0) + float(fields[1])
+    return totals
+
+
+def read_iops_log(job: FioJob) -> dict[int, float]:
+    """The job's total IOPS per interval (1: the first interval), all its jobs' log files
+    added."""
+    totals: dict[int, float] = {}
+    for path in sorted(glob.glob(f"{glob.escape(job.iops_log)}_iops*.log")):
+        with open(path, encoding="ascii") as f:
+            for index, iops in parse_iops_log(f.read(), job.log_interval_ms).items():
+                totals[index] = totals.get(index, 0.0) + iops
+    return dict(sorted(totals.items()))
 
 
 def run(job: FioJob, timeout_s: float | None = None) -> FioResult:

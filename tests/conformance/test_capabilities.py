@@ -12,12 +12,13 @@ from tests.conformance.helpers import INVALID, SNW, Mode, capability, expect_cod
 Ctl = csi_pb2.ControllerServiceCapability.RPC
 Node = csi_pb2.NodeServiceCapability.RPC
 
-# csi-sanity's lists of capabilities it knows; UNKNOWN is not among them for the controller.
+# csi-sanity's lists of capabilities it knows (csi-test master, the coming v5.5: GET_SNAPSHOT
+# is new there); UNKNOWN is not among them for the controller.
 SANITY_CONTROLLER = {
     Ctl.CREATE_DELETE_VOLUME, Ctl.PUBLISH_UNPUBLISH_VOLUME, Ctl.LIST_VOLUMES, Ctl.GET_CAPACITY,
     Ctl.CREATE_DELETE_SNAPSHOT, Ctl.LIST_SNAPSHOTS, Ctl.PUBLISH_READONLY, Ctl.CLONE_VOLUME,
     Ctl.EXPAND_VOLUME, Ctl.MODIFY_VOLUME, Ctl.LIST_VOLUMES_PUBLISHED_NODES, Ctl.GET_VOLUME,
-    Ctl.VOLUME_CONDITION, Ctl.SINGLE_NODE_MULTI_WRITER,
+    Ctl.VOLUME_CONDITION, Ctl.SINGLE_NODE_MULTI_WRITER, Ctl.GET_SNAPSHOT,
 }
 SANITY_NODE = {
     Node.STAGE_UNSTAGE_VOLUME, Node.GET_VOLUME_STATS, Node.EXPAND_VOLUME, Node.VOLUME_CONDITION,
@@ -26,6 +27,7 @@ SANITY_NODE = {
 NEEDED_CONTROLLER = {
     Ctl.CREATE_DELETE_VOLUME, Ctl.PUBLISH_UNPUBLISH_VOLUME, Ctl.LIST_VOLUMES, Ctl.GET_CAPACITY,
     Ctl.PUBLISH_READONLY, Ctl.EXPAND_VOLUME, Ctl.MODIFY_VOLUME, Ctl.SINGLE_NODE_MULTI_WRITER,
+    Ctl.GET_SNAPSHOT,  # GetSnapshot is served (test_snapshots.py), so it is advertised
 }
 NEEDED_NODE = {
     Node.STAGE_UNSTAGE_VOLUME, Node.GET_VOLUME_STATS, Node.EXPAND_VOLUME,

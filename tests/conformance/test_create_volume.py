@@ -14,7 +14,10 @@ from tests.conformance.helpers import (
     OUT_OF_RANGE,
     RESOURCE_EXHAUSTED,
     SMALL,
+    SNW,
     XFS_SMALL,
+    Mode,
+    capability,
     expect_code,
     ok,
 )
@@ -115,3 +118,121 @@ def test_clone_of_an_existing_volume(co):
         volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=source.volume_id)))
     assert clone.volume_id != source.volume_id
     assert clone.content_source.volume.volume_id == source.volume_id
+
+
+# --- same name again: a retry (OK, the same volume) or another request (ALREADY_EXISTS) ---
+
+BRONZE = {"tier": "bronze"}
+HERE = {"topology.tandem.csi.dev/node": "node-a", "topology.tandem.csi.dev/zone": "zone-a"}
+ELSEWHERE = {"topology.tandem.csi.dev/zone": "zone-b"}
+
+
+def topology(*segments: dict[str, str], preferred=()) -> csi_pb2.TopologyRequirement:
+    return csi_pb2.TopologyRequirement(
+        requisite=[csi_pb2.Topology(segments=s) for s in segments],
+        preferred=[csi_pb2.Topology(segments=s) for s in preferred])
+
+
+# What the second CreateVolume asks, beside the first one's: name "again", 64 MiB,
+# parameters tier=bronze, no mutable parameters, mount SINGLE_NODE_WRITER (ext4), no source.
+INCOMPATIBLE = [
+    pytest.param(dict(parameters={"tier": "silver"}), id="other-tier"),
+    pytest.param(dict(parameters={**BRONZE, "maxReadIops": "100"}), id="extra-parameter"),
+    pytest.param(dict(parameters={}), id="no-parameters"),
+    pytest.param(dict(parameters=BRONZE, mutable_parameters={"tier": "gold"}),
+                 id="other-mutable-parameters"),
+    pytest.param(dict(parameters=BRONZE, mode=Mode.SINGLE_NODE_MULTI_WRITER),
+                 id="other-access-mode"),
+    pytest.param(dict(parameters=BRONZE, fs_type="xfs"), id="other-fs-type"),
+    pytest.param(dict(parameters=BRONZE, size=2 * SMALL), id="bigger"),
+    pytest.param(dict(parameters=BRONZE, size=SMALL // 2, limit=SMALL // 2), id="smaller"),
+    pytest.param(dict(parameters=BRONZE, accessibility_requirements=topology(ELSEWHERE)),
+                 id="outside-requisite-topology"),
+]
+
+COMPATIBLE = [
+    pytest.param(dict(parameters=BRONZE), id="identical"),
+    pytest.param(dict(parameters={**BRONZE, "csi.storage.k8s.io/pvc/name": "other",
+                                  "csi.storage.k8s.io/pvc/namespace": "ns"}),
+                 id="other-sidecar-keys"),
+    pytest.param(dict(parameters=BRONZE, fs_type="ext4"), id="default-fs-type-spelt-out"),
+    pytest.param(dict(parameters=BRONZE, size=SMALL // 2), id="smaller-required-no-limit"),
+    pytest.param(dict(parameters=BRONZE, size=0, limit=SMALL), id="limit-only"),
+    pytest.param(dict(parameters=BRONZE, accessibility_requirements=topology(
+        HERE, ELSEWHERE, preferred=[ELSEWHERE])), id="requisite-holds-it-preferred-not"),
+]
+
+
+def _create_first(co) -> csi_pb2.Volume:
+    return co.create(name="again", size=SMALL, parameters=BRONZE)
+
+
+@pytest.mark.parametrize("second", INCOMPATIBLE)
+def test_same_name_other_request_is_already_exists(co, second):
+    """The spec's ALREADY_EXISTS: the old code answered OK with the old volume for most of
+    these (it compared only sizes, access types and the content source)."""
+    _create_first(co)
+    expect_code(co.stubs.controller.CreateVolume, co.create_request(name="again", **second),
+                ALREADY_EXISTS)
+
+
+@pytest.mark.parametrize("second", COMPATIBLE)
+def test_same_name_compatible_request_is_the_same_volume(co, second):
+    first = _create_first(co)
+    again = ok(co.stubs.controller.CreateVolume, co.create_request(name="again", **second))
+    assert again.volume == first
+
+
+def test_capabilities_within_those_made_with_are_compatible(co):
+    both = [capability("mount", SNW), capability("mount", Mode.SINGLE_NODE_READER_ONLY)]
+
+    def request(caps):
+        req = co.create_request(name="caps")
+        del req.volume_capabilities[:]
+        req.volume_capabilities.extend(caps)
+        return req
+
+    first = ok(co.stubs.controller.CreateVolume, request(both)).volume
+    co._made(first.volume_id)
+    for one in both:
+        assert ok(co.stubs.controller.CreateVolume, request([one])).volume == first
+    expect_code(co.stubs.controller.CreateVolume,
+                request([capability("mount", Mode.SINGLE_NODE_MULTI_WRITER)]), ALREADY_EXISTS)
+    expect_code(co.stubs.controller.CreateVolume, request([capability("block", SNW)]),
+                ALREADY_EXISTS)
+
+
+def test_retry_of_the_original_create_still_matches_after_a_tier_change(co):
+    """Compared with what was asked at creation, not with the volume's state now."""
+    first = co.create(name="tiered", parameters=BRONZE, mutable_parameters={"tier": "silver"})
+    ok(co.stubs.controller.ControllerModifyVolume, csi_pb2.ControllerModifyVolumeRequest(
+        volume_id=first.volume_id, mutable_parameters={"tier": "gold"}))
+    original = co.create_request(name="tiered", parameters=BRONZE,
+                                 mutable_parameters={"tier": "silver"})
+    assert ok(co.stubs.controller.CreateVolume, original).volume == first
+    now = co.create_request(name="tiered", parameters=BRONZE,
+                            mutable_parameters={"tier": "gold"})
+    expect_code(co.stubs.controller.CreateVolume, now, ALREADY_EXISTS)
+
+
+def test_retry_of_the_original_create_still_matches_after_an_expansion(co):
+    first = co.create(name="grown", size=SMALL, limit=SMALL)
+    ok(co.stubs.controller.ControllerExpandVolume, csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=first.volume_id, capacity_range=csi_pb2.CapacityRange(
+            required_bytes=2 * SMALL)))
+    again = ok(co.stubs.controller.CreateVolume,
+               co.create_request(name="grown", size=SMALL, limit=SMALL)).volume
+    assert again.volume_id == first.volume_id and again.capacity_bytes == 2 * SMALL
+    between = co.create_request(name="grown", size=SMALL + SMALL // 2,
+                                limit=SMALL + SMALL // 2)
+    expect_code(co.stubs.controller.CreateVolume, between, ALREADY_EXISTS)
+
+
+def test_same_name_other_content_source_is_already_exists(co):
+    source = co.create(name="source")
+    co.create(name="plain")
+    clone_of_source = csi_pb2.VolumeContentSource(
+        volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=source.volume_id))
+    expect_code(co.stubs.controller.CreateVolume,
+                co.create_request(name="plain", volume_content_source=clone_of_source),
+                ALREADY_EXISTS)

@@ -18,10 +18,11 @@ def test_node_info(stubs):
 
 
 def test_node_info_has_a_default_zone_when_none_is_configured(test_root):
-    """Started as csi-sanity starts it, with its defaults (no --zone)."""
+    """Started as csi-sanity starts it, with its defaults (no --zone); but a set IOPS capacity,
+    not the first start's 45-second measurement (tests/integration/test_capacity.py)."""
     config = parse_args([
         "--endpoint", f"unix://{test_root}/csi.sock", "--state-dir", f"{test_root}/state",
-        "--node-id", "node-d", "--pool-size-gib", "8",
+        "--node-id", "node-d", "--pool-size-gib", "8", "--node-iops-capacity", "100000",
     ])
     driver = support.InProcessDriver(config)
     try:

@@ -63,6 +63,9 @@ def test_names_idempotency_and_listing(co):
     by_id = ok(co.stubs.controller.ListSnapshots,
                pb.ListSnapshotsRequest(snapshot_id=snap.snapshot_id)).entries
     assert [e.snapshot for e in by_id] == [snap]
+    # GET_SNAPSHOT is advertised: GetSnapshot answers what ListSnapshots does
+    assert ok(co.stubs.controller.GetSnapshot,
+              pb.GetSnapshotRequest(snapshot_id=snap.snapshot_id)).snapshot == snap
     by_source = ok(co.stubs.controller.ListSnapshots,
                    pb.ListSnapshotsRequest(source_volume_id=b.volume_id)).entries
     assert {e.snapshot.snapshot_id for e in by_source} == {s.snapshot_id for s in others}

@@ -161,19 +161,5 @@ def test_guaranteed_minima_are_admitted_against_the_node_capacity(test_root, lab
         d.close()
 
 
-def test_node_iops_capacity_is_measured_once(test_root):
-    d = support.InProcessDriver(support.test_config(test_root, node_iops_capacity=0))
-    try:
-        measured = d.driver.engine.iops_capacity
-        assert measured > 100
-    finally:
-        d.close()
-    d = support.InProcessDriver(support.test_config(test_root, node_iops_capacity=0))
-    try:
-        assert d.driver.engine.iops_capacity == measured  # kept, not measured again
-    finally:
-        d.close()
-
-
 def test_blkio_is_this_machines_controller():
     assert os.path.isfile(os.path.join(BLKIO, "blkio.throttle.read_iops_device"))

@@ -12,7 +12,6 @@ from engine.node_records import (
     PENDING,
     FreezeRecord,
     NodeRecords,
-    PoolInfo,
     PublishRecord,
     StageRecord,
     format_device,
@@ -40,7 +39,6 @@ TODAYS_ROWS = [
      '{"access_type": "block", "pod_uid": "pod-2", "read_only": false, "ro_device": "", '
      '"state": "pending", "target": "/k/pub/b2", "volume_id": "vol-b"}'),
     ("freeze", "/k/st/m", '{"at": 1700000000.25, "pid": 4242}'),
-    ("pool-info", "iops_capacity", '{"iops": 6150}'),
 ]
 
 
@@ -89,7 +87,6 @@ def test_todays_records_read_back_typed(store, path):
     assert format_device(b1.device) == "7:13" and format_device(b2.device) == ""
 
     assert records.list_freezes() == [FreezeRecord("/k/st/m", 1700000000.25, 4242)]
-    assert records.get_pool_info() == PoolInfo(iops_capacity=6150)
 
 
 def test_todays_records_write_back_byte_for_byte(store, path):
@@ -99,7 +96,7 @@ def test_todays_records_write_back_byte_for_byte(store, path):
     before = read_raw(path)
     records = NodeRecords(store)
     stages, publishes = records.list_stages(), records.list_publishes()
-    freezes, pool_info = records.list_freezes(), records.get_pool_info()
+    freezes = records.list_freezes()
     with sqlite3.connect(path) as conn:
         conn.execute("DELETE FROM records")
     for stage in stages:
@@ -108,7 +105,6 @@ def test_todays_records_write_back_byte_for_byte(store, path):
         records.put_publish(publish)
     for freeze in freezes:
         records.put_freeze(freeze)
-    records.put_pool_info(pool_info)
     assert read_raw(path) == before == sorted((k, key, d) for k, key, d in TODAYS_ROWS)
 
 
@@ -142,14 +138,12 @@ def test_records_from_before_later_fields_read_with_their_defaults(store, path):
     ("stage", "vol-1", '{"access_type": "mount", "read_only": false, "staging_path": "/s", '
                        '"state": "half"}',
      "'half' is not a valid RecordState"),
-    ("pool-info", "iops_capacity", "{}", "pool-info record 'iops_capacity' has no 'iops'"),
 ])
 def test_a_damaged_record_is_a_clear_error(store, path, kind, key, data, message):
     write_raw(path, [(kind, key, data)])
     records = NodeRecords(store)
     read = {"stage": lambda: records.get_stage("vol-1"),
-            "publish": lambda: records.list_publishes(),
-            "pool-info": records.get_pool_info}[kind]
+            "publish": lambda: records.list_publishes()}[kind]
     with pytest.raises(ValueError, match=message):
         read()
 

@@ -1,14 +1,15 @@
-"""Admission of guaranteed minima and the fio helpers (no root, fio not run)."""
+"""Admission of guaranteed minima (control/policy.py) and the fio helpers (no root, fio not
+run)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from control import policy as admission
 from engine.errors import CommandFailed, InvalidSpec, OutOfCapacity
-from engine.qos import admission, fio
+from engine.qos import fio
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 
 GOLD, SILVER, BRONZE = DEFAULT_TIERS["gold"], DEFAULT_TIERS["silver"], DEFAULT_TIERS["bronze"]
@@ -17,10 +18,9 @@ GOLD, SILVER, BRONZE = DEFAULT_TIERS["gold"], DEFAULT_TIERS["silver"], DEFAULT_T
 def test_sums_and_headroom() -> None:
     specs = [GOLD, SILVER, BRONZE]  # 4000 + 1000 + 0
     assert admission.reserved_iops(specs) == 5000
-    assert admission.fits(5000, specs) and not admission.fits(4999, specs)
     assert admission.headroom_iops(6000, specs) == 1000
     assert admission.headroom_iops(100, specs) == 0
-    assert admission.fits(0, [BRONZE, QosSpec()])  # no guarantees fit anywhere
+    assert admission.reserved_iops([BRONZE, QosSpec()]) == 0  # no guarantees fit anywhere
 
 
 def test_can_place_does_not_count_a_changing_volume_twice() -> None:
@@ -60,21 +60,6 @@ def test_parse_fio_json_sums_jobs_and_skips_warnings() -> None:
     r = fio.parse_json(_fio_doc(100.0, 50.0))
     assert (r.read_iops, r.write_iops, r.iops) == (200.0, 100.0, 300.0)
     assert r.read_bytes_per_s == 200.0 * 4096
-
-
-def test_measure_capacity_runs_fio_on_a_temp_file_and_removes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[fio.FioJob] = []
-
-    def fake_run(job: fio.FioJob, timeout_s: float | None = None) -> fio.FioResult:
-        seen.append(job)
-        assert Path(job.filename).parent == tmp_path
-        return fio.FioResult(3000.4, 2999.9, 0.0, 0.0)
-
-    monkeypatch.setattr(fio, "run", fake_run)
-    assert admission.measure_capacity_iops(str(tmp_path), seconds=1) == 6000
-    assert seen[0].rw == "randrw" and list(tmp_path.iterdir()) == []
 
 
 def test_fio_failure_is_command_failed(monkeypatch: pytest.MonkeyPatch) -> None:
