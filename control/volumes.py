@@ -215,10 +215,14 @@ class Volumes:
             # a name record always commits with its volume's and goes with its tombstone
             raise Busy(f"volume name {req.name!r} points to a missing record; retry")
         record, version = found
-        if name.request_hash != req.request_hash:
-            why = incompatibility(record, req.ask) if req.ask else "another request"
-            if why:
-                raise AlreadyExists(f"volume {req.name!r} exists with {why}")
+        # the spec's rule when the request is known field by field (the topology is not in
+        # the hash: a provisioner may recompute it on a retry); else the hash alone
+        if req.ask is not None:
+            why = incompatibility(record, req.ask)
+        else:
+            why = "another request" if name.request_hash != req.request_hash else ""
+        if why:
+            raise AlreadyExists(f"volume {req.name!r} exists with {why}")
         if record.state == READY:
             return record
         if record.state == CREATING:
