@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import errno
 import fcntl
 import json
@@ -33,6 +34,7 @@ from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
 from engine import fileops
 from engine.errors import EngineError
+from engine.loop_backend import LoopBackend
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
@@ -176,10 +178,14 @@ class Driver:
         pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
                     image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
         qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
-        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts,
+        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store,
+                            LoopBackend(self.store, pool, loops), mounts,
                             qos=qos, iops_capacity=cfg.node_iops_capacity)
         engine.open()
         self.engine = engine
+        # the backend may hold fewer volumes than configured (an NVMe controller's limit)
+        cfg = self.config = dataclasses.replace(
+            cfg, max_volumes_per_node=engine.max_volumes(cfg.max_volumes_per_node))
         self.cluster_store = open_store(StoreSpec(
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s, cfg.store_namespace))

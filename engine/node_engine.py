@@ -11,20 +11,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from engine.backend import Backend
 from engine.errors import InUse
 from engine.freeze import Freezer
 from engine.locks import KeyLocks
-from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos
 from engine.node_records import NodeRecords, PoolInfo
 from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
-from engine.pool import Pool, PoolUsage
-from engine.qos.admission import measure_capacity_iops
+from engine.pool import PoolUsage
 from engine.qos.tiers import QosSpec
-from engine.snapshots import SnapshotBacking, Snapshots
+from engine.snapshots import SnapshotBacking
 from engine.state import Store
-from engine.volumes import Backing, VolumeFiles
+from engine.volumes import Backing
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +35,35 @@ class NodeIdentity:
 
 
 class NodeEngine:
-    def __init__(self, identity: NodeIdentity, store: Store, pool: Pool,
-                 loops: LoopDevices, mounts: Mounts, qos: NodeQos | None = None,
-                 iops_capacity: int = 0):
+    def __init__(self, identity: NodeIdentity, store: Store, backend: Backend,
+                 mounts: Mounts, qos: NodeQos | None = None, iops_capacity: int = 0):
+        """backend: where the volumes' blocks live (engine/backend.py: loop or nvme)."""
         self.identity = identity
         self.store = store
         self.records = NodeRecords(store)
-        self.pool = pool
         self.qos = qos or NodeQos(store, enabled=False)
         self.iops_capacity = iops_capacity
         self._configured_iops = iops_capacity
-        self.files = VolumeFiles(store, pool)
+        self.files = backend  # records of the volumes and their storage
         self.qos.attach(self.files)
-        self.volumes = NodeVolumes(store, self.files, loops, mounts)
+        self.volumes = NodeVolumes(store, self.files, mounts)
         self.freezer = Freezer(store)
-        self.snapshots = Snapshots(store, pool, self.files, self.volumes, self.freezer)
+        self.snapshots = backend.make_snapshots(store, self.volumes, self.freezer)
         self.locks = KeyLocks()  # one per node: every caller's per-volume operations
+
+    @property
+    def backend(self) -> Backend:
+        return self.files
+
+    def max_volumes(self, configured: int) -> int:
+        """Volumes this node may hold: the configured number, or fewer if the backend
+        has a limit of its own (an NVMe controller's namespaces)."""
+        own = self.files.max_volumes()
+        return configured if own is None else min(configured, own)
 
     def open(self) -> None:
         """Bring the pool up and settle whatever a crash or restart left half-done."""
-        self.pool.open()
+        self.files.open()
         self.freezer.thaw_all_recorded()  # first: a frozen filesystem blocks everything else
         self.files.reconcile()
         self.volumes.reconcile()
@@ -70,9 +78,9 @@ class NodeEngine:
         """The pool's IOPS capacity for guaranteed minima: measured once, then kept."""
         info = self.records.get_pool_info()
         if info is None:
-            iops = measure_capacity_iops(self.pool.directory, seconds=3.0)
-            log.info("pool %s measured at %d IOPS (4 KiB random 50/50, direct)",
-                     self.pool.directory, iops)
+            iops = self.files.measure_iops()
+            log.info("%s pool measured at %d IOPS (4 KiB random 50/50, direct)",
+                     self.files.kind, iops)
             info = PoolInfo(iops_capacity=iops)
             self.records.put_pool_info(info)
         return info.iops_capacity
@@ -86,6 +94,7 @@ class NodeEngine:
         if not clone_from_volume:
             return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
                                      version=version, access_types=access_types)
+        self.files.check_copy_on_write("a clone")
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
@@ -96,27 +105,27 @@ class NodeEngine:
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                        snapshot_id: str, version: int = 0,
                        access_types: tuple[str, ...] = ()) -> Backing:
+        self.files.check_copy_on_write("a volume restored from a snapshot")
         return self.files.create(volume_id, size_bytes,
                                  restore_from=self.snapshots.require(snapshot_id),
                                  qos_json=qos.to_json(), version=version,
                                  access_types=access_types)
 
     def delete_volume(self, volume_id: str, version: int = 0) -> None:
-        """Delete the volume's storage once no loop device holds it any more: a device a
-        driver lost track of is detached first, or the delete refused while it is in use."""
+        """Delete the volume's storage once no device holds it any more: a device a
+        driver lost track of is released first, or the delete refused while it is in use."""
         backing = self.files.get(volume_id)
         if backing is None:
             return
         self.files.check_version(backing, version)
         if self.volumes.stage_record(volume_id) is not None:
             raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
-        path = self.files.path(backing)
-        for dev in self.volumes.loops.by_backing_file(path):
+        for dev in self.files.devices(backing):
             if self.volumes.mounts.of_device(dev.major, dev.minor):
                 raise InUse(f"volume {volume_id} is still mounted through {dev.path}")
-            log.warning("detaching %s from volume %s before deleting it", dev.path,
+            log.warning("releasing %s from volume %s before deleting it", dev.path,
                         volume_id)
-            self.volumes.loops.detach(dev.path, file_id(path), require_released=True)
+            self.files.release(backing, dev, require_released=True)
         self.files.delete(volume_id)
 
     def set_qos(self, volume_id: str, qos: QosSpec, version: int = 0) -> None:
@@ -136,6 +145,7 @@ class NodeEngine:
 
     def create_snapshots(self, members: list[tuple[str, str]]) -> list[SnapshotBacking]:
         """(snapshot_id, volume_id) pairs, taken at one instant."""
+        self.files.check_copy_on_write("a snapshot")
         if len(members) == 1:
             return [self.snapshots.create(*members[0])]
         return self.snapshots.create_group(members)
@@ -167,4 +177,4 @@ class NodeEngine:
         return self.volumes.condition(volume_id, view)
 
     def usage(self) -> PoolUsage:
-        return self.pool.usage()
+        return self.files.usage()
