@@ -150,6 +150,11 @@ class Backend(Protocol):
         """Precondition when the backend cannot make `what` (a clone, a restore)."""
         ...
 
+    def replica_directory(self) -> str:
+        """Where this node's mirror replica service keeps replicas (sparse files with
+        their dirty maps); Precondition where the backend cannot hold them."""
+        ...
+
     # --- devices -----------------------------------------------------------------------
     def devices(self, backing: Backing) -> list[Device]:
         """Every device now holding the volume's bytes (read-write and read-only)."""

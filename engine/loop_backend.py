@@ -82,6 +82,9 @@ class LoopBackend(VolumeFiles):
     def check_copy_on_write(self, what: str) -> None:
         return None  # reflinks and subvolume snapshots: always
 
+    def replica_directory(self) -> str:
+        return os.path.join(self.pool.directory, "replicas")
+
     # --- devices -------------------------------------------------------------------
     def devices(self, backing: Backing) -> list[Device]:
         return list(self.loops.by_backing_file(self.path(backing)))

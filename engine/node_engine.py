@@ -128,6 +128,12 @@ class NodeEngine:
             self.files.release(backing, dev, require_released=True)
         self.files.delete(volume_id)
 
+    def replica_directory(self) -> str:
+        """Where mirror replicas of other nodes' volumes may live on this node: a directory
+        of the loop pool; an NVMe node refuses (Precondition, FAILED_PRECONDITION): the
+        replica service keeps files, not namespaces (docs/nvme.md)."""
+        return self.files.replica_directory()
+
     def set_qos(self, volume_id: str, qos: QosSpec, version: int = 0) -> None:
         """A tier change: recorded, and applied to the pods using the volume now."""
         self.qos.set_spec(volume_id, qos, version)
