@@ -55,7 +55,9 @@ CACHE_DIR = "/var/cache/tandem-vm"
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
 # Loaded in this order after their dependencies (modules.dep); those built in are skipped.
-MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "loop", "nvme_core", "nvme", "ext4")
+# ext4 looks its checksum up by name (crc32c) and no modprobe runs here to load it then.
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "loop", "nvme_core", "nvme",
+           "crc32c_generic", "ext4")
 # Where the guest mounts a fresh tmpfs over the host's directory.
 GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 JOB_MOUNT = "/run/tandem-job"
