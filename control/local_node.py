@@ -131,7 +131,7 @@ class LocalNode:
             if backing.role != REPLICA:
                 raise AlreadyExists(f"{spec.volume_id} is a volume of its own on "
                                     f"{self.node_id}, not a replica")
-            host.create(spec.volume_id, spec.size_bytes, self.engine.files.path(backing))
+            host.create(spec.volume_id, spec.size_bytes, self.engine.files.replica_file(backing))
             return ReplicaInfo(spec.volume_id, self.node_id, host.listen, backing.size_bytes,
                                backing.version)
 

@@ -331,6 +331,7 @@ class Volumes:
                 raise Precondition(f"volume {volume_id} is mirrored: growing mirrored volumes "
                                    "is not supported yet")
             node = self.nodes.require(record.node_id)
+            before = record
             if size_bytes > record.capacity_bytes:
                 growth = size_bytes - record.capacity_bytes
                 available = placement.available_bytes(self.nodes.info(record.node_id),
@@ -342,7 +343,14 @@ class Volumes:
                 record = record.replace(capacity_bytes=size_bytes)
                 version = self._save(record, version)
             # converge the node on the record (a retry after a failed node call lands here)
-            node.expand_volume(volume_id, record.capacity_bytes, version)
+            try:
+                node.expand_volume(volume_id, record.capacity_bytes, version)
+            except Precondition:
+                # the node's storage cannot grow at all (an NVMe namespace): the record
+                # must not promise a size no retry will ever reach
+                if record is not before:
+                    self._save(before, version)
+                raise
             return record
 
     def modify(self, volume_id: str, mutable: dict[str, str],

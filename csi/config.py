@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from control.topology import DEFAULT_ZONE, TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
+from engine.nvme.backend import NvmeConfig
 from engine.qos.capacity import RUN_S
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 
@@ -42,6 +43,9 @@ class Config:
     store_namespace: str = "/tandem/"
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
     reconcile_interval_s: float = 30.0
+    # where volumes' blocks live: "loop" (files in the pool) or "nvme" (a namespace each)
+    backend: str = "loop"
+    nvme: NvmeConfig | None = None  # the NVMe backend's settings (backend "nvme")
 
     @property
     def pool_directory(self) -> str:

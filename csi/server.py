@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import errno
 import fcntl
 import json
@@ -32,11 +33,14 @@ from csi.node import NodeService
 from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
 from engine import fileops, permissions
-from engine.errors import EngineError
+from engine.backend import BACKENDS, LOOP, NVME, Backend
+from engine.errors import EngineError, InvalidSpec
+from engine.loop_backend import LoopBackend
 from engine.loopdev import LoopDevices
 from engine.mounts import Mounts
 from engine.node_engine import NodeEngine, NodeIdentity
 from engine.node_qos import NodeQos
+from engine.nvme import backend as nvme
 from engine.pool import Pool
 from engine.qos import capacity
 from engine.qos.tiers import DEFAULT_TIERS, load_tiers
@@ -62,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="size of the sparse pool image made when --pool is not copy-on-write")
     p.add_argument("--pool-fs", choices=["btrfs", "xfs"], default="btrfs",
                    help="filesystem of that image: btrfs (constant-time snapshots) or xfs")
-    p.add_argument("--overcommit-ratio", type=float, default=20.0)
+    p.add_argument("--overcommit-ratio", type=float, default=None,
+                   help="thin provisioning of the loop pool (default 20); 1 for nvme")
     p.add_argument("--max-volumes-per-node", type=int, default=128)
     p.add_argument("--allowed-path-root", action="append", default=[],
                    help="opt-in: refuse staging/target paths outside these roots (repeatable)")
@@ -92,8 +97,45 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="seconds before an unconfirmed create is abandoned (its storage removed)")
     p.add_argument("--reconcile-interval", type=float, default=30.0,
                    help="seconds between reconcile rounds (0: only at start-up)")
+    p.add_argument("--backend", choices=BACKENDS, default=LOOP,
+                   help="where volumes' blocks live: loop (a file each in the pool) or nvme "
+                        "(a namespace each; docs/nvme.md)")
+    p.add_argument("--nvme-subsystem", default="",
+                   help="nvme: the subsystem NQN whose namespaces hold the volumes")
+    p.add_argument("--nvme-controller", default="",
+                   help="nvme: the controller of that subsystem to use (default: the live one)")
+    p.add_argument("--nvme-namespaces", choices=[nvme.MANAGE, nvme.POOL], default=nvme.MANAGE,
+                   help="nvme: manage (create-ns/delete-ns per volume; needs Namespace "
+                        "Management) or pool (pre-created namespaces, attached on create)")
+    p.add_argument("--nvme-pool-nsids", default="",
+                   help="nvme pool: the pre-created namespaces' IDs, e.g. 1-8,12")
+    p.add_argument("--nvme-measure-nsid", type=int, default=0,
+                   help="nvme: a namespace reserved for measuring the IOPS capacity")
+    p.add_argument("--nvme-sector-size", type=int, choices=[512, 4096], default=4096,
+                   help="nvme manage: LBA data size of the namespaces made")
+    p.add_argument("--nvme-lba-format", type=int, default=-1,
+                   help="nvme manage: FLBAS index to create namespaces with (default: the "
+                        "one of --nvme-sector-size)")
+    p.add_argument("--nvme-wipe", choices=[nvme.WRITE_ZEROES, nvme.FORMAT],
+                   default=nvme.WRITE_ZEROES,
+                   help="nvme pool: how a namespace is wiped before reuse")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
+    if a.overcommit_ratio is None:
+        a.overcommit_ratio = 1.0 if a.backend == NVME else 20.0
+    if a.backend == NVME and a.overcommit_ratio != 1.0:
+        p.error("--backend nvme: namespaces are fully provisioned; --overcommit-ratio must be 1")
+    nvme_config = None
+    if a.backend == NVME:
+        try:
+            nvme_config = nvme.NvmeConfig(
+                subsysnqn=a.nvme_subsystem, namespaces=a.nvme_namespaces,
+                pool_nsids=parse_nsids(a.nvme_pool_nsids), measure_nsid=a.nvme_measure_nsid,
+                controller=a.nvme_controller, sector_size_bytes=a.nvme_sector_size,
+                lba_format=a.nvme_lba_format, wipe=a.nvme_wipe, node_id=a.node_id)
+            nvme_config.check()
+        except InvalidSpec as e:
+            p.error(str(e))
     if not a.endpoint.startswith("unix://"):
         p.error("--endpoint must be unix:///path")
     if a.overcommit_ratio <= 0 or a.max_volumes_per_node < 0 or a.pool_size_gib <= 0 \
@@ -118,7 +160,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
         store_namespace=a.store_namespace,
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
+        backend=a.backend, nvme=nvme_config,
     )
+
+
+def parse_nsids(text: str) -> tuple[int, ...]:
+    """'1-4,7' -> (1, 2, 3, 4, 7)"""
+    found: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError:
+            raise InvalidSpec(f"bad namespace ID range {part!r} in {text!r}") from None
+        if not 0 < lo <= hi:
+            raise InvalidSpec(f"bad namespace ID range {part!r} in {text!r}")
+        found += range(lo, hi + 1)
+    return tuple(dict.fromkeys(found))
 
 
 def socket_path(endpoint: str) -> str:
@@ -184,14 +242,16 @@ class Driver:
         clear_stale_socket(path)
         self.store = SqliteStore(cfg.store_path)
         loops, mounts = LoopDevices(), Mounts()
-        pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
-                    image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
         qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
-        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store, pool, loops, mounts,
+        engine = NodeEngine(NodeIdentity(cfg.node_id, cfg.zone), self.store,
+                            self._backend(loops, mounts), mounts,
                             qos=qos, iops_capacity=cfg.node_iops_capacity,
                             measure_s=cfg.capacity_measure_s)
         engine.open()
         self.engine = engine
+        # the backend may hold fewer volumes than configured (an NVMe controller's limit)
+        cfg = self.config = dataclasses.replace(
+            cfg, max_volumes_per_node=engine.max_volumes(cfg.max_volumes_per_node))
         self.cluster_store = open_store(StoreSpec(
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s, cfg.store_namespace))
@@ -231,6 +291,17 @@ class Driver:
         self.ready.set()
         log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
                  cfg.zone, cfg.pool_directory)
+
+    def _backend(self, loops: LoopDevices, mounts: Mounts) -> Backend:
+        """The pool's backend, as configured (engine/backend.py)."""
+        cfg = self.config
+        assert self.store is not None
+        if cfg.backend == NVME:
+            assert cfg.nvme is not None
+            return nvme.NvmeBackend(self.store, cfg.nvme, loops=loops)
+        pool = Pool(cfg.pool_directory, cfg.pool_image_path, cfg.pool_image_bytes,
+                    image_fs=cfg.pool_image_fs, loops=loops, mounts=mounts)
+        return LoopBackend(self.store, pool, loops)
 
     def _report_orphans(self, orphans: Orphans) -> None:
         """What no record owns, for `tandem-admin orphans` (kept, never deleted)."""

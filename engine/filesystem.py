@@ -60,21 +60,30 @@ def check_size(fs_type: str, size_bytes: int) -> None:
                           f"{size_bytes // 2**20} MiB")
 
 
-def make(device: str, fs_type: str) -> None:
+def make(device: str, fs_type: str, size_bytes: int = 0) -> None:
+    """Make fs_type on device, covering size_bytes of it (0: the whole device; a backend
+    keeps a label past the volume's bytes that no filesystem may cover)."""
     # Skip discard: the device is a fresh sparse file (or a new namespace), already zero.
     if fs_type == "ext4":
-        command.run(["mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1", device])
+        argv = ["mkfs.ext4", "-F", "-q", "-E", "nodiscard,lazy_itable_init=1", device]
+        if size_bytes:
+            argv.append(f"{size_bytes // 1024}k")
+        command.run(argv)
     elif fs_type == "xfs":
-        command.run(["mkfs.xfs", "-f", "-q", "-K", device])
+        argv = ["mkfs.xfs", "-f", "-q", "-K", device]
+        if size_bytes:
+            argv[-1:-1] = ["-d", f"size={size_bytes}"]
+        command.run(argv)
     else:
         raise InvalidSpec(f"cannot make filesystem {fs_type!r}")
 
 
-def grow(fs_type: str, device: str, mount_point: str) -> None:
-    """Grow a mounted filesystem to its device's size, online."""
+def grow(fs_type: str, device: str, mount_point: str, size_bytes: int = 0) -> None:
+    """Grow a mounted filesystem online to its device's size (or to size_bytes)."""
     if fs_type == "ext4":
         try:
-            command.run(["resize2fs", device])
+            command.run(["resize2fs", device, *([f"{size_bytes // 1024}K"] if size_bytes
+                                                else [])])
         except CommandFailed as e:
             if "Permission denied" in e.stderr:
                 # the kernel's online ext4 resize needs CAP_SYS_RESOURCE
@@ -83,7 +92,8 @@ def grow(fs_type: str, device: str, mount_point: str) -> None:
                     "the volume grows at its next stage")) from None
             raise
     elif fs_type == "xfs":
-        command.run(["xfs_growfs", mount_point])
+        blocks = ["-D", f"{size_bytes // os.statvfs(mount_point).f_frsize}"] if size_bytes else []
+        command.run(["xfs_growfs", *blocks, mount_point])
     else:
         raise InvalidSpec(f"cannot grow filesystem {fs_type!r}")
 

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from engine import command, crash
 from engine.errors import CommandFailed, InUse
@@ -37,6 +38,30 @@ class MountEntry:
     @property
     def read_only(self) -> bool:
         return "ro" in self.options
+
+
+class _DeviceLike(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def major(self) -> int: ...
+
+    @property
+    def minor(self) -> int: ...
+
+
+def is_device_bind(entry: MountEntry, dev: _DeviceLike) -> bool:
+    """A bind mount of dev's device node (a block publish)."""
+    return entry.root == f"/{dev.name}" or entry.source == dev.path
+
+
+def mounts_device(entry: MountEntry | None, dev: _DeviceLike) -> bool:
+    """A mount of a filesystem on dev."""
+    return entry is not None and (entry.major, entry.minor) == (dev.major, dev.minor)
 
 
 def parse_mountinfo(text: str) -> list[MountEntry]:

@@ -12,21 +12,21 @@ import logging
 import time
 from dataclasses import dataclass
 
-from engine.errors import CommandFailed, InUse
+from engine.backend import Backend
+from engine.errors import CommandFailed, InUse, Precondition
 from engine.freeze import Freezer
 from engine.locks import KeyLocks
-from engine.loopdev import LoopDevices, file_id
 from engine.mounts import Mounts
 from engine.node_qos import NodeQos
 from engine.node_records import NodeRecords
 from engine.node_volumes import Condition, KernelView, NodeVolumes, PublishRequest
-from engine.pool import Pool, PoolUsage
+from engine.pool import PoolUsage
 from engine.qos import capacity as capacity_mod
 from engine.qos.capacity import Capacity
 from engine.qos.tiers import QosSpec
-from engine.snapshots import SnapshotBacking, Snapshots
+from engine.snapshots import SnapshotBacking
 from engine.state import Store
-from engine.volumes import Backing, VolumeFiles
+from engine.volumes import Backing
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +38,36 @@ class NodeIdentity:
 
 
 class NodeEngine:
-    def __init__(self, identity: NodeIdentity, store: Store, pool: Pool,
-                 loops: LoopDevices, mounts: Mounts, qos: NodeQos | None = None,
-                 iops_capacity: int = 0, measure_s: int = capacity_mod.RUN_S):
+    def __init__(self, identity: NodeIdentity, store: Store, backend: Backend,
+                 mounts: Mounts, qos: NodeQos | None = None, iops_capacity: int = 0,
+                 measure_s: int = capacity_mod.RUN_S):
+        """backend: where the volumes' blocks live (engine/backend.py: loop or nvme)."""
         self.identity = identity
         self.store = store
         self.records = NodeRecords(store)
-        self.pool = pool
         self.qos = qos or NodeQos(store, enabled=False)
         self._configured_iops = iops_capacity
         self._measure_s = measure_s
-        self.files = VolumeFiles(store, pool)
+        self.files = backend  # records of the volumes and their storage
         self.qos.attach(self.files)
-        self.volumes = NodeVolumes(store, self.files, loops, mounts)
+        self.volumes = NodeVolumes(store, self.files, mounts)
         self.freezer = Freezer(store)
-        self.snapshots = Snapshots(store, pool, self.files, self.volumes, self.freezer)
+        self.snapshots = backend.make_snapshots(store, self.volumes, self.freezer)
         self.locks = KeyLocks()  # one per node: every caller's per-volume operations
+
+    @property
+    def backend(self) -> Backend:
+        return self.files
+
+    def max_volumes(self, configured: int) -> int:
+        """Volumes this node may hold: the configured number, or fewer if the backend
+        has a limit of its own (an NVMe controller's namespaces)."""
+        own = self.files.max_volumes()
+        return configured if own is None else min(configured, own)
 
     def open(self) -> None:
         """Bring the pool up and settle whatever a crash or restart left half-done."""
-        self.pool.open()
+        self.files.open()
         self.freezer.thaw_all_recorded()  # first: a frozen filesystem blocks everything else
         self.files.reconcile()
         self.volumes.reconcile()
@@ -80,7 +90,6 @@ class NodeEngine:
 
     def _settle_capacity(self) -> None:
         """At start: the flag's figure, else the one kept, else measure now (first start)."""
-        capacity_mod.remove_scratch(self.pool.directory)  # a measurement cut short
         kept = capacity_mod.load(self.store)
         if self._configured_iops:
             flag = Capacity(self._configured_iops, capacity_mod.FLAG, "set by the driver's flag",
@@ -88,12 +97,12 @@ class NodeEngine:
             if kept is None or (kept.source, kept.iops) != (flag.source, flag.iops):
                 capacity_mod.save(self.store, flag)
         elif kept is None:
-            log.info("measuring pool %s's IOPS capacity once, for guaranteed minima "
-                     "(%d s, plus writing a 1 GiB scratch file)", self.pool.directory,
+            log.info("measuring the %s pool's IOPS capacity once, for guaranteed minima "
+                     "(%d s, plus a warm-up)", self.files.kind,
                      self._measure_s + capacity_mod.warmup_for(self._measure_s))
             try:
-                measured = capacity_mod.measure(self.pool.directory, seconds=self._measure_s)
-            except CommandFailed as e:
+                measured = self.files.measure_capacity(self._measure_s)
+            except (CommandFailed, Precondition) as e:
                 # Serve anyway: volumes without minima work, guaranteed ones are refused
                 # (capacity 0) until a start measures it or an operator sets it.
                 log.error("could not measure the pool's IOPS capacity (%s); no guaranteed "
@@ -120,6 +129,7 @@ class NodeEngine:
         if not clone_from_volume:
             return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
                                      version=version, access_types=access_types, role=role)
+        self.files.check_copy_on_write("a clone")
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
         with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
@@ -130,28 +140,34 @@ class NodeEngine:
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                        snapshot_id: str, version: int = 0,
                        access_types: tuple[str, ...] = ()) -> Backing:
+        self.files.check_copy_on_write("a volume restored from a snapshot")
         return self.files.create(volume_id, size_bytes,
                                  restore_from=self.snapshots.require(snapshot_id),
                                  qos_json=qos.to_json(), version=version,
                                  access_types=access_types)
 
     def delete_volume(self, volume_id: str, version: int = 0) -> None:
-        """Delete the volume's storage once no loop device holds it any more: a device a
-        driver lost track of is detached first, or the delete refused while it is in use."""
+        """Delete the volume's storage once no device holds it any more: a device a
+        driver lost track of is released first, or the delete refused while it is in use."""
         backing = self.files.get(volume_id)
         if backing is None:
             return
         self.files.check_version(backing, version)
         if self.volumes.stage_record(volume_id) is not None:
             raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
-        path = self.files.path(backing)
-        for dev in self.volumes.loops.by_backing_file(path):
+        for dev in self.files.devices(backing):
             if self.volumes.mounts.of_device(dev.major, dev.minor):
                 raise InUse(f"volume {volume_id} is still mounted through {dev.path}")
-            log.warning("detaching %s from volume %s before deleting it", dev.path,
+            log.warning("releasing %s from volume %s before deleting it", dev.path,
                         volume_id)
-            self.volumes.loops.detach(dev.path, file_id(path), require_released=True)
+            self.files.release(backing, dev, require_released=True)
         self.files.delete(volume_id)
+
+    def replica_directory(self) -> str:
+        """Where mirror replicas of other nodes' volumes may live on this node: a directory
+        of the loop pool; an NVMe node refuses (Precondition, FAILED_PRECONDITION): the
+        replica service keeps files, not namespaces (docs/nvme.md)."""
+        return self.files.replica_directory()
 
     def set_qos(self, volume_id: str, qos: QosSpec, version: int = 0) -> None:
         """A tier change: recorded, and applied to the pods using the volume now."""
@@ -170,6 +186,7 @@ class NodeEngine:
 
     def create_snapshots(self, members: list[tuple[str, str]]) -> list[SnapshotBacking]:
         """(snapshot_id, volume_id) pairs, taken at one instant."""
+        self.files.check_copy_on_write("a snapshot")
         if len(members) == 1:
             return [self.snapshots.create(*members[0])]
         return self.snapshots.create_group(members)
@@ -201,4 +218,4 @@ class NodeEngine:
         return self.volumes.condition(volume_id, view)
 
     def usage(self) -> PoolUsage:
-        return self.pool.usage()
+        return self.files.usage()

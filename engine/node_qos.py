@@ -11,6 +11,7 @@ without its limit) and a warning says why.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from engine.errors import EngineError, NotFound, Unavailable
 from engine.node_records import Device, NodeRecords
@@ -18,7 +19,9 @@ from engine.qos.squeeze import SqueezeLoop
 from engine.qos.throttle import QosBinding, QosEnforcer
 from engine.qos.tiers import QosSpec
 from engine.state import Store
-from engine.volumes import VolumeFiles
+
+if TYPE_CHECKING:
+    from engine.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,9 @@ class NodeQos:
         self.enforcer: QosEnforcer | None = None
         self.squeeze: SqueezeLoop | None = None
         self.unavailable_reason = "disabled by configuration" if not enabled else ""
-        self.files: VolumeFiles | None = None
+        self.files: Backend | None = None
 
-    def attach(self, files: VolumeFiles) -> None:
+    def attach(self, files: Backend) -> None:
         """Where the volumes' specs are kept."""
         self.files = files
 

@@ -1,7 +1,8 @@
 """Node-side life of a volume: stage, publish, unpublish, unstage, expand, measure.
 
-Each step converges on the kernel's state (loop devices by their backing file's device
-and inode, mounts from /proc/self/mountinfo), so a retry after a timeout, a crash, a
+Each step converges on the kernel's state (the backend's devices: loop devices by their
+backing file's device and inode, NVMe namespaces by subsystem and NSID; mounts from
+/proc/self/mountinfo), so a retry after a timeout, a crash, a
 restart in a new mount namespace or a reboot neither stacks mounts nor leaks devices.
 Records (engine/node_records.py: stage and publish) are written before the first side
 effect and marked done after, so `reconcile()` can roll back what a crash cut short while
@@ -22,13 +23,13 @@ import stat
 from dataclasses import dataclass, replace
 
 from engine import crash, fileops, filesystem
+from engine.backend import Backend, Device, DeviceView
 from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, Precondition
-from engine.loopdev import FileId, LoopDevice, LoopDevices, file_id
-from engine.mounts import MountEntry, Mounts
+from engine.mounts import MountEntry, Mounts, is_device_bind, mounts_device
 from engine.node_records import DONE, PENDING, NodeRecords, PublishRecord, StageRecord
 from engine.rollback import Rollback
 from engine.state import Store
-from engine.volumes import Backing, VolumeFiles
+from engine.volumes import Backing
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,14 @@ def _check_mount_option(option: str) -> str:
 
 
 class KernelView:
-    """One reading of the kernel's mount table and loop devices, for many questions
-    (ListVolumes asks about every volume; each device's identity is read at most once)."""
+    """One reading of the kernel's mount table and of the backend's devices, for many
+    questions (ListVolumes asks about every volume)."""
 
-    def __init__(self, loops: LoopDevices, mounts: Mounts):
-        self.loops = loops
+    def __init__(self, backend: Backend, mounts: Mounts):
+        self.backend = backend
         self.mounts = mounts
         self._table: list[MountEntry] | None = None  # read on first use
-        self._devices: list[LoopDevice] | None = None
-        self._ids: dict[str, FileId | None] = {}
+        self._devices: DeviceView | None = None
 
     @property
     def table(self) -> list[MountEntry]:
@@ -97,60 +97,40 @@ class KernelView:
             self._table = self.mounts.table()
         return self._table
 
-    def devices_on(self, path: str) -> list[LoopDevice]:
-        ident = file_id(path)
-        if ident is None:
-            return []
+    def devices_of(self, backing: Backing) -> list[Device]:
         if self._devices is None:
-            self._devices = self.loops.all()
-        name = os.path.basename(path)
-        found = []
-        for dev in self._devices:
-            if os.path.basename(dev.backing_file) != name:
-                continue
-            if dev.name not in self._ids:
-                self._ids[dev.name] = self.loops.backing_id(dev)
-            if self._ids[dev.name] == ident:
-                found.append(dev)
-        return found
+            self._devices = self.backend.device_view()
+        return self._devices.devices_of(backing)
 
     def mount_at(self, target: str) -> MountEntry | None:
         stack = [m for m in self.table if m.target == target]
         return stack[-1] if stack else None
 
 
-def _is_device_bind(entry: MountEntry, dev: LoopDevice) -> bool:
-    """A bind mount of dev's device node (a block publish)."""
-    return entry.root == f"/{dev.name}" or entry.source == dev.path
-
-
-def _mounts_device(entry: MountEntry | None, dev: LoopDevice) -> bool:
-    return entry is not None and (entry.major, entry.minor) == (dev.major, dev.minor)
+_is_device_bind = is_device_bind
+_mounts_device = mounts_device
 
 
 class NodeVolumes:
-    def __init__(self, store: Store, files: VolumeFiles, loops: LoopDevices, mounts: Mounts):
+    def __init__(self, store: Store, files: Backend, mounts: Mounts):
         self.records = NodeRecords(store)
-        self.files = files
-        self.loops = loops
+        self.files = files  # the backend: records and devices of the volumes' storage
         self.mounts = mounts
 
     # --- helpers -----------------------------------------------------------------
-    def _rw_device(self, backing: Backing) -> LoopDevice | None:
-        for dev in self.loops.by_backing_file(self.files.path(backing)):
+    def _rw_device(self, backing: Backing) -> Device | None:
+        for dev in self.files.devices(backing):
             if not dev.read_only:
                 return dev
         return None
 
-    def _ensure_rw_device(self, backing: Backing, undo: Rollback) -> LoopDevice:
+    def _ensure_rw_device(self, backing: Backing, undo: Rollback) -> Device:
         dev = self._rw_device(backing)
         if dev is None:
-            path = self.files.path(backing)
-            dev = self.loops.attach(path, sector_size_bytes=backing.sector_size_bytes,
-                                    strict_direct_io=False)
-            undo.add(f"attaching {dev.path}", self.loops.detach, dev.path, file_id(path))
-        elif dev.size_bytes != backing.size_bytes:
-            dev = self.loops.refresh_capacity(dev.path)  # expanded before staging
+            dev = self.files.attach(backing)
+            undo.add(f"attaching {dev.path}", self.files.release, backing, dev)
+        else:
+            dev = self.files.refreshed(backing, dev)  # expanded before staging
         return dev
 
     def _mount_of(self, target: str) -> MountEntry | None:
@@ -164,7 +144,7 @@ class NodeVolumes:
         return self.records.publishes_of(volume_id)
 
     def kernel_view(self) -> KernelView:
-        return KernelView(self.loops, self.mounts)
+        return KernelView(self.files, self.mounts)
 
     def mounted_staging_path(self, volume_id: str) -> str:
         """The staging path if the kernel shows the volume's filesystem mounted there, else
@@ -219,7 +199,7 @@ class NodeVolumes:
             crash.point("stage-after-mount")
             self.records.put_stage(replace(record, state=DONE))
 
-    def _stage_filesystem(self, backing: Backing, dev: LoopDevice, staging: str, fs_type: str,
+    def _stage_filesystem(self, backing: Backing, dev: Device, staging: str, fs_type: str,
                           flags: list[str], read_only: bool, undo: Rollback) -> None:
         current = self._mount_of(staging)
         if current is not None:
@@ -233,7 +213,7 @@ class NodeVolumes:
         self.mounts.mount(dev.path, staging, fs_type, opts)
         undo.add(f"mounting {staging}", self.mounts.unmount, staging)
 
-    def _ensure_filesystem(self, backing: Backing, dev: LoopDevice, fs_type: str) -> None:
+    def _ensure_filesystem(self, backing: Backing, dev: Device, fs_type: str) -> None:
         """Make fs_type on the device unless it has it; never format over anything else.
 
         The kubelet's safe-format-and-mount only looks for signatures and would format a
@@ -259,12 +239,11 @@ class NodeVolumes:
                                "refusing to format it")
         self.files.set_made_fs(vid, fs_type, done=False)
         crash.point("stage-format-started")
-        filesystem.make(dev.path, fs_type)
+        filesystem.make(dev.path, fs_type, size_bytes=self.files.filesystem_bytes(backing))
         self.files.set_made_fs(vid, fs_type, done=True)
 
-    def _holds_data(self, backing: Backing, dev: LoopDevice) -> bool:
-        fileops.fsync_path(dev.path)  # writes still in the device's page cache count too
-        return fileops.has_data(self.files.path(backing))
+    def _holds_data(self, backing: Backing, dev: Device) -> bool:
+        return self.files.holds_data(backing, dev)
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
         staging = os.path.normpath(staging_path)
@@ -274,8 +253,7 @@ class NodeVolumes:
         if self.publishes(volume_id):
             raise InUse(f"volume {volume_id} is still published; unpublish it first")
         backing = self.files.get(volume_id)
-        path = self.files.path(backing) if backing else ""
-        devs = [d for d in self.loops.by_backing_file(path) if not d.read_only] if path else []
+        devs = [d for d in self.files.devices(backing) if not d.read_only] if backing else []
         entry = self._mount_of(staging)
         # only our own filesystem comes off: another volume may be staged at this path
         if any(_mounts_device(entry, d) for d in devs):
@@ -284,11 +262,12 @@ class NodeVolumes:
         for dev in devs:
             if self.mounts.of_device(dev.major, dev.minor):
                 raise InUse(f"{dev.path} of volume {volume_id} is still mounted elsewhere")
-            self.loops.detach(dev.path, file_id(path), require_released=True)
+            assert backing is not None
+            self.files.release(backing, dev, require_released=True)
         self.records.delete_stage(volume_id)
 
     # --- publish / unpublish -------------------------------------------------------
-    def publish(self, req: PublishRequest) -> LoopDevice:
+    def publish(self, req: PublishRequest) -> Device:
         """Publish; returns the device the pod does its I/O on (for its QoS rules)."""
         backing = self.files.require(req.volume_id)
         stage = self.records.get_stage(req.volume_id)
@@ -340,7 +319,7 @@ class NodeVolumes:
         return dev
 
     def _restore_stage(self, backing: Backing, stage: StageRecord,
-                       undo: Rollback) -> LoopDevice:
+                       undo: Rollback) -> Device:
         """The staged device (and filesystem), brought back if a reboot took them."""
         dev = self._ensure_rw_device(backing, undo)
         if stage.access_type == MOUNT:
@@ -348,8 +327,8 @@ class NodeVolumes:
                                    list(stage.mount_flags), stage.read_only, undo)
         return dev
 
-    def _publish_mount(self, dev: LoopDevice, staging: str, target: str, read_only: bool,
-                       flags: list[str], undo: Rollback) -> LoopDevice:
+    def _publish_mount(self, dev: Device, staging: str, target: str, read_only: bool,
+                       flags: list[str], undo: Rollback) -> Device:
         current = self._mount_of(target)
         if current is not None:
             if not _mounts_device(current, dev):
@@ -362,21 +341,18 @@ class NodeVolumes:
         undo.add(f"mounting {target}", self.mounts.unmount, target)
         return dev
 
-    def _publish_block(self, backing: Backing, rw: LoopDevice, target: str, read_only: bool,
-                       ro_device: str, undo: Rollback) -> LoopDevice:
+    def _publish_block(self, backing: Backing, rw: Device, target: str, read_only: bool,
+                       ro_device: str, undo: Rollback) -> Device:
         dev = rw
         if read_only:
             # A read-only bind of a device node does not stop writes through it:
-            # give the pod a loop device the kernel itself makes read-only.
-            path = self.files.path(backing)
-            found = self.loops.by_path(ro_device) if ro_device else None
-            if found is not None and found.read_only and self.loops.holds(found, path):
+            # give the pod a device the kernel itself makes read-only.
+            found = self.files.device_at(ro_device) if ro_device else None
+            if found is not None and found.read_only and self.files.still_holds(backing, found):
                 dev = found
             else:
-                dev = self.loops.attach(path, read_only=True,
-                                        sector_size_bytes=backing.sector_size_bytes,
-                                        strict_direct_io=False)
-                undo.add(f"attaching {dev.path}", self.loops.detach, dev.path, file_id(path))
+                dev = self.files.attach(backing, read_only=True)
+                undo.add(f"attaching {dev.path}", self.files.release, backing, dev)
         current = self._mount_of(target)
         if current is not None:
             if not _is_device_bind(current, dev):
@@ -409,10 +385,9 @@ class NodeVolumes:
         crash.point("unpublish-after-unmount")
         _remove_target(target)
         if rec is not None and rec.ro_device and backing is not None:
-            path = self.files.path(backing)
-            dev = self.loops.by_path(rec.ro_device)
-            if dev is not None and dev.read_only and self.loops.holds(dev, path):
-                self.loops.detach(dev.path, file_id(path), require_released=True)
+            dev = self.files.device_at(rec.ro_device)
+            if dev is not None and dev.read_only and self.files.still_holds(backing, dev):
+                self.files.release(backing, dev, require_released=True)
         self.records.delete_publish(volume_id, target)
 
     def _mount_is_ours(self, entry: MountEntry, backing: Backing | None) -> bool:
@@ -420,7 +395,7 @@ class NodeVolumes:
             return False
         return any(
             _mounts_device(entry, d) or _is_device_bind(entry, d)
-            for d in self.loops.by_backing_file(self.files.path(backing))
+            for d in self.files.devices(backing)
         )
 
     def flush(self, volume_id: str) -> None:
@@ -441,31 +416,34 @@ class NodeVolumes:
         known = {stage.staging_path} | {p.target for p in self.publishes(volume_id)}
         if path not in known:
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
-        for dev in self.loops.by_backing_file(self.files.path(backing)):
-            if dev.size_bytes != backing.size_bytes:
-                self.loops.refresh_capacity(dev.path)
+        for dev in self.files.devices(backing):
+            self.files.refreshed(backing, dev)
         rw = self._rw_device(backing)
         if stage.access_type == MOUNT and rw is not None:
-            filesystem.grow(stage.fs_type, rw.path, stage.staging_path)
+            filesystem.grow(stage.fs_type, rw.path, stage.staging_path,
+                            size_bytes=self.files.filesystem_bytes(backing))
         return backing.size_bytes
 
     def condition(self, volume_id: str, view: KernelView | None = None) -> Condition:
         """The volume's health on this node, from the kernel's state: records say what
         should be there (a device, mounts), the kernel says what is."""
         backing = self.files.get(volume_id)
-        if backing is None or not os.path.exists(self.files.path(backing)):
-            return Condition(True, "the volume's backing file is missing from the pool")
+        if backing is None:
+            return Condition(True, "the volume's storage has no record on this node")
+        missing = self.files.storage_missing(backing)
+        if missing:
+            return Condition(True, missing)
         stage = self.stage_record(volume_id)
         if stage is None or not stage.done:
             return HEALTHY
         view = view or self.kernel_view()
-        devs = view.devices_on(self.files.path(backing))
+        devs = view.devices_of(backing)
         rw = next((d for d in devs if not d.read_only), None)
         staging = stage.staging_path
         if rw is None:
-            return Condition(True, f"staged at {staging}, but its loop device is gone (a "
-                                   "reboot, or a detach behind the driver's back); stage it "
-                                   "again")
+            return Condition(True, f"staged at {staging}, but its {self.files.kind} device is "
+                                   "gone (a reboot, or a detach behind the driver's back); "
+                                   "stage it again")
         if stage.access_type == MOUNT and not _mounts_device(view.mount_at(staging), rw):
             return Condition(True, f"staged at {staging}, but its filesystem is not mounted "
                                    "there; stage it again")
@@ -512,7 +490,7 @@ class NodeVolumes:
             if stage.state is PENDING and not self.publishes(stage.volume_id):
                 log.warning("rolling back interrupted stage of %s", stage.volume_id)
                 self._try(self.unstage, stage.volume_id, stage.staging_path)
-        self._detach_unowned()
+        self.files.release_unowned(self.records, self.mounts.table())
 
     @staticmethod
     def _try(step, *args) -> None:
@@ -522,33 +500,6 @@ class NodeVolumes:
             step(*args)
         except Exception:  # noqa: BLE001
             log.exception("rolling back %s failed; it stays recorded", args)
-
-    def _detach_unowned(self) -> None:
-        """Detach loop devices on pool files that no record uses and nothing mounts."""
-        owners: dict[FileId, str] = {}
-        for backing in self.files.all():
-            ident = file_id(self.files.path(backing))
-            if ident is not None:
-                owners[ident] = backing.volume_id
-        kept_ro = {p.ro_device for p in self.records.list_publishes() if p.ro_device and p.done}
-        pool_dir = self.files.pool.volumes_dir + os.sep
-        names = {os.path.basename(self.files.path(b)) for b in self.files.all()}
-        names |= {os.path.basename(d.backing_file) for d in self.loops.all()
-                  if d.backing_file.startswith(pool_dir)}
-        table = self.mounts.table()
-        for dev, ident in self.loops.identified(names):
-            owner = owners.get(ident)
-            if owner is None and not dev.backing_file.startswith(pool_dir):
-                continue  # not provably on our pool: someone else's
-            if any(_mounts_device(m, dev) or _is_device_bind(m, dev) for m in table):
-                continue
-            staged = owner is not None and self.records.get_stage(owner) is not None
-            if staged and not dev.read_only:
-                continue  # a staged block volume: its device is its state
-            if owner is not None and dev.path in kept_ro:
-                continue  # a published read-only block device (its bind may be elsewhere)
-            log.warning("detaching %s (%s): no record uses it", dev.path, dev.backing_file)
-            self.loops.detach(dev.path, ident)
 
 
 def _check_access_type(backing: Backing, access_type: str) -> None:

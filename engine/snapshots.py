@@ -16,9 +16,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import NoReturn
 
 from engine import crash
-from engine.errors import InUse, NotFound
+from engine.errors import InUse, NotFound, Precondition
 from engine.freeze import Freezer
 from engine.node_volumes import BLOCK, MOUNT, NodeVolumes
 from engine.pool import Pool
@@ -180,3 +181,43 @@ class Snapshots:
             raise NotFound(f"no pool snapshot {pool_name}")
         self.pool.delete_snapshot(pool_name)
         self.orphans = [n for n in self.orphans if n != pool_name]
+
+
+class NoSnapshots:
+    """The snapshots of a backend without copy-on-write (NVMe namespaces): there are none,
+    and making one is refused with why (CSI FAILED_PRECONDITION)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        self.orphans: list[str] = []
+
+    def get(self, snapshot_id: str) -> SnapshotBacking | None:
+        return None
+
+    def require(self, snapshot_id: str) -> SnapshotBacking:
+        raise NotFound(f"snapshot {snapshot_id} has no storage on this node")
+
+    def path(self, snap: SnapshotBacking) -> str:
+        raise Precondition(self.reason)
+
+    def all(self) -> list[SnapshotBacking]:
+        return []
+
+    def create(self, snapshot_id: str, volume_id: str) -> SnapshotBacking:
+        raise Precondition(f"snapshots cannot be taken: {self.reason}")
+
+    def create_group(self, members: list[tuple[str, str]], *,
+                     allow_block_in_use: bool = False) -> list[SnapshotBacking]:
+        raise Precondition(f"snapshots cannot be taken: {self.reason}")
+
+    def delete(self, snapshot_id: str) -> None:
+        return None  # none was ever made here: gone already
+
+    def quiesced(self, volume_ids: list[str], allow_block_in_use: bool) -> NoReturn:
+        raise Precondition(self.reason)
+
+    def reconcile(self) -> None:
+        return None
+
+    def purge_orphan(self, pool_name: str) -> None:
+        raise NotFound(f"no pool snapshot {pool_name}")

@@ -18,7 +18,7 @@ if [ "$dev" = 1 ]; then
   # io.max): a Debian kernel with 9p, busybox for its initramfs; tiny-initramfs satisfies the
   # kernel's initramfs dependency without udev/systemd; etcd members for the cluster store's
   # tests, and openssl for their certificates
-  packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio
+  packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio nvme-cli
              etcd-server openssl)
 fi
 missing=()

@@ -71,7 +71,7 @@ def test_staged_device_uses_direct_io_at_the_pools_sector_size(stubs, driver, te
     with open(f"/sys/block/{dev.name}/loop/dio") as f:
         assert f.read().strip() == "1"
     # 512 where a reflinked file keeps direct I/O at 512, else 4096 (XFS reflink today)
-    pool = driver.driver.engine.pool
+    pool = driver.driver.engine.files.pool
     assert dev.sector_size_bytes == pool.sector_size_bytes in (512, 4096)
     stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=f"{test_root}/st"))
@@ -134,7 +134,7 @@ def test_lost_device_and_lost_backing_are_reported_abnormal(stubs, test_root, dr
     stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=staging))
     # and the backing storage itself vanishes
-    pool = driver.driver.engine.pool
+    pool = driver.driver.engine.files.pool
     pool.delete_volume(driver.driver.engine.volume(vol.volume_id).pool_name)
     cond = stubs.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
         volume_id=vol.volume_id)).status.volume_condition

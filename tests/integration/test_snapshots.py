@@ -314,7 +314,7 @@ def test_unflushed_writes_of_a_mounted_volume_reach_the_copy(stubs, test_root, c
 def test_shared_extents_are_counted_once(stubs, test_root, driver):
     """A snapshot costs no space until the volume diverges; deleting the volume frees only
     what the snapshot does not share; deleting the snapshot then frees the rest."""
-    pool = driver.driver.engine.pool
+    pool = driver.driver.engine.files.pool
 
     def free() -> int:
         subprocess.run(["sync", "-f", pool.directory], check=True)

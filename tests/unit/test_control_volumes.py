@@ -328,3 +328,23 @@ def test_restore_goes_to_the_snapshot_node(three_zones):
 
 def test_topology_segments_use_node_and_zone_keys():
     assert TOPOLOGY_NODE_KEY.endswith("/node")
+
+
+def test_expansion_the_node_cannot_make_leaves_the_record_as_it_was(three_zones):
+    """An NVMe namespace cannot grow: the node answers Precondition, and the record must
+    not keep promising a size no retry will reach (ControllerGetVolume would show it)."""
+    from engine.errors import Precondition
+
+    c = three_zones
+    vol = c.create("fixed", size=GIB)
+    node = c.nodes[vol.node_id]
+
+    def refuse(volume_id, size_bytes, version):
+        raise Precondition("namespaces cannot grow")
+
+    node.expand_volume = refuse
+    with pytest.raises(Precondition):
+        c.volumes.expand(vol.volume_id, 2 * GIB)
+    record, _ = c.volumes.require_ready(vol.volume_id)
+    assert record.capacity_bytes == GIB
+    assert c.index.provisioned_bytes(vol.node_id) == GIB

@@ -10,6 +10,9 @@ What the guest is:
 - an initramfs built here, at first use, from busybox-static and those kernel modules, and kept
   in /var/cache/tandem-vm (keyed by kernel, busybox and init script);
 - optional scratch virtio disks: sparse files that live as long as the run;
+- optionally QEMU's emulated NVMe: one subsystem (`nvme-subsys`, its NQN given), one
+  controller in it, and namespaces backed by sparse files, attached or detached at start
+  (`NvmeSetup`); the guest loads nvme-core and nvme;
 - the host's `/` shared read-only over virtio-9p (no daemon) and used as the guest's root, so
   python, fio and losetup are the host's own; tmpfs on /tmp, /run, /var/tmp, /dev/shm, and
   cgroup2 on /sys/fs/cgroup (nothing else: no v1 hierarchies, no systemd);
@@ -52,7 +55,9 @@ CACHE_DIR = "/var/cache/tandem-vm"
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
 # Loaded in this order after their dependencies (modules.dep); those built in are skipped.
-MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "loop")
+# ext4 looks its checksum up by name (crc32c) and no modprobe runs here to load it then.
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "loop", "nvme_core", "nvme",
+           "crc32c_generic", "ext4")
 # Where the guest mounts a fresh tmpfs over the host's directory.
 GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 JOB_MOUNT = "/run/tandem-job"
@@ -67,6 +72,7 @@ GUEST_ENV = {
 KVM_BOOT_TIMEOUT_S = 30.0
 TCG_BOOT_TIMEOUT_S = 120.0
 TCG_SLOWDOWN = 3.0  # run()'s timeout_s is stretched by this much without KVM
+STALE_INITRAMFS_S = 7 * 24 * 3600.0  # an initramfs of another key unused this long goes
 
 _VERSION_PART = re.compile(r"(\d+)")
 
@@ -80,6 +86,34 @@ class GuestKernel:
     version: str
     vmlinuz: str
     modules_dir: str
+
+
+@dataclass(frozen=True)
+class NvmeSetup:
+    """QEMU's emulated NVMe for one run: a subsystem with one controller and namespaces
+    NSID 1..n of these sizes (sparse files here), detached from the controller at start
+    unless `attached` says otherwise."""
+
+    nqn: str
+    namespaces_mib: tuple[int, ...]
+    serial: str = "tandem-nvme0"
+    attached: tuple[bool, ...] = ()  # per namespace; default: all detached
+
+    def qemu_args(self, image_dir: str) -> list[str]:
+        args = ["-device", f"nvme-subsys,id=nvmesubsys0,nqn={_opt(self.nqn)}",
+                "-device", f"nvme,serial={_opt(self.serial)},subsys=nvmesubsys0"]
+        for i, size_mib in enumerate(self.namespaces_mib):
+            image = os.path.join(image_dir, f"nvme-ns{i + 1}.img")
+            with open(image, "wb") as f:
+                f.truncate(size_mib * 1024 * 1024)
+            attached = self.attached[i] if i < len(self.attached) else False
+            args += [
+                "-drive", f"file={_opt(image)},format=raw,if=none,id=nvmens{i + 1},"
+                          "cache=unsafe,aio=threads",
+                "-device", f"nvme-ns,drive=nvmens{i + 1},nsid={i + 1},"
+                           f"detached={'off' if attached else 'on'},shared=on",
+            ]  # fmt: skip
+        return args
 
 
 @dataclass(frozen=True)
@@ -291,9 +325,12 @@ def build_initramfs(kernel: GuestKernel, cache_dir: str = CACHE_DIR) -> str:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     for old in glob.glob(os.path.join(cache_dir, "initramfs-*.cpio")):
-        if old != target:  # built for another kernel, busybox or init script
+        # built for another kernel, busybox, init script or module list; another checkout
+        # on this machine may be booting it right now, so only stale ones go
+        if old != target:
             with contextlib.suppress(OSError):
-                os.unlink(old)
+                if time.time() - os.stat(old).st_mtime > STALE_INITRAMFS_S:
+                    os.unlink(old)
     return target
 
 
@@ -369,6 +406,7 @@ def run(
     timeout_s: float = 120.0,
     share: Iterable[str] = (),
     scratch_disks_mib: Sequence[int] = (),
+    nvme: NvmeSetup | None = None,
     memory_mib: int = 1024,
     cpus: int = 2,
 ) -> GuestResult:
@@ -376,6 +414,7 @@ def run(
 
     scratch_disks_mib: sparse files of these sizes, made here for this run only, are the
     guest's virtio disks /dev/vda, /dev/vdb, ... (no filesystem on them).
+    nvme: QEMU's emulated NVMe subsystem with namespaces (see NvmeSetup).
 
     timeout_s bounds the command (stretched TCG_SLOWDOWN times without KVM); booting has its
     own bound. On timeout the guest is killed and GuestUnavailable says how far it got.
@@ -434,6 +473,8 @@ def run(
                 f"file={_opt(disk)},format=raw,if=none,id=disk{i},cache=unsafe,aio=threads",
                 "-device", f"virtio-blk-pci,drive=disk{i},serial=tandem-scratch{i}",
             ]  # fmt: skip
+        if nvme is not None:
+            cmd += nvme.qemu_args(tmp)
         for i, path in enumerate(shares):
             cmd += [
                 "-fsdev", f"local,id=share{i},path={_opt(path)},security_model=none,readonly=on",
