@@ -249,3 +249,40 @@ def test_a_dead_agent_alone_moves_nothing(store):
     tracker.sync()
     controller.round()
     assert api.calls == [] and tracker.view()[0] == ()
+
+
+class _Recorder:
+    """Stands in for HaController in lead(): records who serves, until told to stop."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def serve(self, may_act, stop):
+        self.log.append(("start", self.name))
+        while may_act() and not stop.is_set():
+            time.sleep(0.02)
+        self.log.append(("end", self.name))
+
+
+def test_one_replica_acts_and_the_other_takes_over_when_it_stops(store):
+    from ha.main import lead
+    log: list = []
+    stops = {n: threading.Event() for n in ("ha-0", "ha-1")}
+    threads = {n: threading.Thread(target=lead, args=(store, _Recorder(n, log), n, 2, stops[n]),
+                                   daemon=True) for n in stops}
+    try:
+        threads["ha-0"].start()
+        wait_for(lambda: ("start", "ha-0") in log)
+        threads["ha-1"].start()
+        time.sleep(0.5)
+        assert log == [("start", "ha-0")]  # the second replica waits
+        stops["ha-0"].set()  # the leader stops: it resigns, the other leads at once
+        threads["ha-0"].join(timeout=5)
+        wait_for(lambda: ("start", "ha-1") in log, timeout_s=5)
+        assert log[:2] == [("start", "ha-0"), ("end", "ha-0")]
+    finally:
+        for n in stops:
+            stops[n].set()
+        for t in threads.values():
+            if t.is_alive():
+                t.join(timeout=5)
