@@ -25,6 +25,7 @@ frontend key for V has appeared:
 - Tandem's VolumeAttachments on N for V and for the other Tandem volumes of those pods
   are deleted (after the pods: deleting the attachment of a pod that stays would only
   have it attached again), unless a pod that stays on N still uses the volume;
+- pods that finished (Succeeded, Failed) released their volumes: they are not counted;
 - a replica is usable when its node's agent is registered in etcd and its Kubernetes
   Node is Ready. A volume with no usable replica (all of them in the dead zone) is left
   where it is: moving its pods would only strand them.
@@ -170,6 +171,11 @@ def force_deleted(pod: Any) -> bool:
     return meta.deletion_timestamp is not None and meta.deletion_grace_period_seconds == 0
 
 
+def finished(pod: Any) -> bool:
+    """Succeeded or Failed: its containers are gone and the kubelet released its volumes."""
+    return pod.status is not None and pod.status.phase in ("Succeeded", "Failed")
+
+
 def has_controller(pod: Any) -> bool:
     return any(ref.controller for ref in (pod.metadata.owner_references or []))
 
@@ -221,7 +227,9 @@ class _Index:
         return out
 
     def pods_on(self, node_id: str) -> list[Any]:
-        return [p for p in self.kube.pods if p.spec and p.spec.node_name == node_id]
+        """The pods on the node that may hold volumes (not finished ones)."""
+        return [p for p in self.kube.pods
+                if p.spec and p.spec.node_name == node_id and not finished(p)]
 
     def attachments_on(self, node_id: str) -> list[tuple[Any, str]]:
         """(VolumeAttachment, volume ID) of this driver's attachments on the node."""

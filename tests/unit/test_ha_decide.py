@@ -260,6 +260,16 @@ def test_a_pod_stuck_in_graceful_deletion_on_the_dead_node_is_forced():
     assert deleted_pods(run(store, kube)) == ["app/web-0"]
 
 
+def test_finished_pods_neither_move_nor_hold_attachments():
+    """A completed Job's pod (no owner left, say) released its volume: the attachment goes,
+    and the pod is not deleted."""
+    done = pod("job-1", "n-a", ["data-web-0"], owner=None)
+    done.status = k.V1PodStatus(phase="Succeeded")
+    store, kube = cluster(pods=[done])
+    d = run(store, kube)
+    assert deleted_pods(d) == [] and deleted_attachments(d) == ["csi-1"]
+
+
 def test_an_attachment_already_being_deleted_is_left_to_the_attacher():
     store, kube = cluster(attachments=[va("csi-1", "pv-1", "n-a", deleting=True)])
     d = run(store, kube)
