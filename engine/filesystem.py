@@ -78,6 +78,24 @@ def make(device: str, fs_type: str, size_bytes: int = 0) -> None:
         raise InvalidSpec(f"cannot make filesystem {fs_type!r}")
 
 
+def ext4_bytes(device: str) -> int:
+    """The size of the ext4 filesystem on device (from its superblock)."""
+    out = command.run(["dumpe2fs", "-h", device]).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+def grow_unmounted(fs_type: str, device: str, size_bytes: int) -> bool:
+    """Grow an unmounted filesystem to size_bytes if it is smaller (a volume expanded while
+    nothing used it: growth offline needs no CAP_SYS_RESOURCE, which online ext4 growth
+    does). xfs grows only mounted: it is left to the online path. True when it grew."""
+    if fs_type != "ext4" or ext4_bytes(device) >= size_bytes:
+        return False
+    command.run(["e2fsck", "-f", "-p", device])  # resize2fs insists on a checked filesystem
+    command.run(["resize2fs", device, f"{size_bytes // 1024}K"])
+    return True
+
+
 def grow(fs_type: str, device: str, mount_point: str, size_bytes: int = 0) -> None:
     """Grow a mounted filesystem online to its device's size (or to size_bytes)."""
     if fs_type == "ext4":
@@ -89,7 +107,8 @@ def grow(fs_type: str, device: str, mount_point: str, size_bytes: int = 0) -> No
                 # the kernel's online ext4 resize needs CAP_SYS_RESOURCE
                 raise CommandFailed(e.argv, e.returncode, e.stdout, e.stderr + (
                     "\nonline ext4 growth needs CAP_SYS_RESOURCE, which this driver lacks; "
-                    "the volume grows at its next stage")) from None
+                    "the filesystem grows at the volume's next stage (unstaged, it is grown "
+                    "before it is mounted)")) from None
             raise
     elif fs_type == "xfs":
         blocks = ["-D", f"{size_bytes // os.statvfs(mount_point).f_frsize}"] if size_bytes else []

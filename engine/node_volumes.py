@@ -225,6 +225,9 @@ class NodeVolumes:
         found = filesystem.probe(dev.path)
         if found is not None:
             if found.is_filesystem and found.type == fs_type:
+                # expanded while unstaged: grow it now, before the mount
+                filesystem.grow_unmounted(
+                    fs_type, dev.path, self.files.filesystem_bytes(backing) or dev.size_bytes)
                 return
             if found.is_filesystem:
                 raise Precondition(f"volume {vid} holds a {found.type} filesystem, not the "

@@ -206,10 +206,6 @@ def test_a_claim_of_the_default_class_through_every_sidecar(target):
     assert not listed.entries
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=(
-    "engine: NodeStage does not grow an ext4 filesystem to its grown device (no offline "
-    "resize2fs before mounting), though NodeExpandVolume's error says it does; online ext4 "
-    "growth needs CAP_SYS_RESOURCE, which root lacks on this machine"))
 def test_an_ext4_claim_expanded_while_unused_grows_at_its_next_stage(target):
     """The resizer expands a claim no pod uses; the next pod's kubelet stages it and calls
     NodeExpandVolume (the PVC's status still shows the old size): the filesystem must
