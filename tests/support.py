@@ -169,6 +169,19 @@ def loops_on(path_or_id: str | tuple[int, int], basename: str = "") -> list[str]
     return found
 
 
+def loops_gone(path_or_id: str | tuple[int, int], basename: str = "",
+               timeout_s: float = 5.0) -> list[str]:
+    """loops_on, waited for: a detach that another program's brief open of the device
+    turned into a deferred one (autoclear) completes once that open ends. Returns what is
+    still bound after timeout_s (empty: everything was released)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = loops_on(path_or_id, basename)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 class DriverProcess:
     """`python -m csi.server` as a child process, for kill -9 and restart tests.
 

@@ -253,7 +253,7 @@ STAGE_CASES = [(c, a, how, code) for c, kinds, how, code in STAGE_FAILURES for a
 def volume_is_whole_and_usable(stubs, test_root, vol, block: bool):
     """Nothing of the failed call is left, and everything works on the volume."""
     assert mounts_under(test_root) == []
-    assert support.loops_on(vol["file"]) == []
+    assert support.loops_gone(vol["file"]) == []
     # no stage record blocks a snapshot, a clone, or staging elsewhere
     snap = stubs.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
         source_volume_id=vol["id"], name="after-failure")).snapshot
@@ -268,7 +268,7 @@ def volume_is_whole_and_usable(stubs, test_root, vol, block: bool):
     stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=clone.volume_id))
     stubs.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol["id"]))
-    assert support.loops_on(vol["ident"], "data.img") == []
+    assert support.loops_gone(vol["ident"], "data.img") == []
 
 
 @pytest.mark.parametrize("case, access, how, code", STAGE_CASES,
