@@ -76,3 +76,17 @@ def test_the_node_daemonset_keeps_paths_in_the_kubelets_directory():
     for path in ["/etc/x", "/var/lib/tandem/pool/x", "/tmp/x", "/var/lib"]:
         with pytest.raises(InvalidSpec):
             validation.check_path(path, "p", policy)
+
+
+def test_nvme_storage_classes_offer_no_expansion_and_nvme_flags_parse():
+    nvme_classes = [sc for sc in objects("StorageClass") if "nvme" in sc["metadata"]["name"]]
+    assert nvme_classes
+    for sc in nvme_classes:
+        assert sc["allowVolumeExpansion"] is False
+    config = parse_args(["--backend=nvme", "--nvme-subsystem=nqn.2014-08.org.example:ssd0",
+                         "--nvme-namespaces=pool", "--nvme-pool-nsids=1-8",
+                         "--nvme-measure-nsid=9"])
+    assert config.backend == "nvme" and config.overcommit_ratio == 1.0
+    assert config.nvme is not None and config.nvme.pool_nsids == tuple(range(1, 9))
+    with pytest.raises(SystemExit):
+        parse_args(["--backend=nvme", "--nvme-subsystem=nqn.x", "--overcommit-ratio=20"])
