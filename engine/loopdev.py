@@ -95,6 +95,10 @@ class LoopDevices:
             size = int(self._read(name, "size")) * 512
         except (FileNotFoundError, ValueError):
             return None
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                return None  # detached (by another process) while we read its attributes
+            raise
         if backing.endswith(" (deleted)"):
             backing = backing[: -len(" (deleted)")]
         return LoopDevice(name, major, minor, backing, read_only, dio, sector, size)

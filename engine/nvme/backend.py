@@ -32,6 +32,7 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -172,7 +173,9 @@ class NvmeBackend:
         self.info: ControllerInfo | None = None
         self.orphans: list[str] = []  # Tandem-labelled namespaces no volume record owns
         self.foreign: list[int] = []  # namespaces in the pool Tandem will not touch
-        self._limit: int | None = None
+        # claims read the free namespaces and record one as taken: one at a time, or two
+        # creates of different volumes (each under its own volume lock) take the same one
+        self._claim_lock = threading.Lock()
 
     @property
     def cli(self) -> NvmeCli:
@@ -243,14 +246,11 @@ class NvmeBackend:
         self.info = self.cli.id_ctrl()
         if cfg.namespaces == MANAGE:
             self._check_ns_management()
-            foreign = [n for n in self._allocated() if self.ns_record(n) is None]
-            self._limit = max(0, self.info.namespace_limit - len(foreign))
         else:
             self._check_pool()
-            self._limit = len(cfg.pool_nsids)
-        log.info("NVMe backend on %s (%s, controller %s, cntlid %d): %s namespaces, up to %d "
-                 "volumes", cfg.subsysnqn, self.info.model, self.controller.name, self.cntlid,
-                 cfg.namespaces, self._limit)
+        log.info("NVMe backend on %s (%s, controller %s, cntlid %d): %s namespaces",
+                 cfg.subsysnqn, self.info.model, self.controller.name, self.cntlid,
+                 cfg.namespaces)
 
     def _check_ns_management(self) -> None:
         assert self.info is not None
@@ -378,7 +378,15 @@ class NvmeBackend:
 
     # --- capacity ----------------------------------------------------------------------
     def max_volumes(self) -> int | None:
-        return self._limit
+        """Pool: the pool's namespaces. Manage: the controller's namespace limit less the
+        namespaces that are not Tandem's (read after reconcile, so records rebuilt from
+        labels count as ours)."""
+        if self.config.namespaces == POOL:
+            return len(self.config.pool_nsids)
+        assert self.info is not None, "open() first"
+        foreign = [n for n in self._allocated()
+                   if self.ns_record(n) is None and n != self.config.measure_nsid]
+        return max(0, self.info.namespace_limit - len(foreign))
 
     def usage(self) -> PoolUsage:
         """Thick capacity, in the controller's terms: `free` counts this node's own volumes
@@ -524,6 +532,13 @@ class NvmeBackend:
 
     def _claim_namespace(self, volume_id: str, size_bytes: int, qos_json: str,
                          version: int, access: tuple[str, ...]) -> Backing:
+        with self._claim_lock:
+            backing = self._claim_record(volume_id, size_bytes, qos_json, version, access)
+        self._finish(backing)
+        return backing
+
+    def _claim_record(self, volume_id: str, size_bytes: int, qos_json: str, version: int,
+                      access: tuple[str, ...]) -> Backing:
         spare = sorted((r for r in self.ns_records()
                         if r.state in (FREE, DIRTY) and r.nsid in self.config.pool_nsids),
                        key=lambda r: (r.device_bytes, r.nsid))
@@ -544,7 +559,6 @@ class NvmeBackend:
         with self.store.txn() as t:
             t.put(NS_KIND, str(rec.nsid), claimed.record())
             t.put(KIND, volume_id, backing.record())
-        self._finish(backing)
         return backing
 
     def _finish(self, backing: Backing) -> None:

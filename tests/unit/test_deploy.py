@@ -171,7 +171,9 @@ def test_csidriver_matches_the_attach_model():
 
 
 def test_storage_classes_cover_every_tier_with_one_and_three_replicas():
-    classes = objects("StorageClass")
+    everything = objects("StorageClass")
+    # the loop-backend classes; NVMe nodes have their own (storageclasses-nvme.yaml)
+    classes = [sc for sc in everything if "-nvme-" not in sc["metadata"]["name"]]
     seen = set()
     for sc in classes:
         assert sc["provisioner"] == DRIVER_NAME
@@ -183,7 +185,7 @@ def test_storage_classes_cover_every_tier_with_one_and_three_replicas():
         assert sc["metadata"]["name"] == f"tandem-{params['tier']}" + (
             "" if replicas == "1" else f"-r{replicas}")
     assert seen == {(t, r) for t in DEFAULT_TIERS for r in ("1", "3")}
-    defaults = [sc for sc in classes if sc["metadata"].get("annotations", {}).get(
+    defaults = [sc for sc in everything if sc["metadata"].get("annotations", {}).get(
         "storageclass.kubernetes.io/is-default-class") == "true"]
     assert len(defaults) == 1
 
@@ -490,3 +492,15 @@ def test_no_manifest_shells_out():
         if obj["kind"] in ("Deployment", "DaemonSet"):
             for c in obj["spec"]["template"]["spec"]["containers"]:
                 assert "sh" not in [shlex.split(x)[0] for x in c.get("command", [])[:1]]
+def test_nvme_storage_classes_offer_no_expansion_and_nvme_flags_parse():
+    nvme_classes = [sc for sc in objects("StorageClass") if "nvme" in sc["metadata"]["name"]]
+    assert nvme_classes
+    for sc in nvme_classes:
+        assert sc["allowVolumeExpansion"] is False
+    config = parse_args(["--backend=nvme", "--nvme-subsystem=nqn.2014-08.org.example:ssd0",
+                         "--nvme-namespaces=pool", "--nvme-pool-nsids=1-8",
+                         "--nvme-measure-nsid=9"])
+    assert config.backend == "nvme" and config.overcommit_ratio == 1.0
+    assert config.nvme is not None and config.nvme.pool_nsids == tuple(range(1, 9))
+    with pytest.raises(SystemExit):
+        parse_args(["--backend=nvme", "--nvme-subsystem=nqn.x", "--overcommit-ratio=20"])

@@ -22,7 +22,8 @@ TEST_HELPERS = {"mirror/testkit.py"}  # namespaces for tests, never run by the d
 PACKAGE_OF = {
     "mount": "mount", "umount": "mount", "losetup": "mount",
     "blkid": "util-linux",
-    "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs",
+    "mkfs.ext4": "e2fsprogs", "resize2fs": "e2fsprogs", "e2fsck": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs", "xfs_growfs": "xfsprogs", "xfs_io": "xfsprogs",
     "mkfs.btrfs": "btrfs-progs", "btrfs": "btrfs-progs",
     "fio": "fio",

@@ -34,3 +34,33 @@ def test_rollback_undoes_newest_first_only_on_failure_and_keeps_the_error():
         undo.add("b", done.append, "b")
         raise KeyError("the call failed")
     assert done == ["b", "a"]  # every step ran, newest first, despite one failing
+
+
+def test_a_loop_device_detached_while_listed_is_skipped(tmp_path, monkeypatch):
+    """Another process detaches a loop device while all() reads its attributes: sysfs
+    answers ENODEV; the device is gone, not an error (seen once in the suite, breaking a
+    driver's start-up)."""
+    import errno as _errno
+
+    from engine.loopdev import LoopDevices
+
+    for name in ("loop0", "loop1"):
+        d = tmp_path / "block" / name
+        (d / "loop").mkdir(parents=True)
+        (d / "queue").mkdir()
+        (d / "loop" / "backing_file").write_text(f"/pool/{name}.img\n")
+        (d / "dev").write_text(f"7:{name[-1]}\n")
+        (d / "ro").write_text("0\n")
+        (d / "loop" / "dio").write_text("1\n")
+        (d / "queue" / "logical_block_size").write_text("4096\n")
+        (d / "size").write_text("8\n")
+    loops = LoopDevices(sys_root=str(tmp_path))
+    real = loops._read
+
+    def vanishing(name, rel):
+        if name == "loop0" and rel == "loop/dio":
+            raise OSError(_errno.ENODEV, "No such device")
+        return real(name, rel)
+
+    monkeypatch.setattr(loops, "_read", vanishing)
+    assert [d.name for d in loops.all()] == ["loop1"]

@@ -502,3 +502,37 @@ def test_config_is_checked():
     with pytest.raises(InvalidSpec, match="subsystem"):
         nvme.NvmeConfig("").check()
     assert VolumePolicy().max_volumes_per_node == 128
+
+
+def test_concurrent_creates_never_claim_the_same_namespace(rig, monkeypatch):
+    """Each create holds only its own volume's lock: two at once must still take two
+    namespaces (the read of the free ones and the claim are one step)."""
+    import threading
+    import time
+
+    drive = FakeDrive(ns_management=False, namespaces={1: 8192, 2: 8192})
+    backend = opened(rig(drive, namespaces=nvme.POOL, pool_nsids=(1, 2)))
+    monkeypatch.setattr(backend, "_wipe", lambda rec, dev: None)
+    monkeypatch.setattr(backend, "_finish", lambda backing: None)
+    real = backend.ns_records
+
+    def slow_records():
+        found = real()
+        time.sleep(0.05)  # both creates read the free list before either claims
+        return found
+
+    monkeypatch.setattr(backend, "ns_records", slow_records)
+    made, errors = [], []
+
+    def create(name):
+        try:
+            made.append(backend.create(name, 16 * MIB).pool_name)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(made) == ["nsid-1", "nsid-2"]

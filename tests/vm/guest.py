@@ -55,9 +55,10 @@ CACHE_DIR = "/var/cache/tandem-vm"
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
 # Loaded in this order after their dependencies (modules.dep); those built in are skipped.
-# ext4 looks its checksum up by name (crc32c) and no modprobe runs here to load it then.
+# ext4 looks its checksum up by name (crc32c) and no modprobe runs here to load it then;
+# xfs (reflink) holds the loop-backend pool of the NVMe benchmark.
 MODULES = ("virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "loop", "nvme_core", "nvme",
-           "crc32c_generic", "ext4")
+           "crc32c_generic", "ext4", "xfs")
 # Where the guest mounts a fresh tmpfs over the host's directory.
 GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 JOB_MOUNT = "/run/tandem-job"
