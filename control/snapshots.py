@@ -30,9 +30,17 @@ from control.records import (
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
-from control.volumes import CAS_ATTEMPTS, Volumes
+from control.volumes import CAS_ATTEMPTS, REFUSALS, Volumes
 from engine import crash
-from engine.errors import AlreadyExists, Busy, InUse, InvalidSpec, NotFound, OutOfCapacity
+from engine.errors import (
+    AlreadyExists,
+    Busy,
+    EngineError,
+    InUse,
+    InvalidSpec,
+    NotFound,
+    OutOfCapacity,
+)
 from engine.locks import KeyLocks
 
 log = logging.getLogger(__name__)
@@ -139,7 +147,12 @@ class Snapshots:
         """Take the intents' snapshots on their node (one instant), then confirm them all."""
         node = self.nodes.require(snaps[0][0].node_id)
         members = tuple(SnapshotMember(s.snapshot_id, s.source_volume_id) for s, _ in snaps)
-        infos = node.create_snapshots(members)
+        try:
+            infos = node.create_snapshots(members)
+        except REFUSALS:  # the node can never take it (NVMe): the intent ends at once
+            if group is None:
+                self._abandon_refused(snaps[0])
+            raise
         crash.point("create-snapshot-after-engine")
         ready = [s.replace(state=READY, size_bytes=i.size_bytes, created_at=i.created_at,
                            intent_deadline=0.0)
@@ -198,6 +211,12 @@ class Snapshots:
             return False
         log.info("deleted snapshot %s (%s)", tomb.snapshot_id, tomb.name)
         return True
+
+    def _abandon_refused(self, snap_version: tuple[SnapshotRecord, int]) -> None:
+        try:
+            self.abandon_intent(*snap_version)
+        except EngineError as e:
+            log.warning("the refused snapshot intent stays for now: %s", e)
 
     def abandon_intent(self, snap: SnapshotRecord, version: int) -> None:
         tomb, tomb_version = self._tombstone(snap, version)

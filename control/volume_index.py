@@ -45,6 +45,15 @@ class VolumeIndex:
                 self._entries[volume_id] = _Entry(revision, record.node_ids,
                                                   record.capacity_bytes, record.qos)
 
+    def storage_gone(self, volume_id: str, revision: int) -> None:
+        """The tombstone at `revision` has done its job (its node removed the storage):
+        the volume costs nothing any more, even before the tombstone itself is removed."""
+        with self._lock:
+            current = self._entries.get(volume_id)
+            if current is not None and current.revision <= revision:
+                del self._entries[volume_id]
+                self._gone[volume_id] = revision
+
     def note_value(self, key: str, value: dict | None, revision: int) -> None:
         """The same, from a raw store event."""
         if key.startswith(VOLUME):

@@ -44,6 +44,7 @@ from engine import crash
 from engine.errors import (
     AlreadyExists,
     Busy,
+    EngineError,
     InUse,
     InvalidSpec,
     NotFound,
@@ -57,6 +58,8 @@ from engine.qos.tiers import QosSpec
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
+# what a node answers when it can never make the volume asked for: the intent ends at once
+REFUSALS = (Precondition, InvalidSpec, OutOfRange, OutOfCapacity, AlreadyExists, NotFound)
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,18 @@ class Volumes:
         raise Busy(f"volume {record.volume_id} is being deleted; retry")
 
     def _realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
-        """Make the intent's storage, then confirm it."""
+        """Make the intent's storage, then confirm it. A node's definite refusal (it cannot
+        make such a volume) ends the intent at once; anything else leaves it for a retry."""
+        try:
+            return self._make_and_confirm(record, version)
+        except REFUSALS:
+            try:
+                self.abandon_intent(record, version)
+            except EngineError as e:  # the reconciler ends it later
+                log.warning("the refused intent %s stays for now: %s", record.volume_id, e)
+            raise
+
+    def _make_and_confirm(self, record: VolumeRecord, version: int) -> VolumeRecord:
         if record.mirrored:
             self.mirrors.realize(record, version)
         else:
@@ -306,6 +320,7 @@ class Volumes:
             node.delete_volume(tomb.volume_id, version)
         crash.point("delete-volume-after-engine")
         log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
+        self.index.storage_gone(tomb.volume_id, version)
         if self.sweeper is not None:
             self.sweeper.add(tomb.key, version)  # bookkeeping, off the request path
             return True

@@ -24,7 +24,7 @@ from control.node_api import (
     StaleVersion,
     VolumeInfo,
 )
-from engine.errors import AlreadyExists, InUse, NotFound, Unavailable
+from engine.errors import AlreadyExists, InUse, NotFound, Precondition, Unavailable
 from engine.qos.tiers import QosSpec
 
 GIB = 1024**3
@@ -44,6 +44,7 @@ class FakeNode:
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
         self.fail_creates = False  # answers, but making storage fails (a crash, a full disk)
+        self.refuse_creates = False  # answers that it can never make such a volume
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
@@ -74,6 +75,8 @@ class FakeNode:
         self._reach("create_volume", spec.volume_id)
         if self.fail_creates:
             raise Unavailable(f"node {self._node_id} failed while creating {spec.volume_id}")
+        if self.refuse_creates:
+            raise Precondition(f"node {self._node_id} cannot make {spec.volume_id}")
         with self._lock:
             vol = self.held.get(spec.volume_id)
             if vol is not None:

@@ -26,6 +26,7 @@ from engine.errors import (
     InvalidSpec,
     NotFound,
     OutOfCapacity,
+    Precondition,
     Unavailable,
 )
 from engine.locks import KeyLocks
@@ -153,6 +154,18 @@ def test_retry_after_node_failure_finishes_the_same_intent(three_zones):
     vol = c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
     assert vol.volume_id == volume_id and vol.state == READY
     assert volume_id in c.nodes["n1"].held
+
+
+def test_a_node_that_refuses_ends_the_intent_at_once(three_zones):
+    c = three_zones
+    for n in c.nodes.values():
+        n.refuse_creates = True
+    with pytest.raises(Precondition):
+        c.create("a")
+    assert c.store.list(VOLUME) == []  # no intent lingers until its deadline
+    for n in c.nodes.values():
+        n.refuse_creates = False
+    assert c.create("a").state == READY  # the name is free for a new try
 
 
 def test_listing_hides_intents_and_tombstones(three_zones):
