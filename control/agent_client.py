@@ -106,7 +106,8 @@ class AgentClient:
 
     def _error(self, method: str, e: grpc.RpcError) -> Exception:
         code, details = e.code(), e.details() or ""
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED):  # CANCELLED: the channel was closed
             kind = error_kind(e.trailing_metadata())
             if not kind:  # the transport's, not the node's own answer
                 return Unavailable(f"node {self._node_id} ({self.address}) did not answer "

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import pytest
-
 from control.agent_client import AgentClient
 from control.agent_server import AgentServer
 from control.agent_tls import ReloadingTls, TlsFiles
