@@ -112,7 +112,9 @@ class LeaderDuties:
                     log.info("reconcile round cut short: %s", e)
                 except Exception:  # noqa: BLE001 - the next round retries
                     log.exception("reconcile round failed")
-                next_round = time.monotonic() + self.interval_s
+                # interval 0: one round per term (as all-in-one's "only at start-up")
+                next_round = time.monotonic() + (self.interval_s if self.interval_s > 0
+                                                 else float("inf"))
             if leadership.lease.lost.wait(min(0.5, max(0.0, next_round - time.monotonic()))):
                 break
         if not self._stop.is_set():

@@ -108,18 +108,24 @@ class Registrar:
         self.registered.set()
         return record
 
-    def start(self) -> Registration:
-        """Register (raises if etcd cannot be reached now), then keep it up."""
-        record = self.register_once()
-        log.info("registered %s (zone %s, agent %s, lease %x, ttl %ds)", record.node_id,
-                 record.zone, record.agent_address, self.lease.id if self.lease else 0,
-                 self.ttl_s)
-        self._thread = threading.Thread(target=self._loop, name="registration", daemon=True)
+    def start(self) -> Registration | None:
+        """Register, then keep it up. When etcd cannot be reached now, returns None and
+        keeps trying in the background: the node still serves its kubelet meanwhile."""
+        record = None
+        try:
+            record = self.register_once()
+            log.info("registered %s (zone %s, agent %s, lease %x, ttl %ds)", record.node_id,
+                     record.zone, record.agent_address, self.lease.id if self.lease else 0,
+                     self.ttl_s)
+        except EngineError as e:
+            log.warning("not registered yet (retrying every second): %s", e)
+        self._thread = threading.Thread(target=self._loop, args=(record is not None,),
+                                        name="registration", daemon=True)
         self._thread.start()
         return record
 
-    def _loop(self) -> None:
-        wait = self.refresh_s
+    def _loop(self, registered: bool) -> None:
+        wait = self.refresh_s if registered else 1.0
         while True:
             lease = self.lease
             lost = lease.lost if lease is not None else None

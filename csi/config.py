@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from control.topology import DEFAULT_ZONE, TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
+from csi.cluster_config import ALL_IN_ONE, ClusterConfig
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
 
 DRIVER_NAME = "tandem.csi.dev"
@@ -40,6 +41,8 @@ class Config:
     store_namespace: str = "/tandem/"
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
     reconcile_interval_s: float = 30.0
+    mode: str = ALL_IN_ONE  # or controller, node (csi/cluster_config.py)
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def pool_directory(self) -> str:
