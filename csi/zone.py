@@ -10,15 +10,7 @@ says what to do.
 from __future__ import annotations
 
 import os
-
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
-from kubernetes.config.incluster_config import (
-    SERVICE_CERT_FILENAME,
-    SERVICE_TOKEN_FILENAME,
-    InClusterConfigLoader,
-)
+from typing import Any
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 LOOKUP_TIMEOUT_S = 10.0
@@ -28,10 +20,21 @@ class ZoneUnknown(Exception):
     """The zone could not be learnt; the message says why and what to do."""
 
 
-def in_cluster_configuration(token_file: str = SERVICE_TOKEN_FILENAME,
-                             ca_file: str = SERVICE_CERT_FILENAME,
-                             environ: dict[str, str] | None = None) -> client.Configuration:
-    """The API server's address and the pod's credentials, as a pod sees them."""
+# The kubernetes package is imported only when the label is read: it costs half a second
+# of every node process's start, and a node given --zone never needs it.
+SERVICE_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+SERVICE_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+def in_cluster_configuration(token_file: str = SERVICE_TOKEN_FILE,
+                             ca_file: str = SERVICE_CA_FILE,
+                             environ: dict[str, str] | None = None) -> Any:
+    """The API server's address and the pod's credentials, as a pod sees them (a
+    kubernetes.client.Configuration)."""
+    from kubernetes import client
+    from kubernetes.config.config_exception import ConfigException
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
     configuration = client.Configuration()
     try:
         InClusterConfigLoader(token_file, ca_file, environ=os.environ if environ is None
@@ -41,9 +44,12 @@ def in_cluster_configuration(token_file: str = SERVICE_TOKEN_FILENAME,
     return configuration
 
 
-def zone_of_node(node_name: str, configuration: client.Configuration,
+def zone_of_node(node_name: str, configuration: Any,
                  timeout_s: float = LOOKUP_TIMEOUT_S) -> str:
     """The zone label of the Kubernetes node `node_name`."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
     api = client.CoreV1Api(client.ApiClient(configuration))
     try:
         node = api.read_node(node_name, _request_timeout=timeout_s)
@@ -66,8 +72,7 @@ def zone_of_node(node_name: str, configuration: client.Configuration,
     return zone
 
 
-def resolve_zone(flag: str, node_name: str,
-                 configuration: client.Configuration | None = None) -> str:
+def resolve_zone(flag: str, node_name: str, configuration: Any = None) -> str:
     """--zone when given, else the node's label read with the in-cluster configuration."""
     if flag:
         return flag

@@ -138,3 +138,11 @@ def test_an_unreachable_api_server_is_a_clear_error(api):
     api.close()
     with pytest.raises(ZoneUnknown, match="could not be reached.*--zone"):
         resolve_zone("", "worker-1", api.configuration())
+
+
+def test_the_service_account_paths_are_kubernetes_own():
+    from kubernetes.config import incluster_config
+
+    from csi.zone import SERVICE_CA_FILE, SERVICE_TOKEN_FILE
+    assert SERVICE_TOKEN_FILE == incluster_config.SERVICE_TOKEN_FILENAME
+    assert SERVICE_CA_FILE == incluster_config.SERVICE_CERT_FILENAME
