@@ -6,6 +6,12 @@ with the figures it published; a newer one updates the figures, or replaces the 
 when the agent moved; one that vanishes (lease expired or revoked) removes the node. A
 replaced or removed client is closed a while later, so calls in flight on it finish.
 
+The watch makes changes show at once; a full listing every `relist_s` bounds how stale
+the view can get when it does not: a watch stream to a member that was cut off silently
+stays open and quiet until gRPC's keep-alive gives up on it (10 to 15 s), while a listing
+is a linearizable read that moves to a member that answers. The watch then restarts from
+the listing.
+
     watch = NodeWatch(store, registry, lambda reg: AgentClient(reg.node_id,
                                                                reg.agent_address, tls))
     watch.start()   # returns once the registry holds every node registered now
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,14 +34,16 @@ from engine.errors import Unavailable
 log = logging.getLogger(__name__)
 
 RETIRE_AFTER_S = 60.0  # a replaced client's calls in flight have finished by then
+RELIST_S = 5.0
 
 
 class NodeWatch:
     def __init__(self, store: Store, registry: NodeRegistry,
-                 connect: Callable[[Registration], NodeApi]):
+                 connect: Callable[[Registration], NodeApi], *, relist_s: float = RELIST_S):
         self.store = store
         self.registry = registry
         self.connect = connect
+        self.relist_s = relist_s
         self.addresses: dict[str, str] = {}  # node_id -> agent address of its client
         self._lock = threading.Lock()
         self._watch: Watch | None = None
@@ -86,20 +95,36 @@ class NodeWatch:
         start = revision
         while not self._closed.is_set():
             try:
-                self._watch = self.store.watch(NODE, start_revision=start + 1)
-                for event in self._watch:
-                    node_id = event.key[len(NODE):]
-                    if event.value is None:
-                        self._drop(node_id)
-                    else:
-                        self._apply(Registration.from_value(event.value.value))
-                    start = event.revision
+                start = self._follow(start)
             except Compacted:
                 start = self._reload()
             except Unavailable as e:
                 if self._closed.wait(1.0):
                     return
                 log.info("node watch interrupted (%s); resuming", e)
+
+    def _follow(self, start: int) -> int:
+        """Apply the watch's events until the next listing is due; returns the revision
+        to watch from next."""
+        watch = self._watch = self.store.watch(NODE, start_revision=start + 1)
+        try:
+            relist_at = time.monotonic() + self.relist_s
+            while not self._closed.is_set():
+                event = watch.get(max(0.05, relist_at - time.monotonic()))
+                if event is not None:
+                    node_id = event.key[len(NODE):]
+                    if event.value is None:
+                        self._drop(node_id)
+                    else:
+                        self._apply(Registration.from_value(event.value.value))
+                    start = event.revision
+                elif watch.finished:
+                    break
+                elif time.monotonic() >= relist_at:
+                    return self._load()
+            return start
+        finally:
+            watch.cancel()
 
     def _reload(self) -> int:
         while not self._closed.is_set():

@@ -79,21 +79,24 @@ class Proc:
         self.log_path = os.path.join(directory, "tandem.log")
         os.makedirs(directory, exist_ok=True)
 
-    def launch(self, env: dict[str, str] | None = None) -> Proc:
+    def launch(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Proc:
         """Start it (from the calling thread: the child dies with that thread); does not
-        wait for it to be ready (wait_ready)."""
+        wait for it to be ready (wait_ready). env and args: for this start only (a crash
+        point armed, a flag changed: a later flag of the same name wins)."""
         assert not self.running(), f"{self.name} is running"
         full_env = {**os.environ, **self.env, **(env or {})}
         argv = [*DIE_WITH_PARENT, "nsenter", f"--net=/run/netns/{self.netns}", "--",
-                sys.executable, "-m", "csi.server", "--endpoint", self.endpoint, *self.argv]
+                sys.executable, "-m", "csi.server", "--endpoint", self.endpoint, *self.argv,
+                *args]
         with open(self.log_path, "ab") as log:
-            log.write(f"--- start {time.strftime('%H:%M:%S')} {env or ''}\n".encode())
+            log.write(f"--- start {time.strftime('%H:%M:%S')} {env or ''} {args}\n".encode())
             self.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 
-    def start(self, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> Proc:
-        self.launch(env)
+    def start(self, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+              timeout_s: float = 60.0) -> Proc:
+        self.launch(env, args)
         self.wait_ready(timeout_s)
         return self
 
@@ -259,6 +262,16 @@ class TandemCluster:
         if self.etcd is not None:
             self.etcd.close()
         self.topo.down()
+
+    def logs(self, tail_chars: int = 4000) -> str:
+        """The end of every process's log, for a failure's report."""
+        out = []
+        for p in [*self.controllers, *self.nodes]:
+            out.append(f"===== {p.name} ({'running' if p.running() else 'stopped'})\n"
+                       f"{p.log()[-tail_chars:]}")
+        if self.etcd is not None:
+            out += [f"===== etcd {m.name}\n{m.log()[-1000:]}" for m in self.etcd.members]
+        return "\n".join(out)
 
     def __enter__(self) -> TandemCluster:
         return self

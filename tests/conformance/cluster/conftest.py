@@ -32,14 +32,17 @@ _homes = itertools.count()
 
 
 @pytest.fixture(scope="package")
-def cluster():
+def cluster(request):
     require_root()
     root = support.make_root("tdm-conf-cluster-")
     c = TandemCluster(root)
+    failed = request.session.testsfailed
     try:
         c.up()
         yield c
     finally:
+        if request.session.testsfailed > failed:
+            print(c.logs())
         c.down()
         support.cleanup_tree(root)
 
