@@ -354,3 +354,29 @@ class TandemCluster:
                 return rsp.available_capacity
         except grpc.RpcError:
             return 0
+
+
+def main() -> None:
+    """`python -m tests.cluster`: a cluster for trying things by hand (csi-sanity, say);
+    prints the sockets, runs until Enter or Ctrl-C, then removes everything."""
+    root = support.make_root("tdm-cluster-")
+    cluster = TandemCluster(root)
+    try:
+        cluster.up()
+        print(f"root {root}")
+        for c in cluster.controllers:
+            print(f"controller {c.controller_id}: {c.endpoint}")
+        for n in cluster.nodes:
+            print(f"node {n.node_id} ({n.zone}): {n.endpoint}")
+        print("ready; Enter stops", flush=True)
+        try:
+            sys.stdin.readline()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        cluster.down()
+        support.cleanup_tree(root)
+
+
+if __name__ == "__main__":
+    main()
