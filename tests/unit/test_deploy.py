@@ -76,3 +76,41 @@ def test_the_node_daemonset_keeps_paths_in_the_kubelets_directory():
     for path in ["/etc/x", "/var/lib/tandem/pool/x", "/tmp/x", "/var/lib"]:
         with pytest.raises(InvalidSpec):
             validation.check_path(path, "p", policy)
+
+
+def cluster_objects(kind: str) -> list[dict]:
+    found = []
+    for path in sorted(glob.glob(os.path.join(REPO, "deploy", "cluster", "*.yaml"))):
+        with open(path) as f:
+            found += [d for d in yaml.safe_load_all(f) if d and d.get("kind") == kind]
+    return found
+
+
+def _tandem_args(workload: dict) -> list[str]:
+    (container,) = [c for c in workload["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "tandem"]
+    env = {"$(NODE_NAME)": "node-1", "$(NODE_IP)": "10.0.0.5", "$(POD_NAME)": "ctl-abc"}
+    args = []
+    for a in container["args"]:
+        for k, v in env.items():
+            a = a.replace(k, v)
+        args.append(a)
+    return args
+
+
+def test_the_cluster_manifests_flags_parse():
+    """The controller Deployment (two of them) and the node DaemonSet start their mode, with
+    the agent's mutual TLS and etcd; the node reads its zone from its label (no --zone)."""
+    (deployment,) = cluster_objects("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    controller = parse_args(_tandem_args(deployment))
+    assert controller.mode == "controller" and controller.cluster.controller_id == "ctl-abc"
+    assert controller.store_url.startswith("etcds://")
+    (daemonset,) = cluster_objects("DaemonSet")
+    node = parse_args(_tandem_args(daemonset))
+    assert node.mode == "node" and node.node_id == "node-1" and node.zone == ""
+    assert node.cluster.agent_address == "10.0.0.5:7600"
+    assert node.allowed_path_roots == ("/var/lib/kubelet",)
+    sidecars = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                if c["name"].startswith("csi-")]
+    assert sidecars and all("--leader-election" in c["args"] for c in sidecars)
