@@ -81,12 +81,13 @@ class AgentClient:
         with self._lock:
             if self._closed:
                 raise Unavailable(f"node {self._node_id}: the client is closed")
-            generation, creds = self.tls.channel_credentials()
+            generation, pem = self.tls.current()
             if generation != self._generation or self._channel is None:
                 old = self._channel
                 options = [*_CHANNEL_OPTIONS,
                            ("grpc.ssl_target_name_override", self.server_name)]
-                self._channel = grpc.secure_channel(self.address, creds, options=options)
+                self._channel = grpc.secure_channel(
+                    self.address, self.tls.channel_credentials(pem), options=options)
                 self._stub = agent_pb2_grpc.NodeAgentStub(self._channel)
                 self._generation = generation
                 if old is not None:

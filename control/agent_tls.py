@@ -104,6 +104,7 @@ class ReloadingTls:
         return grpc.dynamic_ssl_server_credentials(config(self._pem), fetch,
                                                    require_client_authentication=True)
 
-    def channel_credentials(self) -> tuple[int, grpc.ChannelCredentials]:
-        generation, (ca, cert, key) = self.current()
-        return generation, grpc.ssl_channel_credentials(ca, key, cert)
+    @staticmethod
+    def channel_credentials(pem: tuple[bytes, bytes, bytes]) -> grpc.ChannelCredentials:
+        ca, cert, key = pem
+        return grpc.ssl_channel_credentials(ca, key, cert)
