@@ -5,6 +5,7 @@ ETCD_PROTOS = proto/etcd/kv.proto proto/etcd/auth.proto proto/etcd/rpc.proto
 
 proto:
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. proto/csi.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. proto/agent.proto
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(ETCD_PROTOS)
 
 lint:

@@ -59,12 +59,31 @@ def code_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def error_for(code: grpc.StatusCode, message: str) -> errors.EngineError:
-    """A status a remote node answered with, as the domain error it was raised as."""
+# Trailing metadata naming the domain error's class: a remote node's StaleVersion or InUse
+# comes back as itself, not only as the most general class of its code.
+ERROR_KEY = "tandem-error"
+
+
+def error_for(code: grpc.StatusCode, message: str, kind: str = "") -> errors.EngineError:
+    """A status a remote node answered with, as the domain error it was raised as: the
+    class `kind` names (from the status's trailing metadata) when it is a domain error of
+    that very code, else the most general class of the code."""
+    named = getattr(errors, kind, None) if kind else None
+    if (isinstance(named, type) and issubclass(named, errors.EngineError)
+            and next((CODES[c] for c in named.__mro__ if c in CODES), None) == code):
+        return named(message)
     cls = ERRORS.get(code)
     if cls is None:
         return errors.EngineError(f"{code.name}: {message}")
     return cls(message)
+
+
+def error_kind(metadata: Any) -> str:
+    """The domain error's class name in a status's trailing metadata ('' if none)."""
+    for key, value in metadata or ():
+        if key == ERROR_KEY:
+            return str(value)
+    return ""
 
 
 def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> None:
@@ -74,6 +93,7 @@ def _abort(context: grpc.ServicerContext, name: str, exc: Exception) -> None:
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
     else:
         log.info("%s: %s: %s", name, code.name, exc)
+        context.set_trailing_metadata(((ERROR_KEY, type(exc).__name__),))
         context.abort(code, str(exc))
 
 

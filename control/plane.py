@@ -48,15 +48,32 @@ class ControlPlane:
     def _tombstone_removed(self, key: str, revision: int) -> None:
         self.index.note_value(key, None, revision)
 
-    def start(self, reconcile_interval_s: float, *, shared_store: bool = True) -> None:
+    def start(self, reconcile_interval_s: float, *, shared_store: bool = True,
+              reconcile: bool = True) -> None:
         """shared_store: other controllers write to the store too (etcd), so the index
-        follows it; an embedded store only ever sees this controller's own commits."""
+        follows it; an embedded store only ever sees this controller's own commits.
+        reconcile=False: this controller serves calls but leaves the background work to
+        the leader (control/leader.py, with reconciler_on())."""
         revision = self._load_index()
-        self.reconciler.run_once()
+        if reconcile:
+            self.reconciler.run_once()
         if shared_store:
             self._follow(revision)
-        if reconcile_interval_s > 0:
+        if reconcile and reconcile_interval_s > 0:
             self.reconciler.start(reconcile_interval_s)
+
+    def reconciler_on(self, store: Store) -> Reconciler:
+        """A reconciler whose commits all go to `store` (a leader's fenced store), sharing
+        this plane's nodes, index and locks with the calls it serves."""
+        policy = self.volumes.policy
+        volumes = Volumes(store, self.nodes, self.index, policy, self.locks,
+                          clock=self.volumes.clock)
+        snapshots = Snapshots(store, self.nodes, volumes, self.locks,
+                              intent_timeout_s=policy.intent_timeout_s,
+                              clock=self.volumes.clock)
+        volumes.snapshot_source = snapshots.source_of
+        return Reconciler(store, self.nodes, volumes, snapshots, self.volumes.clock,
+                          self.reconciler.report)
 
     def _load_index(self) -> int:
         listing = self.store.list_with_revision(VOLUME)

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from control.topology import DEFAULT_ZONE, TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
+from csi.cluster_config import ALL_IN_ONE, ClusterConfig
 from engine.nvme.backend import NvmeConfig
 from engine.qos.capacity import RUN_S
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
@@ -46,6 +47,8 @@ class Config:
     # where volumes' blocks live: "loop" (files in the pool) or "nvme" (a namespace each)
     backend: str = "loop"
     nvme: NvmeConfig | None = None  # the NVMe backend's settings (backend "nvme")
+    mode: str = ALL_IN_ONE  # or controller, node (csi/cluster_config.py)
+    cluster: ClusterConfig = ClusterConfig()
 
     @property
     def pool_directory(self) -> str:

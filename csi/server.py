@@ -1,4 +1,6 @@
-"""`tandem-csi`: the all-in-one driver (Identity + Controller + Node on one socket)."""
+"""`tandem-csi`: the all-in-one driver (Identity + Controller + Node on one socket), and
+the entry point of the cluster modes (--mode controller: csi/controller_mode.py; --mode
+node: csi/node_mode.py), which reuse this driver's pieces."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from control.registry import NodeRegistry
 from control.store import Store
 from control.stores import StoreSpec, open_store
 from control.volumes import VolumePolicy
+from csi import cluster_config
 from csi.config import DEFAULT_ZONE, GIB, Config
 from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
@@ -60,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="unix:///path/to/csi.sock")
     p.add_argument("--node-id", default=socket.gethostname())
     p.add_argument("--state-dir", default="/var/lib/tandem")
-    p.add_argument("--zone", default=DEFAULT_ZONE)
+    p.add_argument("--zone", default="",
+                   help=f"all-in-one: default {DEFAULT_ZONE!r}; node: default the Kubernetes "
+                        "node's topology.kubernetes.io/zone label")
     p.add_argument("--pool", default="", help="pool directory (default: STATE_DIR/pool)")
     p.add_argument("--pool-size-gib", type=int, default=100,
                    help="size of the sparse pool image made when --pool is not copy-on-write")
@@ -120,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    default=nvme.WRITE_ZEROES,
                    help="nvme pool: how a namespace is wiped before reuse")
     p.add_argument("--log-level", default="INFO")
+    cluster_config.add_arguments(p)
     a = p.parse_args(argv)
     if a.overcommit_ratio is None:
         a.overcommit_ratio = 1.0 if a.backend == NVME else 20.0
@@ -146,10 +152,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error(f"--capacity-measure-seconds must be at least {capacity.MIN_SAMPLES + 1}")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = cluster_config.from_arguments(p, a)
     tiers = load_tiers(a.tiers_file) if a.tiers_file else dict(DEFAULT_TIERS)
     return Config(
         endpoint=a.endpoint, node_id=a.node_id, state_dir=os.path.abspath(a.state_dir),
-        zone=a.zone, pool_dir=os.path.abspath(a.pool) if a.pool else "",
+        # a node's zone is looked up at start (csi/zone.py); never a default in a cluster
+        zone=a.zone or (DEFAULT_ZONE if a.mode == cluster_config.ALL_IN_ONE else ""),
+        pool_dir=os.path.abspath(a.pool) if a.pool else "",
         pool_image_bytes=a.pool_size_gib * GIB, pool_image_fs=a.pool_fs,
         overcommit_ratio=a.overcommit_ratio,
         max_volumes_per_node=a.max_volumes_per_node,
@@ -160,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
         store_namespace=a.store_namespace,
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
-        backend=a.backend, nvme=nvme_config,
+        backend=a.backend, nvme=nvme_config, mode=a.mode, cluster=cluster,
     )
 
 
@@ -240,6 +249,30 @@ class Driver:
         self._lock_fd = take_state_lock(cfg)
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
+        engine = self.open_engine()
+        cfg = self.config  # the engine may lower max volumes (open_engine)
+        self.cluster_store = open_store(StoreSpec(
+            cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
+            cfg.store_timeout_s, cfg.store_namespace))
+        nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
+        nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
+        plane = ControlPlane(self.cluster_store, nodes, self.volume_policy(),
+                             report=self._report_orphans)
+        plane.start(cfg.reconcile_interval_s,
+                    shared_store=not cfg.cluster_store_url.startswith("sqlite:"))
+        self.plane = plane
+        self.server = self.grpc_server()
+        self.add_identity()
+        self.add_controller(plane, nodes)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
+        self.serve(path)
+        log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
+                 cfg.zone, cfg.pool_directory)
+
+    # --- the pieces, shared with the cluster modes (csi/node_mode.py, controller_mode.py) --
+    def open_engine(self) -> NodeEngine:
+        """The node's storage: its local records, pool, loop devices and QoS, settled."""
+        cfg = self.config
         self.store = SqliteStore(cfg.store_path)
         loops, mounts = LoopDevices(), Mounts()
         qos = NodeQos(self.store, cfg.cgroup_root, cgroup_parent=cfg.cgroup_parent)
@@ -250,35 +283,41 @@ class Driver:
         engine.open()
         self.engine = engine
         # the backend may hold fewer volumes than configured (an NVMe controller's limit)
-        cfg = self.config = dataclasses.replace(
+        self.config = dataclasses.replace(
             cfg, max_volumes_per_node=engine.max_volumes(cfg.max_volumes_per_node))
-        self.cluster_store = open_store(StoreSpec(
-            cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
-            cfg.store_timeout_s, cfg.store_namespace))
-        nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
-        nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
-        plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(
-            overcommit_ratio=cfg.overcommit_ratio,
-            max_volumes_per_node=cfg.max_volumes_per_node,
-            intent_timeout_s=cfg.intent_timeout_s), report=self._report_orphans)
-        plane.start(cfg.reconcile_interval_s,
-                    shared_store=not cfg.cluster_store_url.startswith("sqlite:"))
-        self.plane = plane
-        snapshotter = Snapshotter(plane.snapshots)
+        return engine
 
-        self.server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=cfg.workers),
+    def volume_policy(self) -> VolumePolicy:
+        cfg = self.config
+        return VolumePolicy(overcommit_ratio=cfg.overcommit_ratio,
+                            max_volumes_per_node=cfg.max_volumes_per_node,
+                            intent_timeout_s=cfg.intent_timeout_s)
+
+    def grpc_server(self) -> grpc.Server:
+        return grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=self.config.workers),
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
         )
+
+    def add_identity(self) -> None:
+        assert self.server is not None
         csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.ready), self.server)
+
+    def add_controller(self, plane: ControlPlane, nodes: NodeRegistry) -> None:
+        """Controller, GroupController and SnapshotMetadata over the control plane."""
+        assert self.server is not None
+        snapshotter = Snapshotter(plane.snapshots)
         csi_pb2_grpc.add_ControllerServicer_to_server(
-            ControllerService(cfg, plane.volumes, plane.snapshots, snapshotter, nodes,
+            ControllerService(self.config, plane.volumes, plane.snapshots, snapshotter, nodes,
                               plane.index), self.server)
         csi_pb2_grpc.add_GroupControllerServicer_to_server(
             GroupControllerService(snapshotter), self.server)
         csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(
             SnapshotMetadataService(plane.snapshots, nodes), self.server)
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
+
+    def serve(self, path: str) -> None:
+        """Serve on the unix socket at `path` (the CO's and the sidecars' only door)."""
+        assert self.server is not None
         # The socket is bound here with the process umask: make it owner-only from the start
         # rather than chmod it after a window in which others could connect.
         umask = os.umask(0o077)
@@ -289,8 +328,6 @@ class Driver:
         os.chmod(path, permissions.PRIVATE_FILE)
         self.server.start()
         self.ready.set()
-        log.info("tandem-csi serving on %s (node %s, zone %s, pool %s)", path, cfg.node_id,
-                 cfg.zone, cfg.pool_directory)
 
     def _backend(self, loops: LoopDevices, mounts: Mounts) -> Backend:
         """The pool's backend, as configured (engine/backend.py)."""
@@ -334,6 +371,17 @@ class Driver:
             self._lock_fd = -1
 
 
+def make_driver(config: Config) -> Driver:
+    """The driver of the configured mode (cluster modes in modules of their own)."""
+    if config.mode == cluster_config.CONTROLLER:
+        from csi.controller_mode import ControllerDriver
+        return ControllerDriver(config)
+    if config.mode == cluster_config.NODE:
+        from csi.node_mode import NodeDriver
+        return NodeDriver(config)
+    return Driver(config)
+
+
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
@@ -343,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     # them with sigwait: a Python handler that sets an Event can deadlock if the signal
     # lands while the main thread holds that Event's lock inside wait().
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    driver = Driver(config)
+    driver = make_driver(config)
     try:
         driver.start()
     except (StartupError, EngineError) as e:

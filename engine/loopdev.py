@@ -81,8 +81,18 @@ class LoopDevices:
 
     # --- reading the kernel's view -------------------------------------------------
     def _read(self, name: str, rel: str) -> str:
-        with open(os.path.join(self.sys_root, "block", name, rel), encoding="utf-8") as f:
-            return f.read().strip()
+        """A sysfs attribute; FileNotFoundError when the device is not bound (any more).
+
+        A device another process detaches as we read it answers ENODEV or ENXIO (seen
+        with several drivers, or other programs, attaching and detaching side by side):
+        that is "not bound" too, not an error."""
+        try:
+            with open(os.path.join(self.sys_root, "block", name, rel), encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                raise FileNotFoundError(e.errno, f"loop device {name} went away") from None
+            raise
 
     def get(self, name: str) -> LoopDevice | None:
         """The loop device `name` if it is bound to a file, else None."""

@@ -4,6 +4,12 @@
         store = EtcdStore(EtcdConfig.from_url(cluster.url))
         cluster.kill(0); ...; cluster.restart(0)
 
+Members can also live in network namespaces (zones, tests/cluster.py): `places=[(netns,
+address), ...]`, one per member. Each then listens on its address (ports 2379/2380: the
+namespace is its own), is started inside its namespace (`nsenter --net`: the mounts stay
+the machine's), and also on a unix socket under the cluster's directory, which the test
+process (in the root namespace, where no test address may exist) uses to look at it.
+
 Members are started with fast raft timings (heartbeat 50 ms, election 500 ms) and fsync
 left on (no --unsafe-no-fsync): durability tests mean something. Every process is killed
 and every data dir removed on close, whatever the test did; members also die with the
@@ -54,18 +60,21 @@ class EtcdTls:
     client: KeyPair
 
     @classmethod
-    def create(cls, directory: str) -> EtcdTls:
+    def create(cls, directory: str, ips: tuple[str, ...] = ()) -> EtcdTls:
         ca = CertificateAuthority.create(directory)
-        return cls(ca, ca.issue("etcd-server", ip=["127.0.0.1"], dns=["localhost"]),
+        return cls(ca, ca.issue("etcd-server", ip=["127.0.0.1", *ips], dns=["localhost"]),
                    ca.issue("etcd-client"))
 
 
 class Member:
-    def __init__(self, cluster: EtcdCluster, index: int, client_port: int, peer_port: int):
+    def __init__(self, cluster: EtcdCluster, index: int, client_port: int, peer_port: int,
+                 netns: str = "", host: str = "127.0.0.1"):
         self.cluster = cluster
         self.name = f"m{index}"
         self.client_port = client_port
         self.peer_port = peer_port
+        self.netns = netns  # "" : the test's own namespace
+        self.host = host
         self.data_dir = os.path.join(cluster.root, self.name)
         self.log_path = os.path.join(cluster.root, f"{self.name}.log")
         self.proc: subprocess.Popen | None = None
@@ -74,18 +83,32 @@ class Member:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def local_socket(self) -> str:
+        """A member in a namespace also listens here (etcd names the socket file after
+        the URL's host:port, in its working directory)."""
+        return os.path.join(self.cluster.root, f"{self.name}-local:{self.client_port}")
+
+    @property
+    def local_target(self) -> str:
+        """How the test process reaches this member (gRPC target; plain on the socket)."""
+        return f"unix:{self.local_socket}" if self.netns else self.endpoint
 
     def argv(self) -> list[str]:
         c = self.cluster
         scheme = "https" if c.tls else "http"
         client_url = f"{scheme}://{self.endpoint}"
+        listen = client_url
+        if self.netns:  # plain: only processes that can open the file reach it
+            listen += f",unix://{self.name}-local:{self.client_port}"
         argv = [ETCD, "--name", self.name, "--data-dir", self.data_dir,
-                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+                "--listen-client-urls", listen, "--advertise-client-urls", client_url,
                 "--listen-peer-urls", self.peer_url,
                 "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", ",".join(f"{m.name}={m.peer_url}" for m in c.members),
@@ -99,9 +122,13 @@ class Member:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running"
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
+        if self.netns and os.path.exists(self.local_socket):
+            os.unlink(self.local_socket)  # left by a killed member: etcd would not bind
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(DIE_WITH_PARENT + self.argv(), stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(DIE_WITH_PARENT + enter + self.argv(), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=self.cluster.root)
         self.paused = False
         self.stopped = False
 
@@ -137,11 +164,22 @@ class Member:
 
     def channel(self) -> grpc.Channel:
         tls = self.cluster.tls
-        if tls is None:
-            return grpc.insecure_channel(self.endpoint)
+        if tls is None or self.netns:
+            return grpc.insecure_channel(self.local_target)
         creds = grpc.ssl_channel_credentials(tls.ca.cert_pem(), tls.client.key_pem(),
                                              tls.client.cert_pem())
-        return grpc.secure_channel(self.endpoint, creds)
+        return grpc.secure_channel(self.local_target, creds)
+
+    def status(self) -> rpc_pb2.StatusResponse | None:
+        """etcd's Maintenance.Status of this member (None when it does not answer)."""
+        if not self.running() or self.paused:
+            return None
+        try:
+            with self.channel() as ch:
+                return rpc_pb2_grpc.MaintenanceStub(ch).Status(rpc_pb2.StatusRequest(),
+                                                               timeout=1.0)
+        except grpc.RpcError:
+            return None
 
     def healthy(self) -> bool:
         """A linearizable read answers: the member is up and sees a leader. The answer must
@@ -164,7 +202,9 @@ class Member:
 
 
 class EtcdCluster:
-    def __init__(self, root: str, size: int = 1, *, tls: bool = False):
+    def __init__(self, root: str, size: int = 1, *, tls: bool = False,
+                 places: list[tuple[str, str]] | None = None):
+        """places: (network namespace, address) of each member (then size = len(places))."""
         if not os.path.exists(ETCD):
             raise RuntimeError(f"{ETCD} is missing: apt-get install etcd-server "
                                "(scripts/install.sh --dev does)")
@@ -172,9 +212,14 @@ class EtcdCluster:
         os.makedirs(self.root)
         self.token = f"tdm-{uuid.uuid4().hex[:8]}"
         self.cluster_id: int | None = None  # learnt from the first answer
-        self.tls = EtcdTls.create(os.path.join(self.root, "pki")) if tls else None
-        ports = free_ports(2 * size)
+        hosts = tuple(host for _, host in places or ())
+        self.tls = EtcdTls.create(os.path.join(self.root, "pki"), hosts) if tls else None
         self.members: list[Member] = []
+        if places:
+            for i, (netns, host) in enumerate(places):
+                self.members.append(Member(self, i, 2379, 2380, netns, host))
+            return
+        ports = free_ports(2 * size)
         for i in range(size):
             self.members.append(Member(self, i, ports[2 * i], ports[2 * i + 1]))
 
@@ -210,6 +255,14 @@ class EtcdCluster:
                 logs = "\n".join(f"--- {m.name}\n{m.log()}" for m in wanted)
                 raise TimeoutError(f"etcd not healthy in {timeout_s}s\n{logs}")
             time.sleep(0.05)
+
+    def leader_index(self) -> int | None:
+        """The index of the member raft elected leader, as the members that answer say."""
+        statuses = [m.status() for m in self.members]
+        for i, st in enumerate(statuses):
+            if st is not None and st.leader and st.leader == st.header.member_id:
+                return i
+        return None
 
     def check_running(self) -> None:
         """Fail, with its log, if a member that nobody stopped has exited."""

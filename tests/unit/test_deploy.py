@@ -23,6 +23,7 @@ import pytest
 import referencing
 import yaml
 
+from control import mirrored
 from control.ha.main import parse_args as parse_ha_args
 from csi import validation
 from csi.config import DRIVER_NAME
@@ -35,14 +36,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KUBERNETES = "1.34.0"  # the oldest supported release (docs/cluster.md)
 NAMESPACE = "tandem-system"
 
-# Flags of tandem-csi's cluster mode that the manifests use and that this branch's parser
-# may not know yet (they come with the node agent, branch h-agent, whose names they follow).
-# Only these may be unknown; once the parser knows them the tests parse every flag.
-PENDING_FLAGS = {"--mode", "--agent-listen", "--agent-ca", "--agent-cert", "--agent-key",
-                 "--controller-id"}
-# StorageClass parameters of mirrored volumes, which come with them (the lead's work); only
-# these may be unknown to the driver.
-PENDING_PARAMETERS = {"replicas", "remoteAccess"}
 
 # Sidecar images: csi-driver-host-path's deploy/kubernetes-1.34 pins the same versions.
 SIDECARS = {
@@ -197,8 +190,7 @@ def _known_parameters(sc: dict) -> dict:
 
 def test_storage_class_tiers_and_attribute_classes_resolve():
     for sc in objects("StorageClass"):
-        params = {k: v for k, v in sc["parameters"].items() if k not in PENDING_PARAMETERS}
-        assert resolve_qos(_known_parameters({"parameters": params})).name in DEFAULT_TIERS
+        assert resolve_qos(_known_parameters(sc)).name in DEFAULT_TIERS
     for vac in objects("VolumeAttributesClass"):
         assert vac["apiVersion"] == "storage.k8s.io/v1"  # GA in 1.34
         assert vac["driverName"] == DRIVER_NAME
@@ -208,15 +200,10 @@ def test_storage_class_tiers_and_attribute_classes_resolve():
 
 
 def test_the_driver_accepts_every_storage_class_parameter():
-    """Every parameter is the driver's, or one of mirrored volumes' still to come."""
+    """Every parameter is the driver's, with a value it takes (mirrored ones included)."""
     for sc in objects("StorageClass"):
-        try:
-            _known_parameters(sc)
-        except InvalidSpec:
-            pending = {k: v for k, v in sc["parameters"].items() if k in PENDING_PARAMETERS}
-            assert pending, sc["metadata"]["name"]
-            _known_parameters({"parameters": {k: v for k, v in sc["parameters"].items()
-                                              if k not in pending}})
+        params = _known_parameters(sc)
+        mirrored.parse_parameters(params)
 
 
 # -- tandem-csi's flags ------------------------------------------------------------------------
@@ -229,12 +216,8 @@ def tandem_args(name: str) -> list[str]:
 
 
 def parsed(args: list[str]):
-    """tandem-csi's configuration from these args; flags of PENDING_FLAGS are dropped only
-    if the parser does not know them yet."""
-    try:
-        return parse_args(args)
-    except SystemExit:
-        return parse_args([a for a in args if a.split("=")[0] not in PENDING_FLAGS])
+    """tandem-csi's configuration from these args (every flag must parse)."""
+    return parse_args(args)
 
 
 @pytest.mark.parametrize("name", ["tandem-controller", "tandem-node"])

@@ -64,3 +64,37 @@ def test_a_loop_device_detached_while_listed_is_skipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loops, "_read", vanishing)
     assert [d.name for d in loops.all()] == ["loop1"]
+def test_a_loop_device_detached_while_it_is_read_is_not_bound(tmp_path, monkeypatch):
+    """sysfs answers ENODEV for a device another process detaches as we read it (seen with
+    three node processes and other tests attaching side by side): "not bound", not an
+    error that fails the caller's whole call (a stage, a pool's start)."""
+    import errno
+    import io
+
+    from engine.loopdev import LoopDevices
+
+    for name, backing in (("loop0", "/pool/a"), ("loop1", "/pool/b")):
+        base = tmp_path / "block" / name
+        (base / "loop").mkdir(parents=True)
+        (base / "queue").mkdir()
+        (base / "loop" / "backing_file").write_text(backing + "\n")
+        (base / "loop" / "dio").write_text("1\n")
+        (base / "dev").write_text("7:0\n")
+        (base / "ro").write_text("0\n")
+        (base / "size").write_text("2048\n")
+        (base / "queue" / "logical_block_size").write_text("4096\n")
+    real_open = open
+
+    def sysfs_open(path, *args, **kwargs):
+        if str(path).endswith("loop1/loop/backing_file"):
+            class Gone(io.StringIO):
+                def read(self, *a):
+                    raise OSError(errno.ENODEV, "No such device")
+            return Gone()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", sysfs_open)
+    loops = LoopDevices(sys_root=str(tmp_path), dev_root=str(tmp_path / "dev"))
+    assert loops.get("loop1") is None
+    assert [d.name for d in loops.all()] == ["loop0"]
+    assert loops.identified({"b"}) == []

@@ -1,22 +1,27 @@
-"""The committed stubs are exactly what grpcio-tools makes from proto/csi.proto and
-proto/etcd/*.proto (etcd v3.4.23's API, trimmed by scripts/trim_etcd_proto.py)."""
+"""The committed stubs are exactly what grpcio-tools makes from proto/csi.proto,
+proto/agent.proto (the node agent's API) and proto/etcd/*.proto (etcd v3.4.23's API,
+trimmed by scripts/trim_etcd_proto.py)."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GENERATED = ["csi_pb2.py", "csi_pb2_grpc.py"]
+GENERATED = {"csi.proto": ["csi_pb2.py", "csi_pb2_grpc.py"],
+             "agent.proto": ["agent_pb2.py", "agent_pb2_grpc.py"]}
 ETCD_PROTOS = ["kv", "auth", "rpc"]
 
 
-def test_stubs_match_the_proto(tmp_path):
+@pytest.mark.parametrize("proto", sorted(GENERATED))
+def test_stubs_match_the_proto(tmp_path, proto):
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{REPO}", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", "proto/csi.proto"],
+         f"--grpc_python_out={tmp_path}", f"proto/{proto}"],
         check=True, cwd=REPO,
     )
-    for name in GENERATED:
+    for name in GENERATED[proto]:
         with open(os.path.join(REPO, "proto", name)) as committed, \
                 open(tmp_path / "proto" / name) as fresh:
             assert committed.read() == fresh.read(), f"proto/{name} is stale: run `make proto`"

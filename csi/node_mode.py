@@ -1,0 +1,77 @@
+"""`tandem-csi --mode node`: one node of a cluster.
+
+Serves the kubelet (Identity + Node on the unix socket) and the controllers (the node
+agent API over TCP with mutual TLS: control/agent_server.py), and registers itself in the
+cluster's etcd with its zone, pool and IOPS capacity and agent address, under a lease it
+keeps alive (control/registration.py).
+
+Stage, publish and their records stay in the node's embedded SQLite (engine/state.py):
+a node cut off from etcd (or from every controller) still unpublishes and unstages.
+Its zone is the Kubernetes node's topology.kubernetes.io/zone label unless --zone says
+otherwise (csi/zone.py); without either it does not start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from control.agent_server import AgentServer
+from control.agent_tls import ReloadingTls
+from control.etcd_store import EtcdStore
+from control.local_node import LocalNode
+from control.registration import Registrar
+from control.stores import StoreSpec, open_store
+from csi.config import Config
+from csi.identity import driver_version
+from csi.node import NodeService
+from csi.server import Driver, StartupError, clear_stale_socket, socket_path, take_state_lock
+from csi.zone import ZoneUnknown, resolve_zone
+from proto import csi_pb2_grpc
+
+log = logging.getLogger("tandem")
+
+
+class NodeDriver(Driver):
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.agent: AgentServer | None = None
+        self.registrar: Registrar | None = None
+
+    def start(self) -> None:
+        cluster = self.config.cluster
+        assert cluster.agent_tls is not None  # checked with the arguments
+        try:
+            zone = resolve_zone(self.config.zone, cluster.kube_node_name)
+        except ZoneUnknown as e:
+            raise StartupError(f"this node's zone is unknown: {e}") from None
+        self.config = cfg = dataclasses.replace(self.config, zone=zone)
+        self._lock_fd = take_state_lock(cfg)
+        path = socket_path(cfg.endpoint)
+        clear_stale_socket(path)
+        engine = self.open_engine()
+        node = LocalNode(engine, cfg.max_volumes_per_node)
+        self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
+        self.agent.start()
+        store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
+                                     cfg.store_key_file, cfg.store_timeout_s,
+                                     cfg.store_namespace))
+        assert isinstance(store, EtcdStore)  # the arguments allow etcd only
+        self.cluster_store = store
+        self.registrar = Registrar(store, node, cluster.agent_address, driver_version(),
+                                   ttl_s=cluster.registration_ttl_s,
+                                   refresh_s=cluster.registration_refresh_s)
+        self.registrar.start()
+        self.server = self.grpc_server()
+        self.add_identity()
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
+        self.serve(path)
+        log.info("tandem-csi node %s (zone %s) serving the kubelet on %s and the agent API "
+                 "on %s", cfg.node_id, zone, path, self.agent.address)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.registrar is not None:
+            self.registrar.stop()  # the controllers stop sending work first
+        if self.agent is not None:
+            self.agent.stop(grace_s)
+        super().stop(grace_s)
