@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # publish_context and volume_context keys (the node reads them at NodeStage)
 GENERATION_KEY = "tandem.csi.dev/generation"
 REPLICAS_KEY = "tandem.csi.dev/replicas"  # "node@host:port,node@host:port"
+SIZE_KEY = "tandem.csi.dev/size-bytes"
 MIRRORED_KEY = "tandem.csi.dev/mirrored"  # volume_context: "true"
 MIN_IN_SYNC_KEY = "tandem.csi.dev/min-in-sync"
 FRONTEND_PREFIX = "frontend/"
@@ -150,7 +151,8 @@ class Mirrors:
                 pass
             if address:
                 addresses.append(f"{placement.node_id}@{address}")
-        return {GENERATION_KEY: str(generation), REPLICAS_KEY: ",".join(addresses)}
+        return {GENERATION_KEY: str(generation), REPLICAS_KEY: ",".join(addresses),
+                SIZE_KEY: str(record.capacity_bytes)}
 
     def _bump(self, volume_id: str, node_id: str) -> int:
         for _ in range(CAS_ATTEMPTS):

@@ -46,6 +46,7 @@ class Registration:
     condition: Condition = Condition()
     software_version: str = ""
     updated_at: float = 0.0
+    replica_address: str = ""  # HOST:PORT of its replica service ("": serves none)
 
     @property
     def key(self) -> str:
@@ -54,14 +55,14 @@ class Registration:
     def info(self) -> NodeInfo:
         return NodeInfo(self.node_id, self.zone, self.total_bytes, self.free_bytes,
                         self.reserve_bytes, self.iops_capacity, self.max_volumes,
-                        self.condition)
+                        self.condition, self.replica_address)
 
     @classmethod
     def of(cls, info: NodeInfo, agent_address: str, software_version: str,
            now: float) -> Registration:
         return cls(info.node_id, info.zone, agent_address, info.total_bytes, info.free_bytes,
                    info.reserve_bytes, info.iops_capacity, info.max_volumes, info.condition,
-                   software_version, now)
+                   software_version, now, info.replica_address)
 
     def to_value(self) -> dict:
         return dataclasses.asdict(self)

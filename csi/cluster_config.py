@@ -31,6 +31,11 @@ class ClusterConfig:
     registration_ttl_s: int = 10  # a node silent this long is gone for the controllers
     registration_refresh_s: float = 10.0  # how stale its published figures may get
     kube_node_name: str = ""  # the Kubernetes node whose zone label is read
+    # node mode, mirrored volumes (docs/mirror.md)
+    replica_listen: str = ""  # HOST:PORT of this node's replica service ("": none)
+    mirror_key: str = ""  # the cluster's shared key file of the mirror's wire protocol
+    frontend_lease_ttl_s: int = 10  # a frontend's etcd lease (failover keys on it)
+    fence_margin_s: float = 3.0  # a frontend stops serving this long before its lease ends
     # controller mode
     controller_id: str = ""  # what the leader election shows for this controller
     leader_ttl_s: int = 10  # a leader silent this long is replaced
@@ -57,6 +62,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kube-node-name", default="",
                    help="node: the Kubernetes node whose zone label is read (default: "
                         "--node-id)")
+    g.add_argument("--replica-listen", default="",
+                   help="node: HOST:PORT of its replica service for mirrored volumes (the "
+                        "other zones' frontends reach it there); none without it")
+    g.add_argument("--mirror-key", default="",
+                   help="node: the file with the cluster's shared key of the mirror protocol")
+    g.add_argument("--frontend-lease-ttl", type=int, default=10,
+                   help="node: seconds of a mirror frontend's etcd lease (failover waits for "
+                        "it to expire)")
+    g.add_argument("--fence-margin", type=float, default=3.0,
+                   help="node: seconds before its lease ends that a frontend stops serving")
     g.add_argument("--controller-id", default="",
                    help="controller: its name in the leader election (default: host:pid)")
     g.add_argument("--leader-ttl", type=int, default=10,
@@ -80,6 +95,10 @@ def from_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> Cluster
             p.error("--mode node needs --agent-listen HOST:PORT")
         if a.agent_address and not _host_port(a.agent_address):
             p.error("--agent-address is HOST:PORT")
+        if a.replica_listen and (not _host_port(a.replica_listen) or not a.mirror_key):
+            p.error("--replica-listen is HOST:PORT and needs --mirror-key")
+        if not 0 < a.fence_margin < a.frontend_lease_ttl:
+            p.error("--fence-margin must be positive and below --frontend-lease-ttl")
         address = a.agent_address or a.agent_listen
         if address.rpartition(":")[0] in ("0.0.0.0", "[::]", ""):
             p.error("--agent-listen is a wildcard: give --agent-address, the address the "
@@ -91,7 +110,9 @@ def from_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> Cluster
         registration_ttl_s=a.registration_ttl, registration_refresh_s=a.registration_refresh,
         kube_node_name=a.kube_node_name or a.node_id,
         controller_id=a.controller_id or f"{socket.gethostname()}:{os.getpid()}",
-        leader_ttl_s=a.leader_ttl)
+        leader_ttl_s=a.leader_ttl, replica_listen=a.replica_listen,
+        mirror_key=os.path.abspath(a.mirror_key) if a.mirror_key else "",
+        frontend_lease_ttl_s=a.frontend_lease_ttl, fence_margin_s=a.fence_margin)
 
 
 def _host_port(text: str) -> bool:

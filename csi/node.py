@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from control import mirrored
+from control.frontend_backend import FrontendBackend, FrontendVolume
 from csi import validation
 from csi.config import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY, Config
 from csi.errors import translated
@@ -26,16 +28,43 @@ POD_UID_KEY = "csi.storage.k8s.io/pod.uid"
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, config: Config, engine: NodeEngine):
+    def __init__(self, config: Config, engine: NodeEngine,
+                 frontends: FrontendBackend | None = None):
+        """frontends: mirrored volumes' frontends (cluster nodes); None: none here."""
         self.config = config
         self.engine = engine
+        self.frontends = frontends
+        if frontends is not None:
+            engine.serve_frontends(frontends)
         self.locks = engine.locks  # the node's one table: the controller's calls use it too
         self.paths = validation.PathPolicy.of(
             config.allowed_path_roots,
             (config.state_dir, config.pool_directory, config.socket_path))
 
     def _known(self, volume_id: str) -> bool:
-        return validation.well_formed_id(volume_id) and self.engine.volume(volume_id) is not None
+        return validation.well_formed_id(volume_id) \
+            and self.engine.volumes.files.get(volume_id) is not None
+
+    def _mirrored(self, req) -> None:
+        """A mirrored volume: what ControllerPublish decided (publish_context) is recorded
+        before the stage, which then gets the volume's device from its frontend."""
+        if req.volume_context.get(mirrored.MIRRORED_KEY) != "true":
+            return
+        if self.frontends is None:
+            raise Precondition(f"node {self.config.node_id} runs no mirror frontends (start "
+                               "it with --mirror-key in cluster mode)")
+        ctx = req.publish_context
+        try:
+            volume = FrontendVolume(
+                volume_id=req.volume_id, size_bytes=int(ctx[mirrored.SIZE_KEY]),
+                replicas=tuple(r for r in ctx[mirrored.REPLICAS_KEY].split(",") if r),
+                generation=int(ctx[mirrored.GENERATION_KEY]),
+                min_in_sync=int(req.volume_context.get(mirrored.MIN_IN_SYNC_KEY, "1")),
+                access_types=(validation.access_type(req.volume_capability),))
+        except (KeyError, ValueError) as e:
+            raise InvalidSpec(f"publish_context of mirrored volume {req.volume_id} lacks "
+                              f"what ControllerPublish gives ({e}): attach it first") from None
+        self.frontends.prepare(volume)
 
     def _require_volume(self, volume_id: str) -> None:
         if not self._known(volume_id):
@@ -61,6 +90,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         cap = req.volume_capability
         kind = validation.check_capability(cap)
         with self.locks.hold(volume_id):
+            self._mirrored(req)
             self._require_volume(volume_id)
             self.engine.volumes.stage(StageRequest(
                 volume_id=volume_id,
@@ -81,6 +111,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 self._unknown_volume_gone(volume_id, staging)
                 return csi_pb2.NodeUnstageVolumeResponse()
             self.engine.volumes.unstage(volume_id, staging)
+            if self.frontends is not None:  # a mirrored volume's record goes with its stage
+                self.frontends.forget(volume_id)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     @translated

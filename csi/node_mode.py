@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from control.agent_server import AgentServer
 from control.agent_tls import ReloadingTls
 from control.etcd_store import EtcdStore
+from control.frontend_backend import FrontendBackend
 from control.local_node import LocalNode
+from control.node_mirror import ClusterAccess, FrontendHost, ReplicaHost
 from control.registration import Registrar
 from control.stores import StoreSpec, open_store
 from csi.config import Config
@@ -27,6 +30,7 @@ from csi.identity import driver_version
 from csi.node import NodeService
 from csi.server import Driver, StartupError, clear_stale_socket, socket_path, take_state_lock
 from csi.zone import ZoneUnknown, resolve_zone
+from engine.errors import Precondition
 from proto import csi_pb2_grpc
 
 log = logging.getLogger("tandem")
@@ -37,6 +41,7 @@ class NodeDriver(Driver):
         super().__init__(config)
         self.agent: AgentServer | None = None
         self.registrar: Registrar | None = None
+        self.replicas: ReplicaHost | None = None
 
     def start(self) -> None:
         cluster = self.config.cluster
@@ -50,7 +55,8 @@ class NodeDriver(Driver):
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
         engine = self.open_engine()
-        node = LocalNode(engine, cfg.max_volumes_per_node)
+        self.replicas = self._replica_host(engine)
+        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas)
         self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
         self.agent.start()
         store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
@@ -64,10 +70,44 @@ class NodeDriver(Driver):
         self.registrar.start()
         self.server = self.grpc_server()
         self.add_identity()
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(cfg, engine), self.server)
+        host = self._frontends()
+        assert self.store is not None  # open_engine opened it
+        frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
+        csi_pb2_grpc.add_NodeServicer_to_server(
+            NodeService(cfg, engine, frontends), self.server)
         self.serve(path)
         log.info("tandem-csi node %s (zone %s) serving the kubelet on %s and the agent API "
                  "on %s", cfg.node_id, zone, path, self.agent.address)
+
+    def _replica_host(self, engine) -> ReplicaHost | None:
+        """This node's replica service (adopted if it outlived an earlier agent); none
+        without --replica-listen, or on a backend that cannot hold replicas."""
+        cluster = self.config.cluster
+        if not cluster.replica_listen:
+            return None
+        try:
+            directory = engine.replica_directory()
+        except Precondition as e:
+            log.warning("no replicas on this node: %s", e)
+            return None
+        host = ReplicaHost(directory, cluster.replica_listen, cluster.mirror_key)
+        host.start()
+        return host
+
+    def _frontends(self) -> FrontendHost | None:
+        """Frontends of the mirrored volumes staged here, adopted from an earlier agent."""
+        cfg, cluster = self.config, self.config.cluster
+        if not cluster.mirror_key:
+            return None
+        host = FrontendHost(os.path.join(cfg.state_dir, "frontends"), cluster.mirror_key,
+                            cfg.node_id, ClusterAccess(
+                                cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
+                                cfg.store_key_file, cfg.store_namespace, cfg.store_timeout_s,
+                                cluster.frontend_lease_ttl_s, cluster.fence_margin_s))
+        adopted = host.adopt_all()
+        if adopted:
+            log.info("adopted the running frontends of %s", ", ".join(adopted))
+        return host
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self.registrar is not None:

@@ -24,6 +24,7 @@ from engine.pool import PoolUsage
 from engine.qos import capacity as capacity_mod
 from engine.qos.capacity import Capacity
 from engine.qos.tiers import QosSpec
+from engine.routed_backend import FrontendVolumes, RoutedBackend
 from engine.snapshots import SnapshotBacking
 from engine.state import Store
 from engine.volumes import Backing
@@ -58,6 +59,11 @@ class NodeEngine:
     @property
     def backend(self) -> Backend:
         return self.files
+
+    def serve_frontends(self, frontends: FrontendVolumes) -> None:
+        """Stage and publish mirrored volumes through their frontends (cluster nodes): the
+        node path asks a router that knows both them and the pool (engine/routed_backend)."""
+        self.volumes.files = RoutedBackend(self.files, frontends)  # type: ignore[assignment]
 
     def max_volumes(self, configured: int) -> int:
         """Volumes this node may hold: the configured number, or fewer if the backend

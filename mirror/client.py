@@ -128,6 +128,10 @@ class ReplicaClient:
             count = self.get_info()["size_bytes"] - offset
         return self.call(wire.CHECKSUM, offset, count)
 
+    def has_data(self) -> bool:
+        """Whether anything was ever written to the open volume on this replica."""
+        return self.call(wire.HAS_DATA) == b"\x01"
+
     def list_volumes(self) -> list[str]:
         return json.loads(self.call(wire.LIST))
 

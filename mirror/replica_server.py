@@ -362,4 +362,6 @@ class _Conn:
         if op == wire.CHECKSUM:
             vol.check_range(off, cnt)
             return vol.checksum(off, cnt)
+        if op == wire.HAS_DATA:  # the never-format-data rule, asked by a staging node
+            return b"\x00" if vol.is_hole(0, vol.size_bytes) else b"\x01"
         raise OSError(errno.EOPNOTSUPP, f"op {op}")

@@ -37,6 +37,7 @@ CHECKSUM = 13  # -> 32-byte sha256 of [offset, offset+count)
 PING = 14
 DELETE = 15  # payload JSON {volume_id}; only before OPEN; refuses an open volume
 LIST = 16  # -> JSON list of volume ids
+HAS_DATA = 17  # -> one byte: 1 if anything was ever written (a data extent), else 0
 
 # flags
 F_SPARSE = 1  # READ: a range that is all hole comes back with an empty payload
