@@ -161,6 +161,10 @@ class NodeVolumes:
     # --- stage / unstage -----------------------------------------------------------
     def stage(self, req: StageRequest) -> None:
         backing = self.files.require(req.volume_id)
+        if backing.role == "replica":  # its writes must reach every replica
+            raise Precondition(f"this node holds only a replica of mirrored volume "
+                               f"{req.volume_id}: it is staged through its frontend (the "
+                               "CO passes the volume's context and the attach's)")
         _check_access_type(backing, req.access_type)
         fs_type = filesystem.check_fs_type(req.fs_type) if req.access_type == MOUNT else ""
         if fs_type:
