@@ -91,18 +91,22 @@ class Mirrors:
         self.arbiter = StoreArbiter(store)
 
     # --- create / delete -----------------------------------------------------------------
-    def realize(self, record: VolumeRecord, version: int) -> None:
+    def realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
         """Every replica on its node, then the arbiter's record (all in sync: they are
-        all empty). Idempotent: a retry after a crash finishes what is missing."""
+        all empty). Idempotent: a retry after a crash finishes what is missing. Returns
+        the record with each replica's address (its node's replica service)."""
+        placed = []
         for placement in record.replicas:
-            self.nodes.require(placement.node_id).create_replica(NewReplica(
+            info = self.nodes.require(placement.node_id).create_replica(NewReplica(
                 record.volume_id, record.capacity_bytes, record.qos, version))
+            placed.append(replace(placement, address=info.address))
         try:
             self.arbiter.get(record.volume_id)
         except NotFound:
             first = ArbiterRecord(record.volume_id, 0, "", {
                 p.node_id: ReplicaState.IN_SYNC.value for p in record.replicas})
             self.arbiter.compare_and_set(first, 0)  # None: a retry made it meanwhile
+        return record.replace(replicas=tuple(placed))
 
     def remove(self, tomb: VolumeRecord, version: int) -> bool:
         """Every replica's storage, then the volume's arbiter and frontend keys. False while
@@ -144,9 +148,9 @@ class Mirrors:
     def publish_context(self, record: VolumeRecord, generation: int) -> dict[str, str]:
         addresses = []
         for placement in record.replicas:
-            address = ""
+            address = placement.address  # a node away now comes back where it was
             try:
-                address = self.nodes.info(placement.node_id).replica_address
+                address = self.nodes.info(placement.node_id).replica_address or address
             except EngineError:
                 pass
             if address:

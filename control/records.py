@@ -79,6 +79,7 @@ class NameRecord:
 class ReplicaPlacement:
     node_id: str
     zone: str
+    address: str = ""  # its node's replica service, as the node answered at creation
 
 
 @dataclass(frozen=True)

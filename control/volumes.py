@@ -247,7 +247,7 @@ class Volumes:
 
     def _make_and_confirm(self, record: VolumeRecord, version: int) -> VolumeRecord:
         if record.mirrored:
-            self.mirrors.realize(record, version)
+            record = self.mirrors.realize(record, version)  # with the replicas' addresses
         else:
             self.nodes.require(record.node_id).create_volume(NewVolume(
                 volume_id=record.volume_id, size_bytes=record.capacity_bytes,

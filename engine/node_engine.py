@@ -159,7 +159,9 @@ class NodeEngine:
         if backing is None:
             return
         self.files.check_version(backing, version)
-        if self.volumes.stage_record(volume_id) is not None:
+        # a replica is never staged itself (its volume's frontend is; the replica service
+        # refuses to drop a replica a frontend has open)
+        if backing.role != "replica" and self.volumes.stage_record(volume_id) is not None:
             raise InUse(f"volume {volume_id} is still staged on {self.identity.node_id}")
         for dev in self.files.devices(backing):
             if self.volumes.mounts.of_device(dev.major, dev.minor):

@@ -24,6 +24,7 @@ leader leases of 3 s, a reconcile round every 2 s.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -48,6 +49,7 @@ from tests.etcd_cluster import DIE_WITH_PARENT, EtcdCluster
 from tests.pki import CertificateAuthority, KeyPair
 
 AGENT_PORT = 7600
+REPLICA_PORT = 7400
 AGENT_NAME = "tandem-agent"
 NAMESPACE = "/tandem/"
 REPO = support.REPO
@@ -166,7 +168,30 @@ class NodeProc(Proc):
             "--agent-listen", f"{self.address}:{AGENT_PORT}",
             *cluster.pki.agent_args(cluster.pki.agent),
             "--registration-ttl", str(cluster.lease_ttl_s),
-            "--registration-refresh", "2", *cluster.node_args], cluster.env)
+            "--registration-refresh", "2", *cluster.mirror_args(self.address),
+            *cluster.node_args], cluster.env)
+
+    def data_path_pids(self) -> list[int]:
+        """Its replica service and its frontends' processes: they outlive the node process
+        on purpose (a restarted agent adopts them), so they are found by their pid files."""
+        pids = []
+        for pattern in ("pool/replicas/service.pid", "frontends/*/worker.pid",
+                        "frontends/*/holder.pid"):
+            for path in glob.glob(os.path.join(self.state_dir, pattern)):
+                try:
+                    with open(path) as f:
+                        pids.append(int(f.read().strip()))
+                except (OSError, ValueError):
+                    continue
+        return pids
+
+    def kill_data_path(self) -> None:
+        """SIGKILL everything of this node's data path (a dead node)."""
+        for pid in self.data_path_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class ControllerProc(Proc):
@@ -199,7 +224,10 @@ class TandemCluster:
     def __init__(self, root: str, zones: int = 3, controllers: int = 2, *,
                  lease_ttl_s: int = 3, reconcile_interval_s: float = 2.0,
                  intent_timeout_s: float = 600.0, node_args: tuple[str, ...] = (),
-                 controller_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 controller_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 mirror: bool = False, frontend_lease_ttl_s: int = 4,
+                 fence_margin_s: float = 2.0):
+        """mirror: the nodes serve replicas and run frontends (mirrored volumes)."""
         assert os.geteuid() == 0, "needs root: namespaces, loop devices, mounts"
         self.root = root
         self.zones = zones
@@ -208,6 +236,9 @@ class TandemCluster:
         self.intent_timeout_s = intent_timeout_s
         self.node_args, self.controller_args = tuple(node_args), tuple(controller_args)
         self.env = env or {}
+        self.mirror = mirror
+        self.frontend_lease_ttl_s, self.fence_margin_s = frontend_lease_ttl_s, fence_margin_s
+        self.mirror_key = os.path.join(root, "mirror.key")
         self.topo = Topology(zones, prefix=f"tdm-cl-{uuid.uuid4().hex[:6]}", extra_hosts=1)
         self.etcd: EtcdCluster = None  # type: ignore[assignment]  # made in up()
         self.pki: Pki = None  # type: ignore[assignment]
@@ -220,6 +251,10 @@ class TandemCluster:
     def up(self, timeout_s: float = 90.0) -> TandemCluster:
         try:
             self.topo.up()
+            if self.mirror:
+                with open(self.mirror_key, "wb") as f:
+                    f.write(os.urandom(24).hex().encode())
+                os.chmod(self.mirror_key, 0o600)
             ca = CertificateAuthority.create(os.path.join(self.root, "pki"))
             self.pki = Pki(ca, ca.issue("agent", dns=[AGENT_NAME]), ca.issue("controller"))
             self.etcd = EtcdCluster(self.root, tls=True, places=[
@@ -256,6 +291,8 @@ class TandemCluster:
                 p.kill()
             except Exception:  # noqa: BLE001 - everything else must still go
                 pass
+        for n in self.nodes:
+            n.kill_data_path()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -280,6 +317,13 @@ class TandemCluster:
         self.down()
 
     # --- arguments ---------------------------------------------------------------------
+    def mirror_args(self, address: str) -> list[str]:
+        if not self.mirror:
+            return []
+        return ["--replica-listen", f"{address}:{REPLICA_PORT}", "--mirror-key",
+                self.mirror_key, "--frontend-lease-ttl", str(self.frontend_lease_ttl_s),
+                "--fence-margin", str(self.fence_margin_s)]
+
     def store_args(self, endpoints: list[str]) -> list[str]:
         tls = self.etcd.tls
         assert tls is not None

@@ -1,0 +1,196 @@
+"""Mirrored volumes in a three-zone cluster, driven through CSI as the sidecars and the
+kubelet would: provision `replicas: 3`, attach (= fence) and stage on one node, write
+verified data, then lose that node (its processes killed, its link cut), fail over to
+another zone, and find every acknowledged block; the lost zone comes back and resyncs.
+
+The HA controller's part (noticing the frontend's lease expired, deleting the
+VolumeAttachment so the attacher unpublishes, the pod recreated elsewhere) is played here
+with the same inputs: the test waits for `frontend/<volume>` to vanish from etcd, then
+makes the attacher's and the kubelet's calls on the new node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import pytest
+
+from control import mirrored
+from mirror.testkit import VerifiedWriter
+from proto import csi_pb2
+from tests import support
+from tests.cluster import TandemCluster, wait_for
+from tests.conftest import require_root
+
+MIB = 1024 * 1024
+SIZE = 64 * MIB
+BLOCK = csi_pb2.VolumeCapability(
+    block=csi_pb2.VolumeCapability.BlockVolume(),
+    access_mode=csi_pb2.VolumeCapability.AccessMode(
+        mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_root()
+    root = support.make_root("tdm-clm-")
+    c = TandemCluster(root, mirror=True)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.down()
+        support.cleanup_tree(root)
+
+
+def create(cluster: TandemCluster, name: str, preferred_zone: int,
+           replicas: int = 3) -> csi_pb2.Volume:
+    req = csi_pb2.CreateVolumeRequest(
+        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[BLOCK], parameters={"replicas": str(replicas)})
+    req.accessibility_requirements.preferred.append(cluster.zone_segments(preferred_zone))
+    for z in range(1, cluster.zones + 1):
+        req.accessibility_requirements.requisite.append(cluster.zone_segments(z))
+    return cluster.controller(0).stubs().controller.CreateVolume(req).volume
+
+
+class Attached:
+    """The attacher's and the kubelet's calls for one node."""
+
+    def __init__(self, cluster: TandemCluster, vol: csi_pb2.Volume, zone: int):
+        self.cluster, self.vol, self.node = cluster, vol, cluster.node(zone)
+        self.staging = os.path.join(cluster.root, f"kubelet-z{zone}", vol.volume_id, "stg")
+        self.target = os.path.join(cluster.root, f"kubelet-z{zone}", vol.volume_id, "dev")
+        os.makedirs(self.staging, exist_ok=True)
+
+    def up(self) -> str:
+        ctl = self.cluster.controller(1).stubs().controller
+        published = ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=self.vol.volume_id, node_id=self.node.node_id, volume_capability=BLOCK,
+            volume_context=self.vol.volume_context))
+        self.context = dict(published.publish_context)
+        node = self.node.stubs().node
+        node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+            volume_id=self.vol.volume_id, staging_target_path=self.staging,
+            volume_capability=BLOCK, publish_context=self.context,
+            volume_context=self.vol.volume_context))
+        node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=self.vol.volume_id, staging_target_path=self.staging,
+            target_path=self.target, volume_capability=BLOCK,
+            publish_context=self.context, volume_context=self.vol.volume_context))
+        return self.target
+
+    def down(self) -> None:
+        node = self.node.stubs().node
+        node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=self.vol.volume_id, target_path=self.target))
+        node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=self.vol.volume_id, staging_target_path=self.staging))
+        self.detach()
+
+    def detach(self) -> None:
+        self.cluster.controller(0).stubs().controller.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=self.vol.volume_id,
+                                                     node_id=self.node.node_id))
+
+
+def delete(cluster: TandemCluster, volume_id: str) -> None:
+    """As the provisioner does: retried while a replica is still held (a frontend that just
+    stopped, whose connection its replica service has not closed yet)."""
+    def gone() -> bool:
+        try:
+            cluster.controller(0).stubs().controller.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            return False
+        return True
+    wait_for(gone, 30, f"DeleteVolume of {volume_id}")
+    wait_for(lambda: cluster.store().get(f"volume/{volume_id}") is None, 30,
+             "the deleted volume's records gone")
+
+
+def frontend_log(cluster: TandemCluster, zone: int, volume_id: str) -> str:
+    path = os.path.join(cluster.node(zone).state_dir, "frontends", volume_id, "worker.log")
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-3000:]
+    except FileNotFoundError:
+        return f"(no {path})"
+
+
+def condition(cluster: TandemCluster, volume_id: str) -> csi_pb2.VolumeCondition:
+    return cluster.controller(0).stubs().controller.ControllerGetVolume(
+        csi_pb2.ControllerGetVolumeRequest(volume_id=volume_id)).status.volume_condition
+
+
+def test_a_mirrored_volume_lives_through_csi(cluster):
+    vol = create(cluster, "mirrored-life", preferred_zone=2)
+    assert vol.volume_context[mirrored.MIRRORED_KEY] == "true"
+    zones = sorted(t.segments["topology.tandem.csi.dev/zone"] for t in vol.accessible_topology)
+    assert zones == ["zone-1", "zone-2", "zone-3"]
+    a = Attached(cluster, vol, 2)
+    dev = a.up()
+    assert a.context[mirrored.GENERATION_KEY] == "1"
+    writer = VerifiedWriter(dev, blocks=2048, threads=2).start()
+    writer.wait_writes(300)
+    writer.stop()
+    assert writer.errors == [] and writer.verify(dev, direct=True) == []
+    cond = condition(cluster, vol.volume_id)
+    assert not cond.abnormal, cond.message
+    a.down()
+    got = cluster.store().get(f"frontend/{vol.volume_id}")
+    assert got is not None and got.value["state"] == "stopped"
+    delete(cluster, vol.volume_id)
+    for n in cluster.nodes:  # every replica's storage went
+        assert not os.path.exists(os.path.join(n.pool_dir, "replicas", vol.volume_id))
+
+
+def test_failover_to_another_zone_loses_no_acknowledged_write(cluster):
+    vol = create(cluster, "mirrored-failover", preferred_zone=1)
+    first = Attached(cluster, vol, 1)
+    dev = first.up()
+    writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+    writer.wait_writes(300)
+    # zone 1 dies: its processes (agent, replica service, frontend) killed, its link cut
+    lost_at = time.monotonic()
+    cluster.node(1).kill()
+    cluster.node(1).kill_data_path()
+    cluster.cut(1)
+    writer.stop()
+    # the HA controller's trigger: the frontend's lease expires in etcd
+    wait_for(lambda: cluster.store().get(f"frontend/{vol.volume_id}") is None, 30,
+             "the dead frontend's lease to expire")
+    first.detach()  # the VolumeAttachment deleted: the attacher unpublishes
+    second = Attached(cluster, vol, 2)
+    dev2 = second.up()
+    assert int(second.context[mirrored.GENERATION_KEY]) > int(
+        first.context[mirrored.GENERATION_KEY])
+    failover_s = time.monotonic() - lost_at
+    assert writer.verify(dev2, direct=True) == []  # every acknowledged block is there
+    again = VerifiedWriter(dev2, blocks=2048, threads=2, first_block=4096).start()
+    again.wait_writes(100)
+    again.stop()
+    assert again.errors == []
+    cond = condition(cluster, vol.volume_id)
+    assert cond.abnormal and "node-z1" in cond.message  # the lost replica shows
+    print(f"failover took {failover_s:.1f} s")
+    # zone 1 comes back: its replica was recorded out of sync, and is repaired from the
+    # others; its kubelet takes down what the moved pod left there
+    cluster.heal(1)
+    cluster.node(1).start()
+    cluster.wait_ready()
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 60,
+             "the returned replica back in sync",
+             lambda: condition(cluster, vol.volume_id).message + "\n" + frontend_log(
+                 cluster, 2, vol.volume_id))
+    old = cluster.node(1).stubs().node
+    old.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=vol.volume_id, target_path=first.target))
+    old.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=first.staging))
+    second.down()
+    delete(cluster, vol.volume_id)
