@@ -176,5 +176,8 @@ class AgentClient:
     def fence_replica(self, volume_id: str, generation: int) -> int:
         return self._call("fence_replica", volume_id=volume_id, generation=generation)
 
+    def set_frontend_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
+        return self._call("set_frontend_replicas", volume_id=volume_id, replicas=replicas)
+
     def __repr__(self) -> str:
         return f"AgentClient({self._node_id!r}, {self.address!r})"

@@ -99,6 +99,10 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
     def FenceReplica(self, request, context):
         return self._serve("fence_replica", request)
 
+    @translated
+    def SetFrontendReplicas(self, request, context):
+        return self._serve("set_frontend_replicas", request)
+
 
 class AgentServer:
     """Serves one NodeApi on `listen` ("HOST:PORT"; port 0 picks one: see `port`)."""

@@ -113,6 +113,14 @@ class FrontendBackend:
             raise NotFound(f"mirrored volume {volume_id} is not staged on {self.node_id}")
         return rec
 
+    def set_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
+        """A replica replaced (self-healing): the running frontend and the record (which a
+        restarted frontend starts from) learn the new set."""
+        if self.record(volume_id) is None:
+            return False
+        self._update(volume_id, replicas=tuple(replicas))
+        return self.host.set_replicas(volume_id, [ReplicaAddr.parse(r) for r in replicas])
+
     # --- devices -----------------------------------------------------------------------
     def _file(self, volume_id: str) -> str:
         return f"{self.host.frontends_dir}/{volume_id}/mnt/{FILE_NAME}"

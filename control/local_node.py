@@ -8,6 +8,7 @@ call and a kubelet's call on one volume never interleave (the second is ABORTED)
 
 from __future__ import annotations
 
+from control.frontend_backend import FrontendBackend
 from control.node_api import (
     BLOCK,
     MOUNT,
@@ -38,10 +39,12 @@ REPLICA = "replica"
 
 class LocalNode:
     def __init__(self, engine: NodeEngine, max_volumes: int,
-                 replicas: ReplicaHost | None = None):
+                 replicas: ReplicaHost | None = None,
+                 frontends: FrontendBackend | None = None):
         self.engine = engine
         self.max_volumes = max_volumes
         self.replicas = replicas  # None: this node serves no replicas (all-in-one)
+        self.frontends = frontends  # the mirrored volumes staged here (cluster nodes)
 
     @property
     def node_id(self) -> str:
@@ -131,7 +134,8 @@ class LocalNode:
             if backing.role != REPLICA:
                 raise AlreadyExists(f"{spec.volume_id} is a volume of its own on "
                                     f"{self.node_id}, not a replica")
-            host.create(spec.volume_id, spec.size_bytes, self.engine.files.replica_file(backing))
+            host.create(spec.volume_id, spec.size_bytes, self.engine.files.replica_file(backing),
+                        rebuild=spec.rebuild)
             return ReplicaInfo(spec.volume_id, self.node_id, host.listen, backing.size_bytes,
                                backing.version)
 
@@ -149,6 +153,12 @@ class LocalNode:
         if not host.exists(volume_id):
             raise NotFound(f"no replica of {volume_id} on {self.node_id}")
         return host.fence(volume_id, generation)
+
+    def set_frontend_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
+        if self.frontends is None:
+            return False
+        with self.engine.locks.hold(volume_id):
+            return self.frontends.set_replicas(volume_id, replicas)
 
     # --- snapshots -----------------------------------------------------------------
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:

@@ -106,6 +106,9 @@ class NewReplica:
     size_bytes: int
     qos: QosSpec = QosSpec()
     version: int = 0
+    # a replacement for a lost replica: it starts with every region marked to copy, so
+    # whichever frontend next serves the volume rebuilds it whole from an in-sync replica
+    rebuild: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,12 @@ class NodeApi(Protocol):
     def fence_replica(self, volume_id: str, generation: int) -> int:
         """Raise the replica's generation: every older frontend is cut off it for good.
         Returns the replica's generation after (>= generation)."""
+        ...
+
+    def set_frontend_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
+        """The volume's frontend on this node (if one runs) serves exactly these replicas
+        ("node@host:port"): new ones are added (and rebuilt), others removed. False when no
+        frontend of the volume runs here."""
         ...
 
     # --- snapshots -----------------------------------------------------------------

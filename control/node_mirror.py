@@ -117,11 +117,21 @@ class ReplicaHost:
                 os.kill(pid, signal.SIGKILL)
 
     # --- replicas ----------------------------------------------------------------------
-    def create(self, volume_id: str, size_bytes: int, data_path: str) -> None:
-        """The replica's maps beside its bytes (an existing pool volume); idempotent."""
+    def create(self, volume_id: str, size_bytes: int, data_path: str,
+               rebuild: bool = False) -> None:
+        """The replica's maps beside its bytes (an existing pool volume); idempotent.
+        rebuild: a replacement for a lost replica. Its dirty map names every region, and a
+        frontend treats every region any replica's dirty map names as missing on the
+        replicas not in sync: whichever frontend serves the volume next copies it whole."""
         if os.path.exists(os.path.join(self.replicas_dir, volume_id, "meta.json")):
             return
-        ReplicaVolume.create(self.replicas_dir, volume_id, size_bytes, data_path).close()
+        vol = ReplicaVolume.create(self.replicas_dir, volume_id, size_bytes, data_path)
+        try:
+            if rebuild:
+                vol.start_tracking()
+                vol.mark_dirty(range(vol.regions))
+        finally:
+            vol.close()
 
     def exists(self, volume_id: str) -> bool:
         return os.path.exists(os.path.join(self.replicas_dir, volume_id, "meta.json"))
@@ -248,6 +258,21 @@ class FrontendHost:
                     continue
             adopted.append(volume_id)
         return adopted
+
+    def set_replicas(self, volume_id: str, replicas: list[ReplicaAddr]) -> bool:
+        """The running frontend serves exactly these replicas: new ones are added (a full
+        rebuild), others removed. False when no frontend of the volume runs here."""
+        fe = self._adopt(volume_id)
+        if fe is None or not fe.running():
+            return False
+        current = {r["replica_id"] for r in fe._cfg["replicas"]}  # noqa: SLF001
+        wanted = {r.replica_id for r in replicas}
+        for addr in replicas:
+            if addr.replica_id not in current:
+                fe.add_replica(addr)
+        for rid in current - wanted:
+            fe.remove_replica(rid)
+        return True
 
     def status(self, volume_id: str):
         fe = self._adopt(volume_id)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from control.healing import Healer
 from control.reconcile import Orphans, Reconciler
 from control.records import VOLUME
 from control.registry import NodeRegistry
@@ -41,6 +42,8 @@ class ControlPlane:
         self.volumes.snapshot_source = self.snapshots.source_of
         self.volumes.sweeper = TombstoneSweeper(store, self._tombstone_removed)
         self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock, report)
+        self.reconciler.healer = Healer(store, nodes, self.volumes,
+                                        policy.replica_replace_after_s, clock)
         self._watch: Watch | None = None
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
@@ -72,8 +75,11 @@ class ControlPlane:
                               intent_timeout_s=policy.intent_timeout_s,
                               clock=self.volumes.clock)
         volumes.snapshot_source = snapshots.source_of
-        return Reconciler(store, self.nodes, volumes, snapshots, self.volumes.clock,
-                          self.reconciler.report)
+        reconciler = Reconciler(store, self.nodes, volumes, snapshots, self.volumes.clock,
+                                self.reconciler.report)
+        reconciler.healer = Healer(store, self.nodes, volumes, policy.replica_replace_after_s,
+                                   self.volumes.clock)
+        return reconciler
 
     def _load_index(self) -> int:
         listing = self.store.list_with_revision(VOLUME)

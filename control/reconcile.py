@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from control.healing import Healer
 from control.records import (
     CREATING,
     DELETING,
@@ -57,6 +58,7 @@ class Reconciler:
         self.snapshots = snapshots
         self.clock = clock
         self.orphans = Orphans()
+        self.healer: Healer | None = None  # mirrored volumes' lost replicas (cluster mode)
         self.report = report  # called with each round's orphans (tandem-admin reads them)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,6 +80,8 @@ class Reconciler:
             snap = SnapshotRecord.from_value(got.value)
             known_snapshots.add(snap.snapshot_id)
             self._settle(snap.snapshot_id, self._snapshot, snap, got.version, now)
+        if self.healer is not None:
+            self.healer.run_once()
         self.orphans = self._find_orphans(known_volumes, known_snapshots)
         if self.report is not None:
             self.report(self.orphans)

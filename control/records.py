@@ -106,6 +106,8 @@ class VolumeRecord:
     min_in_sync: int = 0  # replicas that must hold a write before it is acknowledged
     remote_access: bool = False  # pods may run in any zone asked for, not only replicas'
     access_zones: tuple[str, ...] = ()  # mirrored: the zones its pods may run in
+    # replaced replicas whose storage is still on their node (gone when the node is back)
+    retired_replicas: tuple[str, ...] = ()
     # What CreateVolume asked for, kept apart from the current state so that a retry of it
     # is recognised after an expansion or a tier change (control/idempotency.py).
     capabilities: tuple[tuple[str, str, str], ...] = ()  # (access type, mode, fs type)
@@ -144,6 +146,7 @@ class VolumeRecord:
         v["qos"] = QosSpec(**v["qos"])
         v["replicas"] = tuple(ReplicaPlacement(**r) for r in v.get("replicas", ()))
         v["access_zones"] = tuple(v.get("access_zones", ()))
+        v["retired_replicas"] = tuple(v.get("retired_replicas", ()))
         v["capabilities"] = tuple(tuple(c) for c in v.get("capabilities", ()))
         return cls(**v)
 

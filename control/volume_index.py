@@ -42,7 +42,8 @@ class VolumeIndex:
                 self._entries.pop(volume_id, None)
                 self._gone[volume_id] = revision
             else:
-                self._entries[volume_id] = _Entry(revision, record.node_ids,
+                self._entries[volume_id] = _Entry(revision,
+                                                  record.node_ids + record.retired_replicas,
                                                   record.capacity_bytes, record.qos)
 
     def storage_gone(self, volume_id: str, revision: int) -> None:

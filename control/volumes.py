@@ -86,6 +86,7 @@ class VolumePolicy:
     overcommit_ratio: float = 20.0
     max_volumes_per_node: int = 128
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
+    replica_replace_after_s: float = 300.0  # a mirrored volume's replica away this long
 
 
 class Volumes:

@@ -44,6 +44,7 @@ class Config:
     store_namespace: str = "/tandem/"
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
     reconcile_interval_s: float = 30.0
+    replica_replace_after_s: float = 300.0  # a lost replica of a mirrored volume is replaced
     # where volumes' blocks live: "loop" (files in the pool) or "nvme" (a namespace each)
     backend: str = "loop"
     nvme: NvmeConfig | None = None  # the NVMe backend's settings (backend "nvme")

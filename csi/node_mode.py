@@ -56,7 +56,10 @@ class NodeDriver(Driver):
         clear_stale_socket(path)
         engine = self.open_engine()
         self.replicas = self._replica_host(engine)
-        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas)
+        host = self._frontends()
+        assert self.store is not None  # open_engine opened it
+        frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
+        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends)
         self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
         self.agent.start()
         store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
@@ -70,9 +73,6 @@ class NodeDriver(Driver):
         self.registrar.start()
         self.server = self.grpc_server()
         self.add_identity()
-        host = self._frontends()
-        assert self.store is not None  # open_engine opened it
-        frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
         csi_pb2_grpc.add_NodeServicer_to_server(
             NodeService(cfg, engine, frontends), self.server)
         self.serve(path)

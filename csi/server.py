@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="etcd: the key prefix of this cluster's records")
     p.add_argument("--store-timeout", type=float, default=5.0,
                    help="seconds before a store call's outcome counts as unknown")
+    p.add_argument("--replica-replace-after", type=float, default=300.0,
+                   help="controller: seconds a mirrored volume's replica may be away (its "
+                        "node unregistered) before a new one replaces it")
     p.add_argument("--intent-timeout", type=float, default=600.0,
                    help="seconds before an unconfirmed create is abandoned (its storage removed)")
     p.add_argument("--reconcile-interval", type=float, default=30.0,
@@ -169,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
         store_namespace=a.store_namespace,
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
+        replica_replace_after_s=a.replica_replace_after,
         backend=a.backend, nvme=nvme_config, mode=a.mode, cluster=cluster,
     )
 
@@ -291,7 +295,8 @@ class Driver:
         cfg = self.config
         return VolumePolicy(overcommit_ratio=cfg.overcommit_ratio,
                             max_volumes_per_node=cfg.max_volumes_per_node,
-                            intent_timeout_s=cfg.intent_timeout_s)
+                            intent_timeout_s=cfg.intent_timeout_s,
+                            replica_replace_after_s=cfg.replica_replace_after_s)
 
     def grpc_server(self) -> grpc.Server:
         return grpc.server(

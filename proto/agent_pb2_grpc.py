@@ -114,6 +114,11 @@ class NodeAgentStub:
                 request_serializer=proto_dot_agent__pb2.FenceReplicaRequest.SerializeToString,
                 response_deserializer=proto_dot_agent__pb2.FenceReplicaReply.FromString,
                 _registered_method=True)
+        self.SetFrontendReplicas = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/SetFrontendReplicas',
+                request_serializer=proto_dot_agent__pb2.SetFrontendReplicasRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.SetFrontendReplicasReply.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -215,6 +220,12 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFrontendReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +308,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.FenceReplica,
                     request_deserializer=proto_dot_agent__pb2.FenceReplicaRequest.FromString,
                     response_serializer=proto_dot_agent__pb2.FenceReplicaReply.SerializeToString,
+            ),
+            'SetFrontendReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFrontendReplicas,
+                    request_deserializer=proto_dot_agent__pb2.SetFrontendReplicasRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.SetFrontendReplicasReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -731,6 +747,33 @@ class NodeAgent:
             '/tandem.agent.v1.NodeAgent/FenceReplica',
             proto_dot_agent__pb2.FenceReplicaRequest.SerializeToString,
             proto_dot_agent__pb2.FenceReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFrontendReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/SetFrontendReplicas',
+            proto_dot_agent__pb2.SetFrontendReplicasRequest.SerializeToString,
+            proto_dot_agent__pb2.SetFrontendReplicasReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,7 @@ class FakeNode:
         self.max_volumes = max_volumes
         self.held: dict[str, VolumeInfo] = {}
         self.generations: dict[str, int] = {}  # replicas: the generation fenced at
+        self.frontends: dict[str, tuple[str, ...]] = {}  # volume -> replicas its frontend has
         self.snapshots: dict[str, SnapshotInfo] = {}
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
@@ -158,6 +159,13 @@ class FakeNode:
             raise NotFound(f"no replica of {volume_id} on {self._node_id}")
         self.generations[volume_id] = max(self.generations[volume_id], generation)
         return self.generations[volume_id]
+
+    def set_frontend_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
+        self._reach("set_frontend_replicas", volume_id)
+        if volume_id not in self.frontends:
+            return False
+        self.frontends[volume_id] = tuple(replicas)
+        return True
 
     def create_snapshots(self, members: tuple[SnapshotMember, ...]) -> tuple[SnapshotInfo, ...]:
         self._reach("create_snapshots", ",".join(m.snapshot_id for m in members))

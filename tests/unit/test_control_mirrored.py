@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from control import mirrored, placement
+from control.healing import Healer
 from control.mirrored import GENERATION_KEY, REPLICAS_KEY
 from control.placement import Constraints
 from control.records import DELETING
@@ -182,3 +183,50 @@ def test_bad_storage_class_parameters_are_invalid(params):
 def test_default_min_in_sync():
     assert mirrored.default_min_in_sync(2) == 1
     assert mirrored.default_min_in_sync(3) == 2
+
+
+def test_a_replica_away_too_long_is_replaced_and_rebuilt(zones):
+    c = zones  # n1 and n1b in z1, n2, n3, n4
+    healer = c.reconciler.healer = Healer(c.store, c.registry, c.volumes,
+                                          replace_after_s=60, clock=c.clock)
+    vol = create(c, "a", constraints=Constraints(
+        requisite=tuple(zone(z) for z in ("z1", "z2", "z3")), preferred=(zone("z1"),)))
+    lost = next(r for r in vol.replicas if r.zone == "z1")
+    c.volumes.publish(vol.volume_id, vol.replicas[1].node_id, "mount", False)
+    consumer = c.nodes[vol.replicas[1].node_id]
+    consumer.frontends[vol.volume_id] = ()  # its frontend runs
+    c.registry.remove(lost.node_id)  # the node's agent is gone
+    healer.run_once()
+    c.clock.now += 30
+    healer.run_once()
+    assert c.volumes.record(vol.volume_id)[0].replicas == vol.replicas  # not yet
+    c.clock.now += 31
+    healer.run_once()
+    healed, _ = c.volumes.record(vol.volume_id)
+    spare = "n1b" if lost.node_id == "n1" else "n1"
+    new = next(r for r in healed.replicas if r.zone == "z1")
+    assert new.node_id == spare and healed.retired_replicas == (lost.node_id,)
+    assert vol.volume_id in c.nodes[spare].held  # made, marked for a full rebuild
+    states = StoreArbiter(c.store).get(vol.volume_id).replicas
+    assert states[spare] == "out_of_sync" and lost.node_id not in states
+    assert f"{spare}@{spare}:7400" in consumer.frontends[vol.volume_id]
+    # the lost node comes back: its old replica's storage goes
+    c.registry.add(c.nodes[lost.node_id])
+    healer.run_once()
+    assert vol.volume_id not in c.nodes[lost.node_id].held
+    assert c.volumes.record(vol.volume_id)[0].retired_replicas == ()
+
+
+def test_a_replica_back_in_time_is_not_replaced(zones):
+    c = zones
+    healer = Healer(c.store, c.registry, c.volumes, replace_after_s=60, clock=c.clock)
+    vol = create(c, "a")
+    away = vol.replicas[0].node_id
+    c.registry.remove(away)
+    healer.run_once()
+    c.clock.now += 59
+    c.registry.add(c.nodes[away])
+    healer.run_once()
+    c.clock.now += 120
+    healer.run_once()
+    assert c.volumes.record(vol.volume_id)[0].replicas == vol.replicas
