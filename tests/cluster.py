@@ -404,9 +404,15 @@ class TandemCluster:
 
 def main() -> None:
     """`python -m tests.cluster`: a cluster for trying things by hand (csi-sanity, say);
-    prints the sockets, runs until Enter or Ctrl-C, then removes everything."""
+    prints the sockets, runs until Enter or Ctrl-C, then removes everything. --mirror: the
+    nodes serve replicas and frontends (mirrored volumes: `replicas: 3`)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster")
+    parser.add_argument("--mirror", action="store_true")
+    parser.add_argument("--zones", type=int, default=3)
+    opts = parser.parse_args()
     root = support.make_root("tdm-cluster-")
-    cluster = TandemCluster(root)
+    cluster = TandemCluster(root, zones=opts.zones, mirror=opts.mirror)
     try:
         cluster.up()
         print(f"root {root}")
