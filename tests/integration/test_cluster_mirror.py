@@ -12,6 +12,7 @@ makes the attacher's and the kubelet's calls on the new node.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -230,6 +231,40 @@ def test_the_frontend_outlives_its_agent_restarted_in_a_new_mount_namespace(clus
         delete(cluster, vol.volume_id)
     finally:
         subprocess.run(["umount", "--lazy", kubelet], check=False)
+
+
+def test_a_dead_data_path_is_restarted_by_its_agent(cluster):
+    """The frontend's worker and the replica service die on their own (a bug, the OOM
+    killer) while the agent lives: it restarts them, and the pod's I/O goes on."""
+    vol = create(cluster, "mirrored-supervised", preferred_zone=2)
+    a = Attached(cluster, vol, 2)
+    dev = a.up()
+    writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+    writer.wait_writes(100)
+    state = cluster.node(2).state_dir
+    for pid_file in (f"frontends/{vol.volume_id}/worker.pid", "pool/replicas/service.pid"):
+        with open(os.path.join(state, pid_file)) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda p=pid_file, old=pid: _pid(state, p) not in (0, old), 30,
+                 f"{pid_file} restarted", cluster.logs)
+        writer.wait_writes(200, timeout_s=60)
+    writer.stop()
+    assert writer.errors == []
+    assert writer.verify(dev, direct=True) == []
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 60,
+             "the restarted replica back in sync",
+             lambda: condition(cluster, vol.volume_id).message)
+    a.down()
+    delete(cluster, vol.volume_id)
+
+
+def _pid(state_dir: str, pid_file: str) -> int:
+    try:
+        with open(os.path.join(state_dir, pid_file)) as f:
+            return int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def test_a_replica_away_too_long_is_replaced_and_rebuilt(cluster):
