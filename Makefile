@@ -8,8 +8,8 @@ proto:
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(ETCD_PROTOS)
 
 lint:
-	$(PY) -m ruff check csi engine mirror control tests
-	$(PY) -m mypy csi engine mirror control
+	$(PY) -m ruff check backup csi engine mirror control tests
+	$(PY) -m mypy backup csi engine mirror control
 
 test:
 	scripts/test.sh

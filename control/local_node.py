@@ -8,16 +8,20 @@ call and a kubelet's call on one volume never interleave (the second is ABORTED)
 
 from __future__ import annotations
 
+from backup.jobs import BackupSpec, Jobs, JobState, RestoreSpec
 from control.node_api import (
     BLOCK,
     MOUNT,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
+    BackupJob,
     ByteRange,
     Condition,
     Inventory,
+    JobStatus,
     NewVolume,
     NodeInfo,
+    RestoreJob,
     SnapshotInfo,
     SnapshotMember,
     VolumeInfo,
@@ -31,9 +35,17 @@ from engine.volumes import Backing
 
 
 class LocalNode:
-    def __init__(self, engine: NodeEngine, max_volumes: int):
+    def __init__(self, engine: NodeEngine, max_volumes: int, *,
+                 backup_lock_stale_s: float = 600.0):
         self.engine = engine
         self.max_volumes = max_volumes
+        # backup and restore jobs read and write this node's pool files, in the background
+        self.jobs = Jobs(engine.store, self._snapshot_path, self._volume_path,
+                         lock_stale_s=backup_lock_stale_s)
+
+    def close(self) -> None:
+        """Stop the background jobs (their records let the next start resume them)."""
+        self.jobs.close()
 
     @property
     def node_id(self) -> str:
@@ -80,6 +92,10 @@ class LocalNode:
 
     def delete_volume(self, volume_id: str, version: int) -> None:
         with self.engine.locks.hold(volume_id):
+            backing = self.engine.volume(volume_id)
+            if backing is not None:
+                self.engine.files.check_version(backing, version)
+            self.jobs.forget_restore(volume_id)  # a restore writing into it stops first
             self.engine.delete_volume(volume_id, version)
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
@@ -116,6 +132,7 @@ class LocalNode:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         with self.engine.locks.hold(snapshot_id):
+            self.jobs.forget_backup(snapshot_id)  # an upload reading it stops first
             self.engine.delete_snapshot(snapshot_id)
 
     def snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
@@ -125,6 +142,9 @@ class LocalNode:
     def _snapshot_path(self, snapshot_id: str) -> str:
         return self.engine.snapshots.path(self.engine.snapshots.require(snapshot_id))
 
+    def _volume_path(self, volume_id: str) -> str:
+        return self.engine.files.path(self.engine.files.require(volume_id))
+
     def allocated_ranges(self, snapshot_id: str) -> tuple[ByteRange, ...]:
         return _ranges(changed_blocks.allocated(self._snapshot_path(snapshot_id)))
 
@@ -132,6 +152,32 @@ class LocalNode:
                        target_snapshot_id: str) -> tuple[ByteRange, ...]:
         return _ranges(changed_blocks.delta(self._snapshot_path(base_snapshot_id),
                                             self._snapshot_path(target_snapshot_id)))
+
+    # --- backups -------------------------------------------------------------------
+    def start_backup(self, job: BackupJob) -> JobStatus:
+        with self.engine.locks.hold(job.snapshot_id):
+            snap = self.engine.snapshots.require(job.snapshot_id)
+            return _status(self.jobs.start_backup(BackupSpec(
+                job.snapshot_id, job.backup_id, snap.source_volume_id, snap.created_at,
+                job.base_snapshot_id, job.base_backup_id), job.store))
+
+    def backup_status(self, snapshot_id: str) -> JobStatus | None:
+        state = self.jobs.backup_state(snapshot_id)
+        return _status(state) if state is not None else None
+
+    def start_restore(self, job: RestoreJob) -> JobStatus:
+        with self.engine.locks.hold(job.volume_id):
+            return _status(self.jobs.start_restore(RestoreSpec(job.volume_id, job.backup_id),
+                                                   job.store))
+
+    def restore_status(self, volume_id: str) -> JobStatus | None:
+        state = self.jobs.restore_state(volume_id)
+        return _status(state) if state is not None else None
+
+
+def _status(state: JobState) -> JobStatus:
+    return JobStatus(state.phase, state.bytes_total, state.bytes_done, state.bytes_uploaded,
+                     state.error, state.error_kind)
 
 
 def _snapshot_info(snap: SnapshotBacking) -> SnapshotInfo:

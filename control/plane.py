@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from backup.targets import Targets
+from control.backups import Backups
 from control.reconcile import Orphans, Reconciler
 from control.records import VOLUME
 from control.registry import NodeRegistry
@@ -30,7 +32,8 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     def __init__(self, store: Store, nodes: NodeRegistry, policy: VolumePolicy,
                  clock: Callable[[], float] = time.time,
-                 report: Callable[[Orphans], None] | None = None):
+                 report: Callable[[Orphans], None] | None = None,
+                 targets: Targets | None = None, backup_lock_stale_s: float = 600.0):
         self.store = store
         self.nodes = nodes
         self.index = VolumeIndex()
@@ -39,6 +42,9 @@ class ControlPlane:
         self.snapshots = Snapshots(store, nodes, self.volumes, self.locks,
                                    intent_timeout_s=policy.intent_timeout_s, clock=clock)
         self.volumes.snapshot_source = self.snapshots.source_of
+        self.backups = Backups(store, nodes, targets or Targets(), policy.intent_timeout_s,
+                               clock, lock_stale_s=backup_lock_stale_s)
+        self.snapshots.backups = self.volumes.backups = self.backups
         self.volumes.sweeper = TombstoneSweeper(store, self._tombstone_removed)
         self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock, report)
         self._watch: Watch | None = None

@@ -40,6 +40,8 @@ class Config:
     store_namespace: str = "/tandem/"
     intent_timeout_s: float = 600.0  # a create not confirmed by then is abandoned
     reconcile_interval_s: float = 30.0
+    backup_targets_file: str = ""  # backup targets (backup/targets.py); "" = no backups
+    backup_lock_stale_s: float = 600.0  # a bucket lock older than this was left by the dead
 
     @property
     def pool_directory(self) -> str:

@@ -17,6 +17,7 @@ import time
 
 import grpc
 
+from backup.targets import Targets
 from control.local_node import LocalNode
 from control.plane import ControlPlane
 from control.reconcile import Orphans
@@ -86,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="seconds before an unconfirmed create is abandoned (its storage removed)")
     p.add_argument("--reconcile-interval", type=float, default=30.0,
                    help="seconds between reconcile rounds (0: only at start-up)")
+    p.add_argument("--backup-targets", default="",
+                   help="JSON file naming backup targets (endpoint, bucket, prefix); "
+                        "see docs/backup.md")
+    p.add_argument("--backup-lock-stale-s", type=float, default=600.0,
+                   help="seconds after which a bucket lock no process refreshed is ignored")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if not a.endpoint.startswith("unix://"):
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store_key_file=a.store_key, store_timeout_s=a.store_timeout,
         store_namespace=a.store_namespace,
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
+        backup_targets_file=os.path.abspath(a.backup_targets) if a.backup_targets else "",
+        backup_lock_stale_s=a.backup_lock_stale_s,
     )
 
 
@@ -164,11 +172,13 @@ class Driver:
         self.cluster_store: Store | None = None  # cluster records
         self.plane: ControlPlane | None = None
         self.engine: NodeEngine | None = None
+        self.local_node: LocalNode | None = None
         self._lock_fd = -1
 
     def start(self) -> None:
         cfg = self.config
         self._lock_fd = take_state_lock(cfg)
+        targets = Targets.load(cfg.backup_targets_file)  # a bad file stops the start here
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
         self.store = SqliteStore(cfg.store_path)
@@ -184,15 +194,18 @@ class Driver:
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s, cfg.store_namespace))
         nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
-        nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
+        self.local_node = LocalNode(engine, cfg.max_volumes_per_node,
+                                    backup_lock_stale_s=cfg.backup_lock_stale_s)
+        nodes.add(self.local_node)
         plane = ControlPlane(self.cluster_store, nodes, VolumePolicy(
             overcommit_ratio=cfg.overcommit_ratio,
             max_volumes_per_node=cfg.max_volumes_per_node,
-            intent_timeout_s=cfg.intent_timeout_s), report=self._report_orphans)
+            intent_timeout_s=cfg.intent_timeout_s), report=self._report_orphans,
+            targets=targets, backup_lock_stale_s=cfg.backup_lock_stale_s)
         plane.start(cfg.reconcile_interval_s,
                     shared_store=not cfg.cluster_store_url.startswith("sqlite:"))
         self.plane = plane
-        snapshotter = Snapshotter(plane.snapshots)
+        snapshotter = Snapshotter(plane.snapshots, plane.backups)
 
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=cfg.workers),
@@ -234,6 +247,8 @@ class Driver:
             self.server.stop(grace_s).wait()
         if self.plane is not None:
             self.plane.close()
+        if self.local_node is not None:
+            self.local_node.close()  # background uploads and restores stop (resumable)
         if self.cluster_store is not None:
             self.cluster_store.close()
         if self.engine is not None:
