@@ -98,6 +98,14 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
+        """ValueError for anything that is not a whole, consistent manifest."""
+        try:
+            return cls._decode(data)
+        except (struct.error, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"manifest is malformed: {e}") from None
+
+    @classmethod
+    def _decode(cls, data: bytes) -> Manifest:
         if not data.startswith(MAGIC):
             raise ValueError("not a Tandem backup manifest")
         pos = len(MAGIC)

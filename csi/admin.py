@@ -5,6 +5,9 @@
                                                  per-volume IOPS and bytes/s of each pod
     tandem-admin [--state-dir DIR] orphans       storage no record owns (kept, reported)
     tandem-admin [--state-dir DIR] purge NAME    remove one orphan (the driver stopped)
+    tandem-admin [--state-dir DIR] backup status|list|verify
+                                                 backup jobs; a target's backups, checked
+                                                 (csi/admin_backup.py)
 
 It reads the driver's state store (SQLite in WAL mode: safe beside a running driver) and the
 pods' cgroup statistics; NodeGetVolumeStats has no field for I/O rates, so this is where
@@ -20,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from csi import admin_backup
 from csi.config import Config
 from engine.errors import EngineError
 from engine.node_records import Device, NodeRecords, format_device
@@ -122,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         purge.add_argument(flag, default="")
     purge.add_argument("--store-namespace", default="/tandem/")
     purge.add_argument("--pool", default="", help="pool directory (default STATE_DIR/pool)")
+    admin_backup.add_parser(sub)
     a = p.parse_args(argv)
+    if a.command == "backup":
+        return admin_backup.run(a)
     if a.command in ("orphans", "purge"):
         return _orphans_command(p, a)
     store = SqliteStore(f"{a.state_dir}/state.sqlite")
