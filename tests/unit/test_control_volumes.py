@@ -177,7 +177,7 @@ def test_expired_intent_becomes_a_tombstone_and_its_storage_goes(three_zones):
     node = c.nodes["n1"]
     # a create that made storage and then lost its controller before confirming
     original = c.volumes._realize
-    c.volumes._realize = lambda record, version: (_ for _ in ()).throw(Unavailable("crash"))
+    c.volumes._realize = lambda record, version, *_: (_ for _ in ()).throw(Unavailable("crash"))
     with pytest.raises(Unavailable):
         c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
     c.volumes._realize = original
