@@ -16,6 +16,7 @@ checkpoints cover. The manifest, the full index, goes last.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ MIB = 1024 * 1024
 WINDOW_BYTES = 1 * MIB
 PACK_BYTES = 16 * MIB
 UPLOAD_THREADS = 3
+SEAL_THREADS = 2
+SEAL_AHEAD = 8  # windows read ahead of the pack being filled (8 MiB at most)
 MAX_PACKS_IN_FLIGHT = 4
 
 
@@ -161,48 +164,70 @@ class Uploader:
 
     def _upload(self, done_windows: set[int], lock) -> None:
         fd = os.open(self.path, os.O_RDONLY)
+        sealers = ThreadPoolExecutor(SEAL_THREADS, thread_name_prefix="backup-seal")
         pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="backup-upload")
         in_flight: list[Future] = []
         slots = threading.Semaphore(MAX_PACKS_IN_FLIGHT)
+        # windows read in order, sealed by a few threads (hashing, zstd and AES-GCM leave
+        # the GIL), taken into packs in order again
+        sealing: collections.deque[tuple[list[tuple[int, int]], Future]] = collections.deque()
+        pack = _PackBuilder()
+
+        def take_one() -> None:
+            nonlocal pack, in_flight, lock
+            pieces, future = sealing.popleft()
+            blob, sealed, plain_bytes = future.result()
+            self._add_window(pieces, blob, sealed, plain_bytes, pack)
+            if pack.size >= PACK_BYTES:
+                in_flight = self._send(pool, slots, in_flight, pack)
+                pack = _PackBuilder()
+                lock = self.repo.refresh_lock(lock)
+
         try:
-            pack = _PackBuilder()
             for w, pieces in windows(self.plan.data):
                 if w in done_windows:
                     continue
                 if self.cancel.is_set():
                     raise Canceled()
-                self._add_window(fd, pieces, pack)
-                if pack.size >= PACK_BYTES:
-                    in_flight = self._send(pool, slots, in_flight, pack)
-                    pack = _PackBuilder()
-                    lock = self.repo.refresh_lock(lock)
+                sealing.append((pieces, sealers.submit(self._seal, self._read(fd, pieces))))
+                if len(sealing) >= SEAL_AHEAD:
+                    take_one()
+            while sealing:
+                take_one()
             if pack.extents:
                 in_flight = self._send(pool, slots, in_flight, pack)
             for f in in_flight:
                 f.result()
         finally:
+            sealers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
 
-    def _add_window(self, fd: int, pieces: list[tuple[int, int]], pack: _PackBuilder) -> None:
+    @staticmethod
+    def _read(fd: int, pieces: list[tuple[int, int]]) -> bytes:
         start, end = pieces[0][0], pieces[-1][0] + pieces[-1][1]
         if 2 * sum(n for _, n in pieces) >= end - start:
             # mostly data: one read of the window's span, the pieces cut out of it
             span = memoryview(os.pread(fd, end - start, start))
-            data = b"".join(span[o - start:o - start + n] for o, n in pieces)
-        else:
-            data = b"".join(os.pread(fd, n, o) for o, n in pieces)
+            return b"".join(span[o - start:o - start + n] for o, n in pieces)
+        return b"".join(os.pread(fd, n, o) for o, n in pieces)
+
+    def _seal(self, data: bytes) -> tuple[bytes, bytes, int]:
+        """(content id, sealed blob, plain length) of one window's data."""
         blob = self.repo.keys.content_id(data)
-        extents, at = [], 0
+        return blob, self.repo.keys.seal(data, blob), len(data)
+
+    def _add_window(self, pieces: list[tuple[int, int]], blob: bytes, sealed: bytes,
+                    plain_bytes: int, pack: _PackBuilder) -> None:
+        at = 0
         for o, n in pieces:
-            extents.append([o, n, blob.hex(), at])
+            pack.extents.append([o, n, blob.hex(), at])
             at += n
         with self._lock:
             known = blob in self.known
         if not known and blob.hex() not in pack.blobs:
-            pack.add_blob(blob, self.repo.keys.seal(data, blob), len(data))
-        pack.extents.extend(extents)
-        pack.data_bytes += len(data)
+            pack.add_blob(blob, sealed, plain_bytes)
+        pack.data_bytes += plain_bytes
 
     def _send(self, pool: ThreadPoolExecutor, slots: threading.Semaphore,
               in_flight: list[Future], pack: _PackBuilder) -> list[Future]:

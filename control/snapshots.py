@@ -208,7 +208,7 @@ class Snapshots:
             return False
         node.delete_snapshot(tomb.snapshot_id)  # a backup's upload stops with it
         crash.point("delete-snapshot-after-engine")
-        if tomb.backup is not None:
+        if tomb.backup is not None and tomb.backup.base_chosen:  # an upload may have begun
             if self.backups is None:
                 raise InvalidSpec(f"snapshot {tomb.snapshot_id} is a backup, and backups are "
                                   "not configured")

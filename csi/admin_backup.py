@@ -6,6 +6,9 @@
     tandem-admin backup list --targets-file F TARGET
     tandem-admin backup verify --targets-file F SNAPSHOT_ID
         read the backup back and check every blob (exit 1 and the damaged blob named)
+    tandem-admin backup gc --targets-file F TARGET
+        delete the packs no backup references (left by cancelled uploads); refused while
+        an upload runs on the target
 
 Credentials for the bucket: --secrets-dir (a mounted Secret: files accessKeyId,
 secretAccessKey, encryptionKey), else the environment variable TANDEM_BACKUP_SECRETS
@@ -34,11 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("backup", help="backup jobs, and checks of a target's backups")
     cmds = p.add_subparsers(dest="backup_command", required=True)
     cmds.add_parser("status", help="this node's upload and restore jobs")
-    for name in ("list", "verify"):
+    for name in ("list", "verify", "gc"):
         c = cmds.add_parser(name)
         c.add_argument("--targets-file", required=True)
         c.add_argument("--secrets-dir", default="")
-        c.add_argument("what", help="a target (list) or a backup's snapshot ID (verify)")
+        c.add_argument("what", help="a target (list, gc) or a backup's snapshot ID (verify)")
 
 
 def status(state_dir: str) -> dict:
@@ -78,6 +81,9 @@ def run(a: argparse.Namespace) -> int:
                                "volume_id": m.volume_id, "size_bytes": m.size_bytes,
                                "created_at": m.created_at, "data_bytes": m.data_bytes,
                                "base_backup_id": m.base_backup_id})
+        elif a.backup_command == "gc":
+            packs, freed = _repository(a, a.what).collect_garbage()
+            report = {"target": a.what, "packs_deleted": packs, "bytes_freed": freed}
         else:
             ref = parse_snapshot_id(a.what)
             if ref is None:

@@ -76,3 +76,29 @@ def test_the_node_daemonset_keeps_paths_in_the_kubelets_directory():
     for path in ["/etc/x", "/var/lib/tandem/pool/x", "/tmp/x", "/var/lib"]:
         with pytest.raises(InvalidSpec):
             validation.check_path(path, "p", policy)
+
+
+def test_backup_classes_and_targets_agree_with_the_driver(tmp_path):
+    from backup.targets import Targets
+    from csi.snapshotter import BACKUP_TARGET, SNAPSHOT_PARAMETERS
+
+    (config_map,) = [c for c in objects("ConfigMap")
+                     if c["metadata"]["name"] == "tandem-backup-targets"]
+    path = tmp_path / "targets.json"
+    path.write_text(config_map["data"]["targets.json"])
+    targets = Targets.load(str(path))
+    secrets = {s["metadata"]["name"]: s for s in objects("Secret")}
+    for vsc in objects("VolumeSnapshotClass"):
+        params = validation.check_parameters(vsc.get("parameters", {}), SNAPSHOT_PARAMETERS,
+                                             "snapshot parameter")
+        if BACKUP_TARGET in params:
+            targets.require(params[BACKUP_TARGET])
+            secret = vsc["parameters"]["csi.storage.k8s.io/snapshotter-secret-name"]
+            assert set(secrets[secret]["stringData"]) >= {"accessKeyId", "secretAccessKey",
+                                                          "encryptionKey"}
+    (ds,) = objects("DaemonSet")
+    (container,) = [c for c in ds["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "tandem"]
+    flag = [a for a in container["args"] if a.startswith("--backup-targets=")]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert flag == [f"--backup-targets={mounts['backup-targets']}/targets.json"]
