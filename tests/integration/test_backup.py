@@ -433,3 +433,38 @@ def test_interrupted_upload_resumes_and_credentials_never_reach_the_log(
     finally:
         other.close()
     assert got == source
+
+
+def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path):
+    from backup.repo import Repository
+    from backup.targets import Targets
+    from engine.errors import Busy
+
+    targets = Targets.load(targets_file(str(tmp_path), rgw, bucket))
+    store = targets.resolve("offsite", secrets, "test")
+    repo = Repository.open(store, create=True, lock_stale_s=2.0)
+    orphan = repo.write_pack(b"left by a cancelled upload")
+    # an upload in progress: no collection (its packs are referenced by no manifest yet)
+    upload = repo.lock_upload("a" * 32)
+    with pytest.raises(Busy, match="upload is in progress"):
+        repo.collect_garbage()
+    assert repo.pack_key(orphan) in bucket.objects()
+    repo.release_lock(upload)
+    # a collection in progress: no upload starts
+    gc = repo.take_lock("gc", "b" * 32)
+    with pytest.raises(Busy, match="garbage collection"):
+        repo.lock_upload("c" * 32)
+    assert not repo.fresh_locks("upload")  # it withdrew its lock
+    repo.release_lock(gc)
+    assert repo.collect_garbage() == (1, len(b"left by a cancelled upload"))
+    assert repo.pack_key(orphan) not in bucket.objects()
+    # a lock its process stopped refreshing is ignored once stale
+    stale = repo.take_lock("upload", "d" * 32)
+    time.sleep(2.5)
+    assert repo.collect_garbage() == (0, 0)
+    repo.release_lock(stale)
+    # the operator's command does the same
+    result = admin(["backup", "gc", "--targets-file", f"{tmp_path}/targets.json", "offsite"],
+                   secrets)
+    assert result.returncode == 0 and json.loads(result.stdout)["packs_deleted"] == 0, \
+        result.stderr
