@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from backup.manifest import Manifest
 from backup.targets import parse_snapshot_id
 from control.backups import Backups
-from control.records import GroupRecord, SnapshotRecord, request_hash
+from control.records import READY, GroupRecord, SnapshotRecord, request_hash
 from control.snapshots import Snapshots
 from csi import validation
 from engine.errors import EngineError, InvalidSpec, NotFound
@@ -68,12 +68,12 @@ class Snapshotter:
             if not validation.well_formed_id(snapshot_id):
                 return None
             found = self.snapshots.record(snapshot_id)
-            ready = found is not None and found[0].state == "ready"
+            ready = found is not None and found[0].state == READY
             return self.message(found[0]) if found is not None and ready else None
         found = self.snapshots.record(snapshot_id)
         if found is not None:
             snap = found[0]
-            if snap.state != "ready":
+            if snap.state != READY:
                 return None
             if not snap.ready_to_use:
                 try:  # progress, and the upload restarted if a restart stopped it
