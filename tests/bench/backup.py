@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import time
 import uuid
@@ -62,6 +63,12 @@ class Node:
             volume_id=volume_id, target_path=target))
         self.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
             volume_id=volume_id, staging_target_path=staging))
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process (the drivers run in it; radosgw and the OSD do not)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def digest(path: str) -> str:
@@ -146,7 +153,9 @@ def run(size_bytes: int, changed_bytes: int) -> dict:
         finally:
             os.close(fd)
         digests = [digest(target)]
+        cpu0 = cpu_s()
         full_s, full_id = backup(a, "full", vol.volume_id, secrets)
+        full_cpu = cpu_s() - cpu0
         after_full = bucket_bytes(s3, bucket)
 
         rng = random.Random(7)
@@ -165,11 +174,12 @@ def run(size_bytes: int, changed_bytes: int) -> dict:
         a.unpublish(vol.volume_id, staging, target)
 
         verified = True
-        restore_s = 0.0
+        restore_s = restore_cpu = 0.0
         for i, snapshot_id in enumerate((full_id, incr_id)):
+            cpu0 = cpu_s()
             took, rid = restore(b, f"restored-{i}", snapshot_id, size_bytes, secrets)
             if i == 0:
-                restore_s = took
+                restore_s, restore_cpu = took, cpu_s() - cpu0
             st, dev = b.publish(rid)
             verified = verified and digest(dev) == digests[i]
             b.unpublish(rid, st, dev)
@@ -181,8 +191,10 @@ def run(size_bytes: int, changed_bytes: int) -> dict:
             "full_backup_s": round(full_s, 2),
             "full_backup_mb_s": round(size_mb / full_s, 1),
             "full_uploaded_bytes": sum(after_full.values()),
+            "full_backup_driver_cpu_s": round(full_cpu, 1),
             "restore_s": round(restore_s, 2),
             "restore_mb_s": round(size_mb / restore_s, 1),
+            "restore_driver_cpu_s": round(restore_cpu, 1),
             "incremental_s": round(incr_s, 2),
             "incremental_uploaded_bytes": incr_uploaded,
             "incremental_upload_over_changed": round(incr_uploaded / (len(blocks) * BLOCK), 3),
