@@ -45,12 +45,6 @@ class JobState:
     error: str = ""
     error_kind: str = ""  # the domain error's class name (engine/errors.py)
 
-    def raise_error(self) -> None:
-        cls = getattr(errors, self.error_kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, EngineError)):
-            cls = EngineError
-        raise cls(self.error)
-
 
 @dataclass(frozen=True)
 class BackupSpec:
@@ -186,17 +180,19 @@ class Jobs:
                    bytes_uploaded=p.bytes_uploaded)
 
     # --- the work --------------------------------------------------------------------
-    def _checkpoints(self, snapshot_id: str) -> list[upload.Checkpoint]:
-        return [upload.Checkpoint.from_value(v)
-                for _, v in self.store.list(CHECKPOINT, prefix=snapshot_id + "/")]
+    def _checkpoints(self, snapshot_id: str) -> tuple[list[upload.Checkpoint], int]:
+        """The upload's checkpoints, and the number the next one takes."""
+        found = self.store.list(CHECKPOINT, prefix=snapshot_id + "/")
+        next_seq = int(found[-1][0].rsplit("/", 1)[1]) + 1 if found else 0
+        return [upload.Checkpoint.from_value(v) for _, v in found], next_seq
 
     def _run_backup(self, spec: BackupSpec, store: ObjectStore, running: _Running) -> None:
         repo = Repository.open(store, create=True, lock_stale_s=self.lock_stale_s)
         path = self.snapshot_path(spec.snapshot_id)
         base, base_path = self._base(repo, spec)
         the_plan = upload.plan(path, os.stat(path).st_size, base_path, base)
-        checkpoints = self._checkpoints(spec.snapshot_id)
-        seq = [len(checkpoints)]
+        checkpoints, next_seq = self._checkpoints(spec.snapshot_id)
+        seq = [next_seq]
         last_save = [time.monotonic()]
 
         def save(cp: upload.Checkpoint) -> None:
@@ -282,14 +278,3 @@ class Jobs:
             r.cancel.set()
         for r in running:
             r.thread.join(30)
-
-    def all(self) -> dict[str, list[dict]]:
-        """Every job's record with its live progress, for `tandem-admin backup status`."""
-        out: dict[str, list[dict]] = {}
-        for kind, getter in ((BACKUP_JOB, self.backup_state), (RESTORE_JOB, self.restore_state)):
-            out[kind] = []
-            for key, rec in self.store.list(kind):
-                state = getter(key)
-                out[kind].append({"id": key, **rec, **(dataclasses.asdict(state) if state
-                                                        else {})})
-        return out
