@@ -19,7 +19,9 @@ stored in a record, never logged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from backup.manifest import Manifest
@@ -49,6 +51,8 @@ from engine.errors import Busy, EngineError, NotFound
 
 log = logging.getLogger(__name__)
 
+REPOSITORIES_KEPT = 16  # open repositories (S3 clients), by target and credentials
+
 
 def job_error(status: JobStatus) -> EngineError:
     """The domain error a failed job reported (its class kept by name)."""
@@ -72,9 +76,24 @@ class Backups:
         self.intent_timeout_s = intent_timeout_s
         self.clock = clock
         self.lock_stale_s = lock_stale_s
+        self._repos: OrderedDict[ObjectStore, Repository] = OrderedDict()
+        self._repos_lock = threading.Lock()
 
     def repository(self, store: ObjectStore) -> Repository:
-        return Repository.open(store, lock_stale_s=self.lock_stale_s)
+        """The target's repository, opened once per target and credentials: an S3 client
+        costs a few hundred milliseconds to make, and the provisioner retries CreateVolume
+        every few seconds while a restore runs."""
+        with self._repos_lock:
+            repo = self._repos.get(store)
+            if repo is not None:
+                self._repos.move_to_end(store)
+                return repo
+        repo = Repository.open(store, lock_stale_s=self.lock_stale_s)
+        with self._repos_lock:
+            self._repos[store] = repo
+            while len(self._repos) > REPOSITORIES_KEPT:
+                self._repos.popitem(last=False)
+        return repo
 
     def check_target(self, name: str) -> None:
         self.targets.require(name)
