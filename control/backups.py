@@ -175,9 +175,14 @@ class Backups:
         """Older backups' local snapshots go once a newer one is the base (the record says
         so first; a failure leaves them for the next upload to release)."""
         assert newest.backup is not None
-        for old in self._backups_of(newest.source_volume_id, newest.backup.target):
+        backups = self._backups_of(newest.source_volume_id, newest.backup.target)
+        # the base of an upload still running stays until that upload is done
+        in_use = {s.backup.base_snapshot_id for s in backups
+                  if s.backup is not None and s.backup.phase != UPLOADED}
+        for old in backups:
             if old.backup is None or not old.backup.local or old.backup.phase != UPLOADED \
-                    or old.created_at >= newest.created_at or old.node_id != newest.node_id:
+                    or old.created_at >= newest.created_at or old.node_id != newest.node_id \
+                    or old.snapshot_id in in_use:
                 continue
             try:
                 current, version = self._record(old.snapshot_id)
