@@ -187,10 +187,12 @@ class Jobs:
         return [upload.Checkpoint.from_value(v) for _, v in found], next_seq
 
     def _run_backup(self, spec: BackupSpec, store: ObjectStore, running: _Running) -> None:
+        started = time.monotonic()
         repo = Repository.open(store, create=True, lock_stale_s=self.lock_stale_s)
         path = self.snapshot_path(spec.snapshot_id)
         base, base_path = self._base(repo, spec)
         the_plan = upload.plan(path, os.stat(path).st_size, base_path, base)
+        planned = time.monotonic()
         checkpoints, next_seq = self._checkpoints(spec.snapshot_id)
         seq = [next_seq]
         last_save = [time.monotonic()]
@@ -220,9 +222,11 @@ class Jobs:
                     raise
         self._finish(running, BACKUP_JOB, spec.snapshot_id, DONE)
         self._drop_checkpoints(spec.snapshot_id)
-        log.info("backup %s of %s done: %d data bytes, %d uploaded (base %s)",
-                 spec.backup_id, spec.volume_id, manifest.data_bytes,
-                 running.progress.bytes_uploaded, the_plan.base_backup_id or "none")
+        log.info("backup %s of %s done: %d data bytes, %d uploaded (base %s); planned in "
+                 "%.2f s, uploaded in %.2f s", spec.backup_id, spec.volume_id,
+                 manifest.data_bytes, running.progress.bytes_uploaded,
+                 the_plan.base_backup_id or "none", planned - started,
+                 time.monotonic() - planned)
 
     def _base(self, repo: Repository, spec: BackupSpec) -> tuple[Manifest | None, str]:
         """The base's manifest and local snapshot, or (None, "") for a full upload."""

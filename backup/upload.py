@@ -55,12 +55,13 @@ class Plan:
 
 def plan(snapshot_path: str, size_bytes: int, base_path: str = "",
          base: Manifest | None = None) -> Plan:
+    target = changed_blocks.written_extents(snapshot_path)  # one extent map, two uses
     allocated = [(r.offset_bytes, r.length_bytes)
-                 for r in changed_blocks.allocated(snapshot_path)]
+                 for r in changed_blocks.allocated_of_extents(target)]
     if not base_path or base is None:
         return Plan(size_bytes, allocated, [], {})
-    changed = [(r.offset_bytes, r.length_bytes)
-               for r in changed_blocks.delta(base_path, snapshot_path)]
+    changed = [(r.offset_bytes, r.length_bytes) for r in changed_blocks.delta_of_extents(
+        changed_blocks.written_extents(base_path), target)]
     kept = without(base.extents, changed)
     return Plan(size_bytes, intersect(changed, allocated), kept, dict(base.blobs),
                 base.backup_id)
