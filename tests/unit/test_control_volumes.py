@@ -67,10 +67,13 @@ class Cluster:
                                      self.clock)
 
     def create(self, name: str, size: int = GIB, qos: QosSpec = NO_QOS, digest: str = "h",
-               constraints: Constraints = ANYWHERE, source: VolumeSource = EMPTY):
+               constraints: Constraints = ANYWHERE, source: VolumeSource = EMPTY,
+               secrets: dict[str, str] | None = None):
         return self.volumes.create(VolumeRequest(
             name=name, request_hash=digest, size_bytes=size, access_types=("mount",),
-            qos=qos, constraints=constraints, source=source))
+            qos=qos, constraints=constraints, source=source,
+            secrets=secrets or {"accessKeyId": "AK", "secretAccessKey": "SK",
+                                "encryptionKey": "k" * 40}))
 
     def state(self, volume_id: str) -> str | None:
         found = self.volumes.record(volume_id)
