@@ -12,8 +12,9 @@ through two all-in-one drivers' CSI sockets (the second shares only the bucket):
    volumes' SHA-256 equal the source's at each snapshot's instant.
 Also a third backup after a sixteenth of the change (incremental_small_s: an incremental's
 time follows the changed data, not the volume), and the CPU seconds the drivers spent.
-The final line is JSON. Runtime here: about 4 minutes (2 cores); memory: about 6 GiB for
-the OSD, disk: sparse pools of up to 16 GiB under /tmp.
+The final line is JSON. Runtime here: about 2.5 minutes on a quiet machine (2 cores), 4
+under load; memory: up to 8 GiB for the memstore OSD; disk: sparse pools of up to 16 GiB
+each under /tmp (12 GiB free is checked first).
 
     python -m tests.bench.backup [--size-gib 4] [--changed-mib 64]
 """
