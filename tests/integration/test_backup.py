@@ -378,7 +378,7 @@ def test_wrong_key_is_refused(clusters, test_root, bucket, secrets):
     vol.release()
 
 
-def test_interrupted_upload_resumes_and_credentials_never_reach_the_log(
+def test_interrupted_upload_and_restore_resume_and_credentials_never_reach_the_log(
         test_root, rgw, bucket, secrets):
     os.makedirs(f"{test_root}/a")
     targets = targets_file(f"{test_root}/a", rgw, bucket)
@@ -418,21 +418,37 @@ def test_interrupted_upload_resumes_and_credentials_never_reach_the_log(
         # resumed, not started over: what the checkpoints covered was not sent again
         assert 0 < job["bytes_uploaded"] <= (size - checkpointed) * 1.01 + 64 * 1024, \
             (job["bytes_uploaded"], checkpointed)
+
+        # a restore cut by a kill -9 starts again on the provisioner's next retry
+        req = restore_request("r1", snap.snapshot_id, secrets, size)
+        assert code_of(stubs.controller.CreateVolume, req).code() == grpc.StatusCode.ABORTED
+        proc.stop(signal.SIGKILL)
+        (job,) = node_jobs(f"{test_root}/a/state", "restore-job")
+        assert job["phase"] == "running", "killed too late: the restore had finished"
+        proc.start()
+        stubs = proc.stubs()
+        restored = BlockVolume(stubs, f"{test_root}/a",
+                               restore(stubs, "r1", snap.snapshot_id, secrets, size=size))
+        got = restored.digest()
+        restored.release()
     finally:
         proc.stop(signal.SIGTERM)
+    assert got == source
     with open(proc.log_path, encoding="utf-8", errors="replace") as f:
         log = f.read()
-    assert "backup bkp:offsite:" in log and "uploading" in log  # the log is really there
+    assert "backup bkp:offsite:" in log and "restored from backup" in log  # a real log
     for value in secrets.values():
         assert value not in log
-    os.makedirs(f"{test_root}/b")
-    other = driver(f"{test_root}/b", targets_file(f"{test_root}/b", rgw, bucket))
+
+
+def node_jobs(state_dir: str, kind: str) -> list[dict]:
+    from engine.state import SqliteStore
+
+    store = SqliteStore(f"{state_dir}/state.sqlite")
     try:
-        got = restored_digest(other.stubs, f"{test_root}/b", "r1", snap.snapshot_id, secrets,
-                              size=size)
+        return [rec for _, rec in store.list(kind)]
     finally:
-        other.close()
-    assert got == source
+        store.close()
 
 
 def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path):
