@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backup.manifest import BlobLocation, Extent, Manifest, without
-from backup.repo import Repository
+from backup.repo import Lock, Repository
 from engine import changed_blocks
 
 MIB = 1024 * 1024
@@ -135,14 +135,13 @@ class Uploader:
         self.backup_id = backup_id
         self.volume_id = volume_id
         self.created_at = created_at
-        self.checkpoints = list(checkpoints)
         self.save = save
         self.progress = progress
         self.cancel = cancel
         self._lock = threading.Lock()
         self.known: dict[bytes, BlobLocation] = dict(the_plan.known)
         self.extents: list[Extent] = []
-        for cp in self.checkpoints:
+        for cp in checkpoints:  # what a run cut short already made durable
             self._note(cp)
 
     def _note(self, cp: Checkpoint) -> None:
@@ -163,7 +162,7 @@ class Uploader:
             self.repo.release_lock(lock)
         return manifest
 
-    def _upload(self, done_windows: set[int], lock) -> None:
+    def _upload(self, done_windows: set[int], lock: Lock) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         sealers = ThreadPoolExecutor(SEAL_THREADS, thread_name_prefix="backup-seal")
         pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="backup-upload")
