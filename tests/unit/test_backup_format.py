@@ -110,3 +110,21 @@ def test_targets_file_and_credentials(tmp_path):
                                                          "bucket": "b"}}}))
     with pytest.raises(InvalidSpec):
         Targets.load(str(path))
+
+
+def test_the_backup_package_imports_neither_csi_control_nor_grpc():
+    """backup/ runs on the node beside the engine: the arrows point csi -> control ->
+    backup -> engine, never back."""
+    import ast
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for path in glob.glob(os.path.join(root, "backup", "*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in ("csi", "control", "grpc", "proto"), \
+                    f"{path} imports {name}"
