@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from control import mirrored, placement, policy, topology
 from control.idempotency import CreateAsk, incompatibility
-from control.node_api import NewVolume, VolumeSource
+from control.node_api import SOURCE_BACKUP, NewVolume, VolumeSource
 from control.records import (
     ATTACHMENT,
     CREATING,
@@ -55,6 +56,9 @@ from engine.errors import (
 from engine.locks import KeyLocks
 from engine.qos.tiers import QosSpec
 
+if TYPE_CHECKING:
+    from control.backups import Backups
+
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
@@ -79,6 +83,8 @@ class VolumeRequest:
     replicas: int = 1  # > 1: a mirrored volume, one replica per zone
     min_in_sync: int = 0  # 0: the default for the replica count
     remote_access: bool = False
+    # the provisioner secrets (a restore from a backup reaches the bucket with them)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ class Volumes:
         # removes confirmed tombstones in batches; None: at once, inside DeleteVolume
         self.sweeper: TombstoneSweeper | None = None
         self.mirrors = mirrored.Mirrors(store, nodes)
+        self.backups: Backups | None = None  # restores from backups (control/backups.py)
 
     # --- reading ---------------------------------------------------------------------
     def record(self, volume_id: str) -> tuple[VolumeRecord, int] | None:
@@ -145,7 +152,7 @@ class Volumes:
                     continue  # another controller took the name first: look again
                 self.index.note(record.volume_id, record, version)
                 crash.point("create-volume-after-intent")
-                return self._realize(record, version)
+                return self._realize(record, version, req.secrets)
         raise Busy(f"volume name {req.name!r} is contended; retry")
 
     def _intent(self, req: VolumeRequest) -> VolumeRecord:
@@ -209,7 +216,7 @@ class Volumes:
             if self.snapshot_source is None:
                 raise NotFound(f"snapshot {source.source_id!r} does not exist")
             return self.snapshot_source(source.source_id)
-        return "", 0
+        return "", 0  # none, or a backup: restored on any node (its size checked before)
 
     def _resume(self, req: VolumeRequest, name: NameRecord) -> VolumeRecord:
         """The name is taken: the same request, or a compatible one, finishes or returns
@@ -231,14 +238,15 @@ class Volumes:
             return record
         if record.state == CREATING:
             log.info("resuming the creation of %s (%s)", record.volume_id, record.name)
-            return self._realize(record, version)
+            return self._realize(record, version, req.secrets)
         raise Busy(f"volume {record.volume_id} is being deleted; retry")
 
-    def _realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
+    def _realize(self, record: VolumeRecord, version: int,
+                 secrets: dict[str, str] | None = None) -> VolumeRecord:
         """Make the intent's storage, then confirm it. A node's definite refusal (it cannot
         make such a volume) ends the intent at once; anything else leaves it for a retry."""
         try:
-            return self._make_and_confirm(record, version)
+            return self._make_and_confirm(record, version, secrets or {})
         except REFUSALS:
             try:
                 self.abandon_intent(record, version)
@@ -246,14 +254,21 @@ class Volumes:
                 log.warning("the refused intent %s stays for now: %s", record.volume_id, e)
             raise
 
-    def _make_and_confirm(self, record: VolumeRecord, version: int) -> VolumeRecord:
+    def _make_and_confirm(self, record: VolumeRecord, version: int,
+                          secrets: dict[str, str]) -> VolumeRecord:
         if record.mirrored:
             record = self.mirrors.realize(record, version)  # with the replicas' addresses
         else:
-            self.nodes.require(record.node_id).create_volume(NewVolume(
+            node = self.nodes.require(record.node_id)
+            node.create_volume(NewVolume(
                 volume_id=record.volume_id, size_bytes=record.capacity_bytes,
                 access_types=record.access_types, qos=record.qos,
                 source=VolumeSource(record.source_kind, record.source_id), version=version))
+            if record.source_kind == SOURCE_BACKUP:
+                if self.backups is None:
+                    raise NotFound(f"backup {record.source_id!r} does not exist")
+                # Busy (ABORTED: the provisioner retries) until restored and checked
+                version = self.backups.restore(record, version, node, secrets)
         crash.point("create-volume-after-engine")
         ready = record.replace(state=READY, intent_deadline=0.0)
         try:

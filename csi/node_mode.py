@@ -61,7 +61,9 @@ class NodeDriver(Driver):
         host = self._frontends()
         assert self.store is not None  # open_engine opened it
         frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
-        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends)
+        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends,
+                         backup_lock_stale_s=cfg.backup_lock_stale_s)
+        self.local_node = node
         self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
         self.agent.start()
         store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
