@@ -87,8 +87,12 @@ class LoopDevices:
         with several drivers, or other programs, attaching and detaching side by side):
         that is "not bound" too, not an error."""
         try:
-            with open(os.path.join(self.sys_root, "block", name, rel), encoding="utf-8") as f:
-                return f.read().strip()
+            # os-level calls: scans read this for every loop device on every delete
+            fd = os.open(f"{self.sys_root}/block/{name}/{rel}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.read(fd, 8192).decode("utf-8", "surrogateescape").strip()
+            finally:
+                os.close(fd)
         except OSError as e:
             if e.errno in (errno.ENODEV, errno.ENXIO):
                 raise FileNotFoundError(e.errno, f"loop device {name} went away") from None
@@ -156,9 +160,8 @@ class LoopDevices:
         basename survives a mount namespace's end; the directory part does not.
         """
         found = []
-        for name in sorted(os.listdir(os.path.join(self.sys_root, "block"))):
-            if not name.startswith("loop"):
-                continue
+        for name in sorted(n for n in os.listdir(f"{self.sys_root}/block")
+                           if n.startswith("loop")):
             try:
                 backing = self._read(name, "loop/backing_file")
             except FileNotFoundError:

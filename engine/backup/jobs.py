@@ -267,11 +267,13 @@ class Jobs:
         """Stop the upload (its lock released) and drop its records: the snapshot goes."""
         self._stop(BACKUP_JOB, snapshot_id)
         self._drop_checkpoints(snapshot_id)
-        self.store.delete(BACKUP_JOB, snapshot_id)
+        if self.store.get(BACKUP_JOB, snapshot_id) is not None:  # most snapshots have none:
+            self.store.delete(BACKUP_JOB, snapshot_id)  # no durable commit for nothing
 
     def forget_restore(self, volume_id: str) -> None:
         self._stop(RESTORE_JOB, volume_id)
-        self.store.delete(RESTORE_JOB, volume_id)
+        if self.store.get(RESTORE_JOB, volume_id) is not None:  # as above
+            self.store.delete(RESTORE_JOB, volume_id)
 
     def close(self) -> None:
         """Stop every job (the driver stops); their records say running: resumed later."""

@@ -69,7 +69,6 @@ def test_a_loop_device_detached_while_it_is_read_is_not_bound(tmp_path, monkeypa
     three node processes and other tests attaching side by side): "not bound", not an
     error that fails the caller's whole call (a stage, a pool's start)."""
     import errno
-    import io
 
     from engine.loopdev import LoopDevices
 
@@ -83,17 +82,29 @@ def test_a_loop_device_detached_while_it_is_read_is_not_bound(tmp_path, monkeypa
         (base / "ro").write_text("0\n")
         (base / "size").write_text("2048\n")
         (base / "queue" / "logical_block_size").write_text("4096\n")
-    real_open = open
+    import os
+
+    real_open, real_read, real_close = os.open, os.read, os.close
+    gone: set[int] = set()  # fds of the file that goes away (numbers are reused: see close)
 
     def sysfs_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
         if str(path).endswith("loop1/loop/backing_file"):
-            class Gone(io.StringIO):
-                def read(self, *a):
-                    raise OSError(errno.ENODEV, "No such device")
-            return Gone()
-        return real_open(path, *args, **kwargs)
+            gone.add(fd)
+        return fd
 
-    monkeypatch.setattr("builtins.open", sysfs_open)
+    def sysfs_read(fd, n):
+        if fd in gone:
+            raise OSError(errno.ENODEV, "No such device")
+        return real_read(fd, n)
+
+    def sysfs_close(fd):
+        gone.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr("engine.loopdev.os.open", sysfs_open)
+    monkeypatch.setattr("engine.loopdev.os.read", sysfs_read)
+    monkeypatch.setattr("engine.loopdev.os.close", sysfs_close)
     loops = LoopDevices(sys_root=str(tmp_path), dev_root=str(tmp_path / "dev"))
     assert loops.get("loop1") is None
     assert [d.name for d in loops.all()] == ["loop0"]
