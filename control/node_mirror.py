@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from engine.errors import EngineError, InUse, NotFound, Unavailable
 from mirror import client as replica_client
+from mirror import procs
 from mirror.frontend import Frontend
 from mirror.replica_store import ReplicaVolume
 from mirror.spec import FrontendTuning, ReplicaAddr
@@ -39,16 +40,7 @@ log = logging.getLogger(__name__)
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _alive(pid: int, marker: str) -> bool:
-    """A live (not zombie) process whose command line contains marker."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode(errors="replace")
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z" and marker in cmdline
+_alive = procs.alive  # a pid from a pid file, checked against its command line
 
 
 def _read_pid(path: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from engine.errors import Unavailable
 from engine.loopdev import LoopDevices
 
-from . import fuse_mount
+from . import fuse_mount, procs
 from .spec import FrontendTuning, ReplicaAddr, ReplicaState, ReplicaStatus
 
 FILE_NAME = "volume"
@@ -202,7 +202,7 @@ class Frontend:
                 pid = int(f.read().strip() or 0)
         except (FileNotFoundError, ValueError):
             return
-        if not _is_ours(pid, self.state_dir):
+        if not procs.alive(pid, self.state_dir):
             return
         if control_op:
             try:
@@ -210,9 +210,9 @@ class Frontend:
             except Unavailable:
                 pass
         deadline = time.monotonic() + timeout_s
-        while _is_ours(pid, self.state_dir) and time.monotonic() < deadline:
+        while procs.alive(pid, self.state_dir) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _is_ours(pid, self.state_dir):
+        if procs.alive(pid, self.state_dir):
             os.kill(pid, signal.SIGKILL)
 
     # --- control ---------------------------------------------------------------
@@ -269,19 +269,6 @@ class Frontend:
             if time.monotonic() > deadline:
                 raise Unavailable(f"replicas not in sync: {st.replicas}")
             time.sleep(0.1)
-
-
-def _is_ours(pid: int, state_dir: str) -> bool:
-    """A live process of this frontend (its command line names this state dir's files);
-    a zombie does not count."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode(errors="replace")
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z" and state_dir in cmdline
 
 
 def _package_root() -> str:
