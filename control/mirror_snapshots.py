@@ -61,6 +61,9 @@ class MirrorSnapshots:
             except OutOfCapacity as e:
                 full.append(str(e))
                 continue
+            except Unavailable as e:  # registered, but not answering (a cut link)
+                log.warning("snapshot of %s: no copy on %s: %s", vol.volume_id, r.node_id, e)
+                continue
             planned.append(r.node_id)
         if not planned:
             if full:

