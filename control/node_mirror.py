@@ -92,6 +92,10 @@ class ReplicaHost:
                 "--listen", self.listen, "--key-file", self.key_path]
         if self.netns:
             argv += ["--netns", self.netns]
+        # tests: arm the slow-replica hook (SIGUSR1 switches it on; this kernel has no netem)
+        delay_ms = os.environ.get("TANDEM_TEST_REPLICA_DELAY_MS")
+        if delay_ms:
+            argv += ["--test-delay-ms", delay_ms]
         log_path = os.path.join(self.replicas_dir, "service.log")
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file,

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from engine.errors import Busy, Unavailable
+from mirror import wire
 from mirror.arbiter import SqliteArbiter
 from mirror.client import ReplicaClient
 from mirror.replica_server import ReplicaService
@@ -242,3 +243,18 @@ def test_the_data_path_grows_only_with_maps_that_cover_it():
             dp.grow(SIZE)
     finally:
         ep.close()
+
+
+def test_a_long_zeroing_or_discard_is_mirrored_not_a_crash(env):
+    """mkfs.xfs zeroes its 64 MiB log with one FALLOCATE: the activity log's range check
+    refused any range longer than a write's payload (8 MiB) and the worker died."""
+    svcs, arb, make = env
+    h = make()
+    h.write(1, 0, b"a" * 4096)
+    assert h.spin(lambda: 1 in h.replies)
+    h.core.submit_write(2, wire.WRITE_ZEROES, 0, 12 * 1024 * 1024, None)
+    h.core.submit_write(3, wire.DISCARD, 12 * 1024 * 1024, 4 * 1024 * 1024, None)
+    assert h.spin(lambda: {2, 3} <= h.replies.keys())
+    assert h.replies[2] == (0, None) and h.replies[3] == (0, None)
+    for s in svcs:
+        assert peek(s, 0, 4096) == bytes(4096)
