@@ -21,7 +21,7 @@ from engine.errors import Busy, NotFound, Precondition, Unavailable
 from engine.loopdev import LoopDevices
 from engine.routed_backend import FRONTEND
 from engine.state import Store
-from engine.volumes import Backing
+from engine.volumes import MIRROR_SECTOR_BYTES, Backing
 from mirror import auth
 from mirror.client import ReplicaClient, ReplicaError
 from mirror.frontend import FILE_NAME
@@ -34,7 +34,7 @@ QOS_KIND = "frontend-qos"
 # a snapshot's write barrier while nothing serves the volume here ({token, until}: wall
 # clock): staging waits (Busy) so no frontend starts writing in the middle of it
 HOLD_KIND = "frontend-hold"
-SECTOR_BYTES = 512  # the frontend's loop device (direct I/O on the FUSE file)
+SECTOR_BYTES = MIRROR_SECTOR_BYTES  # the frontend's loop device (direct I/O on the FUSE file)
 
 
 @dataclass(frozen=True)

@@ -388,6 +388,25 @@ def test_a_mounted_volume_grows_online_and_its_pod_gets_the_new_limits(env):
         assert f.read() == data
     assert limits.read_v1(pod, device).read_iops == 250  # the same device, still limited
     assert not condition(cluster, vol.volume_id).abnormal
+
+    # a snapshot of the mounted filesystem (frozen, then the barrier), restored into a
+    # local volume beside one of its copies, mounts with the file in it
+    snap = ctl(cluster).CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+        name="xfs-snap", source_volume_id=vol.volume_id)).snapshot
+    with open(os.path.join(mnt, "later"), "wb") as f:  # thawed: writes go on
+        f.write(b"x" * 4096)
+        os.fsync(f.fileno())
     a.down()
     assert limits.read_v1(pod, device).unlimited
-    delete_volume(cluster, vol.volume_id)
+    # (unmounted first: these "nodes" share one kernel, which refuses two XFS of one UUID)
+    local = create(cluster, "xfs-local", replicas=1, size=640 * MIB, fs_type="xfs",
+                   zones=(2,), source=from_snapshot(snap.snapshot_id))
+    b = Attached(cluster, local, cluster.node(2), fs_type="xfs")
+    restored = b.up()
+    with open(os.path.join(restored, "before"), "rb") as f:
+        assert f.read() == data
+    assert not os.path.exists(os.path.join(restored, "later"))
+    b.down()
+    ctl(cluster).DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    for v in (local, vol):
+        delete_volume(cluster, v.volume_id)
