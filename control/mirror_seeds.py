@@ -6,11 +6,11 @@ volume or snapshot on its node, a mirrored snapshot on every node holding one of
 copies, a mirrored volume on its replicas' nodes. A new volume goes where a copy is:
 
 - replicas 1: on one of the copy nodes (the first with room), made copy-on-write there;
-- replicas 2 or 3: one replica per zone, on copy nodes first (control/placement.py
-  choose_replicas, `holding`). A replica on a copy node is a copy-on-write copy there
-  (in sync from the start); any other starts empty, recorded out of sync with every
-  region marked (NewReplica.rebuild), and the volume's frontend copies it in full from an
-  in-sync replica when it first serves (the condition says "resyncing n%"). At least
+- replicas 2 or 3: one replica per zone, on copy nodes first (Seeds.place). A replica
+  on a copy node is a copy-on-write copy there (in sync from the start); any other starts
+  empty, recorded out of sync with every region marked (NewReplica.rebuild), and the
+  volume's frontend copies it in full from an in-sync replica when it first serves (the
+  condition says "resyncing n%"). At least
   minInSync replicas must be seeded: the frontend refuses writes with fewer in sync, so a
   restore with fewer copies would be unwritable until a rebuild ends (refused, saying so).
 
@@ -29,16 +29,21 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from control import placement
 from control.node_api import (
     SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
     NewVolume,
+    NodeInfo,
     VolumeSource,
 )
+from control.placement import Constraints
 from control.records import VolumeRecord
+from control.topology import TOPOLOGY_ZONE_KEY
 from control.write_barrier import WriteBarrier
 from engine.errors import Busy, Precondition, Unavailable
+from engine.qos.tiers import QosSpec
 from mirror.spec import ReplicaState
 
 if TYPE_CHECKING:
@@ -88,6 +93,26 @@ class Seeds:
             return False
         found = self.volumes.record(record.source_id)
         return found is None or found[0].mirrored
+
+    def place(self, count: int, size_bytes: int, qos: QosSpec, constraints: Constraints,
+              copies: tuple[str, ...]) -> list[NodeInfo]:
+        """Replica nodes, copy nodes first: in a zone where a copy node has room only copy
+        nodes are candidates, and those zones come right after the pod's (as preferred
+        topologies). Without copies: placement as for any mirrored volume."""
+        volumes = self.volumes
+        infos = volumes.nodes.infos()
+        ratio = volumes.policy.overcommit_ratio
+        if copies:
+            roomy = [n for c in copies for n in infos if n.node_id == c
+                     and not placement.room_problem(n, volumes.index, ratio, size_bytes, qos)]
+            copy_zones = list(dict.fromkeys(n.zone for n in roomy))
+            infos = [n for n in infos if n.node_id in copies or n.zone not in copy_zones]
+            constraints = Constraints(
+                constraints.requisite,
+                constraints.preferred + tuple({TOPOLOGY_ZONE_KEY: z} for z in copy_zones),
+                constraints.pinned_node)
+        return placement.choose_replicas(infos, volumes.index, ratio, size_bytes, qos,
+                                         constraints, count)
 
     def check_seeded(self, chosen: list[str], copies: tuple[str, ...], min_in_sync: int,
                      source: VolumeSource) -> None:

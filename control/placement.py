@@ -64,12 +64,10 @@ def choose_node(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio:
 
 def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio: float,
                     size: int, qos: QosSpec, constraints: Constraints,
-                    count: int, holding: frozenset[str] = frozenset()) -> list[NodeInfo]:
+                    count: int) -> list[NodeInfo]:
     """`count` nodes in distinct zones for a mirrored volume's replicas: inside the
     requisite topology, one in the first preferred topology's zone (the pod's), each with
-    room for the bytes and the guaranteed minimum (both are paid on every replica).
-    holding: nodes holding a copy of the volume's content source (a restore, a clone),
-    taken first in their zones, and their zones first after the pod's."""
+    room for the bytes and the guaranteed minimum (both are paid on every replica)."""
     candidates = [n for n in nodes if not constraints.requisite
                   or topology.matches_any(n.node_id, n.zone, constraints.requisite)]
     by_zone: dict[str, list[NodeInfo]] = {}
@@ -80,9 +78,8 @@ def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ra
             problems.append(problem)
         else:
             by_zone.setdefault(node.zone, []).append(node)
-    for zone_nodes in by_zone.values():  # a copy's node, then the roomiest, of each zone
-        zone_nodes.sort(key=lambda n: (n.node_id not in holding,
-                                       -available_bytes(n, index, overcommit_ratio)))
+    for zone_nodes in by_zone.values():  # the roomiest node of each zone first
+        zone_nodes.sort(key=lambda n: -available_bytes(n, index, overcommit_ratio))
     preferred_zones = [z for t in constraints.preferred for z in
                        {n.zone for n in candidates if topology.matches(n.node_id, n.zone, t)}]
     if preferred_zones and preferred_zones[0] not in by_zone:
@@ -90,8 +87,7 @@ def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ra
             f"no node in zone {preferred_zones[0]} (the pod's) has room for a replica: "
             + ("; ".join(problems) or "no reachable node there"))
     order = list(dict.fromkeys(preferred_zones + sorted(
-        by_zone, key=lambda z: (by_zone[z][0].node_id not in holding,
-                                -available_bytes(by_zone[z][0], index, overcommit_ratio)))))
+        by_zone, key=lambda z: -available_bytes(by_zone[z][0], index, overcommit_ratio))))
     chosen = [by_zone[z][0] for z in order if z in by_zone][:count]
     if len(chosen) < count:
         zones = sorted({n.zone for n in candidates})

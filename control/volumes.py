@@ -189,10 +189,7 @@ class Volumes:
 
     def _mirrored_intent(self, req: VolumeRequest, constraints: placement.Constraints,
                          now: float, copies: tuple[str, ...] = ()) -> VolumeRecord:
-        chosen = placement.choose_replicas(self.nodes.infos(), self.index,
-                                           self.policy.overcommit_ratio, req.size_bytes,
-                                           req.qos, constraints, req.replicas,
-                                           holding=frozenset(copies))
+        chosen = self.seeds.place(req.replicas, req.size_bytes, req.qos, constraints, copies)
         min_in_sync = req.min_in_sync or mirrored.default_min_in_sync(req.replicas)
         if req.source.kind:
             self.seeds.check_seeded([n.node_id for n in chosen], copies,
