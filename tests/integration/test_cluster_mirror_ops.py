@@ -216,6 +216,15 @@ def stale_blocks(path: str, acked_before: dict[int, bytes]) -> list[int]:
     return bad
 
 
+def frontend_log(a: Attached) -> str:
+    path = os.path.join(a.node.state_dir, "frontends", a.vol.volume_id, "worker.log")
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-4000:]
+    except FileNotFoundError:
+        return f"(no {path})"
+
+
 def replica_service_pid(node: NodeProc) -> int:
     with open(os.path.join(node.pool_dir, "replicas", "service.pid")) as f:
         return int(f.read().strip())
@@ -410,3 +419,38 @@ def test_a_mounted_volume_grows_online_and_its_pod_gets_the_new_limits(env):
     ctl(cluster).DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     for v in (local, vol):
         delete_volume(cluster, v.volume_id)
+
+
+def test_a_snapshot_while_a_zone_is_cut_copies_the_replicas_that_serve(env):
+    """A replica's node down at snapshot time: the snapshot has the other, identical copies
+    (its frontend dropped the lost replica before the barrier could hold)."""
+    cluster, _ = env
+    vol = create(cluster, "cut-src", replicas=3)
+    a = Attached(cluster, vol, cluster.node(1))
+    dev = a.up()
+    writer = VerifiedWriter(dev, blocks=1024, threads=2, fsync_every=16).start()
+    writer.wait_writes(100)
+    cluster.cut(3)
+    try:
+        wait_for(lambda: "node-z3" not in cluster.registered(), 20, "node-z3 unregistered")
+        snap = ctl(cluster).CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+            name="cut-snap", source_volume_id=vol.volume_id)).snapshot
+        writer.wait_writes(50)
+        copies = stored(cluster, f"snapshot/{snap.snapshot_id}")["replicas"]
+        assert sorted(c["node_id"] for c in copies) == ["node-z1", "node-z2"]
+        assert len({digest(snapshot_file(node_of(cluster, c["node_id"]), c["snapshot_id"]))
+                    for c in copies}) == 1
+    finally:
+        cluster.heal(3)
+    writer.stop()
+    assert writer.errors == []
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 60,
+             "the cut replica back in sync", lambda: condition(
+                 cluster, vol.volume_id).message + "\n" + frontend_log(a))
+    try:
+        assert writer.verify(dev, direct=True) == []
+    except OSError as e:
+        raise AssertionError(f"{e}\n{frontend_log(a)}") from e
+    a.down()
+    ctl(cluster).DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    delete_volume(cluster, vol.volume_id)
