@@ -209,9 +209,9 @@ class LocalNode:
             return barriers.barrier(volume_id, token, hold_s)
 
     def resume_frontend(self, volume_id: str, token: str) -> bool:
-        barriers = self._barriers()
-        with self.engine.locks.hold(volume_id):
-            return barriers.resume(volume_id, token)
+        # without the volume's lock: a kubelet call on the volume meanwhile (a publish) must
+        # not keep the writes held until the barrier's deadline
+        return self._barriers().resume(volume_id, token)
 
     def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
         if self.frontends is None:
