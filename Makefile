@@ -9,8 +9,8 @@ proto:
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(ETCD_PROTOS)
 
 lint:
-	$(PY) -m ruff check csi engine mirror control ha tests
-	$(PY) -m mypy csi engine mirror control ha
+	$(PY) -m ruff check csi engine mirror control tests
+	$(PY) -m mypy csi engine mirror control
 
 test:
 	scripts/test.sh

@@ -23,14 +23,17 @@ from control import agent_codec
 from control.agent_tls import DEFAULT_SERVER_NAME, ReloadingTls
 from control.grpc_errors import error_for, error_kind
 from control.node_api import (
+    BackupJob,
     ByteRange,
     FrontendBarrier,
     HeldReplica,
     Inventory,
+    JobStatus,
     NewReplica,
     NewVolume,
     NodeInfo,
     ReplicaInfo,
+    RestoreJob,
     SnapshotInfo,
     SnapshotMember,
     VolumeInfo,
@@ -41,7 +44,8 @@ from proto import agent_pb2_grpc
 
 READ_TIMEOUT_S = 10.0  # info, lookups: a node that takes longer is as good as away
 WRITE_TIMEOUT_S = 60.0  # making, cloning, removing, snapshotting storage
-READS = frozenset({"info", "volume", "volumes", "snapshot", "replica"})
+READS = frozenset({"info", "volume", "volumes", "snapshot", "replica", "backup_status",
+                   "restore_status"})
 
 _CHANNEL_OPTIONS = [
     # a node back from a restart or a cut is used again within a second or two; a
@@ -199,6 +203,18 @@ class AgentClient:
 
     def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
         self._call("set_frontend_qos", volume_id=volume_id, qos=qos, version=version)
+
+    def start_backup(self, job: BackupJob) -> JobStatus:
+        return self._call("start_backup", job=job)
+
+    def backup_status(self, snapshot_id: str) -> JobStatus | None:
+        return self._call("backup_status", snapshot_id=snapshot_id)
+
+    def start_restore(self, job: RestoreJob) -> JobStatus:
+        return self._call("start_restore", job=job)
+
+    def restore_status(self, volume_id: str) -> JobStatus | None:
+        return self._call("restore_status", volume_id=volume_id)
 
     def __repr__(self) -> str:
         return f"AgentClient({self._node_id!r}, {self.address!r})"

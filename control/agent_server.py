@@ -127,6 +127,18 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
     def SetFrontendQos(self, request, context):
         return self._serve("set_frontend_qos", request)
 
+    def StartBackup(self, request, context):
+        return self._serve("start_backup", request)
+
+    def BackupStatus(self, request, context):
+        return self._serve("backup_status", request)
+
+    def StartRestore(self, request, context):
+        return self._serve("start_restore", request)
+
+    def RestoreStatus(self, request, context):
+        return self._serve("restore_status", request)
+
 
 class AgentServer:
     """Serves one NodeApi on `listen` ("HOST:PORT"; port 0 picks one: see `port`)."""

@@ -15,15 +15,18 @@ from control.node_api import (
     SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
+    BackupJob,
     ByteRange,
     Condition,
     FrontendBarrier,
     HeldReplica,
     Inventory,
+    JobStatus,
     NewReplica,
     NewVolume,
     NodeInfo,
     ReplicaInfo,
+    RestoreJob,
     SnapshotInfo,
     SnapshotMember,
     VolumeInfo,
@@ -31,12 +34,13 @@ from control.node_api import (
 from control.node_barrier import FrontendBarriers
 from control.node_mirror import ReplicaHost
 from engine import changed_blocks
+from engine.backup.jobs import BackupSpec, Jobs, JobState, RestoreSpec
 from engine.errors import AlreadyExists, InvalidSpec, NotFound, Precondition
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
 from engine.qos.tiers import QosSpec
 from engine.snapshots import SnapshotBacking
-from engine.volumes import Backing
+from engine.volumes import Backing, VolumeFiles
 
 REPLICA = "replica"
 
@@ -44,12 +48,20 @@ REPLICA = "replica"
 class LocalNode:
     def __init__(self, engine: NodeEngine, max_volumes: int,
                  replicas: ReplicaHost | None = None,
-                 frontends: FrontendBackend | None = None):
+                 frontends: FrontendBackend | None = None, *,
+                 backup_lock_stale_s: float = 600.0):
         self.engine = engine
         self.max_volumes = max_volumes
         self.replicas = replicas  # None: this node serves no replicas (all-in-one)
         self.frontends = frontends  # the mirrored volumes staged here (cluster nodes)
         self._frontend_barriers: FrontendBarriers | None = None
+        # backup and restore jobs read and write this node's pool files, in the background
+        self.jobs = Jobs(engine.store, self._snapshot_path, self._volume_path,
+                         lock_stale_s=backup_lock_stale_s)
+
+    def close(self) -> None:
+        """Stop the background jobs (their records let the next start resume them)."""
+        self.jobs.close()
 
     @property
     def node_id(self) -> str:
@@ -103,6 +115,10 @@ class LocalNode:
 
     def delete_volume(self, volume_id: str, version: int) -> None:
         with self.engine.locks.hold(volume_id):
+            backing = self.engine.volume(volume_id)
+            if backing is not None:
+                self.engine.files.check_version(backing, version)
+            self.jobs.forget_restore(volume_id)  # a restore writing into it stops first
             self.engine.delete_volume(volume_id, version)
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
@@ -251,6 +267,7 @@ class LocalNode:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         with self.engine.locks.hold(snapshot_id):
+            self.jobs.forget_backup(snapshot_id)  # an upload reading it stops first
             self.engine.delete_snapshot(snapshot_id)
 
     def snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
@@ -260,6 +277,14 @@ class LocalNode:
     def _snapshot_path(self, snapshot_id: str) -> str:
         return self.engine.snapshots.path(self.engine.snapshots.require(snapshot_id))
 
+    def _volume_path(self, volume_id: str) -> str:
+        """The file holding the volume's bytes (restores write it): the loop backend only."""
+        files = self.engine.files
+        if not isinstance(files, VolumeFiles):
+            raise Precondition("restoring a backup needs the loop backend: this node's "
+                               "volumes are not files in a pool")
+        return files.path(files.require(volume_id))
+
     def allocated_ranges(self, snapshot_id: str) -> tuple[ByteRange, ...]:
         return _ranges(changed_blocks.allocated(self._snapshot_path(snapshot_id)))
 
@@ -267,6 +292,32 @@ class LocalNode:
                        target_snapshot_id: str) -> tuple[ByteRange, ...]:
         return _ranges(changed_blocks.delta(self._snapshot_path(base_snapshot_id),
                                             self._snapshot_path(target_snapshot_id)))
+
+    # --- backups -------------------------------------------------------------------
+    def start_backup(self, job: BackupJob) -> JobStatus:
+        with self.engine.locks.hold(job.snapshot_id):
+            snap = self.engine.snapshots.require(job.snapshot_id)
+            return _status(self.jobs.start_backup(BackupSpec(
+                job.snapshot_id, job.backup_id, snap.source_volume_id, snap.created_at,
+                job.base_snapshot_id, job.base_backup_id), job.store))
+
+    def backup_status(self, snapshot_id: str) -> JobStatus | None:
+        state = self.jobs.backup_state(snapshot_id)
+        return _status(state) if state is not None else None
+
+    def start_restore(self, job: RestoreJob) -> JobStatus:
+        with self.engine.locks.hold(job.volume_id):
+            return _status(self.jobs.start_restore(RestoreSpec(job.volume_id, job.backup_id),
+                                                   job.store))
+
+    def restore_status(self, volume_id: str) -> JobStatus | None:
+        state = self.jobs.restore_state(volume_id)
+        return _status(state) if state is not None else None
+
+
+def _status(state: JobState) -> JobStatus:
+    return JobStatus(state.phase, state.bytes_total, state.bytes_done, state.bytes_uploaded,
+                     state.error, state.error_kind)
 
 
 def _held_replica(info: dict) -> HeldReplica:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from engine.backup.targets import ObjectStore
 from engine.errors import StaleVersion
 from engine.qos.tiers import QosSpec
 
@@ -24,6 +25,8 @@ SOURCE_VOLUME, SOURCE_SNAPSHOT = "volume", "snapshot"
 # a copy-on-write copy of this node's replica of a mirrored volume, taken as it is: the
 # controller holds the volume's write barrier meanwhile (a node-side freeze would deadlock)
 SOURCE_REPLICA = "replica"
+SOURCE_BACKUP = "backup"  # a backup in object storage: the node makes an empty volume
+JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_STOPPED = "running", "done", "failed", "stopped"
 __all__ = ["StaleVersion"]  # raised by nodes; defined with the other domain errors
 
 
@@ -153,6 +156,36 @@ class FrontendBarrier:
 
 
 @dataclass(frozen=True)
+class BackupJob:
+    """Upload a local snapshot (taken by create_snapshots) to a target."""
+
+    snapshot_id: str
+    backup_id: str
+    store: ObjectStore = field(repr=False)  # target and credentials (never logged)
+    base_snapshot_id: str = ""  # a local snapshot already backed up as base_backup_id
+    base_backup_id: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """Fill a volume made empty for it (create_volume, source SOURCE_BACKUP)."""
+
+    volume_id: str
+    backup_id: str
+    store: ObjectStore = field(repr=False)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    phase: str  # JOB_RUNNING, JOB_DONE, JOB_FAILED, or JOB_STOPPED (a restart cut it)
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_uploaded: int = 0
+    error: str = ""
+    error_kind: str = ""  # the domain error's class name (engine/errors.py)
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What a node holds, for reconciliation against the cluster's records."""
 
@@ -265,3 +298,18 @@ class NodeApi(Protocol):
                        target_snapshot_id: str) -> tuple[ByteRange, ...]:
         """Where two snapshots of one volume differ."""
         ...
+
+    # --- backups (the data is read and written here, on the node) --------------------
+    def start_backup(self, job: BackupJob) -> JobStatus:
+        """Start (or resume from its checkpoints) the upload; a running or finished job is
+        left as it is. Deleting the snapshot stops it."""
+        ...
+
+    def backup_status(self, snapshot_id: str) -> JobStatus | None: ...
+
+    def start_restore(self, job: RestoreJob) -> JobStatus:
+        """Start (or restart) filling the volume from the backup; every blob is checked.
+        Deleting the volume stops it."""
+        ...
+
+    def restore_status(self, volume_id: str) -> JobStatus | None: ...

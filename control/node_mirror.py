@@ -23,7 +23,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from engine.errors import EngineError, InUse, NotFound, Unavailable
@@ -109,6 +111,15 @@ class ReplicaHost:
             raise Unavailable(f"the replica service did not start (see {log_path})")
         with open(self.pid_path, "w") as f:
             f.write(f"{proc.pid}\n")
+
+    def revive(self) -> bool:
+        """Start the service again if it died (the agent's supervisor calls this every few
+        seconds): True when it was restarted. Frontends reconnect to it on their own."""
+        if self.running():
+            return False
+        log.warning("the replica service had died: starting it again")
+        self.start()
+        return True
 
     def stop(self) -> None:
         pid = _read_pid(self.pid_path)
@@ -207,6 +218,10 @@ class FrontendHost:
         self.netns = netns
         self.tuning = tuning or FrontendTuning()
         self._handles: dict[str, Frontend] = {}
+        # one operation at a time per volume: the supervisor never restarts a worker that
+        # a stop is ending, nor one that ensure() is starting
+        self._locks: defaultdict[str, threading.RLock] = defaultdict(threading.RLock)
+        self._next_try: dict[str, tuple[float, float]] = {}  # volume: (when, backoff)
 
     def _dir(self, volume_id: str) -> str:
         return os.path.join(self.frontends_dir, volume_id)
@@ -224,6 +239,13 @@ class FrontendHost:
     def ensure(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr],
                generation: int, min_in_sync: int, preferred_replica: str | None = None,
                timeout_s: float = 60.0) -> str:
+        with self._locks[volume_id]:
+            return self._ensure(volume_id, size_bytes, replicas, generation, min_in_sync,
+                                preferred_replica, timeout_s)
+
+    def _ensure(self, volume_id: str, size_bytes: int, replicas: list[ReplicaAddr],
+                generation: int, min_in_sync: int, preferred_replica: str | None,
+                timeout_s: float) -> str:
         """The device of the volume's frontend on this node, started at `generation` or
         adopted when it already runs at it. A frontend of an older generation (the volume
         was published here again) is stopped first."""
@@ -255,11 +277,13 @@ class FrontendHost:
 
     def stop(self, volume_id: str) -> None:
         """Clean stop (the activity log emptied, state 'stopped' in etcd); idempotent."""
-        fe = self._adopt(volume_id)
-        if fe is not None:
-            fe.stop()
-        self._handles.pop(volume_id, None)
-        shutil.rmtree(self._dir(volume_id), ignore_errors=True)
+        with self._locks[volume_id]:
+            fe = self._adopt(volume_id)
+            if fe is not None:
+                fe.stop()
+            self._handles.pop(volume_id, None)
+            self._next_try.pop(volume_id, None)
+            shutil.rmtree(self._dir(volume_id), ignore_errors=True)
 
     def adopt_all(self) -> list[str]:
         """At start-up: take over the frontends an earlier agent left running; restart a
@@ -286,9 +310,67 @@ class FrontendHost:
             adopted.append(volume_id)
         return adopted
 
+    def revive(self, now: float | None = None) -> list[str]:
+        """Restart the data-path worker of every frontend here whose worker died (a crash,
+        the OOM killer) while its FUSE mount lived: the kernel resends what the dead one
+        had not answered, and the pod's I/O goes on. The agent's supervisor calls this
+        every few seconds. A worker that dies again is retried with a growing delay
+        (1 s doubling to 60 s): one that cannot start (fenced by a newer generation, the
+        store away) does not spin. Returns the volumes whose worker was restarted."""
+        now = time.monotonic() if now is None else now
+        restarted: list[str] = []
+        if not os.path.isdir(self.frontends_dir):
+            return restarted
+        for volume_id in sorted(os.listdir(self.frontends_dir)):
+            when, backoff = self._next_try.get(volume_id, (0.0, 0.0))
+            if now < when:
+                continue
+            lock = self._locks[volume_id]
+            if not lock.acquire(blocking=False):  # ensure or stop at work on it
+                continue
+            try:
+                if self._revive(volume_id):
+                    restarted.append(volume_id)
+                    backoff = min(60.0, max(1.0, backoff * 2))
+                    self._next_try[volume_id] = (now + backoff, backoff)
+            except (OSError, ValueError, EngineError) as e:
+                backoff = min(60.0, max(1.0, backoff * 2))
+                self._next_try[volume_id] = (now + backoff, backoff)
+                log.error("the data path of %s is down and did not restart (next try in "
+                          "%.0f s): %s", volume_id, backoff, e)
+            finally:
+                lock.release()
+        return restarted
+
+    def _revive(self, volume_id: str) -> bool:
+        directory = self._dir(volume_id)
+        if not os.path.exists(os.path.join(directory, "frontend.json")):
+            return False  # being created or removed
+        worker_pid = _read_pid(os.path.join(directory, "worker.pid"))
+        if worker_pid and _alive(worker_pid, directory):
+            if volume_id in self._next_try and self.device(volume_id):
+                self._next_try.pop(volume_id, None)  # it came up and stayed: reset
+            return False
+        holder_pid = _read_pid(os.path.join(directory, "holder.pid"))
+        if not (holder_pid and _alive(holder_pid, directory)):
+            return False  # nothing to serve: the next stage or unstage cleans up
+        fe = self._adopt(volume_id)
+        if fe is None:
+            return False
+        if fe.worker is not None:
+            fe.worker.poll()  # reap our own dead child
+        log.warning("the data path worker of %s (pid %d) had died: starting it again",
+                    volume_id, worker_pid)
+        fe.start_worker()
+        return True
+
     def set_replicas(self, volume_id: str, replicas: list[ReplicaAddr]) -> bool:
         """The running frontend serves exactly these replicas: new ones are added (a full
         rebuild), others removed. False when no frontend of the volume runs here."""
+        with self._locks[volume_id]:
+            return self._set_replicas(volume_id, replicas)
+
+    def _set_replicas(self, volume_id: str, replicas: list[ReplicaAddr]) -> bool:
         fe = self._adopt(volume_id)
         if fe is None or not fe.running():
             return False

@@ -65,35 +65,49 @@ def choose_node(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio:
 def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ratio: float,
                     size: int, qos: QosSpec, constraints: Constraints,
                     count: int) -> list[NodeInfo]:
-    """`count` nodes in distinct zones for a mirrored volume's replicas: inside the
-    requisite topology, one in the first preferred topology's zone (the pod's), each with
-    room for the bytes and the guaranteed minimum (both are paid on every replica)."""
-    candidates = [n for n in nodes if not constraints.requisite
-                  or topology.matches_any(n.node_id, n.zone, constraints.requisite)]
+    """`count` nodes in distinct zones for a mirrored volume's replicas, each with room for
+    the bytes and the guaranteed minimum (both are paid on every replica): one in the first
+    preferred topology's zone (the pod's), the others in the requisite topology's zones
+    first. Requisite says where the volume must be reachable from, not where every copy
+    lives: when it names fewer zones than there are replicas (the provisioner's
+    --strict-topology names one), the rest go to other zones, and the volume is reachable
+    from those too (the pod can fail over there)."""
+    inside = [n for n in nodes if not constraints.requisite
+              or topology.matches_any(n.node_id, n.zone, constraints.requisite)]
+    inside_ids = {n.node_id for n in inside}
     by_zone: dict[str, list[NodeInfo]] = {}
     problems: list[str] = []
-    for node in candidates:
+    for node in nodes:
         problem = room_problem(node, index, overcommit_ratio, size, qos)
         if problem:
             problems.append(problem)
         else:
             by_zone.setdefault(node.zone, []).append(node)
-    for zone_nodes in by_zone.values():  # the roomiest node of each zone first
-        zone_nodes.sort(key=lambda n: -available_bytes(n, index, overcommit_ratio))
+    for zone_nodes in by_zone.values():  # requisite nodes first, then the roomiest
+        zone_nodes.sort(key=lambda n: (n.node_id not in inside_ids,
+                                       -available_bytes(n, index, overcommit_ratio)))
     preferred_zones = [z for t in constraints.preferred for z in
-                       {n.zone for n in candidates if topology.matches(n.node_id, n.zone, t)}]
+                       {n.zone for n in inside if topology.matches(n.node_id, n.zone, t)}]
     if preferred_zones and preferred_zones[0] not in by_zone:
         raise OutOfCapacity(
             f"no node in zone {preferred_zones[0]} (the pod's) has room for a replica: "
             + ("; ".join(problems) or "no reachable node there"))
-    order = list(dict.fromkeys(preferred_zones + sorted(
-        by_zone, key=lambda z: -available_bytes(by_zone[z][0], index, overcommit_ratio))))
+    inside_zones = {n.zone for n in inside}
+
+    def rank(zone: str) -> tuple[bool, int]:
+        best = by_zone[zone][0]
+        return (best.node_id not in inside_ids,
+                -available_bytes(best, index, overcommit_ratio))
+    order = list(dict.fromkeys(preferred_zones + sorted(by_zone, key=rank)))
     chosen = [by_zone[z][0] for z in order if z in by_zone][:count]
+    if not any(n.node_id in inside_ids for n in chosen):
+        raise OutOfCapacity(
+            f"no node of the zones asked for ({', '.join(sorted(inside_zones)) or 'none'}) "
+            "has room for a replica" + (f": {'; '.join(problems)}" if problems else ""))
     if len(chosen) < count:
-        zones = sorted({n.zone for n in candidates})
         raise OutOfCapacity(
             f"{count} replicas need {count} zones with room; found {len(chosen)} "
-            f"(zones asked for: {', '.join(zones) or 'none reachable'})"
+            f"(zones known: {', '.join(sorted({n.zone for n in nodes})) or 'none'})"
             + (f"; {'; '.join(problems)}" if problems else ""))
     return chosen
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from control.backups import Backups
 from control.healing import Healer
 from control.reconcile import Orphans, Reconciler
 from control.records import VOLUME
@@ -22,6 +23,7 @@ from control.store import Compacted, Store, Watch
 from control.tombstones import TombstoneSweeper
 from control.volume_index import VolumeIndex
 from control.volumes import VolumePolicy, Volumes
+from engine.backup.targets import Targets
 from engine.errors import Unavailable
 from engine.locks import KeyLocks
 
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 class ControlPlane:
     def __init__(self, store: Store, nodes: NodeRegistry, policy: VolumePolicy,
                  clock: Callable[[], float] = time.time,
-                 report: Callable[[Orphans], None] | None = None):
+                 report: Callable[[Orphans], None] | None = None,
+                 targets: Targets | None = None, backup_lock_stale_s: float = 600.0):
         self.store = store
         self.nodes = nodes
         self.index = VolumeIndex()
@@ -41,6 +44,9 @@ class ControlPlane:
                                    intent_timeout_s=policy.intent_timeout_s, clock=clock)
         self.volumes.snapshot_source = self.snapshots.source_of
         self.volumes.snapshot_copy_nodes = self.snapshots.copies_of
+        self.backups = Backups(store, nodes, targets or Targets(), policy.intent_timeout_s,
+                               clock, lock_stale_s=backup_lock_stale_s)
+        self.snapshots.backups = self.volumes.backups = self.backups
         self.volumes.sweeper = TombstoneSweeper(store, self._tombstone_removed)
         self.reconciler = Reconciler(store, nodes, self.volumes, self.snapshots, clock, report)
         self.reconciler.healer = Healer(store, nodes, self.volumes,

@@ -4,7 +4,7 @@ Keys in the cluster store (control/store.py):
   volume/<volume_id>            VolumeRecord
   volume-name/<name>            NameRecord -> the volume_id a CreateVolume name holds
   attachment/<volume_id>/<node> AttachmentRecord (ControllerPublish)
-  snapshot/<snapshot_id>        SnapshotRecord
+  snapshot/<snapshot_id>        SnapshotRecord (a backup's: bkp:<target>:<backup id>)
   snapshot-name/<name>          NameRecord
   group/<group_id>              GroupRecord
   group-name/<name>             NameRecord
@@ -61,6 +61,8 @@ def _plain(value: Any) -> dict:
         item = getattr(value, f.name)
         if isinstance(item, QosSpec):
             item = dict(vars(item))  # flat: cheaper than dataclasses.asdict
+        elif isinstance(item, BackupState):
+            item = dataclasses.asdict(item)
         elif isinstance(item, tuple):
             item = [list(i) if isinstance(i, tuple) else i for i in item]
         elif isinstance(item, dict):
@@ -171,6 +173,30 @@ def attachment_key(volume_id: str, node_id: str) -> str:
     return f"{ATTACHMENT}{volume_id}/{node_id}"
 
 
+UPLOADING, UPLOADED = "uploading", "uploaded"  # a backup's phases
+
+
+@dataclass(frozen=True)
+class BackupState:
+    """A snapshot that is also a backup (VolumeSnapshotClass `backupTarget`): its local
+    snapshot is uploaded by its node; ready_to_use once the upload is durable."""
+
+    target: str
+    backup_id: str
+    phase: str = UPLOADING  # UPLOADING -> UPLOADED
+    base_snapshot_id: str = ""  # the incremental's base (a backup of the same volume)
+    base_backup_id: str = ""
+    base_chosen: bool = False  # base fixed (possibly none) before the upload started
+    local: bool = True  # its local snapshot is kept (the base for the next incremental)
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_uploaded: int = 0
+    last_error: str = ""
+
+    def replace(self, **changes: Any) -> BackupState:
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class ReplicaSnapshot:
     """One copy of a mirrored volume's snapshot: a snapshot of the replica on that node."""
@@ -195,6 +221,7 @@ class SnapshotRecord:
     # restore from any is the same image (node_id is the first's). CREATING: every node
     # where a copy may be made (a tombstone removes them all); READY: the copies.
     replicas: tuple[ReplicaSnapshot, ...] = ()
+    backup: BackupState | None = None
 
     @property
     def key(self) -> str:
@@ -209,6 +236,10 @@ class SnapshotRecord:
         """Every node holding a copy."""
         return tuple(r.node_id for r in self.replicas) or (self.node_id,)
 
+    @property
+    def ready_to_use(self) -> bool:
+        return self.backup is None or self.backup.phase == UPLOADED
+
     def to_value(self) -> dict:
         value = _plain(self)
         value["replicas"] = [dataclasses.asdict(r) for r in self.replicas]
@@ -218,6 +249,8 @@ class SnapshotRecord:
     def from_value(cls, value: dict) -> SnapshotRecord:
         v = dict(value)
         v["replicas"] = tuple(ReplicaSnapshot(**r) for r in v.get("replicas", ()))
+        if v.get("backup"):
+            v["backup"] = BackupState(**v["backup"])
         return cls(**v)
 
     def replace(self, **changes: Any) -> SnapshotRecord:

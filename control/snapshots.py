@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from control.mirror_snapshots import MirrorSnapshots
 from control.node_api import SnapshotMember
@@ -22,6 +23,7 @@ from control.records import (
     READY,
     SNAPSHOT,
     SNAPSHOT_NAME,
+    BackupState,
     GroupRecord,
     NameRecord,
     SnapshotRecord,
@@ -33,6 +35,7 @@ from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
 from control.volumes import CAS_ATTEMPTS, REFUSALS, Volumes
 from engine import crash
+from engine.backup.targets import BackupRef
 from engine.errors import (
     AlreadyExists,
     Busy,
@@ -44,6 +47,9 @@ from engine.errors import (
     Precondition,
 )
 from engine.locks import KeyLocks
+
+if TYPE_CHECKING:
+    from control.backups import Backups
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class Snapshots:
         self.intent_timeout_s = intent_timeout_s
         self.clock = clock
         self.mirrored = MirrorSnapshots(self)  # snapshots of mirrored volumes
+        self.backups: Backups | None = None  # uploads and the bucket (control/backups.py)
 
     # --- reading ---------------------------------------------------------------------
     def record(self, snapshot_id: str) -> tuple[SnapshotRecord, int] | None:
@@ -104,7 +111,10 @@ class Snapshots:
         return [f[0] for f in found if f is not None]
 
     # --- create ----------------------------------------------------------------------
-    def create(self, name: str, source_volume_id: str, request_hash: str) -> SnapshotRecord:
+    def create(self, name: str, source_volume_id: str, request_hash: str,
+               backup_target: str = "") -> SnapshotRecord:
+        """backup_target: the snapshot is also a backup to that target (its ID names the
+        target and the backup; the upload is control/backups.py's)."""
         with self.locks.hold(f"snapshot-name:{name}"):
             for _ in range(CAS_ATTEMPTS):
                 existing = self.store.get(SNAPSHOT_NAME + name)
@@ -114,6 +124,12 @@ class Snapshots:
                     vol, _ = self.volumes.require_ready(source_volume_id)
                     now = self.clock()
                     if vol.mirrored:
+                        if backup_target:
+                            raise Precondition(
+                                f"volume {vol.volume_id} is mirrored: a snapshot of it cannot "
+                                "be a backup yet (its copies are on several nodes); snapshot "
+                                "it, restore the snapshot into a local volume, and back that "
+                                "up")
                         snap = self.mirrored.intent(name, vol, request_hash,
                                                     new_snapshot_id(), now)
                         try:
@@ -126,11 +142,14 @@ class Snapshots:
                             continue
                         return self.mirrored.realize(snap, version, vol)
                     self._check_room(vol.node_id)
+                    ref = BackupRef.new(backup_target) if backup_target else None
                     snap = SnapshotRecord(
-                        snapshot_id=new_snapshot_id(), name=name, request_hash=request_hash,
+                        snapshot_id=ref.snapshot_id if ref else new_snapshot_id(), name=name,
+                        request_hash=request_hash,
                         state=CREATING, source_volume_id=source_volume_id,
                         node_id=vol.node_id, size_bytes=vol.capacity_bytes, created_at=now,
-                        intent_deadline=now + self.intent_timeout_s)
+                        intent_deadline=now + self.intent_timeout_s,
+                        backup=BackupState(ref.target, ref.backup_id) if ref else None)
                     try:
                         version = self.store.commit([
                             Put(SNAPSHOT_NAME + name, {"object_id": snap.snapshot_id,
@@ -194,15 +213,17 @@ class Snapshots:
         return ready
 
     # --- delete ----------------------------------------------------------------------
-    def delete(self, snapshot_id: str) -> None:
+    def delete(self, snapshot_id: str, secrets: dict[str, str] | None = None) -> bool:
+        """False when no record names the snapshot (nothing was done)."""
         with self.locks.hold(snapshot_id):
             found = self.record(snapshot_id)
             if found is None:
-                return
+                return False
             snap, version = found
             if snap.state != DELETING:
                 snap, version = self._tombstone(snap, version)
-            self.converge_deleted(snap, version)
+            self.converge_deleted(snap, version, secrets or {})
+            return True
 
     def _tombstone(self, snap: SnapshotRecord, version: int) -> tuple[SnapshotRecord, int]:
         tomb = snap.replace(state=DELETING)
@@ -219,7 +240,8 @@ class Snapshots:
             return [Delete(key, expect=name.version)]
         return []
 
-    def converge_deleted(self, tomb: SnapshotRecord, version: int) -> bool:
+    def converge_deleted(self, tomb: SnapshotRecord, version: int,
+                         secrets: dict[str, str] | None = None) -> bool:
         if tomb.mirrored:
             if not self.mirrored.converge_deleted(tomb):
                 return False
@@ -229,8 +251,13 @@ class Snapshots:
                 log.warning("snapshot %s deleted; its storage on %s goes when the node is "
                             "back", tomb.snapshot_id, tomb.node_id)
                 return False
-            node.delete_snapshot(tomb.snapshot_id)
+            node.delete_snapshot(tomb.snapshot_id)  # a backup's upload stops with it
         crash.point("delete-snapshot-after-engine")
+        if tomb.backup is not None and tomb.backup.base_chosen:  # an upload may have begun
+            if self.backups is None:
+                raise InvalidSpec(f"snapshot {tomb.snapshot_id} is a backup, and backups are "
+                                  "not configured")
+            self.backups.delete_data(tomb.snapshot_id, secrets or {})
         try:
             self.store.commit([Delete(tomb.key, expect=version)])
         except Conflict:

@@ -17,11 +17,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from control import mirrored, placement, policy, topology
 from control.idempotency import CreateAsk, incompatibility
 from control.mirror_seeds import Seeds
-from control.node_api import NewVolume, VolumeSource
+from control.node_api import SOURCE_BACKUP, NewVolume, VolumeSource
 from control.records import (
     ATTACHMENT,
     CREATING,
@@ -56,6 +57,9 @@ from engine.errors import (
 from engine.locks import KeyLocks
 from engine.qos.tiers import QosSpec
 
+if TYPE_CHECKING:
+    from control.backups import Backups
+
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
@@ -80,6 +84,8 @@ class VolumeRequest:
     replicas: int = 1  # > 1: a mirrored volume, one replica per zone
     min_in_sync: int = 0  # 0: the default for the replica count
     remote_access: bool = False
+    # the provisioner secrets (a restore from a backup reaches the bucket with them)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class Volumes:
         # volume's snapshot has one copy per replica (None: snapshot_source's one node)
         self.snapshot_copy_nodes: Callable[[str], tuple[tuple[str, ...], int]] | None = None
         self.seeds = Seeds(self)  # restores and clones of and into mirrored volumes
+        self.backups: Backups | None = None  # restores from backups (control/backups.py)
 
     # --- reading ---------------------------------------------------------------------
     def record(self, volume_id: str) -> tuple[VolumeRecord, int] | None:
@@ -150,7 +157,7 @@ class Volumes:
                     continue  # another controller took the name first: look again
                 self.index.note(record.volume_id, record, version)
                 crash.point("create-volume-after-intent")
-                return self._realize(record, version)
+                return self._realize(record, version, req.secrets)
         raise Busy(f"volume name {req.name!r} is contended; retry")
 
     def _intent(self, req: VolumeRequest) -> VolumeRecord:
@@ -189,6 +196,10 @@ class Volumes:
 
     def _mirrored_intent(self, req: VolumeRequest, constraints: placement.Constraints,
                          now: float, copies: tuple[str, ...] = ()) -> VolumeRecord:
+        if req.source.kind == SOURCE_BACKUP:  # its restore job fills one node's volume
+            raise Precondition("a mirrored volume cannot be restored from a backup yet: "
+                               "restore it into a volume with replicas: 1, snapshot that, "
+                               "and restore the snapshot into a mirrored volume")
         chosen = self.seeds.place(req.replicas, req.size_bytes, req.qos, constraints, copies)
         min_in_sync = req.min_in_sync or mirrored.default_min_in_sync(req.replicas)
         if req.source.kind:
@@ -244,14 +255,15 @@ class Volumes:
             if self.seeds.one_instant(record):  # never finished by another call
                 self.seeds.resume_one_instant(record, version, self.clock())
             log.info("resuming the creation of %s (%s)", record.volume_id, record.name)
-            return self._realize(record, version)
+            return self._realize(record, version, req.secrets)
         raise Busy(f"volume {record.volume_id} is being deleted; retry")
 
-    def _realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
+    def _realize(self, record: VolumeRecord, version: int,
+                 secrets: dict[str, str] | None = None) -> VolumeRecord:
         """Make the intent's storage, then confirm it. A node's definite refusal (it cannot
         make such a volume) ends the intent at once; anything else leaves it for a retry."""
         try:
-            return self._make_and_confirm(record, version)
+            return self._make_and_confirm(record, version, secrets or {})
         except EngineError as failure:
             # a clone of a mirrored volume into a mirrored one is never resumed either (its
             # copies must come from one write barrier): any failure ends it
@@ -263,15 +275,22 @@ class Volumes:
                                 e)
             raise
 
-    def _make_and_confirm(self, record: VolumeRecord, version: int) -> VolumeRecord:
+    def _make_and_confirm(self, record: VolumeRecord, version: int,
+                          secrets: dict[str, str]) -> VolumeRecord:
         if record.mirrored:
             with self.seeds.plan(record) as plan:  # a clone of a mirrored one: at a barrier
                 record = self.mirrors.realize(record, version, plan)  # with their addresses
         else:
+            node = self.nodes.require(record.node_id)
             self.seeds.make_local(record, NewVolume(
                 volume_id=record.volume_id, size_bytes=record.capacity_bytes,
                 access_types=record.access_types, qos=record.qos,
                 source=VolumeSource(record.source_kind, record.source_id), version=version))
+            if record.source_kind == SOURCE_BACKUP:
+                if self.backups is None:
+                    raise NotFound(f"backup {record.source_id!r} does not exist")
+                # Busy (ABORTED: the provisioner retries) until restored and checked
+                version = self.backups.restore(record, version, node, secrets)
         crash.point("create-volume-after-engine")
         ready = record.replace(state=READY, intent_deadline=0.0)
         try:

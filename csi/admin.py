@@ -12,6 +12,9 @@
                                                  measure it again (about 45 s) and keep it
     tandem-admin [--state-dir DIR] capacity set IOPS
                                                  set it by hand and keep it
+    tandem-admin [--state-dir DIR] backup status|list|verify
+                                                 backup jobs; a target's backups, checked
+                                                 (csi/admin_backup.py)
 
 It reads the driver's state store and the pods' cgroup statistics; NodeGetVolumeStats has no
 field for I/O rates, so this is where they are seen. The store is SQLite in WAL mode: reading
@@ -32,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from csi import admin_backup
 from csi.config import Config
 from engine.errors import EngineError
 from engine.node_records import Device, NodeRecords, format_device
@@ -187,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--seconds", type=int, default=capacity.RUN_S)
     set_ = cap_sub.add_parser("set", help="set the figure by hand")
     set_.add_argument("iops", type=int)
+    admin_backup.add_parser(sub)
     a = p.parse_args(argv)
+    if a.command == "backup":
+        return admin_backup.run(a)
     if a.command in ("orphans", "purge"):
         return _orphans_command(p, a)
     # where the driver keeps things, from the same definitions it uses

@@ -36,6 +36,7 @@ class ClusterConfig:
     mirror_key: str = ""  # the cluster's shared key file of the mirror's wire protocol
     frontend_lease_ttl_s: int = 10  # a frontend's etcd lease (failover keys on it)
     fence_margin_s: float = 3.0  # a frontend stops serving this long before its lease ends
+    supervise_interval_s: float = 2.0  # how often dead data-path processes are restarted
     # controller mode
     controller_id: str = ""  # what the leader election shows for this controller
     leader_ttl_s: int = 10  # a leader silent this long is replaced

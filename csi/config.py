@@ -50,6 +50,8 @@ class Config:
     nvme: NvmeConfig | None = None  # the NVMe backend's settings (backend "nvme")
     mode: str = ALL_IN_ONE  # or controller, node (csi/cluster_config.py)
     cluster: ClusterConfig = ClusterConfig()
+    backup_targets_file: str = ""  # backup targets (engine/backup/targets.py); "" = no backups
+    backup_lock_stale_s: float = 600.0  # a bucket lock older than this was left by the dead
 
     @property
     def pool_directory(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from control import mirrored, placement, policy, topology
-from control.node_api import Condition, VolumeSource
+from control.node_api import SOURCE_BACKUP, Condition, VolumeSource
 from control.records import VolumeRecord, request_hash
 from control.registry import NodeRegistry
 from control.snapshots import Snapshots
@@ -21,7 +21,8 @@ from csi.config import Config
 from csi.errors import translated
 from csi.idempotency import create_ask
 from csi.snapshotter import Snapshotter
-from engine.errors import EngineError, InvalidSpec, NotFound
+from engine.backup.targets import parse_snapshot_id
+from engine.errors import EngineError, InvalidSpec, NotFound, OutOfRange
 from engine.qos.tiers import QosSpec, resolve_qos
 from proto import csi_pb2, csi_pb2_grpc
 
@@ -84,7 +85,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if vol.source_kind == "volume":
             source = csi_pb2.VolumeContentSource(
                 volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=vol.source_id))
-        elif vol.source_kind == "snapshot":
+        elif vol.source_kind in ("snapshot", SOURCE_BACKUP):
             source = csi_pb2.VolumeContentSource(
                 snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=vol.source_id))
         return csi_pb2.Volume(
@@ -182,7 +183,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         size = policy.volume_size(
             req.capacity_range.required_bytes, req.capacity_range.limit_bytes,
             self.config.default_volume_bytes, minimum)
-        source = self._content_source(req)
+        source = self._content_source(req, size)
         reqs = req.accessibility_requirements
         vol = self.volumes.create(VolumeRequest(
             name=name,
@@ -198,10 +199,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 preferred=tuple(dict(t.segments) for t in reqs.preferred)),
             replicas=replicas, min_in_sync=min_in_sync, remote_access=remote_access,
             ask=create_ask(req, params, mutable, source.kind, source.source_id),
+            secrets=dict(req.secrets),
         ))
         return csi_pb2.CreateVolumeResponse(volume=self._volume(vol))
 
-    def _content_source(self, req: csi_pb2.CreateVolumeRequest) -> VolumeSource:
+    def _content_source(self, req: csi_pb2.CreateVolumeRequest, size: int) -> VolumeSource:
         if not req.HasField("volume_content_source"):
             return VolumeSource()
         src = req.volume_content_source
@@ -214,6 +216,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if kind == "snapshot":
             source_id = validation.require(src.snapshot.snapshot_id,
                                            "volume_content_source.snapshot.snapshot_id")
+            if parse_snapshot_id(source_id) is not None:
+                # a backup: restored from its bucket on any node, here or in another cluster
+                backup_bytes = self.snapshotter.restore_source(source_id, dict(req.secrets))
+                if backup_bytes > size:
+                    raise OutOfRange(f"the backup holds a volume of {backup_bytes} bytes, "
+                                     f"more than the {size} asked for")
+                return VolumeSource(SOURCE_BACKUP, source_id)
             self.snapshotter.require(source_id)
             return VolumeSource("snapshot", source_id)
         raise InvalidSpec("volume_content_source has no type")

@@ -27,6 +27,7 @@ from control.registry import NodeRegistry
 from control.stores import StoreSpec, open_store
 from csi.config import Config
 from csi.server import Driver, clear_stale_socket, socket_path
+from engine.backup.targets import Targets
 
 log = logging.getLogger("tandem")
 
@@ -41,6 +42,7 @@ class ControllerDriver(Driver):
         cfg = self.config
         cluster = cfg.cluster
         assert cluster.agent_tls is not None  # checked with the arguments
+        Targets.load(cfg.backup_targets_file)  # checked before anything starts
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
         store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
@@ -57,7 +59,9 @@ class ControllerDriver(Driver):
         nodes = NodeRegistry()
         self.node_watch = NodeWatch(store, nodes, connect)
         self.node_watch.start()
-        plane = ControlPlane(store, nodes, self.volume_policy())
+        targets = Targets.load(cfg.backup_targets_file)  # a bad file stops the start here
+        plane = ControlPlane(store, nodes, self.volume_policy(), targets=targets,
+                             backup_lock_stale_s=cfg.backup_lock_stale_s)
         plane.start(cfg.reconcile_interval_s, shared_store=True, reconcile=False)
         self.plane = plane
         self.leader = LeaderDuties(store, plane, cluster.controller_id,

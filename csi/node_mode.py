@@ -25,6 +25,7 @@ from control.local_node import LocalNode
 from control.node_mirror import ClusterAccess, FrontendHost, ReplicaHost
 from control.registration import Registrar
 from control.stores import StoreSpec, open_store
+from control.supervisor import Supervisor
 from csi.config import Config
 from csi.identity import driver_version
 from csi.node import NodeService
@@ -42,6 +43,7 @@ class NodeDriver(Driver):
         self.agent: AgentServer | None = None
         self.registrar: Registrar | None = None
         self.replicas: ReplicaHost | None = None
+        self.supervisor: Supervisor | None = None
 
     def start(self) -> None:
         cluster = self.config.cluster
@@ -59,7 +61,9 @@ class NodeDriver(Driver):
         host = self._frontends()
         assert self.store is not None  # open_engine opened it
         frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
-        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends)
+        node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends,
+                         backup_lock_stale_s=cfg.backup_lock_stale_s)
+        self.local_node = node
         self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
         self.agent.start()
         store = open_store(StoreSpec(cfg.store_url, cfg.store_ca_file, cfg.store_cert_file,
@@ -71,6 +75,9 @@ class NodeDriver(Driver):
                                    ttl_s=cluster.registration_ttl_s,
                                    refresh_s=cluster.registration_refresh_s)
         self.registrar.start()
+        checks = [c.revive for c in (self.replicas, host) if c is not None]
+        if checks:
+            self.supervisor = Supervisor(checks, cluster.supervise_interval_s).start()
         self.server = self.grpc_server()
         self.add_identity()
         csi_pb2_grpc.add_NodeServicer_to_server(
@@ -110,6 +117,8 @@ class NodeDriver(Driver):
         return host
 
     def stop(self, grace_s: float = 5.0) -> None:
+        if self.supervisor is not None:  # the data path outlives the agent on purpose
+            self.supervisor.stop()
         if self.registrar is not None:
             self.registrar.stop()  # the controllers stop sending work first
         if self.agent is not None:

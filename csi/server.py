@@ -37,6 +37,7 @@ from csi.snapshot_metadata import SnapshotMetadataService
 from csi.snapshotter import Snapshotter
 from engine import fileops, permissions
 from engine.backend import BACKENDS, LOOP, NVME, Backend
+from engine.backup.targets import Targets
 from engine.errors import EngineError, InvalidSpec
 from engine.loop_backend import LoopBackend
 from engine.loopdev import LoopDevices
@@ -127,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--nvme-wipe", choices=[nvme.WRITE_ZEROES, nvme.FORMAT],
                    default=nvme.WRITE_ZEROES,
                    help="nvme pool: how a namespace is wiped before reuse")
+    p.add_argument("--backup-targets", default="",
+                   help="JSON file naming backup targets (endpoint, bucket, prefix); "
+                        "see docs/backup.md")
+    p.add_argument("--backup-lock-stale-s", type=float, default=600.0,
+                   help="seconds after which a bucket lock no process refreshed is ignored")
     p.add_argument("--log-level", default="INFO")
     cluster_config.add_arguments(p)
     a = p.parse_args(argv)
@@ -174,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         intent_timeout_s=a.intent_timeout, reconcile_interval_s=a.reconcile_interval,
         replica_replace_after_s=a.replica_replace_after,
         backend=a.backend, nvme=nvme_config, mode=a.mode, cluster=cluster,
+        backup_targets_file=os.path.abspath(a.backup_targets) if a.backup_targets else "",
+        backup_lock_stale_s=a.backup_lock_stale_s,
     )
 
 
@@ -246,11 +254,13 @@ class Driver:
         self.cluster_store: Store | None = None  # cluster records
         self.plane: ControlPlane | None = None
         self.engine: NodeEngine | None = None
+        self.local_node: LocalNode | None = None
         self._lock_fd = -1
 
     def start(self) -> None:
         cfg = self.config
         self._lock_fd = take_state_lock(cfg)
+        targets = Targets.load(cfg.backup_targets_file)  # a bad file stops the start here
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
         engine = self.open_engine()
@@ -259,9 +269,12 @@ class Driver:
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s, cfg.store_namespace))
         nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
-        nodes.add(LocalNode(engine, cfg.max_volumes_per_node))
+        self.local_node = LocalNode(engine, cfg.max_volumes_per_node,
+                                    backup_lock_stale_s=cfg.backup_lock_stale_s)
+        nodes.add(self.local_node)
         plane = ControlPlane(self.cluster_store, nodes, self.volume_policy(),
-                             report=self._report_orphans)
+                             report=self._report_orphans, targets=targets,
+                             backup_lock_stale_s=cfg.backup_lock_stale_s)
         plane.start(cfg.reconcile_interval_s,
                     shared_store=not cfg.cluster_store_url.startswith("sqlite:"))
         self.plane = plane
@@ -311,7 +324,7 @@ class Driver:
     def add_controller(self, plane: ControlPlane, nodes: NodeRegistry) -> None:
         """Controller, GroupController and SnapshotMetadata over the control plane."""
         assert self.server is not None
-        snapshotter = Snapshotter(plane.snapshots)
+        snapshotter = Snapshotter(plane.snapshots, plane.backups)
         csi_pb2_grpc.add_ControllerServicer_to_server(
             ControllerService(self.config, plane.volumes, plane.snapshots, snapshotter, nodes,
                               plane.index), self.server)
@@ -365,6 +378,8 @@ class Driver:
             self.server.stop(grace_s).wait()
         if self.plane is not None:
             self.plane.close()
+        if self.local_node is not None:
+            self.local_node.close()  # background uploads and restores stop (resumable)
         if self.cluster_store is not None:
             self.cluster_store.close()
         if self.engine is not None:

@@ -35,13 +35,19 @@ def _merge(ranges: list[Range]) -> list[Range]:
     return out
 
 
-def _written(path: str) -> list[Extent]:
+def written_extents(path: str) -> list[Extent]:
+    """The file's extents that hold data, for callers that ask several questions of one
+    map (allocated_of_extents, delta_of_extents) without reading it again."""
     # unwritten (preallocated) extents read as zeros: they hold no data
     return [e for e in extents(path) if e.written]
 
 
+def allocated_of_extents(exts: list[Extent]) -> list[Range]:
+    return _merge([Range(e.offset_bytes, e.length_bytes) for e in exts])
+
+
 def allocated(path: str) -> list[Range]:
-    return _merge([Range(e.offset_bytes, e.length_bytes) for e in _written(path)])
+    return allocated_of_extents(written_extents(path))
 
 
 def _mapper(exts: list[Extent]):
@@ -69,4 +75,4 @@ def delta_of_extents(base: list[Extent], target: list[Extent]) -> list[Range]:
 
 
 def delta(base_path: str, target_path: str) -> list[Range]:
-    return delta_of_extents(_written(base_path), _written(target_path))
+    return delta_of_extents(written_extents(base_path), written_extents(target_path))

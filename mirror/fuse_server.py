@@ -118,7 +118,19 @@ class FuseServer:
 
     # --- requests --------------------------------------------------------------
     def slow(self, n: int) -> None:
-        """One request of n bytes in self.buf that the C side did not take."""
+        """One request of n bytes in self.buf that the C side did not take. A request this
+        code cannot handle fails alone (EIO): it never takes the volume's data path down."""
+        try:
+            self._slow(n)
+        except Exception:
+            unique = F.IN_HEADER.unpack_from(self.buf)[2]
+            log.exception("FUSE request %d failed", unique)
+            try:
+                self.reply(unique, -errno.EIO, None)
+            except OSError:  # it had been answered before the failure: the kernel says so
+                pass
+
+    def _slow(self, n: int) -> None:
         core = self.core
         assert core is not None
         buf = self.buf

@@ -149,6 +149,26 @@ class NodeAgentStub:
                 request_serializer=proto_dot_agent__pb2.SetFrontendQosRequest.SerializeToString,
                 response_deserializer=proto_dot_agent__pb2.SetFrontendQosReply.FromString,
                 _registered_method=True)
+        self.StartBackup = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/StartBackup',
+                request_serializer=proto_dot_agent__pb2.StartBackupRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.StartBackupReply.FromString,
+                _registered_method=True)
+        self.BackupStatus = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/BackupStatus',
+                request_serializer=proto_dot_agent__pb2.BackupStatusRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.BackupStatusReply.FromString,
+                _registered_method=True)
+        self.StartRestore = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/StartRestore',
+                request_serializer=proto_dot_agent__pb2.StartRestoreRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.StartRestoreReply.FromString,
+                _registered_method=True)
+        self.RestoreStatus = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/RestoreStatus',
+                request_serializer=proto_dot_agent__pb2.RestoreStatusRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.RestoreStatusReply.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -292,6 +312,30 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartBackup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackupStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRestore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -409,6 +453,26 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.SetFrontendQos,
                     request_deserializer=proto_dot_agent__pb2.SetFrontendQosRequest.FromString,
                     response_serializer=proto_dot_agent__pb2.SetFrontendQosReply.SerializeToString,
+            ),
+            'StartBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartBackup,
+                    request_deserializer=proto_dot_agent__pb2.StartBackupRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.StartBackupReply.SerializeToString,
+            ),
+            'BackupStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackupStatus,
+                    request_deserializer=proto_dot_agent__pb2.BackupStatusRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.BackupStatusReply.SerializeToString,
+            ),
+            'StartRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRestore,
+                    request_deserializer=proto_dot_agent__pb2.StartRestoreRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.StartRestoreReply.SerializeToString,
+            ),
+            'RestoreStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreStatus,
+                    request_deserializer=proto_dot_agent__pb2.RestoreStatusRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.RestoreStatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1032,6 +1096,114 @@ class NodeAgent:
             '/tandem.agent.v1.NodeAgent/SetFrontendQos',
             proto_dot_agent__pb2.SetFrontendQosRequest.SerializeToString,
             proto_dot_agent__pb2.SetFrontendQosReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/StartBackup',
+            proto_dot_agent__pb2.StartBackupRequest.SerializeToString,
+            proto_dot_agent__pb2.StartBackupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackupStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/BackupStatus',
+            proto_dot_agent__pb2.BackupStatusRequest.SerializeToString,
+            proto_dot_agent__pb2.BackupStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/StartRestore',
+            proto_dot_agent__pb2.StartRestoreRequest.SerializeToString,
+            proto_dot_agent__pb2.StartRestoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/RestoreStatus',
+            proto_dot_agent__pb2.RestoreStatusRequest.SerializeToString,
+            proto_dot_agent__pb2.RestoreStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,9 +17,10 @@ if [ "$dev" = 1 ]; then
   # the tests: namespaces and firewall rules for zones; the QEMU guest of tests/vm (cgroup v2
   # io.max): a Debian kernel with 9p, busybox for its initramfs; tiny-initramfs satisfies the
   # kernel's initramfs dependency without udev/systemd; etcd members for the cluster store's
-  # tests, and openssl for their certificates
+  # tests, and openssl for their certificates; a one-node Ceph (monitor, memstore OSD,
+  # radosgw) on loopback: the real S3 server the backup tests run against
   packages+=(iptables qemu-system-x86 linux-image-amd64 tiny-initramfs busybox-static cpio nvme-cli
-             etcd-server openssl)
+             etcd-server openssl ceph-mon ceph-osd radosgw)
 fi
 missing=()
 for p in "${packages[@]}"; do

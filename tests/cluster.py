@@ -81,13 +81,15 @@ class Proc:
         self.log_path = os.path.join(directory, "tandem.log")
         os.makedirs(directory, exist_ok=True)
 
-    def launch(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Proc:
+    def launch(self, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+               wrap: tuple[str, ...] = ()) -> Proc:
         """Start it (from the calling thread: the child dies with that thread); does not
         wait for it to be ready (wait_ready). env and args: for this start only (a crash
-        point armed, a flag changed: a later flag of the same name wins)."""
+        point armed, a flag changed: a later flag of the same name wins). wrap: a command
+        line it runs under (`unshare --mount ...`: restarted in a new mount namespace)."""
         assert not self.running(), f"{self.name} is running"
         full_env = {**os.environ, **self.env, **(env or {})}
-        argv = [*DIE_WITH_PARENT, "nsenter", f"--net=/run/netns/{self.netns}", "--",
+        argv = [*DIE_WITH_PARENT, *wrap, "nsenter", f"--net=/run/netns/{self.netns}", "--",
                 sys.executable, "-m", "csi.server", "--endpoint", self.endpoint, *self.argv,
                 *args]
         with open(self.log_path, "ab") as log:
@@ -97,8 +99,8 @@ class Proc:
         return self
 
     def start(self, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-              timeout_s: float = 60.0) -> Proc:
-        self.launch(env, args)
+              timeout_s: float = 60.0, wrap: tuple[str, ...] = ()) -> Proc:
+        self.launch(env, args, wrap)
         self.wait_ready(timeout_s)
         return self
 
@@ -402,9 +404,15 @@ class TandemCluster:
 
 def main() -> None:
     """`python -m tests.cluster`: a cluster for trying things by hand (csi-sanity, say);
-    prints the sockets, runs until Enter or Ctrl-C, then removes everything."""
+    prints the sockets, runs until Enter or Ctrl-C, then removes everything. --mirror: the
+    nodes serve replicas and frontends (mirrored volumes: `replicas: 3`)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster")
+    parser.add_argument("--mirror", action="store_true")
+    parser.add_argument("--zones", type=int, default=3)
+    opts = parser.parse_args()
     root = support.make_root("tdm-cluster-")
-    cluster = TandemCluster(root)
+    cluster = TandemCluster(root, zones=opts.zones, mirror=opts.mirror)
     try:
         cluster.up()
         print(f"root {root}")

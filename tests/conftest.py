@@ -52,3 +52,19 @@ def etcd_url():
 
 def etcd_namespace() -> str:
     return f"/tandem-{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.fixture(scope="session")
+def rgw():
+    """One radosgw (monitor, memstore OSD, gateway) on loopback for the whole run; each
+    user takes a bucket of its own (tests/integration/test_backup.py)."""
+    from tests.rgw import RadosGateway
+
+    root = support.make_root("tdm-rgw-")
+    gateway = RadosGateway(root)
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.close()
+        support.cleanup_tree(root)

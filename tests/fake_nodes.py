@@ -12,18 +12,23 @@ import threading
 import time
 
 from control.node_api import (
+    JOB_DONE,
+    JOB_RUNNING,
     SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
+    BackupJob,
     ByteRange,
     Condition,
     FrontendBarrier,
     HeldReplica,
     Inventory,
+    JobStatus,
     NewReplica,
     NewVolume,
     NodeInfo,
     ReplicaInfo,
+    RestoreJob,
     SnapshotInfo,
     SnapshotMember,
     StaleVersion,
@@ -64,6 +69,9 @@ class FakeNode:
         self.refuse_creates = False  # answers that it can never make such a volume
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        # backup and restore jobs: started as the node API says, finished by the test
+        self.backups: dict[str, tuple[BackupJob, JobStatus]] = {}
+        self.restores: dict[str, tuple[RestoreJob, JobStatus]] = {}
 
     @property
     def node_id(self) -> str:
@@ -115,6 +123,7 @@ class FakeNode:
             self._check_version(volume_id, version)
             if volume_id in self.staged:
                 raise InUse(f"{volume_id} is staged on {self._node_id}")
+            self.restores.pop(volume_id, None)  # a restore into it stops first
             del self.held[volume_id]
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
@@ -271,6 +280,7 @@ class FakeNode:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._reach("delete_snapshot", snapshot_id)
+        self.backups.pop(snapshot_id, None)  # its upload stops with it
         self.snapshots.pop(snapshot_id, None)
 
     def snapshot(self, snapshot_id: str) -> SnapshotInfo | None:
@@ -285,3 +295,38 @@ class FakeNode:
                        target_snapshot_id: str) -> tuple[ByteRange, ...]:
         self._reach("changed_ranges", target_snapshot_id)
         return ()
+
+    # --- backups ---------------------------------------------------------------------
+    def start_backup(self, job: BackupJob) -> JobStatus:
+        self._reach("start_backup", job.snapshot_id)
+        if job.snapshot_id not in self.snapshots:
+            raise NotFound(f"snapshot {job.snapshot_id} has no storage on {self._node_id}")
+        current = self.backups.get(job.snapshot_id)
+        if current is not None and current[1].phase in (JOB_RUNNING, JOB_DONE):
+            return current[1]
+        self.backups[job.snapshot_id] = (job, JobStatus(JOB_RUNNING))
+        return JobStatus(JOB_RUNNING)
+
+    def backup_status(self, snapshot_id: str) -> JobStatus | None:
+        self._reach("backup_status", snapshot_id)
+        current = self.backups.get(snapshot_id)
+        return current[1] if current else None
+
+    def start_restore(self, job: RestoreJob) -> JobStatus:
+        self._reach("start_restore", job.volume_id)
+        if job.volume_id not in self.held:
+            raise NotFound(f"volume {job.volume_id} is not on {self._node_id}")
+        current = self.restores.get(job.volume_id)
+        if current is not None and current[1].phase in (JOB_RUNNING, JOB_DONE):
+            return current[1]
+        self.restores[job.volume_id] = (job, JobStatus(JOB_RUNNING))
+        return JobStatus(JOB_RUNNING)
+
+    def restore_status(self, volume_id: str) -> JobStatus | None:
+        self._reach("restore_status", volume_id)
+        current = self.restores.get(volume_id)
+        return current[1] if current else None
+
+    def finish_job(self, jobs: dict, key: str, status: JobStatus) -> None:
+        """The test's hand: a job ends (done, or failed with an error)."""
+        jobs[key] = (jobs[key][0], status)

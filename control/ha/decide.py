@@ -245,6 +245,9 @@ class _Index:
 
 
 # -- the decision ---------------------------------------------------------------------------
+DEFAULT_SETTLE_S = 5.0  # tandem-ha --settle-seconds
+
+
 def decide(store: StoreView, kube: KubeView, *, now: float, settle_s: float,
            driver: str = DRIVER_NAME) -> Decision:
     index = _Index(driver, kube)

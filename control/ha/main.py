@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from control.ha.decide import Decision, StoreView, decide, replicas_of
+from control.ha.decide import DEFAULT_SETTLE_S, Decision, StoreView, decide, replicas_of
 from control.ha.kube import Kube
 from control.ha.tracker import FrontendTracker
 from control.records import VOLUME
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--store-namespace", default="/tandem/")
     p.add_argument("--store-timeout", type=float, default=5.0)
     p.add_argument("--driver-name", default=DRIVER_NAME)
-    p.add_argument("--settle-seconds", type=float, default=5.0,
+    p.add_argument("--settle-seconds", type=float, default=DEFAULT_SETTLE_S,
                    help="how long a lost frontend stays lost before pods move (>= the agents' "
                         "lease TTL minus the frontends')")
     p.add_argument("--resync-seconds", type=float, default=30.0)

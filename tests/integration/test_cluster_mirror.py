@@ -12,6 +12,8 @@ makes the attacher's and the kubelet's calls on the new node.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 
 import grpc
@@ -193,4 +195,125 @@ def test_failover_to_another_zone_loses_no_acknowledged_write(cluster):
     old.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=first.staging))
     second.down()
+    delete(cluster, vol.volume_id)
+
+
+def test_the_frontend_outlives_its_agent_restarted_in_a_new_mount_namespace(cluster):
+    """The node plugin's container restarts (an upgrade, a crash): the volume's frontend
+    keeps serving the pod meanwhile, and the new agent, in a new mount namespace, adopts
+    it and takes the volume down when the pod goes."""
+    vol = create(cluster, "mirrored-agent-restart", preferred_zone=3)
+    a = Attached(cluster, vol, 3)
+    kubelet = os.path.dirname(os.path.dirname(a.staging))
+    # the kubelet's directory reaches the driver's container with Bidirectional propagation
+    subprocess.run(["mount", "--bind", kubelet, kubelet], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", kubelet], check=True)
+        dev = a.up()
+        before = cluster.store().get(f"frontend/{vol.volume_id}")
+        assert before is not None and before.value["state"] == "serving"
+        writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+        writer.wait_writes(100)
+        cluster.node(3).kill()  # the agent only: its data path stays
+        writer.wait_writes(200)  # the pod's I/O goes on without it
+        cluster.node(3).start(wrap=("unshare", "--mount", "--propagation", "unchanged"))
+        writer.wait_writes(100)
+        writer.stop()
+        assert writer.errors == []
+        assert writer.verify(dev, direct=True) == []
+        after = cluster.store().get(f"frontend/{vol.volume_id}")
+        assert after is not None and after.value["state"] == "serving"
+        assert after.value.get("pid") == before.value.get("pid")  # the same frontend
+        a.down()  # through the new agent
+        assert not os.path.exists(a.target)
+        got = cluster.store().get(f"frontend/{vol.volume_id}")
+        assert got is not None and got.value["state"] == "stopped"
+        delete(cluster, vol.volume_id)
+    finally:
+        subprocess.run(["umount", "--lazy", kubelet], check=False)
+
+
+def test_a_dead_data_path_is_restarted_by_its_agent(cluster):
+    """The frontend's worker and the replica service die on their own (a bug, the OOM
+    killer) while the agent lives: it restarts them, and the pod's I/O goes on."""
+    vol = create(cluster, "mirrored-supervised", preferred_zone=2)
+    a = Attached(cluster, vol, 2)
+    dev = a.up()
+    writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+    writer.wait_writes(100)
+    state = cluster.node(2).state_dir
+    for pid_file in (f"frontends/{vol.volume_id}/worker.pid", "pool/replicas/service.pid"):
+        with open(os.path.join(state, pid_file)) as f:
+            pid = int(f.read())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda p=pid_file, old=pid: _pid(state, p) not in (0, old), 30,
+                 f"{pid_file} restarted", cluster.logs)
+        writer.wait_writes(200, timeout_s=60)
+    writer.stop()
+    assert writer.errors == []
+    assert writer.verify(dev, direct=True) == []
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 60,
+             "the restarted replica back in sync",
+             lambda: condition(cluster, vol.volume_id).message)
+    a.down()
+    delete(cluster, vol.volume_id)
+
+
+def _pid(state_dir: str, pid_file: str) -> int:
+    try:
+        with open(os.path.join(state_dir, pid_file)) as f:
+            return int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_a_replica_away_too_long_is_replaced_and_rebuilt(cluster):
+    """Two replicas in zones 1 and 2, the pod in zone 1; zone 2 goes for longer than
+    --replica-replace-after: a new replica in zone 3 is built from the one in zone 1 while
+    the pod writes, and the old one's storage goes when zone 2 returns."""
+    for ctl in cluster.controllers:  # this test's replacement delay
+        ctl.stop()
+        ctl.start(args=("--replica-replace-after", "4"))
+    cluster.wait_leader()
+    req_zones = {"replicas": "2", "remoteAccess": "true"}
+    req = csi_pb2.CreateVolumeRequest(
+        name="mirrored-healing", capacity_range=csi_pb2.CapacityRange(required_bytes=SIZE),
+        volume_capabilities=[BLOCK], parameters=req_zones)
+    req.accessibility_requirements.preferred.append(cluster.zone_segments(1))
+    req.accessibility_requirements.preferred.append(cluster.zone_segments(2))
+    for z in range(1, cluster.zones + 1):
+        req.accessibility_requirements.requisite.append(cluster.zone_segments(z))
+    vol = cluster.controller(0).stubs().controller.CreateVolume(req).volume
+    holders = {r["node_id"] for r in
+               cluster.store().get(f"volume/{vol.volume_id}").value["replicas"]}
+    if holders != {"node-z1", "node-z2"}:
+        pytest.fail(f"placement chose {holders}, the test needs zones 1 and 2")
+    a = Attached(cluster, vol, 1)
+    dev = a.up()
+    writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+    writer.wait_writes(200)
+    cluster.node(2).kill()
+    cluster.node(2).kill_data_path()
+    cluster.cut(2)
+
+    def replaced() -> bool:
+        got = cluster.store().get(f"volume/{vol.volume_id}").value
+        return {r["node_id"] for r in got["replicas"]} == {"node-z1", "node-z3"}
+    wait_for(replaced, 60, "the replica in zone 2 replaced", cluster.logs)
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 90,
+             "the new replica rebuilt", lambda: condition(cluster, vol.volume_id).message
+             + "\n" + frontend_log(cluster, 1, vol.volume_id))
+    writer.stop()
+    assert writer.errors == []
+    assert writer.verify(dev, direct=True) == []
+    a.down()
+    # the new replica's own bytes hold every acknowledged block
+    rebuilt = os.path.join(cluster.node(3).pool_dir, "replicas", vol.volume_id, "data")
+    assert writer.verify(rebuilt) == []
+    # zone 2 returns: its retired replica's storage goes
+    cluster.heal(2)
+    cluster.node(2).start()
+    wait_for(lambda: not os.path.exists(os.path.join(
+        cluster.node(2).pool_dir, "replicas", vol.volume_id)), 60,
+        "the retired replica's storage removed", cluster.logs)
     delete(cluster, vol.volume_id)

@@ -72,6 +72,31 @@ def test_mirrored_device_basic_and_fallocate(cluster):
             assert f.read(1 << 20) == bytes(1 << 20)
 
 
+def test_discard_and_zeroing_larger_than_a_write_are_mirrored(cluster):
+    """mkfs zeroes and discards in ranges of tens of MiB (one FUSE fallocate each), far
+    beyond the largest write; they reach every replica and the data path stays up."""
+    c = cluster()
+    dev = c.up()
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 8 << 20)
+        buf.write(b"\xaa" * (8 << 20))
+        for off in range(0, SIZE, 8 << 20):
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    command.run(["blkdiscard", "-z", "-o", "0", "-l", str(32 << 20), dev])  # ZERO_RANGE
+    command.run(["blkdiscard", "-o", str(32 << 20), "-l", str(32 << 20), dev])  # PUNCH_HOLE
+    for r in c.replicas:
+        with open(r.data_path(c.volume_id), "rb") as f:
+            assert f.read(SIZE) == bytes(SIZE)
+    w = VerifiedWriter(dev, 1024).start()  # and the volume still serves
+    w.wait_writes(300)
+    w.stop()
+    c.check(w)
+
+
 def test_replica_sigkill_mid_write_then_resync(cluster):
     c = cluster()
     dev = c.up()

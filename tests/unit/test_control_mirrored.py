@@ -62,11 +62,28 @@ def test_replicas_go_to_distinct_zones_one_in_the_pods(zones):
 
 def test_not_enough_zones_is_resource_exhausted_and_says_why(zones):
     c = zones
-    with pytest.raises(OutOfCapacity, match="3 replicas need 3 zones"):
-        create(c, "a", constraints=Constraints(requisite=(zone("z1"), zone("z2"))))
+    with pytest.raises(OutOfCapacity, match="5 replicas need 5 zones"):
+        create(c, "a", replicas=5)
     c.nodes["n3"].free_bytes = 0
     with pytest.raises(OutOfCapacity, match="z3"):
         create(c, "b", constraints=Constraints(preferred=(zone("z3"),)))
+    with pytest.raises(OutOfCapacity, match="zones asked for"):
+        create(c, "c", constraints=Constraints(requisite=(zone("z3"),)))
+
+
+def test_requisite_zones_hold_replicas_first_the_rest_go_elsewhere(zones):
+    c = zones
+    # requisite names two zones: both hold a replica, the third goes to another zone
+    vol = create(c, "a", constraints=Constraints(requisite=(zone("z1"), zone("z2")),
+                                                 preferred=(zone("z2"),)))
+    got = [r.zone for r in vol.replicas]
+    assert got[:2] == ["z2", "z1"] and got[2] in ("z3", "z4")
+    # --strict-topology names only the pod's zone: one replica there, the pod can fail
+    # over to the others' zones
+    strict = create(c, "b", constraints=Constraints(requisite=(zone("z4"),),
+                                                    preferred=(zone("z4"),)))
+    assert strict.replicas[0].zone == "z4" and len({r.zone for r in strict.replicas}) == 3
+    assert set(strict.access_zones) == {r.zone for r in strict.replicas}
 
 
 def test_capacity_and_minima_are_paid_on_every_replica_node(zones):

@@ -68,10 +68,13 @@ class Cluster:
                                      self.clock)
 
     def create(self, name: str, size: int = GIB, qos: QosSpec = NO_QOS, digest: str = "h",
-               constraints: Constraints = ANYWHERE, source: VolumeSource = EMPTY):
+               constraints: Constraints = ANYWHERE, source: VolumeSource = EMPTY,
+               secrets: dict[str, str] | None = None):
         return self.volumes.create(VolumeRequest(
             name=name, request_hash=digest, size_bytes=size, access_types=("mount",),
-            qos=qos, constraints=constraints, source=source))
+            qos=qos, constraints=constraints, source=source,
+            secrets=secrets or {"accessKeyId": "AK", "secretAccessKey": "SK",
+                                "encryptionKey": "k" * 40}))
 
     def state(self, volume_id: str) -> str | None:
         found = self.volumes.record(volume_id)
@@ -190,7 +193,7 @@ def test_expired_intent_becomes_a_tombstone_and_its_storage_goes(three_zones):
     node = c.nodes["n1"]
     # a create that made storage and then lost its controller before confirming
     original = c.volumes._realize
-    c.volumes._realize = lambda record, version: (_ for _ in ()).throw(Unavailable("crash"))
+    c.volumes._realize = lambda record, version, *_: (_ for _ in ()).throw(Unavailable("crash"))
     with pytest.raises(Unavailable):
         c.create("a", constraints=Constraints(requisite=(zone("zone-1"),)))
     c.volumes._realize = original

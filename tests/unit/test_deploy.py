@@ -132,7 +132,7 @@ def test_the_validation_catches_mistakes():
     bad["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(bad)
-    (vsc,) = objects("VolumeSnapshotClass")
+    vsc = objects("VolumeSnapshotClass")[0]
     for change in ({"deletionPolicy": "Keep"}, {"parameter": {}},
                    {"metadata": {"name": "x", "label": {}}}):
         with pytest.raises(jsonschema.ValidationError):
@@ -147,7 +147,7 @@ def test_every_kind_has_a_schema_here():
     is a built-in kind of Kubernetes 1.34."""
     builtin = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                "RoleBinding", "Deployment", "DaemonSet", "Service", "Secret", "CSIDriver",
-               "StorageClass", "VolumeAttributesClass"}
+               "StorageClass", "VolumeAttributesClass", "ConfigMap"}
     for _, obj in all_objects():
         assert obj["kind"] in builtin or (obj["apiVersion"], obj["kind"]) in CRD_SCHEMAS
 
@@ -166,7 +166,9 @@ def test_csidriver_matches_the_attach_model():
 def test_storage_classes_cover_every_tier_with_one_and_three_replicas():
     everything = objects("StorageClass")
     # the loop-backend classes; NVMe nodes have their own (storageclasses-nvme.yaml)
-    classes = [sc for sc in everything if "-nvme-" not in sc["metadata"]["name"]]
+    # (and not the classes of restores from backups, which name the provisioner's secret)
+    classes = [sc for sc in everything if "-nvme-" not in sc["metadata"]["name"]
+               and "csi.storage.k8s.io/provisioner-secret-name" not in sc["parameters"]]
     seen = set()
     for sc in classes:
         assert sc["provisioner"] == DRIVER_NAME
@@ -487,3 +489,31 @@ def test_nvme_storage_classes_offer_no_expansion_and_nvme_flags_parse():
     assert config.nvme is not None and config.nvme.pool_nsids == tuple(range(1, 9))
     with pytest.raises(SystemExit):
         parse_args(["--backend=nvme", "--nvme-subsystem=nqn.x", "--overcommit-ratio=20"])
+def test_backup_classes_and_targets_agree_with_the_driver(tmp_path):
+    from csi.snapshotter import BACKUP_TARGET, SNAPSHOT_PARAMETERS
+    from engine.backup.targets import Targets
+
+    (config_map,) = [c for c in objects("ConfigMap")
+                     if c["metadata"]["name"] == "tandem-backup-targets"]
+    path = tmp_path / "targets.json"
+    path.write_text(config_map["data"]["targets.json"])
+    targets = Targets.load(str(path))
+    secrets = {s["metadata"]["name"]: s for s in objects("Secret")}
+    for vsc in objects("VolumeSnapshotClass"):
+        params = validation.check_parameters(vsc.get("parameters", {}), SNAPSHOT_PARAMETERS,
+                                             "snapshot parameter")
+        if BACKUP_TARGET in params:
+            targets.require(params[BACKUP_TARGET])
+            secret = vsc["parameters"]["csi.storage.k8s.io/snapshotter-secret-name"]
+            assert set(secrets[secret]["stringData"]) >= {"accessKeyId", "secretAccessKey",
+                                                          "encryptionKey"}
+    for name in ("tandem-node", "tandem-controller"):  # uploads / restores, ListSnapshots
+        (tandem,) = [c for c in workload(name)["spec"]["template"]["spec"]["containers"]
+                     if c["name"] == "tandem"]
+        flag_ = [a for a in tandem["args"] if a.startswith("--backup-targets=")]
+        mounts = {m["name"]: m["mountPath"] for m in tandem["volumeMounts"]}
+        assert flag_ == [f"--backup-targets={mounts['backup-targets']}/targets.json"], name
+    (binding,) = [b for b in objects("RoleBinding")
+                  if b["metadata"]["name"] == "tandem-backup-secrets"]
+    assert [s["name"] for s in binding["subjects"]] == [
+        workload("tandem-controller")["spec"]["template"]["spec"]["serviceAccountName"]]
