@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 
 from control.mirrored import QOS_KEY, QOS_VERSION_KEY
-from control.node_api import SOURCE_REPLICA, SOURCE_SNAPSHOT, SOURCE_VOLUME, VolumeSource
+from control.node_api import (
+    SOURCE_BACKUP,
+    SOURCE_REPLICA,
+    SOURCE_SNAPSHOT,
+    SOURCE_VOLUME,
+    VolumeSource,
+)
 from control.placement import Constraints
 from control.records import DELETING, READY
 from control.store import Put
@@ -325,3 +331,12 @@ def test_the_condition_shows_a_resyncs_progress(c):
     cond = service._mirrored_condition(c.volumes.require_ready(vol.volume_id)[0])
     assert cond.abnormal and "n3 (z3): resyncing 42%" in cond.message
     assert "n1 (z1): in_sync" in cond.message
+
+
+def test_backups_and_mirrored_volumes_are_refused_with_the_way_round(c):
+    vol = create(c, "v")
+    with pytest.raises(Precondition, match="backup"):
+        c.snapshots.create("s", vol.volume_id, "h", backup_target="offsite")
+    assert c.store.get("snapshot-name/s") is None
+    with pytest.raises(Precondition, match="replicas: 1"):
+        create(c, "r", source=VolumeSource(SOURCE_BACKUP, "bk-1"))
