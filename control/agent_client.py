@@ -25,6 +25,8 @@ from control.grpc_errors import error_for, error_kind
 from control.node_api import (
     BackupJob,
     ByteRange,
+    FrontendBarrier,
+    HeldReplica,
     Inventory,
     JobStatus,
     NewReplica,
@@ -42,7 +44,7 @@ from proto import agent_pb2_grpc
 
 READ_TIMEOUT_S = 10.0  # info, lookups: a node that takes longer is as good as away
 WRITE_TIMEOUT_S = 60.0  # making, cloning, removing, snapshotting storage
-READS = frozenset({"info", "volume", "volumes", "snapshot", "backup_status",
+READS = frozenset({"info", "volume", "volumes", "snapshot", "replica", "backup_status",
                    "restore_status"})
 
 _CHANNEL_OPTIONS = [
@@ -182,6 +184,25 @@ class AgentClient:
 
     def set_frontend_replicas(self, volume_id: str, replicas: tuple[str, ...]) -> bool:
         return self._call("set_frontend_replicas", volume_id=volume_id, replicas=replicas)
+
+    def replica(self, volume_id: str) -> HeldReplica | None:
+        return self._call("replica", volume_id=volume_id)
+
+    def expand_replica(self, volume_id: str, size_bytes: int, version: int) -> HeldReplica:
+        return self._call("expand_replica", volume_id=volume_id, size_bytes=size_bytes,
+                          version=version)
+
+    def snapshot_replica(self, snapshot_id: str, volume_id: str) -> SnapshotInfo:
+        return self._call("snapshot_replica", snapshot_id=snapshot_id, volume_id=volume_id)
+
+    def barrier_frontend(self, volume_id: str, token: str, hold_s: float) -> FrontendBarrier:
+        return self._call("barrier_frontend", volume_id=volume_id, token=token, hold_s=hold_s)
+
+    def resume_frontend(self, volume_id: str, token: str) -> bool:
+        return self._call("resume_frontend", volume_id=volume_id, token=token)
+
+    def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        self._call("set_frontend_qos", volume_id=volume_id, qos=qos, version=version)
 
     def start_backup(self, job: BackupJob) -> JobStatus:
         return self._call("start_backup", job=job)

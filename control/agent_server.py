@@ -103,6 +103,30 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
     def SetFrontendReplicas(self, request, context):
         return self._serve("set_frontend_replicas", request)
 
+    @translated
+    def Replica(self, request, context):
+        return self._serve("replica", request)
+
+    @translated
+    def ExpandReplica(self, request, context):
+        return self._serve("expand_replica", request)
+
+    @translated
+    def SnapshotReplica(self, request, context):
+        return self._serve("snapshot_replica", request)
+
+    @translated
+    def BarrierFrontend(self, request, context):
+        return self._serve("barrier_frontend", request)
+
+    @translated
+    def ResumeFrontend(self, request, context):
+        return self._serve("resume_frontend", request)
+
+    @translated
+    def SetFrontendQos(self, request, context):
+        return self._serve("set_frontend_qos", request)
+
     def StartBackup(self, request, context):
         return self._serve("start_backup", request)
 

@@ -11,23 +11,30 @@ ends with state "stopped") and the record goes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
 from control.node_mirror import FrontendHost
 from engine.backend import Device
-from engine.errors import NotFound, Precondition, Unavailable
+from engine.errors import Busy, NotFound, Precondition, Unavailable
 from engine.loopdev import LoopDevices
 from engine.routed_backend import FRONTEND
 from engine.state import Store
-from engine.volumes import Backing
+from engine.volumes import MIRROR_SECTOR_BYTES, Backing
 from mirror import auth
 from mirror.client import ReplicaClient, ReplicaError
 from mirror.frontend import FILE_NAME
 from mirror.spec import ReplicaAddr
 
 KIND = "frontend-volume"
-SECTOR_BYTES = 512  # the frontend's loop device (direct I/O on the FUSE file)
+# the volume's tier here ({qos_json, version}), apart from the stage's record: the
+# controller may set it between attach and stage (ModifyVolume), and a newer one wins
+QOS_KIND = "frontend-qos"
+# a snapshot's write barrier while nothing serves the volume here ({token, until}: wall
+# clock): staging waits (Busy) so no frontend starts writing in the middle of it
+HOLD_KIND = "frontend-hold"
+SECTOR_BYTES = MIRROR_SECTOR_BYTES  # the frontend's loop device (direct I/O on the FUSE file)
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,14 @@ class FrontendBackend:
         rec["access_types"] = tuple(rec.get("access_types", ()))
         return FrontendVolume(**rec)
 
-    def prepare(self, volume: FrontendVolume) -> None:
-        """Record (or update, at a newer generation) what NodeStage was told."""
+    def prepare(self, volume: FrontendVolume, qos_json: str = "", qos_version: int = 0) -> None:
+        """Record (or update, at a newer generation) what NodeStage was told; qos_json:
+        the tier ControllerPublish gave (a newer one set meanwhile is kept)."""
+        if qos_json:
+            self.set_qos(volume.volume_id, qos_json, qos_version)
+        self._put(volume)
+
+    def _put(self, volume: FrontendVolume) -> None:
         current = self.record(volume.volume_id)
         if current is not None:  # keep what the node made of it (its filesystem, its tier)
             volume = dataclasses.replace(volume, made_fs=current.made_fs,
@@ -86,18 +99,24 @@ class FrontendBackend:
         self.store.put(KIND, volume.volume_id, rec)
 
     def forget(self, volume_id: str) -> None:
-        self.store.delete(KIND, volume_id)
+        with self.store.txn() as t:
+            for kind in (KIND, QOS_KIND, HOLD_KIND):
+                t.delete(kind, volume_id)
 
     def get(self, volume_id: str) -> Backing | None:
         rec = self.record(volume_id)
-        return rec.backing() if rec is not None else None
+        if rec is None:
+            return None
+        qos = self.store.get(QOS_KIND, volume_id)
+        return dataclasses.replace(rec, qos_json=qos["qos_json"]).backing() if qos \
+            else rec.backing()
 
     def _update(self, volume_id: str, **changes: object) -> FrontendVolume:
         rec = self.record(volume_id)
         if rec is None:
             raise NotFound(f"mirrored volume {volume_id} is not staged on {self.node_id}")
         rec = dataclasses.replace(rec, **changes)  # type: ignore[arg-type]
-        self.prepare(rec)
+        self._put(rec)
         return rec
 
     def set_made_fs(self, volume_id: str, fs_type: str, done: bool) -> Backing:
@@ -105,7 +124,32 @@ class FrontendBackend:
         return self._require(volume_id).backing()
 
     def set_qos(self, volume_id: str, qos_json: str, version: int = 0) -> None:
-        self._update(volume_id, qos_json=qos_json)
+        """The volume's tier here, staged or not yet (an older version never overwrites a
+        newer one: a ModifyVolume between attach and stage outlives the attach's tier)."""
+        with self.store.txn() as t:
+            current = t.get(QOS_KIND, volume_id)
+            if current is not None and version < current.get("version", 0):
+                return
+            t.put(QOS_KIND, volume_id, {"qos_json": qos_json, "version": version})
+
+    # --- a snapshot's write barrier while nothing serves the volume here ----------------
+    def hold_stage(self, volume_id: str, token: str, hold_s: float) -> None:
+        self.store.put(HOLD_KIND, volume_id, {"token": token, "until": time.time() + hold_s})
+
+    def release_stage(self, volume_id: str, token: str) -> bool:
+        """True when that hold was still in force."""
+        with self.store.txn() as t:
+            hold = t.get(HOLD_KIND, volume_id)
+            if hold is None or hold["token"] != token:
+                return False
+            t.delete(HOLD_KIND, volume_id)
+        return time.time() < hold["until"]
+
+    def _check_stage_hold(self, volume_id: str) -> None:
+        hold = self.store.get(HOLD_KIND, volume_id)
+        if hold is not None and time.time() < hold["until"]:
+            raise Busy(f"a snapshot of {volume_id} holds its writes for "
+                       f"{hold['until'] - time.time():.0f} s more; retry")
 
     def _require(self, volume_id: str) -> FrontendVolume:
         rec = self.record(volume_id)
@@ -133,6 +177,8 @@ class FrontendBackend:
 
     def attach(self, backing: Backing, *, read_only: bool = False) -> Device:
         rec = self._require(backing.volume_id)
+        if not read_only:
+            self._check_stage_hold(rec.volume_id)
         if read_only:  # a device the kernel itself refuses writes through
             if not self.devices(backing):
                 raise Unavailable(f"the frontend of {backing.volume_id} is not running")
@@ -151,6 +197,34 @@ class FrontendBackend:
             self.loops.detach(dev.path)
         else:  # the frontend goes with its device: a clean stop
             self.host.stop(backing.volume_id)
+
+    def refreshed(self, backing: Backing, dev: Device) -> Device:
+        """NodeExpandVolume: the frontend grows to the size its replicas have now (the
+        controller grew every one first), then the loop device to the FUSE file's."""
+        rec = self._require(backing.volume_id)
+        size = self._replicas_bytes(rec)
+        if size > rec.size_bytes:
+            self.host.grow(rec.volume_id, size)
+            self._update(rec.volume_id, size_bytes=size)
+        os.stat(self._file(rec.volume_id))  # the kernel asks the file's size again
+        if dev.size_bytes != max(size, rec.size_bytes):
+            return self.loops.refresh_capacity(dev.path)
+        return dev
+
+    def _replicas_bytes(self, rec: FrontendVolume) -> int:
+        """The size every reachable replica has (the smallest one's)."""
+        key = auth.load_key(self.host.key_path)
+        sizes, errors = [], []
+        for addr in rec.addrs():
+            try:
+                with ReplicaClient(addr, key, 5.0) as c:
+                    sizes.append(int(c.open(rec.volume_id, rec.generation)["size_bytes"]))
+            except (ReplicaError, OSError, Unavailable) as e:
+                errors.append(f"{addr.replica_id}: {e}")
+        if not sizes:
+            raise Unavailable(f"no replica of {rec.volume_id} answered its size: "
+                              + "; ".join(errors))
+        return min(sizes)
 
     def still_holds(self, backing: Backing, dev: Device) -> bool:
         return any(d.path == dev.path for d in self.devices(backing))

@@ -26,16 +26,75 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 from control.store import Put
 from control.store_arbiter import StoreArbiter
 from control.stores import StoreSpec, open_store
+from engine.errors import EngineError
 from mirror import netns
+from mirror.core import MirrorCore
 from mirror.frontend_worker import Worker, load_config
 
 log = logging.getLogger("tandem.frontend")
 FRONTEND = "frontend/"
+REPORT_EVERY_S = 2.0  # while a replica resyncs: its progress, for the volume's condition
+
+
+class StatusReporter:
+    """The worker's Reporter: the replicas' states (and a resync's progress) go into the
+    volume's `frontend/<volume_id>` record, under the frontend's lease, when they change
+    and every REPORT_EVERY_S while a replica resyncs. The store is written from a thread
+    of its own: the data path never waits for etcd."""
+
+    def __init__(self, store, key: str, record: dict, lease_id: int):
+        self.store, self.key, self.record, self.lease_id = store, key, record, lease_id
+        self._shape: tuple = ()
+        self._looked = self._sent = 0.0
+        self._pending: dict | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="status-report")
+        self._thread.start()
+
+    def tick(self, core: MirrorCore) -> None:
+        now = time.monotonic()
+        if now - self._looked < 0.25:
+            return
+        self._looked = now
+        states = core.status()
+        shape = tuple((s.replica_id, s.state.value, s.connected) for s in states)
+        resyncing = any(s.resync_total_bytes for s in states)
+        if shape == self._shape and not (resyncing and now - self._sent >= REPORT_EVERY_S):
+            return
+        self._shape, self._sent = shape, now
+        replicas = {s.replica_id: {"state": s.state.value, "connected": s.connected,
+                                   "resync_done_bytes": s.resync_done_bytes,
+                                   "resync_total_bytes": s.resync_total_bytes}
+                    for s in states}
+        with self._cond:
+            self._pending = {**self.record, "replicas": replicas, "reported": time.time()}
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                value, self._pending = self._pending, None
+            try:
+                self.store.commit([Put(self.key, value, lease=self.lease_id)])
+            except EngineError as e:  # the next change or round says it again
+                log.warning("replica states not reported: %s", e)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._cond.notify()
+        self._thread.join(timeout=10)
 
 
 class LeaseGuard:
@@ -81,7 +140,11 @@ def main() -> None:
     store.commit([Put(frontend_key(cfg.volume_id), record, lease=lease.id)])
     # A crash leaves the lease to expire on its own (a restarted worker takes over with a
     # lease of its own meanwhile); only a clean stop says so and gives the lease back.
-    Worker(cfg, StoreArbiter(store), LeaseGuard(lease, margin)).run()
+    reporter = StatusReporter(store, frontend_key(cfg.volume_id), record, lease.id)
+    try:
+        Worker(cfg, StoreArbiter(store), LeaseGuard(lease, margin), reporter).run()
+    finally:
+        reporter.close()
     store.commit([Put(frontend_key(cfg.volume_id),
                       {**record, "state": "stopped", "since": time.time()})])
     lease.revoke()

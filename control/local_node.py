@@ -12,11 +12,14 @@ from control.frontend_backend import FrontendBackend
 from control.node_api import (
     BLOCK,
     MOUNT,
+    SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
     BackupJob,
     ByteRange,
     Condition,
+    FrontendBarrier,
+    HeldReplica,
     Inventory,
     JobStatus,
     NewReplica,
@@ -28,10 +31,11 @@ from control.node_api import (
     SnapshotMember,
     VolumeInfo,
 )
+from control.node_barrier import FrontendBarriers
 from control.node_mirror import ReplicaHost
 from engine import changed_blocks
 from engine.backup.jobs import BackupSpec, Jobs, JobState, RestoreSpec
-from engine.errors import AlreadyExists, NotFound, Precondition
+from engine.errors import AlreadyExists, InvalidSpec, NotFound, Precondition
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
 from engine.qos.tiers import QosSpec
@@ -50,6 +54,7 @@ class LocalNode:
         self.max_volumes = max_volumes
         self.replicas = replicas  # None: this node serves no replicas (all-in-one)
         self.frontends = frontends  # the mirrored volumes staged here (cluster nodes)
+        self._frontend_barriers: FrontendBarriers | None = None
         # backup and restore jobs read and write this node's pool files, in the background
         self.jobs = Jobs(engine.store, self._snapshot_path, self._volume_path,
                          lock_stale_s=backup_lock_stale_s)
@@ -91,6 +96,12 @@ class LocalNode:
     def create_volume(self, spec: NewVolume) -> VolumeInfo:
         # the source too: a snapshot or volume cannot go while it is being copied
         with self.engine.locks.hold(spec.volume_id, spec.source.source_id):
+            if spec.source.kind == SOURCE_REPLICA:  # a local copy of a mirrored volume
+                self._check_source_role(spec.source.source_id, SOURCE_REPLICA)
+                backing = self.engine.create_volume(
+                    spec.volume_id, spec.size_bytes, spec.qos, spec.source.source_id,
+                    spec.version, spec.access_types, quiesce=False)
+                return self._info(backing, condition_too=False, staged=False)
             if spec.source.kind == SOURCE_SNAPSHOT:
                 backing = self.engine.restore_volume(
                     spec.volume_id, spec.size_bytes, spec.qos, spec.source.source_id,
@@ -144,9 +155,9 @@ class LocalNode:
 
     def create_replica(self, spec: NewReplica) -> ReplicaInfo:
         host = self._replica_host()
-        with self.engine.locks.hold(spec.volume_id):
-            backing = self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
-                                                version=spec.version, role=REPLICA)
+        source = spec.source
+        with self.engine.locks.hold(spec.volume_id, source.source_id):
+            backing = self._replica_backing(spec)
             if backing.role != REPLICA:
                 raise AlreadyExists(f"{spec.volume_id} is a volume of its own on "
                                     f"{self.node_id}, not a replica")
@@ -154,6 +165,77 @@ class LocalNode:
                         rebuild=spec.rebuild)
             return ReplicaInfo(spec.volume_id, self.node_id, host.listen, backing.size_bytes,
                                backing.version)
+
+    def _replica_backing(self, spec: NewReplica) -> Backing:
+        """The replica's pool volume: empty, or a copy-on-write copy of its source here."""
+        kind, source_id = spec.source.kind, spec.source.source_id
+        if kind == SOURCE_SNAPSHOT:
+            return self.engine.restore_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                              source_id, spec.version, role=REPLICA)
+        if kind in (SOURCE_VOLUME, SOURCE_REPLICA):
+            self._check_source_role(source_id, kind)
+            # a replica's bytes are copied as they are: the controller holds its volume's
+            # write barrier (a freeze here would wait on that very barrier)
+            return self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                             source_id, spec.version, role=REPLICA,
+                                             quiesce=kind == SOURCE_VOLUME)
+        return self.engine.create_volume(spec.volume_id, spec.size_bytes, spec.qos,
+                                         version=spec.version, role=REPLICA)
+
+    def _check_source_role(self, source_id: str, kind: str) -> None:
+        backing = self.engine.volume(source_id)
+        if backing is None:
+            raise NotFound(f"{source_id} has no storage on {self.node_id}")
+        if (backing.role == REPLICA) != (kind == SOURCE_REPLICA):
+            raise InvalidSpec(f"{source_id} is {'a' if backing.role == REPLICA else 'not a'} "
+                              f"replica on {self.node_id}; the source says {kind}")
+
+    def replica(self, volume_id: str) -> HeldReplica | None:
+        held = self._replica_host().held(volume_id)
+        return _held_replica(held) if held is not None else None
+
+    def expand_replica(self, volume_id: str, size_bytes: int, version: int) -> HeldReplica:
+        host = self._replica_host()
+        with self.engine.locks.hold(volume_id):
+            backing = self.engine.volume(volume_id)
+            if backing is None or backing.role != REPLICA or not host.exists(volume_id):
+                raise NotFound(f"no replica of {volume_id} on {self.node_id}")
+            self.engine.expand_volume(volume_id, size_bytes, version)  # its bytes first
+            return _held_replica(host.grow(volume_id, size_bytes))
+
+    def snapshot_replica(self, snapshot_id: str, volume_id: str) -> SnapshotInfo:
+        self._replica_host()
+        with self.engine.locks.hold(volume_id):
+            backing = self.engine.volume(volume_id)
+            if backing is None or backing.role != REPLICA:
+                raise NotFound(f"no replica of {volume_id} on {self.node_id}")
+            return _snapshot_info(self.engine.snapshot_as_is(snapshot_id, volume_id))
+
+    # --- the frontends of mirrored volumes attached here -----------------------------------
+    def _barriers(self) -> FrontendBarriers:
+        if self.frontends is None:
+            raise Precondition(f"node {self.node_id} runs no mirror frontends")
+        if self._frontend_barriers is None:
+            self._frontend_barriers = FrontendBarriers(self.engine, self.frontends)
+        return self._frontend_barriers
+
+    def barrier_frontend(self, volume_id: str, token: str, hold_s: float) -> FrontendBarrier:
+        barriers = self._barriers()
+        with self.engine.locks.hold(volume_id):
+            return barriers.barrier(volume_id, token, hold_s)
+
+    def resume_frontend(self, volume_id: str, token: str) -> bool:
+        # without the volume's lock: a kubelet call on the volume meanwhile (a publish) must
+        # not keep the writes held until the barrier's deadline
+        return self._barriers().resume(volume_id, token)
+
+    def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        if self.frontends is None:
+            raise Precondition(f"node {self.node_id} runs no mirror frontends")
+        with self.engine.locks.hold(volume_id):
+            self.frontends.set_qos(volume_id, qos.to_json(), version)
+            if self.frontends.record(volume_id) is not None:  # staged: its pods now
+                self.engine.qos.enforce(volume_id, qos)
 
     def delete_replica(self, volume_id: str, version: int) -> None:
         host = self._replica_host()
@@ -236,6 +318,11 @@ class LocalNode:
 def _status(state: JobState) -> JobStatus:
     return JobStatus(state.phase, state.bytes_total, state.bytes_done, state.bytes_uploaded,
                      state.error, state.error_kind)
+
+
+def _held_replica(info: dict) -> HeldReplica:
+    return HeldReplica(info["volume_id"], int(info["size_bytes"]), int(info["generation"]),
+                       int(info["dirty_regions"]), int(info["al_extents"]))
 
 
 def _snapshot_info(snap: SnapshotBacking) -> SnapshotInfo:

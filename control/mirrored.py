@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from control.node_api import NewReplica
+from control.node_api import NewReplica, VolumeSource
 from control.records import VolumeRecord
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Store
@@ -37,6 +37,10 @@ REPLICAS_KEY = "tandem.csi.dev/replicas"  # "node@host:port,node@host:port"
 SIZE_KEY = "tandem.csi.dev/size-bytes"
 MIRRORED_KEY = "tandem.csi.dev/mirrored"  # volume_context: "true"
 MIN_IN_SYNC_KEY = "tandem.csi.dev/min-in-sync"
+# publish_context: the volume's tier (QosSpec JSON) and the record version it is of; the
+# consumer node enforces it on the frontend's device (a later ModifyVolume's wins)
+QOS_KEY = "tandem.csi.dev/qos"
+QOS_VERSION_KEY = "tandem.csi.dev/qos-version"
 FRONTEND_PREFIX = "frontend/"
 CAS_ATTEMPTS = 16
 
@@ -91,22 +95,54 @@ class Mirrors:
         self.arbiter = StoreArbiter(store)
 
     # --- create / delete -----------------------------------------------------------------
-    def realize(self, record: VolumeRecord, version: int) -> VolumeRecord:
-        """Every replica on its node, then the arbiter's record (all in sync: they are
-        all empty). Idempotent: a retry after a crash finishes what is missing. Returns
-        the record with each replica's address (its node's replica service)."""
+    def realize(self, record: VolumeRecord, version: int,
+                plan: dict[str, VolumeSource | None] | None = None) -> VolumeRecord:
+        """Every replica on its node, then the arbiter's record. plan: each replica's
+        first bytes (control/mirror_seeds.py): a source on its node, or None: empty and
+        marked for a full rebuild (recorded out of sync); none: all empty, all in sync.
+        Idempotent: a retry after a crash finishes what is missing. Returns the record with
+        each replica's address (its node's replica service)."""
+        if plan is None:
+            plan = {p.node_id: VolumeSource() for p in record.replicas}
         placed = []
         for placement in record.replicas:
+            source = plan[placement.node_id]
             info = self.nodes.require(placement.node_id).create_replica(NewReplica(
-                record.volume_id, record.capacity_bytes, record.qos, version))
+                record.volume_id, record.capacity_bytes, record.qos, version,
+                rebuild=source is None, source=source or VolumeSource()))
             placed.append(replace(placement, address=info.address))
         try:
             self.arbiter.get(record.volume_id)
         except NotFound:
             first = ArbiterRecord(record.volume_id, 0, "", {
-                p.node_id: ReplicaState.IN_SYNC.value for p in record.replicas})
+                n: (ReplicaState.IN_SYNC if s is not None else ReplicaState.OUT_OF_SYNC).value
+                for n, s in plan.items()})
             self.arbiter.compare_and_set(first, 0)  # None: a retry made it meanwhile
         return record.replace(replicas=tuple(placed))
+
+    # --- growth and tiers --------------------------------------------------------------
+    def expand(self, record: VolumeRecord, version: int) -> None:
+        """Grow every replica to the record's size (ControllerExpandVolume; the frontend
+        follows at NodeExpandVolume). Every replica's node must answer: a replica left at
+        its old size could never serve the grown volume."""
+        for placement in record.replicas:
+            self.nodes.require(placement.node_id).expand_replica(
+                record.volume_id, record.capacity_bytes, version)
+
+    def require_reachable(self, record: VolumeRecord) -> None:
+        away = [p.node_id for p in record.replicas if self.nodes.get(p.node_id) is None]
+        if away:
+            raise Unavailable(f"volume {record.volume_id}: the replica node(s) "
+                              f"{', '.join(away)} cannot be reached, and every replica grows "
+                              "together; retry when they are back")
+
+    def set_consumers_qos(self, record: VolumeRecord, version: int,
+                          consumers: list[str]) -> None:
+        """The tier on the nodes the volume is attached to: their frontend's device is the
+        pods' (limits are enforced there; minima are admitted on the replicas' nodes)."""
+        for node_id in consumers:
+            self.nodes.require(node_id).set_frontend_qos(record.volume_id, record.qos,
+                                                         version)
 
     def remove(self, tomb: VolumeRecord, version: int) -> bool:
         """Every replica's storage, then the volume's arbiter and frontend keys. False while
@@ -126,7 +162,7 @@ class Mirrors:
         return done
 
     # --- attach = fence ----------------------------------------------------------------
-    def fence_for(self, record: VolumeRecord, node_id: str) -> dict[str, str]:
+    def fence_for(self, record: VolumeRecord, node_id: str, version: int = 0) -> dict[str, str]:
         """A new generation for the volume's frontend on node_id, installed on every
         reachable replica; returns the publish_context."""
         generation = self._bump(record.volume_id, node_id)
@@ -143,9 +179,10 @@ class Mirrors:
             raise Unavailable(f"no replica of {record.volume_id} could be reached; retry")
         if unreachable:
             self._out_of_sync(record.volume_id, generation, unreachable)
-        return self.publish_context(record, generation)
+        return self.publish_context(record, generation, version)
 
-    def publish_context(self, record: VolumeRecord, generation: int) -> dict[str, str]:
+    def publish_context(self, record: VolumeRecord, generation: int,
+                        version: int = 0) -> dict[str, str]:
         addresses = []
         for placement in record.replicas:
             address = placement.address  # a node away now comes back where it was
@@ -156,7 +193,8 @@ class Mirrors:
             if address:
                 addresses.append(f"{placement.node_id}@{address}")
         return {GENERATION_KEY: str(generation), REPLICAS_KEY: ",".join(addresses),
-                SIZE_KEY: str(record.capacity_bytes)}
+                SIZE_KEY: str(record.capacity_bytes), QOS_KEY: record.qos.to_json(),
+                QOS_VERSION_KEY: str(version)}
 
     def _bump(self, volume_id: str, node_id: str) -> int:
         for _ in range(CAS_ATTEMPTS):
@@ -180,6 +218,14 @@ class Mirrors:
                                             current.version) is not None:
                 return
         raise Conflict([arbiter_key(volume_id)], "the arbiter record is contended; retry")
+
+    def frontend_view(self, volume_id: str) -> dict[str, dict]:
+        """The serving frontend's view of each replica (state, connected, a resync's
+        progress: control/frontend_main.py reports it); {} when none serves."""
+        got = self.store.get(FRONTEND_PREFIX + volume_id)
+        if got is None or got.value.get("state") != "serving":
+            return {}
+        return dict(got.value.get("replicas") or {})
 
     def replica_states(self, volume_id: str) -> dict[str, str]:
         try:

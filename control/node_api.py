@@ -22,6 +22,9 @@ from engine.qos.tiers import QosSpec
 
 MOUNT, BLOCK = "mount", "block"
 SOURCE_VOLUME, SOURCE_SNAPSHOT = "volume", "snapshot"
+# a copy-on-write copy of this node's replica of a mirrored volume, taken as it is: the
+# controller holds the volume's write barrier meanwhile (a node-side freeze would deadlock)
+SOURCE_REPLICA = "replica"
 SOURCE_BACKUP = "backup"  # a backup in object storage: the node makes an empty volume
 JOB_RUNNING, JOB_DONE, JOB_FAILED, JOB_STOPPED = "running", "done", "failed", "stopped"
 __all__ = ["StaleVersion"]  # raised by nodes; defined with the other domain errors
@@ -112,6 +115,9 @@ class NewReplica:
     # a replacement for a lost replica: it starts with every region marked to copy, so
     # whichever frontend next serves the volume rebuilds it whole from an in-sync replica
     rebuild: bool = False
+    # its first bytes (a restore or a clone): a snapshot on this node, a local volume, or
+    # this node's replica of another mirrored volume (SOURCE_REPLICA); none: empty
+    source: VolumeSource = VolumeSource()
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,32 @@ class ReplicaInfo:
     address: str  # host:port of the node's replica service
     size_bytes: int
     version: int = 0
+
+
+@dataclass(frozen=True)
+class HeldReplica:
+    """One replica as its node holds it (its files; the service may have newer maps in
+    memory: a count here is an upper bound while a frontend has it open)."""
+
+    volume_id: str
+    size_bytes: int
+    generation: int
+    dirty_regions: int  # regions some other replica may lack (tracked while one is away)
+    activity_log_extents: int  # 0: no write of any frontend may be half done on it
+
+
+@dataclass(frozen=True)
+class FrontendBarrier:
+    """A mirrored volume's write barrier on the node where it is attached. running: its
+    frontend serves here and holds writes (then `replicas` are those identical at the
+    barrier, `generation` its own); else nothing serves it here, and staging it is
+    refused until the barrier goes (a frontend cannot start in the middle)."""
+
+    volume_id: str
+    token: str
+    running: bool
+    replicas: tuple[str, ...] = ()
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +248,37 @@ class NodeApi(Protocol):
         """The volume's frontend on this node (if one runs) serves exactly these replicas
         ("node@host:port"): new ones are added (and rebuilt), others removed. False when no
         frontend of the volume runs here."""
+        ...
+
+    def replica(self, volume_id: str) -> HeldReplica | None:
+        """The replica of the volume on this node, from its files (None: it holds none)."""
+        ...
+
+    def expand_replica(self, volume_id: str, size_bytes: int, version: int) -> HeldReplica:
+        """Grow the replica (its pool volume and its maps), open by a frontend or not;
+        idempotent, never shrinks."""
+        ...
+
+    def snapshot_replica(self, snapshot_id: str, volume_id: str) -> SnapshotInfo:
+        """A copy-on-write snapshot of this node's replica of the volume, taken as it is
+        (no freeze: the controller holds the volume's write barrier); idempotent."""
+        ...
+
+    # --- the frontends of mirrored volumes attached here ---------------------------------
+    def barrier_frontend(self, volume_id: str, token: str, hold_s: float) -> FrontendBarrier:
+        """Hold the volume's writes here (its filesystem frozen if mounted, then the
+        frontend's write barrier) until resume_frontend(token) or hold_s from now; when no
+        frontend of the volume runs here, its staging is refused as long. Idempotent."""
+        ...
+
+    def resume_frontend(self, volume_id: str, token: str) -> bool:
+        """Let the barrier go: True when it held from barrier_frontend until now (False:
+        it let go at its deadline, failed, or is unknown here, say after a restart)."""
+        ...
+
+    def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        """The tier of the volume's frontend here, applied to the pods using it now, and
+        kept for its next stage (even when it is attached but not staged yet)."""
         ...
 
     # --- snapshots -----------------------------------------------------------------

@@ -86,6 +86,10 @@ class ReplicaHost:
                 "--listen", self.listen, "--key-file", self.key_path]
         if self.netns:
             argv += ["--netns", self.netns]
+        # tests: arm the slow-replica hook (SIGUSR1 switches it on; this kernel has no netem)
+        delay_ms = os.environ.get("TANDEM_TEST_REPLICA_DELAY_MS")
+        if delay_ms:
+            argv += ["--test-delay-ms", delay_ms]
         log_path = os.path.join(self.replicas_dir, "service.log")
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file,
@@ -155,6 +159,29 @@ class ReplicaHost:
             raise InUse(f"replica {volume_id} is open: {e}") from e
         finally:
             c.close()
+
+    def grow(self, volume_id: str, size_bytes: int) -> dict:
+        """Grow the replica's maps and metadata (its bytes, a pool volume, first), through
+        the service: a frontend may have it open. Returns its info after."""
+        c = self._client()
+        try:
+            return c.grow_volume(volume_id, size_bytes)
+        finally:
+            c.close()
+
+    def held(self, volume_id: str) -> dict | None:
+        """What the replica's files say (size, generation, dirty regions, activity-log
+        extents), read without the service; None: no such replica. While a frontend has
+        it open the service may hold newer maps (clears are lazy): the counts are then an
+        upper bound."""
+        path = os.path.join(self.replicas_dir, volume_id)
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            return None
+        vol = ReplicaVolume(path)
+        try:
+            return vol.info()
+        finally:
+            vol.close()
 
     def fence(self, volume_id: str, generation: int) -> int:
         """Raise the replica's generation: every connection of an older frontend is cut
@@ -347,6 +374,29 @@ class FrontendHost:
         for rid in current - wanted:
             fe.remove_replica(rid)
         return True
+
+    def barrier(self, volume_id: str, token: str, hold_s: float) -> tuple[list[str], int] | None:
+        """The running frontend's write barrier (Frontend.barrier); None when no frontend
+        of the volume runs here."""
+        fe = self._adopt(volume_id)
+        if fe is None or not fe.running():
+            return None
+        return fe.barrier(token, hold_s)
+
+    def resume(self, volume_id: str, token: str) -> bool:
+        fe = self._adopt(volume_id)
+        if fe is None:
+            return False
+        try:
+            return fe.resume(token)
+        except Unavailable:  # the worker died (and with it the barrier)
+            return False
+
+    def grow(self, volume_id: str, size_bytes: int) -> int:
+        fe = self._adopt(volume_id)
+        if fe is None:
+            raise NotFound(f"no frontend of {volume_id} on {self.node_id}")
+        return fe.grow(size_bytes)
 
     def status(self, volume_id: str):
         fe = self._adopt(volume_id)

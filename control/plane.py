@@ -43,6 +43,7 @@ class ControlPlane:
         self.snapshots = Snapshots(store, nodes, self.volumes, self.locks,
                                    intent_timeout_s=policy.intent_timeout_s, clock=clock)
         self.volumes.snapshot_source = self.snapshots.source_of
+        self.volumes.snapshot_copy_nodes = self.snapshots.copies_of
         self.backups = Backups(store, nodes, targets or Targets(), policy.intent_timeout_s,
                                clock, lock_stale_s=backup_lock_stale_s)
         self.snapshots.backups = self.volumes.backups = self.backups
@@ -81,6 +82,7 @@ class ControlPlane:
                               intent_timeout_s=policy.intent_timeout_s,
                               clock=self.volumes.clock)
         volumes.snapshot_source = snapshots.source_of
+        volumes.snapshot_copy_nodes = snapshots.copies_of
         reconciler = Reconciler(store, self.nodes, volumes, snapshots, self.volumes.clock,
                                 self.reconciler.report)
         reconciler.healer = Healer(store, self.nodes, volumes, policy.replica_replace_after_s,

@@ -198,6 +198,14 @@ class BackupState:
 
 
 @dataclass(frozen=True)
+class ReplicaSnapshot:
+    """One copy of a mirrored volume's snapshot: a snapshot of the replica on that node."""
+
+    node_id: str
+    snapshot_id: str  # the node's own ID of it
+
+
+@dataclass(frozen=True)
 class SnapshotRecord:
     snapshot_id: str
     name: str
@@ -209,6 +217,10 @@ class SnapshotRecord:
     created_at: float = 0.0
     group_id: str = ""
     intent_deadline: float = 0.0
+    # A mirrored volume's snapshot: one copy per replica taken at one write barrier, so a
+    # restore from any is the same image (node_id is the first's). CREATING: every node
+    # where a copy may be made (a tombstone removes them all); READY: the copies.
+    replicas: tuple[ReplicaSnapshot, ...] = ()
     backup: BackupState | None = None
 
     @property
@@ -216,17 +228,30 @@ class SnapshotRecord:
         return SNAPSHOT + self.snapshot_id
 
     @property
+    def mirrored(self) -> bool:
+        return bool(self.replicas)
+
+    @property
+    def node_ids(self) -> tuple[str, ...]:
+        """Every node holding a copy."""
+        return tuple(r.node_id for r in self.replicas) or (self.node_id,)
+
+    @property
     def ready_to_use(self) -> bool:
         return self.backup is None or self.backup.phase == UPLOADED
 
     def to_value(self) -> dict:
-        return _plain(self)
+        value = _plain(self)
+        value["replicas"] = [dataclasses.asdict(r) for r in self.replicas]
+        return value
 
     @classmethod
     def from_value(cls, value: dict) -> SnapshotRecord:
-        if value.get("backup"):
-            return cls(**{**value, "backup": BackupState(**value["backup"])})
-        return cls(**value)
+        v = dict(value)
+        v["replicas"] = tuple(ReplicaSnapshot(**r) for r in v.get("replicas", ()))
+        if v.get("backup"):
+            v["backup"] = BackupState(**v["backup"])
+        return cls(**v)
 
     def replace(self, **changes: Any) -> SnapshotRecord:
         return dataclasses.replace(self, **changes)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from control.mirror_snapshots import MirrorSnapshots
 from control.node_api import SnapshotMember
 from control.records import (
     CREATING,
@@ -43,6 +44,7 @@ from engine.errors import (
     InvalidSpec,
     NotFound,
     OutOfCapacity,
+    Precondition,
 )
 from engine.locks import KeyLocks
 
@@ -63,6 +65,7 @@ class Snapshots:
         self.locks = locks
         self.intent_timeout_s = intent_timeout_s
         self.clock = clock
+        self.mirrored = MirrorSnapshots(self)  # snapshots of mirrored volumes
         self.backups: Backups | None = None  # uploads and the bucket (control/backups.py)
 
     # --- reading ---------------------------------------------------------------------
@@ -80,6 +83,11 @@ class Snapshots:
         """(node, bytes) of a snapshot a volume is restored from."""
         snap = self.require_ready(snapshot_id)
         return snap.node_id, snap.size_bytes
+
+    def copies_of(self, snapshot_id: str) -> tuple[tuple[str, ...], int]:
+        """(every node holding a copy, bytes): a mirrored volume's snapshot has several."""
+        snap = self.require_ready(snapshot_id)
+        return snap.node_ids, snap.size_bytes
 
     def list_ready(self, after: str, limit: int,
                    source_volume_id: str = "") -> tuple[list[SnapshotRecord], str]:
@@ -114,8 +122,26 @@ class Snapshots:
                     return self._resume(name, NameRecord(**existing.value), request_hash)
                 with self.locks.hold(source_volume_id):
                     vol, _ = self.volumes.require_ready(source_volume_id)
-                    self._check_room(vol.node_id)
                     now = self.clock()
+                    if vol.mirrored:
+                        if backup_target:
+                            raise Precondition(
+                                f"volume {vol.volume_id} is mirrored: a snapshot of it cannot "
+                                "be a backup yet (its copies are on several nodes); snapshot "
+                                "it, restore the snapshot into a local volume, and back that "
+                                "up")
+                        snap = self.mirrored.intent(name, vol, request_hash,
+                                                    new_snapshot_id(), now)
+                        try:
+                            version = self.store.commit([
+                                Put(SNAPSHOT_NAME + name, {"object_id": snap.snapshot_id,
+                                                           "request_hash": request_hash},
+                                    expect=0),
+                                Put(snap.key, snap.to_value(), expect=0)])
+                        except Conflict:
+                            continue
+                        return self.mirrored.realize(snap, version, vol)
+                    self._check_room(vol.node_id)
                     ref = BackupRef.new(backup_target) if backup_target else None
                     snap = SnapshotRecord(
                         snapshot_id=ref.snapshot_id if ref else new_snapshot_id(), name=name,
@@ -146,6 +172,8 @@ class Snapshots:
             return snap
         if snap.state == CREATING:
             with self.locks.hold(snap.source_volume_id):
+                if snap.mirrored:
+                    return self.mirrored.resume(snap, version, self.clock())
                 return self._realize([(snap, version)])[0]
         raise Busy(f"snapshot {snap.snapshot_id} is being deleted; retry")
 
@@ -214,12 +242,16 @@ class Snapshots:
 
     def converge_deleted(self, tomb: SnapshotRecord, version: int,
                          secrets: dict[str, str] | None = None) -> bool:
-        node = self.nodes.get(tomb.node_id)
-        if node is None:
-            log.warning("snapshot %s deleted; its storage on %s goes when the node is back",
-                        tomb.snapshot_id, tomb.node_id)
-            return False
-        node.delete_snapshot(tomb.snapshot_id)  # a backup's upload stops with it
+        if tomb.mirrored:
+            if not self.mirrored.converge_deleted(tomb):
+                return False
+        else:
+            node = self.nodes.get(tomb.node_id)
+            if node is None:
+                log.warning("snapshot %s deleted; its storage on %s goes when the node is "
+                            "back", tomb.snapshot_id, tomb.node_id)
+                return False
+            node.delete_snapshot(tomb.snapshot_id)  # a backup's upload stops with it
         crash.point("delete-snapshot-after-engine")
         if tomb.backup is not None and tomb.backup.base_chosen:  # an upload may have begun
             if self.backups is None:
@@ -255,6 +287,11 @@ class Snapshots:
                 return self._resume_group(name, NameRecord(**existing.value), request_hash)
             with self.locks.hold(*volume_ids):
                 vols = [self.volumes.require_ready(v)[0] for v in volume_ids]
+                mirrored_ones = [v.volume_id for v in vols if v.mirrored]
+                if mirrored_ones:
+                    raise Precondition(f"group snapshots of mirrored volumes are not "
+                                       f"supported ({', '.join(mirrored_ones)}): snapshot "
+                                       "each on its own")
                 node_ids = {v.node_id for v in vols}
                 if len(node_ids) > 1:
                     raise InUse("the volumes live on different nodes: a group snapshot needs "

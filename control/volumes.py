@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from control import mirrored, placement, policy, topology
 from control.idempotency import CreateAsk, incompatibility
+from control.mirror_seeds import Seeds
 from control.node_api import SOURCE_BACKUP, NewVolume, VolumeSource
 from control.records import (
     ATTACHMENT,
@@ -111,6 +112,10 @@ class Volumes:
         # removes confirmed tombstones in batches; None: at once, inside DeleteVolume
         self.sweeper: TombstoneSweeper | None = None
         self.mirrors = mirrored.Mirrors(store, nodes)
+        # snapshot_id -> (nodes holding a copy, size_bytes) of a READY snapshot: a mirrored
+        # volume's snapshot has one copy per replica (None: snapshot_source's one node)
+        self.snapshot_copy_nodes: Callable[[str], tuple[tuple[str, ...], int]] | None = None
+        self.seeds = Seeds(self)  # restores and clones of and into mirrored volumes
         self.backups: Backups | None = None  # restores from backups (control/backups.py)
 
     # --- reading ---------------------------------------------------------------------
@@ -156,20 +161,14 @@ class Volumes:
         raise Busy(f"volume name {req.name!r} is contended; retry")
 
     def _intent(self, req: VolumeRequest) -> VolumeRecord:
-        pinned, source_bytes = self._source(req.source)
+        copies, source_bytes = self.seeds.copies(req.source)
         if source_bytes > req.size_bytes:
             raise OutOfRange(f"the source holds {source_bytes} bytes, more than the "
                              f"{req.size_bytes} asked for")
-        constraints = req.constraints
-        if pinned:
-            constraints = placement.Constraints(constraints.requisite, constraints.preferred,
-                                                pinned)
         now = self.clock()
         if req.replicas > 1:
-            return self._mirrored_intent(req, constraints, now)
-        node = placement.choose_node(self.nodes.infos(), self.index,
-                                     self.policy.overcommit_ratio, req.size_bytes, req.qos,
-                                     constraints)
+            return self._mirrored_intent(req, req.constraints, now, copies)
+        node = self._place_local(req, copies)
         return VolumeRecord(
             volume_id=new_volume_id(), name=req.name, request_hash=req.request_hash,
             state=CREATING, capacity_bytes=req.size_bytes, node_id=node.node_id,
@@ -180,15 +179,32 @@ class Volumes:
             **_asked(req),
         )
 
+    def _place_local(self, req: VolumeRequest, copies: tuple[str, ...]):
+        """A local volume's node: beside its source's copy (the first copy node with room,
+        for a mirrored source), else anywhere its constraints allow."""
+        tried: list[str] = []
+        for pinned in copies or ("",):
+            constraints = placement.Constraints(req.constraints.requisite,
+                                                req.constraints.preferred, pinned)
+            try:
+                return placement.choose_node(self.nodes.infos(), self.index,
+                                             self.policy.overcommit_ratio, req.size_bytes,
+                                             req.qos, constraints)
+            except OutOfCapacity as e:
+                tried.append(str(e))
+        raise OutOfCapacity("; ".join(tried))
+
     def _mirrored_intent(self, req: VolumeRequest, constraints: placement.Constraints,
-                         now: float) -> VolumeRecord:
-        if req.source.kind:
-            raise Precondition("a mirrored volume cannot start from a snapshot or a clone yet: "
-                               "create it empty, or from a source with replicas: 1")
-        chosen = placement.choose_replicas(self.nodes.infos(), self.index,
-                                           self.policy.overcommit_ratio, req.size_bytes,
-                                           req.qos, constraints, req.replicas)
+                         now: float, copies: tuple[str, ...] = ()) -> VolumeRecord:
+        if req.source.kind == SOURCE_BACKUP:  # its restore job fills one node's volume
+            raise Precondition("a mirrored volume cannot be restored from a backup yet: "
+                               "restore it into a volume with replicas: 1, snapshot that, "
+                               "and restore the snapshot into a mirrored volume")
+        chosen = self.seeds.place(req.replicas, req.size_bytes, req.qos, constraints, copies)
         min_in_sync = req.min_in_sync or mirrored.default_min_in_sync(req.replicas)
+        if req.source.kind:
+            self.seeds.check_seeded([n.node_id for n in chosen], copies,
+                                    min(min_in_sync, req.replicas), req.source)
         zones = tuple(n.zone for n in chosen)
         if req.remote_access:  # every zone asked for (every zone known, when none was)
             asked = [n.zone for n in self.nodes.infos() if not constraints.requisite
@@ -202,21 +218,20 @@ class Volumes:
             state=CREATING, capacity_bytes=req.size_bytes, node_id=chosen[0].node_id,
             zone=chosen[0].zone, access_types=tuple(sorted(set(req.access_types))),
             parameters=dict(req.parameters), mutable_parameters=dict(req.mutable_parameters),
-            qos=req.qos, created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
+            qos=req.qos, source_kind=req.source.kind, source_id=req.source.source_id,
+            created_at=now, intent_deadline=now + self.policy.intent_timeout_s,
             replicas=tuple(ReplicaPlacement(n.node_id, n.zone) for n in chosen),
             min_in_sync=min_in_sync, remote_access=req.remote_access, access_zones=zones,
             **_asked(req))
 
-    def _source(self, source: VolumeSource) -> tuple[str, int]:
-        """(node, bytes) of the content source: clones and restores stay on its node."""
-        if source.kind == "volume":
-            vol, _ = self.require_ready(source.source_id)
-            return vol.node_id, vol.capacity_bytes
-        if source.kind == "snapshot":
-            if self.snapshot_source is None:
-                raise NotFound(f"snapshot {source.source_id!r} does not exist")
-            return self.snapshot_source(source.source_id)
-        return "", 0  # none, or a backup: restored on any node (its size checked before)
+    def snapshot_copies(self, snapshot_id: str) -> tuple[tuple[str, ...], int]:
+        """(nodes holding a copy, bytes) of a READY snapshot; NotFound otherwise."""
+        if self.snapshot_copy_nodes is not None:
+            return self.snapshot_copy_nodes(snapshot_id)
+        if self.snapshot_source is None:
+            raise NotFound(f"snapshot {snapshot_id!r} does not exist")
+        node_id, size = self.snapshot_source(snapshot_id)
+        return (node_id,), size
 
     def _resume(self, req: VolumeRequest, name: NameRecord) -> VolumeRecord:
         """The name is taken: the same request, or a compatible one, finishes or returns
@@ -237,6 +252,8 @@ class Volumes:
         if record.state == READY:
             return record
         if record.state == CREATING:
+            if self.seeds.one_instant(record):  # never finished by another call
+                self.seeds.resume_one_instant(record, version, self.clock())
             log.info("resuming the creation of %s (%s)", record.volume_id, record.name)
             return self._realize(record, version, req.secrets)
         raise Busy(f"volume {record.volume_id} is being deleted; retry")
@@ -247,20 +264,25 @@ class Volumes:
         make such a volume) ends the intent at once; anything else leaves it for a retry."""
         try:
             return self._make_and_confirm(record, version, secrets or {})
-        except REFUSALS:
-            try:
-                self.abandon_intent(record, version)
-            except EngineError as e:  # the reconciler ends it later
-                log.warning("the refused intent %s stays for now: %s", record.volume_id, e)
+        except EngineError as failure:
+            # a clone of a mirrored volume into a mirrored one is never resumed either (its
+            # copies must come from one write barrier): any failure ends it
+            if isinstance(failure, REFUSALS) or self.seeds.one_instant(record):
+                try:
+                    self.abandon_intent(record, version)
+                except EngineError as e:  # the reconciler ends it later
+                    log.warning("the refused intent %s stays for now: %s", record.volume_id,
+                                e)
             raise
 
     def _make_and_confirm(self, record: VolumeRecord, version: int,
                           secrets: dict[str, str]) -> VolumeRecord:
         if record.mirrored:
-            record = self.mirrors.realize(record, version)  # with the replicas' addresses
+            with self.seeds.plan(record) as plan:  # a clone of a mirrored one: at a barrier
+                record = self.mirrors.realize(record, version, plan)  # with their addresses
         else:
             node = self.nodes.require(record.node_id)
-            node.create_volume(NewVolume(
+            self.seeds.make_local(record, NewVolume(
                 volume_id=record.volume_id, size_bytes=record.capacity_bytes,
                 access_types=record.access_types, qos=record.qos,
                 source=VolumeSource(record.source_kind, record.source_id), version=version))
@@ -359,18 +381,11 @@ class Volumes:
         with self.locks.hold(volume_id):
             record, version = self.require_ready(volume_id)
             if record.mirrored:
-                raise Precondition(f"volume {volume_id} is mirrored: growing mirrored volumes "
-                                   "is not supported yet")
+                return self._expand_mirrored(record, version, size_bytes)
             node = self.nodes.require(record.node_id)
             before = record
             if size_bytes > record.capacity_bytes:
-                growth = size_bytes - record.capacity_bytes
-                available = placement.available_bytes(self.nodes.info(record.node_id),
-                                                      self.index,
-                                                      self.policy.overcommit_ratio)
-                if growth > available:
-                    raise OutOfCapacity(f"growing by {growth} bytes; {available} bytes "
-                                        f"available on {record.node_id}")
+                self._check_growth(record, record.node_id, size_bytes)
                 record = record.replace(capacity_bytes=size_bytes)
                 version = self._save(record, version)
             # converge the node on the record (a retry after a failed node call lands here)
@@ -383,6 +398,28 @@ class Volumes:
                     self._save(before, version)
                 raise
             return record
+
+    def _check_growth(self, record: VolumeRecord, node_id: str, size_bytes: int) -> None:
+        growth = size_bytes - record.capacity_bytes
+        available = placement.available_bytes(self.nodes.info(node_id), self.index,
+                                              self.policy.overcommit_ratio)
+        if growth > available:
+            raise OutOfCapacity(f"growing by {growth} bytes; {available} bytes "
+                                f"available on {node_id}")
+
+    def _expand_mirrored(self, record: VolumeRecord, version: int,
+                         size_bytes: int) -> VolumeRecord:
+        """Every replica grows (its pool volume, its maps), open or not; the frontend
+        follows at NodeExpandVolume. A replica's node away refuses it (Unavailable, the
+        resizer retries): nothing changed then. A retry after a partial growth converges."""
+        self.mirrors.require_reachable(record)
+        if size_bytes > record.capacity_bytes:
+            for r in record.replicas:
+                self._check_growth(record, r.node_id, size_bytes)
+            record = record.replace(capacity_bytes=size_bytes)
+            version = self._save(record, version)
+        self.mirrors.expand(record, version)
+        return record
 
     def modify(self, volume_id: str, mutable: dict[str, str],
                resolve: Callable[[dict[str, str], dict[str, str]], QosSpec]) -> None:
@@ -400,6 +437,9 @@ class Volumes:
             version = self._save(record, version)
             for node in nodes:
                 node.set_qos(volume_id, qos, version)
+            if record.mirrored:  # limits: where its pods are (the frontend's device)
+                self.mirrors.set_consumers_qos(
+                    record, version, [a.node_id for a in self.attachments(volume_id)])
 
     def _save(self, record: VolumeRecord, version: int) -> int:
         try:
@@ -415,7 +455,7 @@ class Volumes:
         """Record the attachment; returns the publish_context (a mirrored volume's new
         generation and its replicas' addresses)."""
         with self.locks.hold(volume_id):
-            record, _ = self.require_ready(volume_id)
+            record, version = self.require_ready(volume_id)
             info = self.nodes.info(self.nodes.require_known(node_id).node_id)
             if access_type not in record.access_types:
                 raise InvalidSpec(f"volume {volume_id} was created for "
@@ -442,7 +482,8 @@ class Volumes:
             if self.attached_count(node_id) >= self.policy.max_volumes_per_node:
                 raise OutOfCapacity(f"node {node_id} has its maximum of "
                                     f"{self.policy.max_volumes_per_node} volumes attached")
-            context = self.mirrors.fence_for(record, node_id) if record.mirrored else {}
+            context = self.mirrors.fence_for(record, node_id, version) if record.mirrored \
+                else {}
             attachment = AttachmentRecord(volume_id, node_id, read_only, self.clock(), context)
             try:
                 self.store.commit([Put(key, _asdict(attachment), expect=0)])

@@ -112,11 +112,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 for vid, c in found.items()}
 
     def _mirrored_condition(self, vol: VolumeRecord) -> Condition:
-        """Each replica's state: in sync, out of sync (the arbiter's record), node down."""
+        """Each replica's state: in sync, out of sync (the arbiter's record), resyncing n%
+        (what the serving frontend reports), node down."""
         states = self.volumes.mirrors.replica_states(vol.volume_id)
+        seen = self.volumes.mirrors.frontend_view(vol.volume_id)
         parts, abnormal = [], False
         for r in vol.replicas:
             state = states.get(r.node_id, "unknown")
+            view = seen.get(r.node_id) or {}
+            total = int(view.get("resync_total_bytes") or 0)
+            if state != "in_sync" and view.get("state") == "resyncing" and total:
+                done = int(view.get("resync_done_bytes") or 0)
+                state = f"resyncing {min(99, done * 100 // total)}%"
             if not self.nodes.known(r.node_id):
                 state, abnormal = f"{state}, node down", True
             elif state != "in_sync":

@@ -64,7 +64,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except (KeyError, ValueError) as e:
             raise InvalidSpec(f"publish_context of mirrored volume {req.volume_id} lacks "
                               f"what ControllerPublish gives ({e}): attach it first") from None
-        self.frontends.prepare(volume)
+        self.frontends.prepare(volume, ctx.get(mirrored.QOS_KEY, ""),
+                               int(ctx.get(mirrored.QOS_VERSION_KEY, "0") or 0))
 
     def _require_volume(self, volume_id: str) -> None:
         if not self._known(volume_id):

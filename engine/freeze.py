@@ -61,6 +61,17 @@ class Freezer:
             for mp in set(mount_points) - set(done):
                 self.records.delete_freeze(mp)
 
+    def freeze(self, mount_point: str) -> None:
+        """Freeze one filesystem until thaw() (recorded first: a crash never leaves it
+        frozen past the next start). For a freeze that spans calls; else frozen()."""
+        self.records.put_freeze(FreezeRecord(mount_point, frozen_at=time.time(),
+                                             pid=os.getpid()))
+        try:
+            _ioctl(mount_point, FIFREEZE)
+        except BaseException:
+            self.records.delete_freeze(mount_point)
+            raise
+
     def thaw_all_recorded(self) -> None:
         for freeze in self.records.list_freezes():
             log.warning("thawing %s, left frozen by an interrupted snapshot",

@@ -8,6 +8,7 @@ snapshot's freeze can never race an unstage, whoever asked for which.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class NodeEngine:
         """Stage and publish mirrored volumes through their frontends (cluster nodes): the
         node path asks a router that knows both them and the pool (engine/routed_backend)."""
         self.volumes.files = RoutedBackend(self.files, frontends)  # type: ignore[assignment]
+        # a mirrored volume's tier is its frontend's here (its pods use the frontend's device)
+        self.qos.attach(self.volumes.files)  # type: ignore[arg-type]
 
     def max_volumes(self, configured: int) -> int:
         """Volumes this node may hold: the configured number, or fewer if the backend
@@ -128,29 +131,34 @@ class NodeEngine:
     # --- what the controller calls (through the node API) ------------------------------
     def create_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                       clone_from_volume: str = "", version: int = 0,
-                      access_types: tuple[str, ...] = (), role: str = "volume") -> Backing:
+                      access_types: tuple[str, ...] = (), role: str = "volume",
+                      quiesce: bool = True) -> Backing:
         """access_types: "block" and/or "mount", as the volume was created for (kept, so
         staging it otherwise is refused: a mount stage of a block volume would format it).
-        role "replica": a mirrored volume's copy, never staged here directly."""
+        role "replica": a mirrored volume's copy, never staged here directly.
+        quiesce=False: a clone of the source as it is (a mirror replica whose volume's
+        write barrier the controller holds: freezing here would wait on that barrier)."""
         if not clone_from_volume:
             return self.files.create(volume_id, size_bytes, qos_json=qos.to_json(),
                                      version=version, access_types=access_types, role=role)
         self.files.check_copy_on_write("a clone")
         source = self.files.require(clone_from_volume)
         # a clone of a volume in use is as consistent as a snapshot of it
-        with self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True):
+        at_rest = self.snapshots.quiesced([clone_from_volume], allow_block_in_use=True) \
+            if quiesce else contextlib.nullcontext()
+        with at_rest:
             return self.files.create(volume_id, size_bytes, clone_from=source,
                                      qos_json=qos.to_json(), version=version,
-                                     access_types=access_types)
+                                     access_types=access_types, role=role)
 
     def restore_volume(self, volume_id: str, size_bytes: int, qos: QosSpec,
                        snapshot_id: str, version: int = 0,
-                       access_types: tuple[str, ...] = ()) -> Backing:
+                       access_types: tuple[str, ...] = (), role: str = "volume") -> Backing:
         self.files.check_copy_on_write("a volume restored from a snapshot")
         return self.files.create(volume_id, size_bytes,
                                  restore_from=self.snapshots.require(snapshot_id),
                                  qos_json=qos.to_json(), version=version,
-                                 access_types=access_types)
+                                 access_types=access_types, role=role)
 
     def delete_volume(self, volume_id: str, version: int = 0) -> None:
         """Delete the volume's storage once no device holds it any more: a device a
@@ -198,6 +206,12 @@ class NodeEngine:
         if len(members) == 1:
             return [self.snapshots.create(*members[0])]
         return self.snapshots.create_group(members)
+
+    def snapshot_as_is(self, snapshot_id: str, volume_id: str) -> SnapshotBacking:
+        """A snapshot without a freeze: the caller holds the volume at rest (a mirror
+        replica, under its volume's write barrier)."""
+        self.files.check_copy_on_write("a snapshot")
+        return self.snapshots.create_group([(snapshot_id, volume_id)], quiesce=False)[0]
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.snapshots.delete(snapshot_id)

@@ -77,6 +77,12 @@ class NodeQos:
         if self.enforcer is not None:
             self.enforcer.update(volume_id, spec)
 
+    def enforce(self, volume_id: str, spec: QosSpec) -> None:
+        """Apply a spec recorded elsewhere (a mirrored volume's frontend) to the pods using
+        the volume now."""
+        if self.enforcer is not None:
+            self.enforcer.update(volume_id, spec)
+
     # --- publish / unpublish ---------------------------------------------------------------
     def published(self, volume_id: str, pod_uid: str, device: Device) -> None:
         spec = self.spec(volume_id)

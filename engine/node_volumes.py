@@ -425,6 +425,7 @@ class NodeVolumes:
             raise NotFound(f"{volume_path} is not a path of volume {volume_id}")
         for dev in self.files.devices(backing):
             self.files.refreshed(backing, dev)
+        backing = self.files.require(volume_id)  # a mirrored volume learns its size just now
         rw = self._rw_device(backing)
         if stage.access_type == MOUNT and rw is not None:
             filesystem.grow(stage.fs_type, rw.path, stage.staging_path,

@@ -37,6 +37,7 @@ class FrontendVolumes(Protocol):
     def still_holds(self, backing: Backing, dev: Device) -> bool: ...
     def holds_data(self, backing: Backing, dev: Device) -> bool: ...
     def storage_missing(self, backing: Backing) -> str: ...
+    def refreshed(self, backing: Backing, dev: Device) -> Device: ...
 
 
 class _View:
@@ -71,7 +72,17 @@ class RoutedBackend:
         return self._of(self.require(volume_id)).set_made_fs(volume_id, fs_type, done)
 
     def set_qos(self, volume_id: str, qos_json: str, version: int = 0) -> None:
-        self._of(self.require(volume_id)).set_qos(volume_id, qos_json, version)
+        """The frontend's tier (its pods' device) and, where this node also holds one of
+        the volume's replicas, that replica's record too."""
+        local = self.local.get(volume_id)
+        if self.frontends.get(volume_id) is not None:
+            self.frontends.set_qos(volume_id, qos_json, version)
+            if local is not None:
+                self.local.set_qos(volume_id, qos_json, version)
+            return
+        if local is None:
+            raise NotFound(f"volume {volume_id} is not on this node")
+        self.local.set_qos(volume_id, qos_json, version)
 
     # --- devices -----------------------------------------------------------------------
     def devices(self, backing: Backing) -> list[Device]:
@@ -84,9 +95,7 @@ class RoutedBackend:
         self._of(backing).release(backing, dev, require_released=require_released)
 
     def refreshed(self, backing: Backing, dev: Device) -> Device:
-        if backing.role == FRONTEND:
-            return dev  # a mirrored volume does not grow (yet): its device is its size
-        return self.local.refreshed(backing, dev)
+        return self._of(backing).refreshed(backing, dev)
 
     def still_holds(self, backing: Backing, dev: Device) -> bool:
         return self._of(backing).still_holds(backing, dev)

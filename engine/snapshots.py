@@ -77,13 +77,16 @@ class Snapshots:
         return self.create_group([(snapshot_id, volume_id)], allow_block_in_use=True)[0]
 
     def create_group(
-        self, members: list[tuple[str, str]], *, allow_block_in_use: bool = False
+        self, members: list[tuple[str, str]], *, allow_block_in_use: bool = False,
+        quiesce: bool = True,
     ) -> list[SnapshotBacking]:
         """Snapshot (snapshot_id, volume_id) pairs at one instant; idempotent per member.
 
         Mounted members are frozen together. A staged block member cannot be paused here
         (no device-mapper suspend on this kernel), so in a group of more than one it is
         refused rather than snapshotted at a different instant from the others.
+        quiesce=False: taken as they are, the caller has them at rest (a mirror replica
+        under its volume's write barrier, held by the controller).
         """
         existing = {sid: self.get(sid) for sid, _ in members}
         for sid, vid in members:
@@ -105,7 +108,9 @@ class Snapshots:
                 t.put(KIND, snap.snapshot_id, snap.record())
         crash.point("snapshot-after-record")
         made: list[SnapshotBacking] = []
-        with self.quiesced(list(backings), allow_block_in_use or len(members) == 1):
+        at_rest = self.quiesced(list(backings), allow_block_in_use or len(members) == 1) \
+            if quiesce else contextlib.nullcontext()
+        with at_rest:
             crash.point("snapshot-after-freeze")
             for snap in planned:
                 try:
@@ -207,7 +212,8 @@ class NoSnapshots:
         raise Precondition(f"snapshots cannot be taken: {self.reason}")
 
     def create_group(self, members: list[tuple[str, str]], *,
-                     allow_block_in_use: bool = False) -> list[SnapshotBacking]:
+                     allow_block_in_use: bool = False,
+                     quiesce: bool = True) -> list[SnapshotBacking]:
         raise Precondition(f"snapshots cannot be taken: {self.reason}")
 
     def delete(self, snapshot_id: str) -> None:

@@ -29,6 +29,11 @@ KIND = "backing"
 EMPTY, CLONE, RESTORE = "empty", "clone", "restore"  # how a volume's storage was made
 
 
+# the sector size of a mirrored volume's device (its frontend's loop device on a FUSE file:
+# mirror/frontend.py); its replicas keep it, so copies of them (local restores and clones)
+# get the same and the filesystems on them mount
+MIRROR_SECTOR_BYTES = 512
+
 @dataclass(frozen=True)
 class Backing:
     volume_id: str
@@ -110,8 +115,10 @@ class VolumeFiles:
         """Create an empty sparse volume, a clone of a volume, or a restore of a snapshot.
 
         Clones and restores keep their source's sector size: a filesystem made on it
-        needs the same one. The record is written first, holding the drawn pool name; a
-        retry after a crash finds it and finishes the file.
+        needs the same one. A new, empty mirror replica has its frontend's (512 bytes),
+        the device its filesystems are made on, so a local copy of it mounts too.
+        The record is written first, holding the drawn pool name; a retry after a crash
+        finds it and finishes the file.
         """
         existing = self.get(volume_id)
         if existing is not None:
@@ -121,7 +128,8 @@ class VolumeFiles:
                 self._make(existing)  # a create cut short after its record
             return existing
         source = clone_from or restore_from
-        sector = source.sector_size_bytes if source else self.pool.sector_size_bytes
+        sector = source.sector_size_bytes if source else \
+            MIRROR_SECTOR_BYTES if role == "replica" else self.pool.sector_size_bytes
         origin = CLONE if clone_from else RESTORE if restore_from else EMPTY
         backing = Backing(volume_id, uuid.uuid4().hex, size_bytes, sector, time.time(), origin,
                           qos_json, source.pool_name if source else "", version,

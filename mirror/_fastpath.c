@@ -1407,6 +1407,50 @@ static PyObject *DataPath_al_clear(DataPath *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* grow(size_bytes): the volume grew (an online expansion; never shrinks). The dirty maps
+ * given to set_links must already cover the new regions: Python hands longer ones first. */
+static PyObject *DataPath_grow(DataPath *self, PyObject *arg)
+{
+    unsigned long long size = PyLong_AsUnsignedLongLong(arg);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (size < self->size) {
+        PyErr_Format(PyExc_ValueError, "a volume never shrinks (%llu < %llu bytes)", size,
+                     (unsigned long long)self->size);
+        return NULL;
+    }
+    uint64_t region = 1ULL << self->rshift, extent = 1ULL << self->eshift;
+    uint64_t regions = (size + region - 1) / region, extents = (size + extent - 1) / extent;
+    for (int i = 0; i < self->nmissing; i++) {
+        if ((uint64_t)self->missing[i].len < regions) {
+            PyErr_SetString(PyExc_ValueError, "a missing map is shorter than the grown volume's regions");
+            return NULL;
+        }
+    }
+    if (extents > self->extents) {
+        uint32_t *count = PyMem_Realloc(self->al_count, extents * sizeof(uint32_t));
+        if (count == NULL)
+            return PyErr_NoMemory();
+        self->al_count = count;
+        uint8_t *hot = PyMem_Realloc(self->al_hot, extents);
+        if (hot == NULL)
+            return PyErr_NoMemory();
+        self->al_hot = hot;
+        uint64_t *stamp = PyMem_Realloc(self->al_stamp, extents * sizeof(uint64_t));
+        if (stamp == NULL)
+            return PyErr_NoMemory();
+        self->al_stamp = stamp;
+        size_t old = (size_t)self->extents, more = (size_t)(extents - self->extents);
+        memset(self->al_count + old, 0, more * sizeof(uint32_t));
+        memset(self->al_hot + old, 0, more);
+        memset(self->al_stamp + old, 0, more * sizeof(uint64_t));
+        self->extents = extents;
+    }
+    self->regions = regions;
+    self->size = size;
+    Py_RETURN_NONE;
+}
+
 static PyObject *DataPath_release_held(DataPath *self, PyObject *Py_UNUSED(ignored))
 {
     enter(self);
@@ -1630,6 +1674,7 @@ static PyMethodDef DataPath_methods[] = {
     {"al_hot_extents", (PyCFunction)DataPath_al_hot_extents, METH_NOARGS, "extents in the activity log"},
     {"al_is_hot", (PyCFunction)DataPath_al_is_hot, METH_O, "al_is_hot(extent) -> bool"},
     {"al_clear", (PyCFunction)DataPath_al_clear, METH_NOARGS, "forget every extent"},
+    {"grow", (PyCFunction)DataPath_grow, METH_O, "grow(size_bytes): the volume grew"},
     {"release_held", (PyCFunction)DataPath_release_held, METH_NOARGS, "answer held completions"},
     {"fail_writes", (PyCFunction)DataPath_fail_writes, METH_O,
      "fail_writes(errno): fail every unanswered write, held ones too"},

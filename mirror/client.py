@@ -137,3 +137,8 @@ class ReplicaClient:
 
     def delete_volume(self, volume_id: str) -> None:
         self.call(wire.DELETE, payload=json.dumps({"volume_id": volume_id}).encode())
+
+    def grow_volume(self, volume_id: str, size_bytes: int) -> dict:
+        """Grow a replica (open by a frontend or not); returns its info after."""
+        req = {"volume_id": volume_id, "size_bytes": size_bytes}
+        return json.loads(self.call(wire.GROW, payload=json.dumps(req).encode()))

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
-from engine.errors import NotFound, Unavailable
+from engine.errors import Busy, NotFound, Unavailable
 
 from . import _fastpath, regionmap, wire
 from .arbiter import Arbiter, VolumeRecord
@@ -127,6 +127,7 @@ class Link:
         self.recording = False  # IN_SYNC in memory, the arbiter's record still to come
         self.last_attempt = 0.0
         self.dirty = bytearray(regions)  # regions this replica may lack (frontend's copy)
+        self.replica_bytes = 0  # its size as it answered OPEN (may exceed ours: growing)
 
     @property
     def connected(self) -> bool:
@@ -163,6 +164,26 @@ class ResyncJob:
         self.mark_in_sync = mark_in_sync  # False: an activity-log repair of an in-sync replica
         self.finishing = False
         self.started = time.monotonic()
+
+
+class Barrier:
+    """A write barrier (a consistent snapshot of every replica): new writes and flushes
+    wait, those in flight drain, every replica of the write set makes what it has durable
+    (SYNC); then the barrier is *held* until resume() or its deadline, whichever comes
+    first. A barrier that is never resumed (its controller died) lets go by itself."""
+
+    __slots__ = ("token", "deadline", "state", "queued", "syncing", "why", "replicas")
+
+    DRAINING, SYNCING, HELD = "draining", "syncing", "held"
+
+    def __init__(self, token: str, deadline: float):
+        self.token = token
+        self.deadline = deadline  # monotonic
+        self.state = self.DRAINING
+        self.queued: deque[Op] = deque()  # writes and flushes that arrived after it
+        self.syncing = 0  # SYNCs still to be acked in this round
+        self.why = ""
+        self.replicas: list[str] = []  # HELD: the replicas identical at the barrier
 
 
 class MirrorCore:
@@ -223,6 +244,9 @@ class MirrorCore:
         self._later: deque[Callable[[], None]] = deque()  # run outside the C callbacks
         self._closing = False
         self._last_tick = 0.0
+        self.barrier: Barrier | None = None
+        # how the last barriers ended (token -> held until resumed), for a late resume
+        self._barrier_outcomes: dict[str, bool] = {}
 
     def _new_link(self, addr: ReplicaAddr) -> Link:
         if not self._free_slots:
@@ -354,6 +378,7 @@ class MirrorCore:
         self.dp.attach(link.slot, sock.fileno())
         link.sock = sock
         link.needs_create = False
+        link.replica_bytes = int(info.get("size_bytes") or self.size)
         log.info(
             "replica %s connected (generation %s, %s dirty regions, %s log extents)",
             link.rid,
@@ -425,8 +450,10 @@ class MirrorCore:
         al = bytearray(self.extents)
         from_in_sync = False
         for lk, data in got.items():
-            regionmap.union_into(dirty, data[: self.regions])
-            regionmap.union_into(al, data[self.regions :])
+            # its maps are as long as its size, which may exceed ours (grown ahead of us)
+            own = -(-(lk.replica_bytes or self.size) // REGION_BYTES)
+            regionmap.union_into(dirty, data[:own])
+            regionmap.union_into(al, data[own:])
             from_in_sync = from_in_sync or lk.state == IN_SYNC
         al_regions = regionmap.extents_to_regions(al, self.regions, per)
         self.al_recovered.update(regionmap.indices(al))
@@ -519,7 +546,8 @@ class MirrorCore:
 
     def _refresh_fast(self) -> None:
         """The C side may take plain reads and writes alone only when no policy is in the way."""
-        self.dp.fast = not self.fenced and not self.deferred and not self._unavailable()
+        self.dp.fast = (not self.fenced and not self.deferred and not self._unavailable()
+                        and self.barrier is None)
 
     def in_sync_count(self) -> int:
         return sum(1 for lk in self.links if lk.connected and lk.state == IN_SYNC)
@@ -557,6 +585,11 @@ class MirrorCore:
         if wop == wire.WRITE and (data is None or len(data) != length):  # type: ignore[arg-type]
             self.reply(unique, -errno.EINVAL, None)
             return
+        if self.barrier is not None:  # held back until the barrier lets go
+            op = Op(K_WRITE, unique, wop, offset, length)
+            op.data = bytes(data) if data is not None else None  # type: ignore[call-overload]
+            self.barrier.queued.append(op)
+            return
         if self._unavailable():
             self.reply(unique, -errno.EIO, None)
             return
@@ -592,6 +625,9 @@ class MirrorCore:
             self.reply(unique, -errno.EIO, None)
 
     def submit_sync(self, unique: int) -> None:
+        if self.barrier is not None:  # in order with the writes held back
+            self.barrier.queued.append(Op(K_SYNC, unique))
+            return
         if self._unavailable():
             self.reply(unique, -errno.EIO, None)
             return
@@ -650,6 +686,8 @@ class MirrorCore:
         self._run_later()
         if self.deferred:
             self._run_deferred()
+        if self.barrier is not None:
+            self._barrier_step()
         self.dp.flush()
 
     def _run_later(self) -> None:
@@ -747,6 +785,13 @@ class MirrorCore:
         self._unpin_when_healthy()
         self._pump_jobs()
         self._run_later()
+        if self.barrier is not None:
+            if now > self.barrier.deadline:
+                log.warning("write barrier %s let go after its deadline (%s)",
+                            self.barrier.token, self.barrier.state)
+                self._barrier_release(held=False)
+            else:
+                self._barrier_step()
         self.flush()
 
     def _evict_al(self) -> None:
@@ -993,6 +1038,8 @@ class MirrorCore:
         self.fenced = True
         self.holds.clear()
         self.dp.hold = False
+        if self.barrier is not None:  # what it held back fails below with everything else
+            self._barrier_release(held=False)
         self._fail_all(why)
         for link in self.links:
             _, _, reads = self._close(link, _fastpath.DETACH_DROP)
@@ -1227,12 +1274,130 @@ class MirrorCore:
         self._settle()
         self._record(rid, None)
 
+    # ------------------------------------------------------------------ write barrier
+    def barrier_begin(self, token: str, timeout_s: float) -> dict:
+        """Raise a write barrier (or report the one of this token): see Barrier. Returns
+        {"state", "replicas", "generation"}; poll until state is "held"."""
+        b = self.barrier
+        if b is not None and b.token != token:
+            raise Busy(f"another write barrier ({b.token}) is up")
+        if b is None:
+            if token in self._barrier_outcomes:
+                raise Unavailable(f"write barrier {token} already let go")
+            if self.fenced:
+                raise Unavailable("the frontend is fenced: it serves no writes to hold")
+            if not 0 < timeout_s <= 300:
+                raise ValueError(f"barrier timeout {timeout_s} s is outside (0, 300]")
+            b = self.barrier = Barrier(token, time.monotonic() + timeout_s)
+            self._refresh_fast()  # from now on every write comes through submit_write
+            log.info("write barrier %s up (at most %.1f s)", token, timeout_s)
+            self._barrier_step()
+            self.flush()
+        return {"state": b.state, "replicas": list(b.replicas), "why": b.why,
+                "generation": self.record.generation if self.record else 0}
+
+    def barrier_end(self, token: str) -> bool:
+        """Let the barrier of this token go; True when it was held from the moment it
+        said so until now (the replicas did not change meanwhile), False otherwise (it
+        let go at its deadline, was never held, or is unknown to this worker)."""
+        b = self.barrier
+        if b is not None and b.token == token:
+            held = b.state == Barrier.HELD
+            self._barrier_release(held)
+            self.flush()
+            return held
+        return self._barrier_outcomes.get(token, False)
+
+    def _barrier_step(self) -> None:
+        """Drive the barrier: once nothing is deferred or held back by a hold, every
+        replica of the write set syncs (its reply comes after every earlier request on its
+        stream: every write issued before the barrier is then on every replica); held
+        once every SYNC of a round was acked with the membership unchanged."""
+        b = self.barrier
+        assert b is not None
+        if b.state == Barrier.HELD:
+            return
+        if b.state == Barrier.SYNCING and b.syncing:
+            return
+        if b.state == Barrier.SYNCING and not b.syncing:
+            if not self.holds and not self.deferred:
+                b.replicas = self._identical()
+                if b.replicas:
+                    b.state = Barrier.HELD
+                    log.info("write barrier %s held: %s identical", b.token,
+                             ", ".join(b.replicas))
+                    return
+                b.why = "no in-sync replica to take a consistent copy from"
+            b.state = Barrier.DRAINING  # membership changed meanwhile: another round
+        if self.deferred or self.holds or self.fenced:
+            return
+        links = list(self.write_links)
+        if not links:
+            b.why = "no replica receives writes"
+            return
+        b.state = Barrier.SYNCING
+        b.syncing = len(links)
+        failed = False
+
+        def synced(_link: Link, status: int, _p: object) -> None:
+            nonlocal failed
+            failed = failed or status != 0
+            b.syncing -= 1
+            if b.syncing == 0 and failed and b.state == Barrier.SYNCING:
+                b.state = Barrier.DRAINING  # a replica failed on the way: start over
+            if self.barrier is b:
+                self._later.append(self._barrier_step)
+
+        for link in links:
+            self._ctrl(link, wire.SYNC, cb=synced)
+
+    def _identical(self) -> list[str]:
+        """The replicas holding the same bytes now: in sync, connected, not being repaired
+        from the activity logs, recorded in sync by the arbiter."""
+        return [lk.rid for lk in self.links if lk.connected and lk.state == IN_SYNC
+                and not lk.suspect and not lk.recording]
+
+    def _barrier_release(self, held: bool) -> None:
+        b = self.barrier
+        assert b is not None
+        self.barrier = None
+        self._barrier_outcomes[b.token] = held
+        while len(self._barrier_outcomes) > 16:
+            del self._barrier_outcomes[next(iter(self._barrier_outcomes))]
+        self._refresh_fast()
+        log.info("write barrier %s down (%s); %d requests it held go on", b.token,
+                 "held" if held else "not held", len(b.queued))
+        for op in b.queued:  # in arrival order: they were never issued
+            if op.kind == K_SYNC:
+                self.submit_sync(op.unique)
+            else:
+                self.submit_write(op.unique, op.wop, op.offset, op.length, op.data)
+
+    # ------------------------------------------------------------------ growth
+    def grow(self, size_bytes: int) -> None:
+        """The volume grew (every replica was grown by the control plane first): writes
+        and reads may reach the new range from now on, which is zeros on every replica."""
+        if size_bytes <= self.size:
+            return
+        if size_bytes % 4096:
+            raise ValueError(f"size {size_bytes} is not a multiple of 4096")
+        regions = -(-size_bytes // REGION_BYTES)
+        for link in self.links:  # longer maps first: C marks them on every write
+            link.dirty = link.dirty + bytes(regions - len(link.dirty))
+        self._recompute()
+        self.dp.grow(size_bytes)
+        self.size = size_bytes
+        self.regions = regions
+        self.extents = -(-size_bytes // AL_EXTENT_BYTES)
+        log.info("grown to %d bytes", size_bytes)
+
     def pending(self) -> int:
         """Requests sent to replicas and not answered yet."""
         return sum(self.dp.pending(lk.slot) for lk in self.links)
 
     def idle(self) -> bool:
-        return not self.pending() and not self.deferred and not self.held and not self.dp.held
+        return (not self.pending() and not self.deferred and not self.held
+                and not self.dp.held and self.barrier is None)
 
     def clear_activity_log(self) -> None:
         """Clean shutdown: nothing in flight, so no extent needs repair next time, unless

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from engine.errors import Unavailable
+from engine.errors import Busy, Unavailable
 from engine.loopdev import LoopDevices
 
 from . import fuse_mount, procs
@@ -229,7 +229,7 @@ class Frontend:
             s.close()
         resp = json.loads(line or b"{}")
         if "error" in resp:
-            raise Unavailable(resp["error"])
+            raise (Busy if resp.get("kind") == "Busy" else Unavailable)(resp["error"])
         return resp
 
     def status(self) -> FrontendStatus:
@@ -238,6 +238,37 @@ class Frontend:
             ReplicaStatus(r["replica_id"], ReplicaState(r["state"]), r["connected"],
                           r["resync_done_bytes"], r["resync_total_bytes"])
             for r in d["replicas"]), d["pid"])
+
+    def barrier(self, token: str, hold_s: float) -> tuple[list[str], int]:
+        """Raise a write barrier and wait until it holds: new writes wait, those in flight
+        drain, every replica syncs. Returns (the replicas identical at the barrier, the
+        generation). It lets go by itself after hold_s (from now) unless resume() comes
+        first. Unavailable when it cannot hold in that time (and it is let go)."""
+        deadline = time.monotonic() + hold_s
+        req = {"op": "barrier", "token": token, "timeout_s": hold_s}
+        while True:
+            got = self.control(req)
+            if got["state"] == "held":
+                return list(got["replicas"]), int(got["generation"])
+            if time.monotonic() > deadline:
+                self.resume(token)
+                raise Unavailable(f"the writes of {self.volume_id} did not drain within "
+                                  f"{hold_s} s ({got['state']}{': ' if got['why'] else ''}"
+                                  f"{got['why']})")
+            time.sleep(0.01)
+
+    def resume(self, token: str) -> bool:
+        """Let the barrier go; whether it held from barrier() until now."""
+        return bool(self.control({"op": "resume", "token": token})["held"])
+
+    def grow(self, size_bytes: int) -> int:
+        """The volume grew (its replicas first): the data path and the FUSE file take the
+        new size; a restarted worker starts at it too. Returns the size now served."""
+        got = int(self.control({"op": "grow", "size_bytes": size_bytes})["size_bytes"])
+        if got != self._cfg["size_bytes"]:
+            self._cfg["size_bytes"] = self.size_bytes = got
+            self._save_config()
+        return got
 
     def add_replica(self, addr: ReplicaAddr) -> None:
         self.control({"op": "add_replica", "replica": dataclasses.asdict(addr)})

@@ -46,12 +46,20 @@ class Guard(Protocol):
         ...
 
 
+class Reporter(Protocol):
+    """Something told the replicas' state at every tick (a cluster publishes it); it must
+    return at once (anything slow goes to a thread of its own)."""
+
+    def tick(self, core: MirrorCore) -> None: ...
+
+
 class Worker:
     def __init__(self, cfg: FrontendConfig, arbiter: Arbiter | None = None,
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, reporter: Reporter | None = None):
         self.cfg = cfg
         self.arbiter = arbiter or open_arbiter(cfg.arbiter_url)
         self.guard = guard
+        self.reporter = reporter
         self.sd = cfg.state_dir
         self.stopping = False
         self.stop_deadline = 0.0
@@ -99,6 +107,8 @@ class Worker:
                 elif fd == ctl_fd:
                     self._control(ctl)
             core.tick()
+            if self.reporter is not None:
+                self.reporter.tick(core)
             if self.guard is not None and not core.fenced:
                 why = self.guard.check()
                 if why:
@@ -127,7 +137,8 @@ class Worker:
             conn.sendall((json.dumps(self._handle(req)) + "\n").encode())
         except Exception as e:  # the control channel must never take the data path down
             try:
-                conn.sendall((json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n").encode())
+                conn.sendall((json.dumps({"error": f"{type(e).__name__}: {e}",
+                                          "kind": type(e).__name__}) + "\n").encode())
             except OSError:
                 pass
         finally:
@@ -152,7 +163,17 @@ class Worker:
         if op == "remove_replica":
             core.remove_replica(req["replica_id"])
             return {}
+        if op == "barrier":  # raise a write barrier, or poll it until "held"
+            return core.barrier_begin(str(req["token"]), float(req.get("timeout_s", 10.0)))
+        if op == "resume":
+            return {"held": core.barrier_end(str(req["token"]))}
+        if op == "grow":
+            core.grow(int(req["size_bytes"]))
+            self.fuse.grow(core.size)
+            return {"size_bytes": core.size}
         if op == "shutdown":
+            if core.barrier is not None:  # what it held back must be answered, not lost
+                core.barrier_end(core.barrier.token)
             self.stopping = True
             self.stop_deadline = time.monotonic() + 10.0
             return {}

@@ -16,7 +16,9 @@ ACCESS, INTERRUPT, DESTROY, BATCH_FORGET, FALLOCATE = 34, 36, 38, 42, 43
 READDIRPLUS, LSEEK, SYNCFS, STATX = 44, 46, 50, 52
 
 # notify codes (written with unique=0, error=code)
+NOTIFY_INVAL_INODE = 2
 NOTIFY_RESEND = 7
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # nodeid, offset (< 0: attributes only), length
 
 # INIT flags (flags | flags2 << 32)
 ASYNC_READ = 1 << 0

@@ -23,7 +23,9 @@ from .spec import FrontendTuning
 
 log = logging.getLogger(__name__)
 
-ATTR_VALID_S = 3600  # the file never changes size or identity while mounted
+# the file changes size only when the control plane grows it, and then grow() tells the
+# kernel to drop what it cached
+ATTR_VALID_S = 3600
 
 
 class FuseServer:
@@ -97,6 +99,18 @@ class FuseServer:
                 "resend": bool(got & F.HAS_RESEND)}
         log.info("FUSE INIT 7.%d, flags %#x", info["minor"], got)
         return info
+
+    def grow(self, size_bytes: int) -> None:
+        """The volume grew: answer the new size from now on, and have the kernel forget the
+        attributes it cached (its next stat asks again, and updates the file's size)."""
+        self.size = size_bytes
+        try:
+            os.write(self.fd, F.OUT_HEADER.pack(16 + F.NOTIFY_INVAL_INODE_OUT.size,
+                                                F.NOTIFY_INVAL_INODE, 0)
+                     + F.NOTIFY_INVAL_INODE_OUT.pack(F.FILE_ID, -1, 0))
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: never looked up, so nothing cached
+                raise
 
     def resend(self) -> None:
         """Ask the kernel to queue again what a dead worker had read but not answered."""

@@ -120,7 +120,12 @@ class ReplicaService:
                     vol = ReplicaVolume.create(self.pool_dir, volume_id, size_bytes)
                 ent = self._vols[volume_id] = [vol, 0]
             vol = ent[0]
-            if size_bytes and vol.size_bytes != size_bytes:
+            # larger is fine: the control plane grows every replica before their frontend
+            # (an online expansion), which may reconnect meanwhile at its old size
+            if size_bytes and vol.size_bytes < size_bytes:
+                if ent[1] == 0:
+                    del self._vols[volume_id]
+                    vol.close()
                 raise AlreadyExists(f"{volume_id} has {vol.size_bytes} bytes, not {size_bytes}")
             ent[1] += 1
             return vol
@@ -139,6 +144,22 @@ class ReplicaService:
             if volume_id in self._vols:
                 raise OSError(errno.EBUSY, f"{volume_id} is open")
             ReplicaVolume.delete(self.pool_dir, volume_id)
+
+    def _grow(self, volume_id: str, size_bytes: int) -> dict:
+        """Grow a replica whether a frontend has it open or not (under the same lock as
+        opening it, so nothing opens it half grown)."""
+        check_volume_id(volume_id)
+        with self._vols_lock:
+            ent = self._vols.get(volume_id)
+            if ent is not None:
+                ent[0].grow(size_bytes)
+                return ent[0].info()
+            vol = ReplicaVolume.open(self.pool_dir, volume_id)
+            try:
+                vol.grow(size_bytes)
+                return vol.info()
+            finally:
+                vol.close()
 
     def _list(self) -> list[str]:
         try:
@@ -312,6 +333,11 @@ class _Conn:
         if op == wire.DELETE:
             svc._delete(json.loads(bytes(payload))["volume_id"])
             return b""
+        if op == wire.GROW:
+            if self.vol is not None:
+                raise InvalidSpec("GROW is an administrative request, before any OPEN")
+            req = json.loads(bytes(payload))
+            return json.dumps(svc._grow(req["volume_id"], int(req["size_bytes"]))).encode()
         vol = self.vol
         if vol is None:
             raise OSError(errno.EBADF, "no volume open on this connection")

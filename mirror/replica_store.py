@@ -264,6 +264,31 @@ class ReplicaVolume:
                     self.al[e] = 0
             self._maps_unsynced = True
 
+    # --- size --------------------------------------------------------------------
+    def grow(self, size_bytes: int) -> None:
+        """Grow to size_bytes (an online expansion; never shrinks). The bytes first (the
+        node's pool volume is usually grown already: then nothing to do), then both maps
+        (their new entries are clear: the new range is zeros on every replica), then the
+        metadata, which makes it final. A crash in between leaves longer files than the
+        metadata says, which opening ignores and a retry completes."""
+        if size_bytes % 4096:
+            raise InvalidSpec(f"size {size_bytes} is not a multiple of 4096")
+        with self.lock:
+            if size_bytes <= self.size_bytes:
+                return
+            if os.fstat(self.fd).st_size < size_bytes:
+                os.ftruncate(self.fd, size_bytes)
+                os.fsync(self.fd)
+            regions = _ceil_div(size_bytes, REGION_BYTES)
+            extents = _ceil_div(size_bytes, AL_EXTENT_BYTES)
+            for fd, table, n in ((self._dirty_fd, self.dirty, regions),
+                                 (self._al_fd, self.al, extents)):
+                os.ftruncate(fd, n)
+                os.fsync(fd)
+                table.extend(bytes(n - len(table)))
+            self.size_bytes = size_bytes
+            self._save_meta()
+
     def info(self) -> dict:
         return {"volume_id": self.volume_id, "size_bytes": self.size_bytes,
                 "generation": self.generation, "region_bytes": REGION_BYTES,

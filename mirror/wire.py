@@ -38,6 +38,7 @@ PING = 14
 DELETE = 15  # payload JSON {volume_id}; only before OPEN; refuses an open volume
 LIST = 16  # -> JSON list of volume ids
 HAS_DATA = 17  # -> one byte: 1 if anything was ever written (a data extent), else 0
+GROW = 18  # payload JSON {volume_id, size_bytes}; only before OPEN; open or not (expansion)
 
 # flags
 F_SPARSE = 1  # READ: a range that is all hole comes back with an empty payload

@@ -119,6 +119,36 @@ class NodeAgentStub:
                 request_serializer=proto_dot_agent__pb2.SetFrontendReplicasRequest.SerializeToString,
                 response_deserializer=proto_dot_agent__pb2.SetFrontendReplicasReply.FromString,
                 _registered_method=True)
+        self.Replica = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/Replica',
+                request_serializer=proto_dot_agent__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.ReplicaReply.FromString,
+                _registered_method=True)
+        self.ExpandReplica = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/ExpandReplica',
+                request_serializer=proto_dot_agent__pb2.ExpandReplicaRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.ExpandReplicaReply.FromString,
+                _registered_method=True)
+        self.SnapshotReplica = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/SnapshotReplica',
+                request_serializer=proto_dot_agent__pb2.SnapshotReplicaRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.SnapshotReplicaReply.FromString,
+                _registered_method=True)
+        self.BarrierFrontend = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/BarrierFrontend',
+                request_serializer=proto_dot_agent__pb2.BarrierFrontendRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.BarrierFrontendReply.FromString,
+                _registered_method=True)
+        self.ResumeFrontend = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/ResumeFrontend',
+                request_serializer=proto_dot_agent__pb2.ResumeFrontendRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.ResumeFrontendReply.FromString,
+                _registered_method=True)
+        self.SetFrontendQos = channel.unary_unary(
+                '/tandem.agent.v1.NodeAgent/SetFrontendQos',
+                request_serializer=proto_dot_agent__pb2.SetFrontendQosRequest.SerializeToString,
+                response_deserializer=proto_dot_agent__pb2.SetFrontendQosReply.FromString,
+                _registered_method=True)
         self.StartBackup = channel.unary_unary(
                 '/tandem.agent.v1.NodeAgent/StartBackup',
                 request_serializer=proto_dot_agent__pb2.StartBackupRequest.SerializeToString,
@@ -246,6 +276,42 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replica(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExpandReplica(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotReplica(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BarrierFrontend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeFrontend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFrontendQos(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartBackup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -357,6 +423,36 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.SetFrontendReplicas,
                     request_deserializer=proto_dot_agent__pb2.SetFrontendReplicasRequest.FromString,
                     response_serializer=proto_dot_agent__pb2.SetFrontendReplicasReply.SerializeToString,
+            ),
+            'Replica': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replica,
+                    request_deserializer=proto_dot_agent__pb2.ReplicaRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.ReplicaReply.SerializeToString,
+            ),
+            'ExpandReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpandReplica,
+                    request_deserializer=proto_dot_agent__pb2.ExpandReplicaRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.ExpandReplicaReply.SerializeToString,
+            ),
+            'SnapshotReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotReplica,
+                    request_deserializer=proto_dot_agent__pb2.SnapshotReplicaRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.SnapshotReplicaReply.SerializeToString,
+            ),
+            'BarrierFrontend': grpc.unary_unary_rpc_method_handler(
+                    servicer.BarrierFrontend,
+                    request_deserializer=proto_dot_agent__pb2.BarrierFrontendRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.BarrierFrontendReply.SerializeToString,
+            ),
+            'ResumeFrontend': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeFrontend,
+                    request_deserializer=proto_dot_agent__pb2.ResumeFrontendRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.ResumeFrontendReply.SerializeToString,
+            ),
+            'SetFrontendQos': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFrontendQos,
+                    request_deserializer=proto_dot_agent__pb2.SetFrontendQosRequest.FromString,
+                    response_serializer=proto_dot_agent__pb2.SetFrontendQosReply.SerializeToString,
             ),
             'StartBackup': grpc.unary_unary_rpc_method_handler(
                     servicer.StartBackup,
@@ -838,6 +934,168 @@ class NodeAgent:
             '/tandem.agent.v1.NodeAgent/SetFrontendReplicas',
             proto_dot_agent__pb2.SetFrontendReplicasRequest.SerializeToString,
             proto_dot_agent__pb2.SetFrontendReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/Replica',
+            proto_dot_agent__pb2.ReplicaRequest.SerializeToString,
+            proto_dot_agent__pb2.ReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpandReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/ExpandReplica',
+            proto_dot_agent__pb2.ExpandReplicaRequest.SerializeToString,
+            proto_dot_agent__pb2.ExpandReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/SnapshotReplica',
+            proto_dot_agent__pb2.SnapshotReplicaRequest.SerializeToString,
+            proto_dot_agent__pb2.SnapshotReplicaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BarrierFrontend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/BarrierFrontend',
+            proto_dot_agent__pb2.BarrierFrontendRequest.SerializeToString,
+            proto_dot_agent__pb2.BarrierFrontendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeFrontend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/ResumeFrontend',
+            proto_dot_agent__pb2.ResumeFrontendRequest.SerializeToString,
+            proto_dot_agent__pb2.ResumeFrontendReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFrontendQos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.agent.v1.NodeAgent/SetFrontendQos',
+            proto_dot_agent__pb2.SetFrontendQosRequest.SerializeToString,
+            proto_dot_agent__pb2.SetFrontendQosReply.FromString,
             options,
             channel_credentials,
             insecure,

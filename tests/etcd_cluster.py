@@ -113,7 +113,7 @@ class Member:
                 "--initial-advertise-peer-urls", self.peer_url,
                 "--initial-cluster", ",".join(f"{m.name}={m.peer_url}" for m in c.members),
                 "--initial-cluster-state", "new", "--initial-cluster-token", c.token,
-                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote",
                 "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]
         if c.tls:
             argv += ["--cert-file", c.tls.server.cert_file, "--key-file", c.tls.server.key_file,

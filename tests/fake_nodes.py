@@ -14,9 +14,14 @@ import time
 from control.node_api import (
     JOB_DONE,
     JOB_RUNNING,
+    SOURCE_REPLICA,
+    SOURCE_SNAPSHOT,
+    SOURCE_VOLUME,
     BackupJob,
     ByteRange,
     Condition,
+    FrontendBarrier,
+    HeldReplica,
     Inventory,
     JobStatus,
     NewReplica,
@@ -28,8 +33,9 @@ from control.node_api import (
     SnapshotMember,
     StaleVersion,
     VolumeInfo,
+    VolumeSource,
 )
-from engine.errors import AlreadyExists, InUse, NotFound, Precondition, Unavailable
+from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, Precondition, Unavailable
 from engine.qos.tiers import QosSpec
 
 GIB = 1024**3
@@ -46,6 +52,16 @@ class FakeNode:
         self.held: dict[str, VolumeInfo] = {}
         self.generations: dict[str, int] = {}  # replicas: the generation fenced at
         self.frontends: dict[str, tuple[str, ...]] = {}  # volume -> replicas its frontend has
+        self.identical: dict[str, tuple[str, ...]] = {}  # a barrier's answer (default: all)
+        self.barriers: dict[tuple[str, str], str] = {}  # (volume, token) -> "held"
+        self.barrier_lets_go = False  # resume answers that the barrier did not hold
+        self.stage_holds: dict[str, str] = {}  # volume -> token (no frontend runs here)
+        self.frontend_qos: dict[str, tuple[QosSpec, int]] = {}
+        self.activity_logs: dict[str, int] = {}  # replica -> extents its files name
+        self.made_from: dict[str, VolumeSource] = {}  # what each volume or replica copied
+        self.rebuilding: set[str] = set()  # replicas made empty, marked for a full rebuild
+        self.fail_snapshots = False
+        self.on_snapshot = None  # test hook: called (node, snapshot_id) after each copy
         self.snapshots: dict[str, SnapshotInfo] = {}
         self.staged: set[str] = set()
         self.down = False  # unreachable: every call raises Unavailable
@@ -92,10 +108,8 @@ class FakeNode:
                 if vol.size_bytes != spec.size_bytes:
                     raise AlreadyExists(f"{spec.volume_id} exists with another size")
                 return vol
-            if spec.source.kind == "volume" and spec.source.source_id not in self.held:
-                raise NotFound(f"source {spec.source.source_id} is not here")
-            if spec.source.kind == "snapshot" and spec.source.source_id not in self.snapshots:
-                raise NotFound(f"source {spec.source.source_id} is not here")
+            self._check_source(spec.source, replica=False)
+            self.made_from[spec.volume_id] = spec.source
             vol = VolumeInfo(spec.volume_id, spec.size_bytes, spec.access_types, spec.qos,
                              time.time(), False, Condition(), spec.version)
             self.held[spec.volume_id] = vol
@@ -150,12 +164,85 @@ class FakeNode:
         with self._lock:
             vol = self.held.get(spec.volume_id)
             if vol is None:
+                self._check_source(spec.source, replica=True)
                 vol = VolumeInfo(spec.volume_id, spec.size_bytes, ("block", "mount"),
                                  spec.qos, time.time(), False, Condition(), spec.version)
                 self.held[spec.volume_id] = vol
+                self.made_from[spec.volume_id] = spec.source
+                if spec.rebuild:
+                    self.rebuilding.add(spec.volume_id)
             self.generations.setdefault(spec.volume_id, 0)
         return ReplicaInfo(spec.volume_id, self._node_id, f"{self._node_id}:7400",
                            vol.size_bytes, vol.version)
+
+    def _check_source(self, source: VolumeSource, replica: bool) -> None:
+        if source.kind == SOURCE_SNAPSHOT and source.source_id not in self.snapshots:
+            raise NotFound(f"snapshot {source.source_id} is not on {self._node_id}")
+        if source.kind in (SOURCE_VOLUME, SOURCE_REPLICA):
+            if source.source_id not in self.held:
+                raise NotFound(f"{source.source_id} is not on {self._node_id}")
+            if (source.source_id in self.generations) != (source.kind == SOURCE_REPLICA):
+                raise InvalidSpec(f"{source.source_id} on {self._node_id} is not a "
+                                  f"{source.kind}")
+
+    def replica(self, volume_id: str) -> HeldReplica | None:
+        self._reach("replica", volume_id)
+        vol = self.held.get(volume_id)
+        if vol is None or volume_id not in self.generations:
+            return None
+        return HeldReplica(volume_id, vol.size_bytes, self.generations[volume_id], 0,
+                           self.activity_logs.get(volume_id, 0))
+
+    def expand_replica(self, volume_id: str, size_bytes: int, version: int) -> HeldReplica:
+        self._reach("expand_replica", volume_id)
+        if volume_id not in self.generations:
+            raise NotFound(f"no replica of {volume_id} on {self._node_id}")
+        self.expand_volume(volume_id, size_bytes, version)
+        held = self.replica(volume_id)
+        assert held is not None
+        return held
+
+    def snapshot_replica(self, snapshot_id: str, volume_id: str) -> SnapshotInfo:
+        self._reach("snapshot_replica", f"{snapshot_id}:{volume_id}")
+        if volume_id not in self.generations:
+            raise NotFound(f"no replica of {volume_id} on {self._node_id}")
+        if self.fail_snapshots:
+            raise Unavailable(f"node {self._node_id} failed while snapshotting")
+        with self._lock:
+            snap = self.snapshots.get(snapshot_id)
+            if snap is None:
+                snap = SnapshotInfo(snapshot_id, volume_id, self.held[volume_id].size_bytes,
+                                    time.time())
+                self.snapshots[snapshot_id] = snap
+        if self.on_snapshot is not None:
+            self.on_snapshot(self, snapshot_id)
+        return snap
+
+    # the frontend of a mirrored volume attached here (frontends: the ones running)
+    def barrier_frontend(self, volume_id: str, token: str, hold_s: float) -> FrontendBarrier:
+        self._reach("barrier_frontend", f"{volume_id}:{token}")
+        if volume_id not in self.frontends:
+            self.stage_holds[volume_id] = token
+            return FrontendBarrier(volume_id, token, False)
+        self.barriers[(volume_id, token)] = "held"
+        identical = self.identical.get(volume_id)
+        if identical is None:
+            identical = tuple(r.split("@")[0] for r in self.frontends[volume_id])
+        return FrontendBarrier(volume_id, token, True, identical, 1)
+
+    def resume_frontend(self, volume_id: str, token: str) -> bool:
+        self._reach("resume_frontend", f"{volume_id}:{token}")
+        if self.stage_holds.get(volume_id) == token:
+            del self.stage_holds[volume_id]
+            return not self.barrier_lets_go
+        state = self.barriers.pop((volume_id, token), None)
+        return state == "held" and not self.barrier_lets_go
+
+    def set_frontend_qos(self, volume_id: str, qos: QosSpec, version: int) -> None:
+        self._reach("set_frontend_qos", volume_id)
+        current = self.frontend_qos.get(volume_id)
+        if current is None or current[1] <= version:
+            self.frontend_qos[volume_id] = (qos, version)
 
     def delete_replica(self, volume_id: str, version: int) -> None:
         self._reach("delete_replica", volume_id)

@@ -15,6 +15,7 @@ from control.local_node import LocalNode
 from control.node_api import (
     BLOCK,
     MOUNT,
+    SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
     NewVolume,
@@ -96,6 +97,16 @@ def script(node, engine, root: str, p: str) -> list:
     do("restore of a missing snapshot", lambda: node.create_volume(NewVolume(
         vid("x"), 96 * MIB, (MOUNT,), QosSpec(), VolumeSource(SOURCE_SNAPSHOT,
                                                                f"snap-{p}missing"), 22)))
+    # mirrored volumes' calls, on a node that serves no replicas and runs no frontends (the
+    # cluster tests make them for real): the same refusals both ways
+    do("copy of a volume that is no replica", lambda: node.create_volume(NewVolume(
+        vid("y"), 96 * MIB, (BLOCK,), QosSpec(), VolumeSource(SOURCE_REPLICA, vid("a")), 22)))
+    do("replica", lambda: node.replica(vid("a")))
+    do("expand replica", lambda: node.expand_replica(vid("a"), 128 * MIB, 22))
+    do("snapshot replica", lambda: node.snapshot_replica(f"snap-{p}m", vid("a")))
+    do("barrier", lambda: node.barrier_frontend(vid("a"), f"snap-{p}m", 2.5))
+    do("resume", lambda: node.resume_frontend(vid("a"), f"snap-{p}m"))
+    do("frontend tier", lambda: node.set_frontend_qos(vid("a"), gold, 22))
 
     # staged (as the kubelet would, through the node's own engine): not deletable
     staging = os.path.join(root, f"staging-{p}")
@@ -162,7 +173,7 @@ def test_local_node_through_grpc_behaves_as_local_node(test_root):
         # the script met the errors it was written for, on both paths
         errors = {entry[1] for entry in direct if len(entry) == 3}
         assert {"AlreadyExists", "StaleVersion", "OutOfRange", "InvalidSpec", "NotFound",
-                "InUse"} <= errors, errors
+                "InUse", "Precondition"} <= errors, errors
     finally:
         if client is not None:
             client.close()
