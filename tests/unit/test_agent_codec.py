@@ -151,3 +151,10 @@ def test_calls_round_trip(method, args, result):
     reply = agent_codec.encode_result(method, result)
     reply = type(reply).FromString(reply.SerializeToString())
     assert agent_codec.decode_result(method, reply) == result
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_rpc_of_the_agent_server_goes_through_the_error_translator(method):
+    """Without it a node's domain error reaches the controller as UNKNOWN, its kind lost."""
+    handler = getattr(AgentService, agent_codec.rpc_name(method))
+    assert hasattr(handler, "__wrapped__"), f"{handler.__name__} lacks @translated"
