@@ -103,15 +103,19 @@ class AgentService(agent_pb2_grpc.NodeAgentServicer):
     def SetFrontendReplicas(self, request, context):
         return self._serve("set_frontend_replicas", request)
 
+    @translated
     def StartBackup(self, request, context):
         return self._serve("start_backup", request)
 
+    @translated
     def BackupStatus(self, request, context):
         return self._serve("backup_status", request)
 
+    @translated
     def StartRestore(self, request, context):
         return self._serve("start_restore", request)
 
+    @translated
     def RestoreStatus(self, request, context):
         return self._serve("restore_status", request)
 

@@ -17,10 +17,13 @@ from control.node_api import (
     MOUNT,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
+    BackupJob,
     NewVolume,
+    RestoreJob,
     SnapshotMember,
     VolumeSource,
 )
+from engine.backup.targets import Credentials, ObjectStore, Target
 from engine.errors import EngineError
 from engine.node_volumes import StageRequest
 from engine.qos.tiers import QosSpec
@@ -84,6 +87,15 @@ def script(node, engine, root: str, p: str) -> list:
         (SnapshotMember(snap, vid("b")),)))
     do("snapshot of a missing volume", lambda: node.create_snapshots(
         (SnapshotMember(f"snap-{p}x", vid("missing")),)))
+    # backups: jobs refused before any bucket is reached (nothing listens there)
+    store = ObjectStore(Target("offsite", "http://127.0.0.1:9", "bucket"),
+                        Credentials("access", "secret", "k" * 32))
+    do("start backup of a missing snapshot", lambda: node.start_backup(
+        BackupJob(f"snap-{p}missing", "0" * 32, store)))
+    do("backup status, no job", lambda: node.backup_status(snap))
+    do("start restore into a missing volume", lambda: node.start_restore(
+        RestoreJob(vid("missing"), "0" * 32, store)))
+    do("restore status, no job", lambda: node.restore_status(vid("a")))
     do("get snapshot", lambda: node.snapshot(snap))
     do("get missing snapshot", lambda: node.snapshot(f"snap-{p}missing"))
     do("allocated", lambda: node.allocated_ranges(snap))

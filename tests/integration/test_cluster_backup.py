@@ -1,0 +1,293 @@
+"""Backups to object storage in a three-zone cluster (tests/cluster.py), driven through
+CSI as the sidecars and the kubelet would.
+
+A real S3 server (Ceph radosgw, tests/rgw.py) runs in a host of the cluster's topology
+of its own (namespace x2, 198.18.0.102): the controllers (x1) and the nodes (z1..z3)
+reach it over the topology's bridge, as a cluster reaches its object store; the test
+reads the bucket through a thread inside that namespace. The targets file every process
+gets names the endpoint and the bucket, no credentials and no secretsDir: the only way a
+node can hold the credentials is the controller's call over the agent API (mutual TLS),
+carrying the secrets of the CreateSnapshot or CreateVolume request.
+
+One cluster and one bucket serve the module; every process logs at DEBUG, and no secret
+value may appear in any of their logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from functools import partial
+
+import grpc
+import pytest
+
+from control.records import SNAPSHOT, VOLUME
+from control.topology import TOPOLOGY_ZONE_KEY
+from engine.backup.jobs import BACKUP_JOB, RESTORE_JOB
+from engine.state import SqliteStore
+from proto import csi_pb2
+from tests import support
+from tests.cluster import NodeProc, TandemCluster, wait_for
+from tests.conftest import require_root
+from tests.integration.helpers import MIB, create_request, publish_request, stage_request
+from tests.rgw import Bucket, RadosGateway
+
+SIZE = 64 * MIB
+BLOCK = 4096
+KEY = "cluster-test-key-" + "c" * 32
+WRONG_KEY = "another-test-key-" + "w" * 32
+PREFIX = "cluster-b/"
+
+
+class Setup:
+    def __init__(self, cluster: TandemCluster, rgw: RadosGateway, bucket: Bucket):
+        self.cluster, self.rgw, self.bucket = cluster, rgw, bucket
+        self.secrets = {"accessKeyId": rgw.access_key, "secretAccessKey": rgw.secret_key,
+                        "encryptionKey": KEY}
+
+
+@pytest.fixture(scope="module")
+def setup(request):
+    require_root()
+    root = support.make_root("tdm-clb-")
+    targets = os.path.join(root, "targets.json")
+    args = ("--backup-targets", targets, "--log-level", "DEBUG")
+    cluster = TandemCluster(root, extra_hosts=2, node_args=args, controller_args=args)
+    rgw = RadosGateway(root, netns=cluster.topo.ns("x2"), host=cluster.topo.host_ip(2))
+    bucket_name = f"tdm-{os.urandom(6).hex()}"
+    with open(targets, "w") as f:
+        json.dump({"targets": {"offsite": {"endpoint": rgw.endpoint, "bucket": bucket_name,
+                                           "prefix": PREFIX}}}, f)
+    failed = request.session.testsfailed
+    try:
+        cluster.up()
+        rgw.start()
+        bucket = Bucket(rgw, name=bucket_name)
+        yield Setup(cluster, rgw, bucket)
+    finally:
+        if request.session.testsfailed > failed:
+            print(cluster.logs())
+        rgw.close()
+        cluster.down()
+        support.cleanup_tree(root)
+
+
+def in_zone(name: str, zone: int, **kw) -> csi_pb2.CreateVolumeRequest:
+    req = create_request(name, size=SIZE, block=True, **kw)
+    req.accessibility_requirements.requisite.append(
+        csi_pb2.Topology(segments={TOPOLOGY_ZONE_KEY: f"zone-{zone}"}))
+    return req
+
+
+def from_backup(name: str, zone: int, snapshot_id: str, secrets: dict):
+    return in_zone(name, zone, secrets=secrets, volume_content_source=csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)))
+
+
+def snapshot_request(name: str, volume_id: str, secrets: dict):
+    return csi_pb2.CreateSnapshotRequest(name=name, source_volume_id=volume_id,
+                                         parameters={"backupTarget": "offsite"},
+                                         secrets=secrets)
+
+
+def until_ready(call, timeout_s: float = 60.0) -> csi_pb2.Snapshot:
+    """CreateSnapshot repeated until ready_to_use, as the snapshotter does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = call().snapshot
+        if snap.ready_to_use:
+            return snap
+        assert time.monotonic() < deadline, "not uploaded in time"
+        time.sleep(0.1)
+
+
+def until_made(call, timeout_s: float = 60.0) -> csi_pb2.Volume:
+    """CreateVolume repeated while ABORTED (a restore running), as the provisioner does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call().volume
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def error_of(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value
+
+
+class Published:
+    """A block volume staged and published on its node through the node's CSI socket."""
+
+    def __init__(self, node: NodeProc, root: str, volume_id: str):
+        self.stubs, self.id = node.stubs(), volume_id
+        self.staging = os.path.join(root, f"{volume_id}-staging")
+        self.target = os.path.join(root, f"{volume_id}-device")
+        os.makedirs(self.staging)
+        self.stubs.node.NodeStageVolume(stage_request(volume_id, self.staging, block=True),
+                                        timeout=60)
+        self.stubs.node.NodePublishVolume(publish_request(
+            volume_id, self.staging, self.target, block=True), timeout=60)
+
+    def write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.target, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        with open(self.target, "rb") as f:
+            while chunk := f.read(4 * MIB):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def release(self) -> None:
+        self.stubs.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=self.id, target_path=self.target), timeout=60)
+        self.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=self.id, staging_target_path=self.staging), timeout=60)
+
+
+def node_jobs(node: NodeProc, kind: str) -> dict[str, dict]:
+    """The backup or restore jobs a node's own store holds (read beside the process)."""
+    store = SqliteStore(os.path.join(node.state_dir, "state.sqlite"))
+    try:
+        return dict(store.list(kind))
+    finally:
+        store.close()
+
+
+def node_snapshots(node: NodeProc) -> list[str]:
+    path = os.path.join(node.pool_dir, "snapshots")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def whole_log(proc) -> str:
+    with open(proc.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def test_backup_in_one_zone_restores_in_another(setup, test_root):
+    cluster, bucket, secrets = setup.cluster, setup.bucket, setup.secrets
+    ctl0, ctl1 = (c.stubs().controller for c in cluster.controllers)
+    z1, z2, z3 = cluster.nodes
+
+    # a volume in zone 1 with known data: a run of 8 MiB and scattered blocks
+    vol = ctl0.CreateVolume(in_zone("src", 1), timeout=30).volume
+    assert cluster.node_of(vol) is z1
+    src = Published(z1, test_root, vol.volume_id)
+    rng = random.Random(7)
+    src.write(8 * MIB, rng.randbytes(8 * MIB))
+    for b in rng.sample(range(SIZE // BLOCK), 64):
+        src.write(b * BLOCK, rng.randbytes(BLOCK))
+    source = src.digest()
+
+    # the backup: taken and uploaded by zone 1's node; the first answer comes at once
+    make = partial(ctl0.CreateSnapshot, snapshot_request("b1", vol.volume_id, secrets),
+                   timeout=30)
+    first = make().snapshot
+    assert first.snapshot_id.startswith("bkp:offsite:") and not first.ready_to_use
+    snap = until_ready(make)
+    assert (snap.snapshot_id, snap.source_volume_id, snap.size_bytes) == (
+        first.snapshot_id, vol.volume_id, SIZE)
+    backup_id = snap.snapshot_id.rsplit(":", 1)[1]
+    assert f"{PREFIX}backups/{backup_id}" in bucket.objects()
+    (job,) = node_jobs(z1, BACKUP_JOB).values()
+    assert job["phase"] == "done" and job["backup_id"] == backup_id
+    assert "accessKeyId" not in json.dumps(job) and secrets["secretAccessKey"] \
+        not in json.dumps(job)
+    assert not node_jobs(z2, BACKUP_JOB) and not node_jobs(z3, BACKUP_JOB)
+    src.release()
+
+    # the other controller knows it, by ID and in the full listing
+    listed = ctl1.ListSnapshots(csi_pb2.ListSnapshotsRequest(
+        snapshot_id=snap.snapshot_id, secrets=secrets), timeout=30).entries
+    assert [(e.snapshot.snapshot_id, e.snapshot.ready_to_use, e.snapshot.source_volume_id)
+            for e in listed] == [(snap.snapshot_id, True, vol.volume_id)]
+    every = ctl1.ListSnapshots(csi_pb2.ListSnapshotsRequest(), timeout=30).entries
+    assert snap.snapshot_id in {e.snapshot.snapshot_id for e in every}
+
+    # restored in zone 2 through the other controller, by zone 2's node
+    restore = partial(ctl1.CreateVolume, from_backup("r1", 2, snap.snapshot_id, secrets),
+                      timeout=30)
+    restored = until_made(restore)
+    assert cluster.node_of(restored) is z2
+    assert restore().volume.volume_id == restored.volume_id  # idempotent
+    assert node_jobs(z2, RESTORE_JOB)[restored.volume_id]["phase"] == "done"
+    copy = Published(z2, test_root, restored.volume_id)
+    assert copy.digest() == source
+    copy.release()
+
+    # an error on the node comes back with its code: a damaged pack fails the restore in
+    # zone 3 with DATA_LOSS naming it (the controller read only the intact manifest)
+    (pack_key,) = bucket.packs()
+    intact = bucket.get(pack_key)
+    damaged = bytearray(intact)
+    damaged[len(damaged) // 2] ^= 0x40
+    bucket.put(pack_key, bytes(damaged))
+    damaged_restore = partial(ctl0.CreateVolume, from_backup("r2", 3, snap.snapshot_id,
+                                                             secrets), timeout=30)
+    err = error_of(lambda: until_made(damaged_restore))
+    assert err.code() == grpc.StatusCode.DATA_LOSS, err.details()
+    assert pack_key.rsplit("/", 1)[1] in err.details()
+    assert "restore-job vol-" in z3.log() and pack_key.rsplit("/", 1)[1] in z3.log()
+    # repaired, the provisioner's next retry restores it
+    bucket.put(pack_key, intact)
+    again = until_made(damaged_restore)
+    assert cluster.node_of(again) is z3
+    copy = Published(z3, test_root, again.volume_id)
+    assert copy.digest() == source
+    copy.release()
+
+    # a wrong key: a restore is refused, and so is an upload (on the node, its error
+    # carried back through the agent to the next CreateSnapshot)
+    wrong = {**secrets, "encryptionKey": WRONG_KEY}
+    err = error_of(lambda: ctl1.CreateVolume(from_backup("r3", 3, snap.snapshot_id, wrong),
+                                             timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "refused" in err.details()
+    make_wrong = partial(ctl0.CreateSnapshot, snapshot_request("b2", vol.volume_id, wrong),
+                         timeout=30)
+    err = error_of(lambda: until_ready(make_wrong, timeout_s=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "refused" in err.details()
+    wrong_id = next(s for s in cluster.store().list(SNAPSHOT)
+                    if s[1].value["name"] == "b2")[1].value["snapshot_id"]
+    assert f"backup-job {wrong_id} failed: " in z1.log()  # it failed on zone 1's node
+
+    # deleted through the second controller: gone from the bucket, and from zone 1's pool
+    for snapshot_id in (wrong_id, snap.snapshot_id):
+        for _ in range(2):  # idempotent
+            ctl1.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
+                snapshot_id=snapshot_id, secrets=secrets), timeout=30)
+    assert bucket.packs() == {}
+    assert not [k for k in bucket.objects() if "/backups/" in k]
+    assert node_snapshots(z1) == [] and not node_jobs(z1, BACKUP_JOB)
+    assert not ctl0.ListSnapshots(csi_pb2.ListSnapshotsRequest(
+        snapshot_id=snap.snapshot_id, secrets=secrets), timeout=30).entries
+
+    for v in (vol, restored, again):
+        ctl0.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=30)
+    wait_for(lambda: not cluster.store().list(VOLUME), 30, "every volume record gone")
+    assert not cluster.store().list(SNAPSHOT)
+
+
+def test_no_secret_reaches_any_log(setup):
+    """Run last: every node's and controller's log, at DEBUG, after the whole module."""
+    values = [*setup.secrets.values(), WRONG_KEY]
+    logs = {p.name: whole_log(p) for p in [*setup.cluster.nodes, *setup.cluster.controllers]}
+    assert "engine.backup.jobs: backup " in logs["node-z1"]  # real logs, at DEBUG
+    assert all(" DEBUG " in logs[n.name] for n in setup.cluster.nodes)
+    assert all("control.backups: backup bkp:offsite:" in logs[c.name]
+               for c in setup.cluster.controllers[:1])
+    for name, text in logs.items():
+        for value in values:
+            assert value not in text, f"a secret in {name}'s log"
