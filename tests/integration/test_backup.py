@@ -412,7 +412,7 @@ def node_jobs(state_dir: str, kind: str) -> list[dict]:
 def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path):
     from engine.backup.repo import Repository
     from engine.backup.targets import Targets
-    from engine.errors import Busy
+    from engine.errors import Busy, NotFound
 
     targets = Targets.load(targets_file(str(tmp_path), rgw, bucket))
     store = targets.resolve("offsite", secrets, "test")
@@ -432,6 +432,12 @@ def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path
     repo.release_lock(gc)
     assert repo.collect_garbage() == (1, len(b"left by a cancelled upload"))
     assert repo.pack_key(orphan) not in bucket.objects()
+    # a deleted backup never completes: an upload of it that begins later withdraws
+    # (a node the controller could not reach to stop it), and leaves no lock behind
+    repo.delete_backup("e" * 32)
+    with pytest.raises(NotFound, match="was deleted"):
+        repo.lock_upload("e" * 32)
+    assert not repo.fresh_locks("upload")
     # a lock its process stopped refreshing is ignored once stale
     stale = repo.take_lock("upload", "d" * 32)
     time.sleep(2.5)

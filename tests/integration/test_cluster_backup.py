@@ -27,6 +27,7 @@ import pytest
 
 from control.records import SNAPSHOT, VOLUME
 from control.topology import TOPOLOGY_ZONE_KEY
+from engine import snapshots as node_snapshot_records
 from engine.backup.jobs import BACKUP_JOB, RESTORE_JOB
 from engine.state import SqliteStore
 from proto import csi_pb2
@@ -159,7 +160,8 @@ class Published:
 
 
 def node_jobs(node: NodeProc, kind: str) -> dict[str, dict]:
-    """The backup or restore jobs a node's own store holds (read beside the process)."""
+    """The records of a kind (backup or restore jobs, snapshots) a node's own store
+    holds (read beside the process, or after it died)."""
     store = SqliteStore(os.path.join(node.state_dir, "state.sqlite"))
     try:
         return dict(store.list(kind))
@@ -170,6 +172,19 @@ def node_jobs(node: NodeProc, kind: str) -> dict[str, dict]:
 def node_snapshots(node: NodeProc) -> list[str]:
     path = os.path.join(node.pool_dir, "snapshots")
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def retried(call, timeout_s: float = 60.0):
+    """As a sidecar: repeat while the answer says "try again" (a node away, a lock)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED) \
+                    or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def whole_log(proc) -> str:
@@ -278,6 +293,65 @@ def test_backup_in_one_zone_restores_in_another(setup, test_root):
         ctl0.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=30)
     wait_for(lambda: not cluster.store().list(VOLUME), 30, "every volume record gone")
     assert not cluster.store().list(SNAPSHOT)
+
+
+def test_backups_outlive_their_node(setup, test_root):
+    """Zone 1's node dies just after it uploaded a backup, before the controller heard:
+    the backup is ready from the bucket alone, restores in zone 2, and an older backup
+    deleted meanwhile leaves the bucket at once; its local snapshot and its tombstone go
+    once the node is back, without credentials (no secretsDir anywhere)."""
+    cluster, bucket, secrets = setup.cluster, setup.bucket, setup.secrets
+    ctl0, ctl1 = (c.stubs().controller for c in cluster.controllers)
+    z1, z2 = cluster.node(1), cluster.node(2)
+    vol = ctl0.CreateVolume(in_zone("kept", 1), timeout=30).volume
+    src = Published(z1, test_root, vol.volume_id)
+    src.write(4 * MIB, random.Random(8).randbytes(4 * MIB))
+    source = src.digest()
+    src.release()
+    older = until_ready(partial(ctl0.CreateSnapshot, snapshot_request(
+        "older", vol.volume_id, secrets), timeout=30))
+    make = partial(ctl0.CreateSnapshot, snapshot_request("newer", vol.volume_id, secrets),
+                   timeout=30)
+    newer_id = make().snapshot.snapshot_id
+    wait_for(lambda: node_jobs(z1, BACKUP_JOB).get(newer_id, {}).get("phase") == "done", 30,
+             "the node uploaded it")
+    z1.kill()
+    try:
+        wait_for(lambda: z1.node_id not in cluster.registered(), 20, "zone 1's node gone")
+        newer = retried(partial(ctl1.CreateSnapshot, snapshot_request(
+            "newer", vol.volume_id, secrets), timeout=30)).snapshot
+        assert (newer.snapshot_id, newer.ready_to_use) == (newer_id, True)
+        # the older one's local snapshot (the base no more) waits for its node
+        (_, got), = [s for s in cluster.store().list(SNAPSHOT) if s[0].endswith(
+            older.snapshot_id)]
+        assert got.value["backup"]["local"] is True
+        assert len(node_jobs(z1, node_snapshot_records.KIND)) == 2
+
+        retried(lambda: ctl0.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
+            snapshot_id=older.snapshot_id, secrets=secrets), timeout=30))
+        manifests = {k.rsplit("/", 1)[1] for k in bucket.objects() if "/backups/" in k}
+        assert manifests == {newer_id.rsplit(":", 1)[1]}
+        restored = until_made(partial(ctl1.CreateVolume, from_backup(
+            "from-newer", 2, newer_id, secrets), timeout=30))
+        assert cluster.node_of(restored) is z2
+        copy = Published(z2, test_root, restored.volume_id)
+        assert copy.digest() == source
+        copy.release()
+    finally:
+        if not z1.running():
+            z1.start()
+        cluster.wait_ready()
+    # back: the leader finishes the older one's tombstone on its own
+    wait_for(lambda: not any(k.endswith(older.snapshot_id)
+                             for k, _ in cluster.store().list(SNAPSHOT)), 30,
+             "the tombstone finished", lambda: cluster.controller(cluster.wait_leader()).log())
+    assert list(node_jobs(z1, node_snapshot_records.KIND)) == [newer_id]
+    retried(lambda: ctl1.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(
+        snapshot_id=newer_id, secrets=secrets), timeout=30))
+    assert bucket.packs() == {} and node_jobs(z1, node_snapshot_records.KIND) == {}
+    for v in (vol, restored):
+        ctl0.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=30)
+    wait_for(lambda: not cluster.store().list(VOLUME), 30, "every volume record gone")
 
 
 def test_no_secret_reaches_any_log(setup):
