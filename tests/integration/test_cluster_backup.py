@@ -15,6 +15,7 @@ value may appear in any of their logs.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -187,6 +188,19 @@ def retried(call, timeout_s: float = 60.0):
         time.sleep(0.2)
 
 
+def assert_no_secret_stored(setup: Setup) -> None:
+    """Neither the cluster's records (etcd) nor any node's own store (its SQLite files,
+    write-ahead log included) hold a secret value."""
+    values = [v.encode() for v in (*setup.secrets.values(), WRONG_KEY)]
+    records = json.dumps([got.value for _, got in setup.cluster.store().list()]).encode()
+    assert not [v for v in values if v in records]
+    for node in setup.cluster.nodes:
+        for path in glob.glob(os.path.join(node.state_dir, "state.sqlite*")):
+            with open(path, "rb") as f:
+                data = f.read()
+            assert not [v for v in values if v in data], path
+
+
 def whole_log(proc) -> str:
     with open(proc.log_path, encoding="utf-8", errors="replace") as f:
         return f.read()
@@ -277,6 +291,8 @@ def test_backup_in_one_zone_restores_in_another(setup, test_root):
     wrong_id = next(s for s in cluster.store().list(SNAPSHOT)
                     if s[1].value["name"] == "b2")[1].value["snapshot_id"]
     assert f"backup-job {wrong_id} failed: " in z1.log()  # it failed on zone 1's node
+
+    assert_no_secret_stored(setup)
 
     # deleted through the second controller: gone from the bucket, and from zone 1's pool
     for snapshot_id in (wrong_id, snap.snapshot_id):
