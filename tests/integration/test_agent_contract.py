@@ -23,7 +23,7 @@ from control.node_api import (
     SnapshotMember,
     VolumeSource,
 )
-from engine.backup.targets import Credentials, ObjectStore, Target
+from engine.backup.targets import Credentials, ObjectStore, Target, Targets
 from engine.errors import EngineError
 from engine.node_volumes import StageRequest
 from engine.qos.tiers import QosSpec
@@ -31,6 +31,7 @@ from tests import support
 from tests.pki import CertificateAuthority
 
 MIB = 1024 * 1024
+TARGET = Target("offsite", "http://127.0.0.1:9", "bucket")  # nothing listens there
 
 
 def normalized(value):
@@ -87,9 +88,12 @@ def script(node, engine, root: str, p: str) -> list:
         (SnapshotMember(snap, vid("b")),)))
     do("snapshot of a missing volume", lambda: node.create_snapshots(
         (SnapshotMember(f"snap-{p}x", vid("missing")),)))
-    # backups: jobs refused before any bucket is reached (nothing listens there)
-    store = ObjectStore(Target("offsite", "http://127.0.0.1:9", "bucket"),
-                        Credentials("access", "secret", "k" * 32))
+    # backups: jobs refused before any bucket is reached
+    store = ObjectStore(TARGET, Credentials("access", "secret", "k" * 32))
+    elsewhere = ObjectStore(Target("offsite", "http://127.0.0.1:10", "bucket"),
+                            store.credentials)
+    do("start backup to a target defined otherwise here", lambda: node.start_backup(
+        BackupJob(snap, "0" * 32, elsewhere)))
     do("start backup of a missing snapshot", lambda: node.start_backup(
         BackupJob(f"snap-{p}missing", "0" * 32, store)))
     do("backup status, no job", lambda: node.backup_status(snap))
@@ -160,7 +164,7 @@ def test_local_node_through_grpc_behaves_as_local_node(test_root):
     server = client = None
     try:
         engine = driver.driver.engine
-        local = LocalNode(engine, 8)
+        local = LocalNode(engine, 8, targets=Targets({"offsite": TARGET}))
         server = AgentServer(local, "127.0.0.1:0", ReloadingTls(
             TlsFiles(ca.cert_file, agent_pair.cert_file, agent_pair.key_file)))
         server.start()
@@ -174,7 +178,7 @@ def test_local_node_through_grpc_behaves_as_local_node(test_root):
         # the script met the errors it was written for, on both paths
         errors = {entry[1] for entry in direct if len(entry) == 3}
         assert {"AlreadyExists", "StaleVersion", "OutOfRange", "InvalidSpec", "NotFound",
-                "InUse"} <= errors, errors
+                "InUse", "Precondition"} <= errors, errors
     finally:
         if client is not None:
             client.close()

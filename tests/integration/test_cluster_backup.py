@@ -46,8 +46,10 @@ PREFIX = "cluster-b/"
 
 
 class Setup:
-    def __init__(self, cluster: TandemCluster, rgw: RadosGateway, bucket: Bucket):
+    def __init__(self, cluster: TandemCluster, rgw: RadosGateway, bucket: Bucket,
+                 targets_file: str):
         self.cluster, self.rgw, self.bucket = cluster, rgw, bucket
+        self.targets_file = targets_file
         self.secrets = {"accessKeyId": rgw.access_key, "secretAccessKey": rgw.secret_key,
                         "encryptionKey": KEY}
 
@@ -69,7 +71,7 @@ def setup(request):
         cluster.up()
         rgw.start()
         bucket = Bucket(rgw, name=bucket_name)
-        yield Setup(cluster, rgw, bucket)
+        yield Setup(cluster, rgw, bucket, targets)
     finally:
         if request.session.testsfailed > failed:
             print(cluster.logs())
@@ -368,6 +370,48 @@ def test_backups_outlive_their_node(setup, test_root):
     for v in (vol, restored):
         ctl0.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=30)
     wait_for(lambda: not cluster.store().list(VOLUME), 30, "every volume record gone")
+
+
+def test_a_node_sends_data_only_where_its_own_targets_file_says(setup, test_root):
+    """The controller sends each job's target, but a node restores (and uploads) only
+    where its own targets file agrees: zone 3's node, restarted with a file whose
+    `offsite` has another prefix, refuses the restore (FAILED_PRECONDITION, and the
+    intent is rolled back); with the right file again, the same request restores."""
+    cluster, secrets = setup.cluster, setup.secrets
+    ctl0 = cluster.controller(0).stubs().controller
+    z3 = cluster.node(3)
+    vol = ctl0.CreateVolume(in_zone("small", 1), timeout=30).volume
+    snap = until_ready(partial(ctl0.CreateSnapshot, snapshot_request(
+        "small", vol.volume_id, secrets), timeout=30))
+    with open(setup.targets_file) as f:
+        doc = json.load(f)
+    doc["targets"]["offsite"]["prefix"] = "another-cluster"
+    other = os.path.join(test_root, "other-targets.json")
+    with open(other, "w") as f:
+        json.dump(doc, f)
+    request = partial(ctl0.CreateVolume, from_backup("on-z3", 3, snap.snapshot_id, secrets),
+                      timeout=30)
+    z3.stop()
+    try:
+        z3.start(args=("--backup-targets", other))
+        cluster.wait_ready()
+        err = error_of(lambda: until_made(request))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "prefix another-cluster/ on node node-z3" in err.details()
+        assert f"prefix {PREFIX} for the controller" in err.details()
+        wait_for(lambda: not [k for k, got in cluster.store().list(VOLUME)
+                              if got.value["name"] == "on-z3"], 30, "the intent rolled back")
+    finally:
+        z3.stop()
+        z3.start()
+        cluster.wait_ready()
+    restored = until_made(request)
+    assert cluster.node_of(restored) is z3
+    for v in (vol, restored):
+        ctl0.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=30)
+    ctl0.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id,
+                                                      secrets=secrets), timeout=30)
+    assert setup.bucket.packs() == {}
 
 
 def test_no_secret_reaches_any_log(setup):
