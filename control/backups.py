@@ -47,7 +47,7 @@ from engine import errors
 from engine.backup.manifest import Manifest
 from engine.backup.repo import Repository
 from engine.backup.targets import BackupRef, ObjectStore, Targets, parse_snapshot_id
-from engine.errors import Busy, EngineError, NotFound
+from engine.errors import Busy, EngineError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,21 @@ class Backups:
         snap, version = self._record(snapshot_id)
         if snap.backup is None or snap.backup.phase == UPLOADED or snap.state != READY:
             return snap
-        node = self.nodes.require(snap.node_id)
         if not snap.backup.base_chosen:
             snap, version = self._save(snap, version, self._with_base(snap))
         state = snap.backup
         assert state is not None
-        status = node.backup_status(snapshot_id)
-        failed = status if status is not None and status.phase == JOB_FAILED else None
-        if status is None or status.phase not in (JOB_RUNNING, JOB_DONE):
-            store = self.targets.resolve(state.target, secrets, "CreateSnapshot")
-            status = node.start_backup(BackupJob(snapshot_id, state.backup_id, store,
-                                                 state.base_snapshot_id, state.base_backup_id))
+        try:
+            status, failed = self._push(snap, state, secrets)
+        except Unavailable:
+            # the node is away: a backup whose manifest the bucket holds is complete
+            # without it (the manifest is written last), so it may be ready all the same
+            if not self._in_bucket(state, secrets):
+                raise
+            log.info("backup %s: its node %s is away, and the bucket holds it whole",
+                     snapshot_id, snap.node_id)
+            status, failed = JobStatus(JOB_DONE, state.bytes_total, state.bytes_total,
+                                       state.bytes_uploaded), None
         progress = state.replace(bytes_total=status.bytes_total, bytes_done=status.bytes_done,
                                  bytes_uploaded=status.bytes_uploaded,
                                  last_error=failed.error if failed else state.last_error)
@@ -147,6 +151,30 @@ class Backups:
             # restarted above from its checkpoints; the CO hears why it stopped
             raise job_error(failed)
         return snap
+
+    def _push(self, snap: SnapshotRecord, state: BackupState,
+              secrets: dict[str, str]) -> tuple[JobStatus, JobStatus | None]:
+        """The node's upload: its status, started (or restarted) unless running or done;
+        and the status of the failed run restarted, if one was."""
+        node = self.nodes.require(snap.node_id)
+        status = node.backup_status(snap.snapshot_id)
+        failed = status if status is not None and status.phase == JOB_FAILED else None
+        if status is None or status.phase not in (JOB_RUNNING, JOB_DONE):
+            store = self.targets.resolve(state.target, secrets, "CreateSnapshot")
+            status = node.start_backup(BackupJob(snap.snapshot_id, state.backup_id, store,
+                                                 state.base_snapshot_id, state.base_backup_id))
+        return status, failed
+
+    def _in_bucket(self, state: BackupState, secrets: dict[str, str]) -> bool:
+        """Whether the backup's manifest is in its bucket (False when that cannot be
+        told: no credentials, the bucket unreachable)."""
+        try:
+            store = self.targets.resolve(state.target, secrets, "CreateSnapshot")
+            return self.repository(store).has_manifest(state.backup_id)
+        except EngineError as e:
+            log.info("backup %s: its bucket cannot tell whether it is complete: %s",
+                     state.backup_id, e)
+            return False
 
     def _backups_of(self, volume_id: str, target: str) -> list[SnapshotRecord]:
         out = []
@@ -172,8 +200,10 @@ class Backups:
                                    base_backup_id=base.backup.backup_id)
 
     def _release_older(self, newest: SnapshotRecord) -> None:
-        """Older backups' local snapshots go once a newer one is the base (the record says
-        so first; a failure leaves them for the next upload to release)."""
+        """Older backups' local snapshots go once a newer one is the base: storage first,
+        then the record, so one its node cannot remove now (away) is still marked local
+        and released by the next upload. (Marked local but gone is harmless: an upload
+        whose base is gone uploads in full.)"""
         assert newest.backup is not None
         backups = self._backups_of(newest.source_volume_id, newest.backup.target)
         # the base of an upload still running stays until that upload is done
@@ -185,11 +215,11 @@ class Backups:
                     or old.snapshot_id in in_use:
                 continue
             try:
+                self.nodes.require(old.node_id).delete_snapshot(old.snapshot_id)
                 current, version = self._record(old.snapshot_id)
                 if current.backup is None:
                     continue
                 self._save(current, version, current.backup.replace(local=False))
-                self.nodes.require(old.node_id).delete_snapshot(old.snapshot_id)
                 log.info("released the local snapshot of backup %s (newer base: %s)",
                          old.snapshot_id, newest.snapshot_id)
             except EngineError as e:

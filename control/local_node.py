@@ -35,6 +35,7 @@ from control.node_barrier import FrontendBarriers
 from control.node_mirror import ReplicaHost
 from engine import changed_blocks
 from engine.backup.jobs import BackupSpec, Jobs, JobState, RestoreSpec
+from engine.backup.targets import Targets
 from engine.errors import AlreadyExists, InvalidSpec, NotFound, Precondition
 from engine.node_engine import NodeEngine
 from engine.node_volumes import KernelView
@@ -49,13 +50,15 @@ class LocalNode:
     def __init__(self, engine: NodeEngine, max_volumes: int,
                  replicas: ReplicaHost | None = None,
                  frontends: FrontendBackend | None = None, *,
-                 backup_lock_stale_s: float = 600.0):
+                 targets: Targets | None = None, backup_lock_stale_s: float = 600.0):
         self.engine = engine
         self.max_volumes = max_volumes
         self.replicas = replicas  # None: this node serves no replicas (all-in-one)
         self.frontends = frontends  # the mirrored volumes staged here (cluster nodes)
         self._frontend_barriers: FrontendBarriers | None = None
-        # backup and restore jobs read and write this node's pool files, in the background
+        # backup and restore jobs read and write this node's pool files, in the background,
+        # to and from the targets of this node's own --backup-targets file (none: no jobs)
+        self.targets = targets or Targets()
         self.jobs = Jobs(engine.store, self._snapshot_path, self._volume_path,
                          lock_stale_s=backup_lock_stale_s)
 
@@ -295,20 +298,22 @@ class LocalNode:
 
     # --- backups -------------------------------------------------------------------
     def start_backup(self, job: BackupJob) -> JobStatus:
+        store = self.targets.as_here(job.store, f"node {self.node_id}")
         with self.engine.locks.hold(job.snapshot_id):
             snap = self.engine.snapshots.require(job.snapshot_id)
             return _status(self.jobs.start_backup(BackupSpec(
                 job.snapshot_id, job.backup_id, snap.source_volume_id, snap.created_at,
-                job.base_snapshot_id, job.base_backup_id), job.store))
+                job.base_snapshot_id, job.base_backup_id), store))
 
     def backup_status(self, snapshot_id: str) -> JobStatus | None:
         state = self.jobs.backup_state(snapshot_id)
         return _status(state) if state is not None else None
 
     def start_restore(self, job: RestoreJob) -> JobStatus:
+        store = self.targets.as_here(job.store, f"node {self.node_id}")
         with self.engine.locks.hold(job.volume_id):
             return _status(self.jobs.start_restore(RestoreSpec(job.volume_id, job.backup_id),
-                                                   job.store))
+                                                   store))
 
     def restore_status(self, volume_id: str) -> JobStatus | None:
         state = self.jobs.restore_state(volume_id)

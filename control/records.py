@@ -188,6 +188,8 @@ class BackupState:
     base_backup_id: str = ""
     base_chosen: bool = False  # base fixed (possibly none) before the upload started
     local: bool = True  # its local snapshot is kept (the base for the next incremental)
+    # a tombstone's: the bucket no longer holds it (what is left is its node's part)
+    removed: bool = False
     bytes_total: int = 0
     bytes_done: int = 0
     bytes_uploaded: int = 0

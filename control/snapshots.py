@@ -242,22 +242,44 @@ class Snapshots:
 
     def converge_deleted(self, tomb: SnapshotRecord, version: int,
                          secrets: dict[str, str] | None = None) -> bool:
-        if tomb.mirrored:
+        """Remove a tombstone's storage, then the tombstone. False while its node is away
+        (the tombstone waits for it); a backup leaves its bucket even then."""
+        if tomb.mirrored:  # never a backup (refused at creation): its copies, then the record
             if not self.mirrored.converge_deleted(tomb):
                 return False
-        else:
-            node = self.nodes.get(tomb.node_id)
-            if node is None:
-                log.warning("snapshot %s deleted; its storage on %s goes when the node is "
-                            "back", tomb.snapshot_id, tomb.node_id)
+            crash.point("delete-snapshot-after-engine")
+            try:
+                self.store.commit([Delete(tomb.key, expect=version)])
+            except Conflict:
                 return False
+            log.info("deleted snapshot %s (%s)", tomb.snapshot_id, tomb.name)
+            return True
+        node = self.nodes.get(tomb.node_id)
+        if node is not None:
             node.delete_snapshot(tomb.snapshot_id)  # a backup's upload stops with it
-        crash.point("delete-snapshot-after-engine")
-        if tomb.backup is not None and tomb.backup.base_chosen:  # an upload may have begun
+            crash.point("delete-snapshot-after-engine")
+        backup = tomb.backup
+        if backup is not None and backup.base_chosen and not backup.removed:
+            # an upload may have begun. The bucket is no node's: its part goes now, while
+            # the request's credentials are at hand, whether or not the node is there (an
+            # upload still running there holds its lock: ABORTED until it ends; one that
+            # has not begun never completes, engine/backup/repo.py)
             if self.backups is None:
                 raise InvalidSpec(f"snapshot {tomb.snapshot_id} is a backup, and backups are "
                                   "not configured")
             self.backups.delete_data(tomb.snapshot_id, secrets or {})
+            if node is None:  # the tombstone stays for the node: it need not come back here
+                tomb = tomb.replace(backup=backup.replace(removed=True))
+                try:
+                    version = self.store.commit([Put(tomb.key, tomb.to_value(),
+                                                     expect=version)])
+                except Conflict:
+                    raise Busy(f"snapshot {tomb.snapshot_id} changed meanwhile; "
+                               "retry") from None
+        if node is None:
+            log.warning("snapshot %s deleted; its storage on %s goes when the node is back",
+                        tomb.snapshot_id, tomb.node_id)
+            return False
         try:
             self.store.commit([Delete(tomb.key, expect=version)])
         except Conflict:

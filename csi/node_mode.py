@@ -9,6 +9,12 @@ Stage, publish and their records stay in the node's embedded SQLite (engine/stat
 a node cut off from etcd (or from every controller) still unpublishes and unstages.
 Its zone is the Kubernetes node's topology.kubernetes.io/zone label unless --zone says
 otherwise (csi/zone.py); without either it does not start.
+
+Backups: the controllers start uploads and restores on the node that holds the data
+(node API start_backup / start_restore), sending each job's target and credentials over
+the agent API. The node runs them only to a target its own --backup-targets file defines
+the same way (endpoint, bucket, prefix), opening that file's caBundle; the credentials
+stay in memory (docs/backup.md, "In a cluster").
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from csi.identity import driver_version
 from csi.node import NodeService
 from csi.server import Driver, StartupError, clear_stale_socket, socket_path, take_state_lock
 from csi.zone import ZoneUnknown, resolve_zone
+from engine.backup.targets import Targets
 from engine.errors import Precondition
 from proto import csi_pb2_grpc
 
@@ -53,6 +60,8 @@ class NodeDriver(Driver):
         except ZoneUnknown as e:
             raise StartupError(f"this node's zone is unknown: {e}") from None
         self.config = cfg = dataclasses.replace(self.config, zone=zone)
+        # where this node may send volumes' data: a bad file stops the start here
+        targets = Targets.load(cfg.backup_targets_file)
         self._lock_fd = take_state_lock(cfg)
         path = socket_path(cfg.endpoint)
         clear_stale_socket(path)
@@ -62,7 +71,7 @@ class NodeDriver(Driver):
         assert self.store is not None  # open_engine opened it
         frontends = FrontendBackend(self.store, host, cfg.node_id) if host else None
         node = LocalNode(engine, cfg.max_volumes_per_node, self.replicas, frontends,
-                         backup_lock_stale_s=cfg.backup_lock_stale_s)
+                         targets=targets, backup_lock_stale_s=cfg.backup_lock_stale_s)
         self.local_node = node
         self.agent = AgentServer(node, cluster.agent_listen, ReloadingTls(cluster.agent_tls))
         self.agent.start()

@@ -130,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="nvme pool: how a namespace is wiped before reuse")
     p.add_argument("--backup-targets", default="",
                    help="JSON file naming backup targets (endpoint, bucket, prefix); "
-                        "see docs/backup.md")
+                        "controllers and nodes of a cluster need the same one (a node "
+                        "sends data only to the targets it names); see docs/backup.md")
     p.add_argument("--backup-lock-stale-s", type=float, default=600.0,
                    help="seconds after which a bucket lock no process refreshed is ignored")
     p.add_argument("--log-level", default="INFO")
@@ -269,7 +270,7 @@ class Driver:
             cfg.cluster_store_url, cfg.store_ca_file, cfg.store_cert_file, cfg.store_key_file,
             cfg.store_timeout_s, cfg.store_namespace))
         nodes = NodeRegistry(info_ttl_s=0)  # in-process: a statvfs, no need to cache
-        self.local_node = LocalNode(engine, cfg.max_volumes_per_node,
+        self.local_node = LocalNode(engine, cfg.max_volumes_per_node, targets=targets,
                                     backup_lock_stale_s=cfg.backup_lock_stale_s)
         nodes.add(self.local_node)
         plane = ControlPlane(self.cluster_store, nodes, self.volume_policy(),

@@ -228,8 +228,11 @@ class TandemCluster:
                  intent_timeout_s: float = 600.0, node_args: tuple[str, ...] = (),
                  controller_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                  mirror: bool = False, frontend_lease_ttl_s: int = 4,
-                 fence_margin_s: float = 2.0):
-        """mirror: the nodes serve replicas and run frontends (mirrored volumes)."""
+                 fence_margin_s: float = 2.0, extra_hosts: int = 1):
+        """mirror: the nodes serve replicas and run frontends (mirrored volumes).
+        extra_hosts: namespaces beside the zones (x1 holds the controllers; x2.. are the
+        test's, e.g. for an S3 server: `topo.ns("x2")`, `topo.host_ip(2)`)."""
+        assert extra_hosts >= 1, "x1 holds the controllers"
         assert os.geteuid() == 0, "needs root: namespaces, loop devices, mounts"
         self.root = root
         self.zones = zones
@@ -241,7 +244,8 @@ class TandemCluster:
         self.mirror = mirror
         self.frontend_lease_ttl_s, self.fence_margin_s = frontend_lease_ttl_s, fence_margin_s
         self.mirror_key = os.path.join(root, "mirror.key")
-        self.topo = Topology(zones, prefix=f"tdm-cl-{uuid.uuid4().hex[:6]}", extra_hosts=1)
+        self.topo = Topology(zones, prefix=f"tdm-cl-{uuid.uuid4().hex[:6]}",
+                             extra_hosts=extra_hosts)
         self.etcd: EtcdCluster = None  # type: ignore[assignment]  # made in up()
         self.pki: Pki = None  # type: ignore[assignment]
         self.nodes: list[NodeProc] = []

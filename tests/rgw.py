@@ -3,6 +3,10 @@
     with RadosGateway(tmp_dir) as rgw:
         rgw.endpoint, rgw.access_key, rgw.secret_key   # an S3 user made with radosgw-admin
 
+    # or inside a network namespace of a test topology, serving S3 on its address:
+    rgw = RadosGateway(tmp_dir, netns="tdm-cl-1234-x2", host="198.18.0.102").start()
+    rgw.call(lambda: boto3.client("s3", endpoint_url=rgw.endpoint, ...).list_buckets())
+
 Debian's ceph-mon, ceph-osd and radosgw (16.2), no systemd, no cephadm, no ceph-mgr: the
 monitor and a memstore OSD (objects in the OSD's memory) come up in a few seconds on free
 loopback ports, with everything under a temp dir. What it takes here (measured):
@@ -14,10 +18,16 @@ loopback ports, with everything under a temp dir. What it takes here (measured):
 - a memstore OSD reports `memstore device bytes` as its size (1 GiB unless raised);
 - RGW's garbage collection waits 2 hours unless `rgw gc obj min wait` is lowered.
 Every daemon also dies with the process that started it (`setpriv --pdeathsig`).
+
+In a namespace, every daemon and command runs there (`nsenter --net`): the monitor and
+the OSD on its loopback, radosgw on `host`, so the namespace's neighbours reach it and
+nothing is added to the root namespace. The test process reaches it through `call`: a
+thread that entered the namespace (a socket belongs to the namespace it was made in).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -26,10 +36,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
+from mirror import netns as namespaces
 from tests.etcd_cluster import DIE_WITH_PARENT, free_ports
 
 GIB = 1024**3
+T = TypeVar("T")
 BINARIES = ("/usr/bin/ceph-mon", "/usr/bin/ceph-osd", "/usr/bin/radosgw",
             "/usr/bin/radosgw-admin", "/usr/bin/monmaptool", "/usr/bin/ceph")
 
@@ -45,7 +59,10 @@ def _exited(pid: int) -> bool:
 
 
 class RadosGateway:
-    def __init__(self, root: str, *, memstore_bytes: int = 1 * GIB):
+    def __init__(self, root: str, *, memstore_bytes: int = 1 * GIB, netns: str = "",
+                 host: str = "127.0.0.1"):
+        """netns: the network namespace to run in ("": this one); host: radosgw's
+        address there (loopback unless in a namespace)."""
         missing = [b for b in BINARIES if not os.path.exists(b)]
         if missing:
             raise RuntimeError(f"{', '.join(missing)} missing: apt-get install ceph-mon "
@@ -54,6 +71,13 @@ class RadosGateway:
         os.makedirs(os.path.join(self.root, "run"))
         self.mon_port, self.rgw_port = free_ports(2)
         self.memstore_bytes = memstore_bytes
+        self.netns, self.host = netns, host
+        # in a namespace, the test's own S3 calls run on one thread that entered it
+        self._caller: concurrent.futures.ThreadPoolExecutor | None = None
+        if netns:
+            self._caller = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="rgw-netns", initializer=namespaces.enter,
+                initargs=(netns,))
         self.conf = os.path.join(self.root, "ceph.conf")
         self.fsid = str(uuid.uuid4())
         self.procs: dict[str, subprocess.Popen] = {}
@@ -62,7 +86,17 @@ class RadosGateway:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.rgw_port}"
+        return f"http://{self.host}:{self.rgw_port}"
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() where radosgw can be reached: in its namespace when it has one."""
+        if self._caller is None:
+            return fn()
+        return self._caller.submit(fn).result()
+
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv] if self.netns \
+            else argv
 
     def _write_conf(self) -> None:
         r = self.root
@@ -101,18 +135,18 @@ memstore device bytes = {self.memstore_bytes}
 osd op num shards = 2
 osd op num threads per shard = 2
 [client.rgw.t]
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint={self.host}:{self.rgw_port}
 rgw data = {r}/rgw
 rgw gc obj min wait = 10
 rgw gc processor period = 10
-rgw dns name = 127.0.0.1
+rgw dns name = {self.host}
 """
         with open(self.conf, "w") as f:
             f.write(conf)
 
     def _run(self, argv: list[str], timeout_s: float = 60.0) -> str:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(self._in_netns(argv), capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: "
                                f"{proc.stderr.strip()[-2000:]}")
@@ -120,7 +154,8 @@ rgw dns name = 127.0.0.1
 
     def _daemon(self, name: str, argv: list[str]) -> None:
         with open(os.path.join(self.root, f"{name}.out"), "ab") as out:
-            self.procs[name] = subprocess.Popen(DIE_WITH_PARENT + argv, stdout=out,
+            self.procs[name] = subprocess.Popen(DIE_WITH_PARENT + self._in_netns(argv),
+                                                stdout=out,
                                                 stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL)
 
@@ -162,14 +197,17 @@ rgw dns name = 127.0.0.1
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited {proc.returncode}: {self.log(name)}")
-            try:
-                with urllib.request.urlopen(self.endpoint, timeout=1) as rsp:
-                    if rsp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if self.call(self._serving):
+                return
             time.sleep(0.1)
         raise TimeoutError(f"radosgw not serving in {timeout_s}s: {self.log('rgw')}")
+
+    def _serving(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoint, timeout=1) as rsp:
+                return rsp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def log(self, name: str) -> str:
         parts = []
@@ -202,6 +240,8 @@ rgw dns name = 127.0.0.1
         # radosgw, then the OSD, then the monitor: any other order takes minutes
         for name in ("rgw", "osd", "mon"):
             self.stop_daemon(name)
+        if self._caller is not None:
+            self._caller.shutdown()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> RadosGateway:
@@ -209,3 +249,57 @@ rgw dns name = 127.0.0.1
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def s3_client(rgw: RadosGateway):
+    """A boto3 client of the gateway's S3 user (as engine/backup/s3.py configures one)."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3", endpoint_url=rgw.endpoint, aws_access_key_id=rgw.access_key,
+        aws_secret_access_key=rgw.secret_key, region_name="us-east-1",
+        config=botocore.config.Config(request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required",
+                                      s3={"addressing_style": "path"}))
+
+
+class Bucket:
+    """A bucket of its own on the gateway, for one test; close() empties and removes it.
+    Every call goes where the gateway is reached (rgw.call)."""
+
+    def __init__(self, rgw: RadosGateway, name: str = ""):
+        self.rgw = rgw
+        self.s3 = s3_client(rgw)
+        self.name = name or f"tdm-{uuid.uuid4().hex[:12]}"
+        rgw.call(lambda: self.s3.create_bucket(Bucket=self.name))
+
+    def objects(self, prefix: str = "") -> dict[str, int]:
+        def listing() -> dict[str, int]:
+            out = {}
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name,
+                                                                          Prefix=prefix):
+                out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+            return out
+        return self.rgw.call(listing)
+
+    def packs(self) -> dict[str, int]:
+        return {k: v for k, v in self.objects().items() if "/packs/" in k}
+
+    def get(self, key: str) -> bytes:
+        return self.rgw.call(
+            lambda: self.s3.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def put(self, key: str, data: bytes) -> None:
+        self.rgw.call(lambda: self.s3.put_object(Bucket=self.name, Key=key, Body=data))
+
+    def delete(self, key: str) -> None:
+        self.rgw.call(lambda: self.s3.delete_object(Bucket=self.name, Key=key))
+
+    def close(self) -> None:
+        keys = list(self.objects())
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i:i + 1000]]
+            self.rgw.call(lambda b=batch: self.s3.delete_objects(Bucket=self.name,
+                                                                 Delete={"Objects": b}))
+        self.rgw.call(lambda: self.s3.delete_bucket(Bucket=self.name))

@@ -7,12 +7,18 @@ Under the target's prefix:
   backups/ID             manifests (manifest.py), written last by each backup
   locks/upload-ID        an upload in progress (refreshed while it runs)
   locks/gc-ID            a garbage collection in progress
+  deleted/ID             a deleted backup: an upload of that ID never completes
 
 Garbage collection deletes packs no manifest references. It never races an upload: both
 write their lock first and then look for the other kind; whoever sees a fresh lock of the
 other kind withdraws (the GC answers Busy, the upload waits), so with the bucket's
 read-after-write listing at least one of two that start together sees the other. A lock
 not refreshed for LOCK_STALE_S belongs to a process that died and is ignored.
+
+Deleting a backup marks it deleted first, then drops its manifest under a collection's
+lock: an upload still running (on a node the controller cannot reach to stop it) holds its
+lock, so the deletion waits for it (Busy), and an upload that takes its lock later sees
+the mark and withdraws. So a deleted backup never reappears.
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ class Repository:
 
     def manifest_key(self, backup_id: str) -> str:
         return f"{self.prefix}backups/{backup_id}"
+
+    def deleted_key(self, backup_id: str) -> str:
+        return f"{self.prefix}deleted/{backup_id}"
 
     def _config_key(self) -> str:
         return f"{self.prefix}config"
@@ -186,23 +195,30 @@ class Repository:
         return out
 
     def lock_upload(self, backup_id: str) -> Lock:
-        """An upload's lock, once no garbage collection runs (Busy while one does)."""
+        """An upload's lock, once no garbage collection runs (Busy while one does);
+        NotFound when the backup was deleted (its upload must not complete)."""
         lock = self.take_lock("upload", backup_id)
         if self.fresh_locks("gc"):
             self.release_lock(lock)
             raise Busy(f"a garbage collection runs on target {self.target}; the upload "
                        "waits for it")
+        if self.bucket.head(self.deleted_key(backup_id)) is not None:
+            self.release_lock(lock)
+            raise NotFound(f"backup {backup_id} was deleted from target {self.target}: "
+                           "not uploaded")
         return lock
 
     # --- deletion and garbage collection ---------------------------------------------
     def delete_backup(self, backup_id: str) -> None:
-        """Drop the backup's manifest, then whatever data no other backup references."""
-        self.bucket.delete([self.manifest_key(backup_id)])
-        self.collect_garbage()
+        """Mark the backup deleted, then drop its manifest and whatever data no other
+        backup references (Busy while an upload runs: retry)."""
+        self.bucket.put(self.deleted_key(backup_id), b"")
+        self.collect_garbage(drop=backup_id)
 
-    def collect_garbage(self) -> tuple[int, int]:
-        """Delete packs no manifest references; (packs, bytes) deleted. Busy while an
-        upload runs; nothing is deleted if any manifest cannot be read."""
+    def collect_garbage(self, drop: str = "") -> tuple[int, int]:
+        """Delete packs no manifest references (after the manifest of backup `drop`, if
+        given); (packs, bytes) deleted. Busy while an upload runs; nothing is deleted if
+        any manifest cannot be read."""
         lock = self.take_lock("gc", uuid.uuid4().hex)
         try:
             uploads = self.fresh_locks("upload")
@@ -210,6 +226,8 @@ class Repository:
                 raise Busy(f"an upload is in progress on target {self.target} "
                            f"({uploads[0].rsplit('/', 1)[-1]}): garbage collection waits "
                            "for it; retry")
+            if drop:  # no upload can write it again now: its lock would be seen
+                self.bucket.delete([self.manifest_key(drop)])
             referenced: set[str] = set()
             for backup_id in self.backup_ids():
                 try:

@@ -144,6 +144,25 @@ class Targets:
             raise InvalidSpec(f"backup target {name!r} is not known (known: {known})")
         return target
 
+    def as_here(self, store: ObjectStore, here: str) -> ObjectStore:
+        """A job's target as this process's own file defines it, with the job's
+        credentials. In a cluster the controller sends each node its target: the node
+        sends data only where its own file agrees (endpoint, bucket and prefix), and its
+        own file's local paths (caBundle) are the ones it opens. Precondition when the
+        target is unknown here or defined otherwise."""
+        theirs = store.target
+        mine = self.targets.get(theirs.name)
+        if mine is None:
+            raise Precondition(f"{here} has no backup target {theirs.name!r}: give it the "
+                               "controllers' targets file (--backup-targets)")
+        if (mine.endpoint, mine.bucket, mine.prefix) != (theirs.endpoint, theirs.bucket,
+                                                         theirs.prefix):
+            raise Precondition(
+                f"backup target {theirs.name!r} is {_where(mine)} on {here} but "
+                f"{_where(theirs)} for the controller: give both the same targets file, "
+                "and restart both after changing it")
+        return ObjectStore(mine, store.credentials)
+
     def resolve(self, name: str, secrets: dict[str, str], what: str) -> ObjectStore:
         """The target with credentials from the request's secrets, else its secretsDir."""
         target = self.require(name)
@@ -157,6 +176,10 @@ class Targets:
             "in the VolumeSnapshotClass (csi.storage.k8s.io/snapshotter-secret-name and "
             "-namespace; provisioner-secret-* in the StorageClass for restores), or give "
             "the target a secretsDir")
+
+
+def _where(target: Target) -> str:
+    return f"{target.endpoint}, bucket {target.bucket}, prefix {target.prefix or '(none)'}"
 
 
 def _read_secret_dir(path: str) -> dict[str, str]:

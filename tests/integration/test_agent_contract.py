@@ -18,10 +18,13 @@ from control.node_api import (
     SOURCE_REPLICA,
     SOURCE_SNAPSHOT,
     SOURCE_VOLUME,
+    BackupJob,
     NewVolume,
+    RestoreJob,
     SnapshotMember,
     VolumeSource,
 )
+from engine.backup.targets import Credentials, ObjectStore, Target, Targets
 from engine.errors import EngineError
 from engine.node_volumes import StageRequest
 from engine.qos.tiers import QosSpec
@@ -29,6 +32,7 @@ from tests import support
 from tests.pki import CertificateAuthority
 
 MIB = 1024 * 1024
+TARGET = Target("offsite", "http://127.0.0.1:9", "bucket")  # nothing listens there
 
 
 def normalized(value):
@@ -85,6 +89,18 @@ def script(node, engine, root: str, p: str) -> list:
         (SnapshotMember(snap, vid("b")),)))
     do("snapshot of a missing volume", lambda: node.create_snapshots(
         (SnapshotMember(f"snap-{p}x", vid("missing")),)))
+    # backups: jobs refused before any bucket is reached
+    store = ObjectStore(TARGET, Credentials("access", "secret", "k" * 32))
+    elsewhere = ObjectStore(Target("offsite", "http://127.0.0.1:10", "bucket"),
+                            store.credentials)
+    do("start backup to a target defined otherwise here", lambda: node.start_backup(
+        BackupJob(snap, "0" * 32, elsewhere)))
+    do("start backup of a missing snapshot", lambda: node.start_backup(
+        BackupJob(f"snap-{p}missing", "0" * 32, store)))
+    do("backup status, no job", lambda: node.backup_status(snap))
+    do("start restore into a missing volume", lambda: node.start_restore(
+        RestoreJob(vid("missing"), "0" * 32, store)))
+    do("restore status, no job", lambda: node.restore_status(vid("a")))
     do("get snapshot", lambda: node.snapshot(snap))
     do("get missing snapshot", lambda: node.snapshot(f"snap-{p}missing"))
     do("allocated", lambda: node.allocated_ranges(snap))
@@ -159,7 +175,7 @@ def test_local_node_through_grpc_behaves_as_local_node(test_root):
     server = client = None
     try:
         engine = driver.driver.engine
-        local = LocalNode(engine, 8)
+        local = LocalNode(engine, 8, targets=Targets({"offsite": TARGET}))
         server = AgentServer(local, "127.0.0.1:0", ReloadingTls(
             TlsFiles(ca.cert_file, agent_pair.cert_file, agent_pair.key_file)))
         server.start()

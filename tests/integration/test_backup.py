@@ -15,59 +15,18 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
-import boto3
-import botocore.config
 import grpc
 import pytest
 
 from proto import csi_pb2
 from tests import support
 from tests.integration.helpers import MIB, create_request, publish_request, stage_request
+from tests.rgw import Bucket
 
 KEY = "tandem-test-key-" + "k" * 32
 BLOCK = 4096
 SIZE = 64 * MIB
-
-
-def s3_client(rgw):
-    return boto3.client(
-        "s3", endpoint_url=rgw.endpoint, aws_access_key_id=rgw.access_key,
-        aws_secret_access_key=rgw.secret_key, region_name="us-east-1",
-        config=botocore.config.Config(request_checksum_calculation="when_required",
-                                      response_checksum_validation="when_required",
-                                      s3={"addressing_style": "path"}))
-
-
-class Bucket:
-    def __init__(self, rgw):
-        self.s3 = s3_client(rgw)
-        self.name = f"tdm-{uuid.uuid4().hex[:12]}"
-        self.s3.create_bucket(Bucket=self.name)
-
-    def objects(self, prefix: str = "") -> dict[str, int]:
-        out = {}
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.name,
-                                                                      Prefix=prefix):
-            out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-        return out
-
-    def packs(self) -> dict[str, int]:
-        return {k: v for k, v in self.objects().items() if "/packs/" in k}
-
-    def get(self, key: str) -> bytes:
-        return self.s3.get_object(Bucket=self.name, Key=key)["Body"].read()
-
-    def put(self, key: str, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.name, Key=key, Body=data)
-
-    def close(self) -> None:
-        keys = list(self.objects())
-        for i in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=self.name, Delete={
-                "Objects": [{"Key": k} for k in keys[i:i + 1000]]})
-        self.s3.delete_bucket(Bucket=self.name)
 
 
 @pytest.fixture
@@ -453,7 +412,7 @@ def node_jobs(state_dir: str, kind: str) -> list[dict]:
 def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path):
     from engine.backup.repo import Repository
     from engine.backup.targets import Targets
-    from engine.errors import Busy
+    from engine.errors import Busy, NotFound
 
     targets = Targets.load(targets_file(str(tmp_path), rgw, bucket))
     store = targets.resolve("offsite", secrets, "test")
@@ -473,6 +432,12 @@ def test_garbage_collection_never_races_an_upload(rgw, bucket, secrets, tmp_path
     repo.release_lock(gc)
     assert repo.collect_garbage() == (1, len(b"left by a cancelled upload"))
     assert repo.pack_key(orphan) not in bucket.objects()
+    # a deleted backup never completes: an upload of it that begins later withdraws
+    # (a node the controller could not reach to stop it), and leaves no lock behind
+    repo.delete_backup("e" * 32)
+    with pytest.raises(NotFound, match="was deleted"):
+        repo.lock_upload("e" * 32)
+    assert not repo.fresh_locks("upload")
     # a lock its process stopped refreshing is ignored once stale
     stale = repo.take_lock("upload", "d" * 32)
     time.sleep(2.5)

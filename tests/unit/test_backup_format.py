@@ -112,6 +112,30 @@ def test_targets_file_and_credentials(tmp_path):
         Targets.load(str(path))
 
 
+def test_a_node_sends_data_only_where_its_own_targets_file_says():
+    """A job's target (from the controller) is taken as the node's own file defines it:
+    the same endpoint, bucket and prefix, or refused; the node's local paths win."""
+    from engine.backup.targets import ObjectStore, Target
+
+    node = Targets({"offsite": Target("offsite", "https://s3.example", "b", "cluster-a/",
+                                      "eu-west-1", "/etc/tandem/backup/ca.pem")})
+    credentials = Credentials("AK", "SK", "k" * 40)
+    sent = ObjectStore(Target("offsite", "https://s3.example", "b", "cluster-a/",
+                              "us-east-1", "/elsewhere/ca.pem"), credentials)
+    used = node.as_here(sent, "node n1")
+    assert used.target == node.require("offsite") and used.credentials == credentials
+    for other in (Target("offsite", "https://attacker.example", "b", "cluster-a/"),
+                  Target("offsite", "https://s3.example", "other-bucket", "cluster-a/"),
+                  Target("offsite", "https://s3.example", "b", "")):
+        with pytest.raises(Precondition, match="on node n1 but .* for the controller"):
+            node.as_here(ObjectStore(other, credentials), "node n1")
+    with pytest.raises(Precondition, match="node n1 has no backup target 'second'"):
+        node.as_here(ObjectStore(Target("second", "https://s3.example", "b"), credentials),
+                     "node n1")
+    with pytest.raises(Precondition, match="has no backup target"):
+        Targets().as_here(sent, "node n1")  # no targets file: no jobs at all
+
+
 def test_the_backup_package_imports_neither_csi_control_nor_grpc():
     """engine/backup/ runs on the node beside the rest of the engine: the arrows point
     csi -> control -> engine, never back."""
