@@ -227,9 +227,12 @@ class TandemCluster:
                  lease_ttl_s: int = 3, reconcile_interval_s: float = 2.0,
                  intent_timeout_s: float = 600.0, node_args: tuple[str, ...] = (),
                  controller_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 mirror: bool = False, frontend_lease_ttl_s: int = 4,
+                 mirror: bool = False, frontend_lease_ttl_s: int = 6,
                  fence_margin_s: float = 2.0):
-        """mirror: the nodes serve replicas and run frontends (mirrored volumes)."""
+        """mirror: the nodes serve replicas and run frontends (mirrored volumes).
+        frontend_lease_ttl_s, fence_margin_s: with renewals every second, 6 and 2 leave the
+        frontends a 2 s window to serve on their replicas' word when etcd is unreachable
+        (control/frontend_main.py proof_window); below 5 s of TTL minus margin, none."""
         assert os.geteuid() == 0, "needs root: namespaces, loop devices, mounts"
         self.root = root
         self.zones = zones
