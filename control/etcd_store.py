@@ -335,10 +335,12 @@ class EtcdStore:
             revision=revision, physical=True), idempotent=True)
 
     # -- leases (cluster mode; not part of the Store contract) -------------------------------------
-    def grant_lease(self, ttl_s: int, *, keep_alive: bool = True) -> Lease:
+    def grant_lease(self, ttl_s: int, *, keep_alive: bool = True,
+                    persistent: bool = False) -> Lease:
         """A new lease, kept alive in the background unless told otherwise. Keys put with
-        Put(..., lease=lease.id) vanish when it expires."""
-        lease = Lease.grant(self.client, ttl_s)
+        Put(..., lease=lease.id) vanish when it expires. persistent: renewal goes on after
+        the lease's local validity ran out, until etcd says it is gone (control/etcd_lease.py)."""
+        lease = Lease.grant(self.client, ttl_s, persistent=persistent)
         if keep_alive:
             lease.start_keep_alive()
         with self._lock:

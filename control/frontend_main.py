@@ -5,14 +5,19 @@
 The mirror's worker (mirror/frontend_worker.py) with what a cluster adds, from the
 config's "cluster" section:
 - the arbiter is etcd (control/store_arbiter.py), through the cluster store;
-- the frontend serves under an etcd lease of TTL `lease_ttl_s`, renewed in the
-  background, and advertised as `frontend/<volume_id>` = {node_id, generation, state:
-  "serving"} attached to the lease. Every tick the worker checks how long the lease is
-  still certainly valid (counted from when the last renewal was *sent*, so never later
-  than etcd's own expiry): below `fence_margin_s` it fences itself and fails every
-  request. So once etcd has expired the lease (and the HA controller moves the pods),
-  this frontend has already stopped writing; the new ControllerPublish fences its
-  generation on the replicas besides.
+- the frontend serves under a persistent etcd lease of TTL `lease_ttl_s`, renewed in the
+  background (control/etcd_lease.py), and advertised as `frontend/<volume_id>` =
+  {node_id, generation, state: "serving"} attached to the lease. Every tick the worker
+  asks its LeaseGuard whether it may serve (the rule and why it is safe:
+  docs/cluster-internals.md, "Self-fencing"): while the lease is certainly valid for more
+  than `fence_margin_s` (counted from when the last renewal was *sent*, so never later
+  than etcd's own expiry), yes; when it is not, only while enough in-sync replicas
+  answer at this frontend's generation to rule out a takeover (etcd lost its quorum, the
+  volume's I/O goes on); once etcd says the lease is gone, never again. Otherwise it
+  fences itself and fails every request: a frontend cut off from etcd and from the other
+  zones stops before etcd can expire its lease and the HA controller moves the pods.
+- a change the arbiter must record waits at most TTL - margin (what a lease renewed that
+  moment would have allowed); then I/O fails until etcd records it.
 - a clean stop writes state "stopped" (without the lease) before revoking it, so the HA
   controller can tell a frontend that stopped from one that died. A crash leaves the
   lease to expire on its own: the agent restarts the worker, which takes a lease of its
@@ -22,6 +27,7 @@ config's "cluster" section:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +35,7 @@ import sys
 import threading
 import time
 
+from control.etcd_lease import Lease
 from control.store import Put
 from control.store_arbiter import StoreArbiter
 from control.stores import StoreSpec, open_store
@@ -98,19 +105,58 @@ class StatusReporter:
 
 
 class LeaseGuard:
-    """The worker's Guard: serving is allowed while the lease is certainly valid for
-    more than the margin."""
+    """The worker's Guard. Serving is allowed
+    - while the lease is certainly valid for more than the margin;
+    - else, unless etcd said the lease is gone, while the core proves (answers to probes
+      sent within the last `proof_window_s`) that no newer frontend can serve
+      (MirrorCore.proof_of_ownership);
+    - never once etcd said the lease is gone (the HA controller may be moving the pods).
+    """
 
-    def __init__(self, lease, margin_s: float):
+    def __init__(self, lease: Lease, margin_s: float, proof_window_s: float):
         self.lease = lease
         self.margin_s = margin_s
+        self.proof_window_s = proof_window_s  # <= 0: the lease alone decides
+        self.on_replicas_word = False
 
-    def check(self) -> str:
+    def check(self, core: MirrorCore) -> str:
+        if self.lease.gone.is_set():
+            return "etcd says its lease is gone: the volume may be moving to another node"
         remaining = self.lease.remaining_s()
         if remaining > self.margin_s:
+            if self.on_replicas_word:
+                self.on_replicas_word = False
+                log.warning("etcd renewed the lease again: serving under it")
+            return ""
+        if self.proof_window_s <= 0:
+            return (f"its etcd lease is certainly valid for only {remaining:.1f} s more "
+                    f"(margin {self.margin_s:g} s): self-fenced before etcd can expire it")
+        proven, needed = core.proof_of_ownership(time.monotonic() - self.proof_window_s)
+        if proven >= needed:
+            if not self.on_replicas_word:
+                self.on_replicas_word = True
+                log.warning("no lease renewal got through for %.1f s: serving on the word of "
+                            "%d in-sync replicas at this generation (%d rule out a takeover)",
+                            self.lease.ttl_s - remaining, proven, needed)
             return ""
         return (f"its etcd lease is certainly valid for only {remaining:.1f} s more (margin "
-                f"{self.margin_s} s): self-fenced before etcd can expire it")
+                f"{self.margin_s:g} s) and only {proven} in-sync replicas answered at its "
+                f"generation within {self.proof_window_s:g} s ({needed} rule out a takeover): "
+                "self-fenced before etcd can expire the lease")
+
+
+def proof_window(ttl_s: float, margin_s: float, renew_period_s: float) -> float:
+    """How old a replica's answer may be while the frontend serves on the replicas' word.
+
+    A frontend cut off at time p from etcd and from the other zones sent its last renewal
+    that got through at s >= p - 2 * renew_period_s (a renewal goes every period and waits
+    at most a period), so etcd cannot expire its lease before s + TTL. The other zones'
+    answers stop at p and stop counting at p + window <= s + TTL - margin: it fences no
+    later than the lease alone would have made it. (A renewal also gets through within
+    about two periods of etcd regaining its quorum, whose new leader gives the lease its
+    full TTL again.) <= 0: the lease alone decides.
+    """
+    return ttl_s - margin_s - 2 * renew_period_s
 
 
 def frontend_key(volume_id: str) -> str:
@@ -134,7 +180,14 @@ def main() -> None:
                                  cluster.get("store_namespace", "/tandem/")))
     ttl = int(cluster.get("lease_ttl_s", 10))
     margin = float(cluster.get("fence_margin_s", 3.0))
-    lease = store.grant_lease(ttl)  # type: ignore[attr-defined]  # etcd only
+    lease = store.grant_lease(ttl, persistent=True)  # type: ignore[attr-defined]  # etcd only
+    window = proof_window(lease.ttl_s, margin, lease.renew_period_s)
+    probe = min(0.5, window / 4) if window > 0 else 0.0
+    if window <= 0:
+        log.warning("lease TTL %d s, margin %g s: too short to serve on the replicas' word "
+                    "while etcd is unreachable (the lease alone decides)", ttl, margin)
+    cfg = dataclasses.replace(cfg, tuning=dataclasses.replace(
+        cfg.tuning, probe_interval_s=probe, arbiter_wait_s=max(0.1, lease.ttl_s - margin)))
     record = {"node_id": cluster["node_id"], "generation": cfg.generation,
               "state": "serving", "since": time.time(), "pid": os.getpid()}
     store.commit([Put(frontend_key(cfg.volume_id), record, lease=lease.id)])
@@ -142,7 +195,7 @@ def main() -> None:
     # lease of its own meanwhile); only a clean stop says so and gives the lease back.
     reporter = StatusReporter(store, frontend_key(cfg.volume_id), record, lease.id)
     try:
-        Worker(cfg, StoreArbiter(store), LeaseGuard(lease, margin), reporter).run()
+        Worker(cfg, StoreArbiter(store), LeaseGuard(lease, margin, window), reporter).run()
     finally:
         reporter.close()
     store.commit([Put(frontend_key(cfg.volume_id),

@@ -72,7 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="node: seconds of a mirror frontend's etcd lease (failover waits for "
                         "it to expire)")
     g.add_argument("--fence-margin", type=float, default=3.0,
-                   help="node: seconds before its lease ends that a frontend stops serving")
+                   help="node: seconds before its lease ends that a frontend stops serving, "
+                        "unless its replicas vouch for it (etcd unreachable: see "
+                        "docs/cluster-internals.md, Self-fencing)")
     g.add_argument("--controller-id", default="",
                    help="controller: its name in the leader election (default: host:pid)")
     g.add_argument("--leader-ttl", type=int, default=10,

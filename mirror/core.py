@@ -126,6 +126,9 @@ class Link:
         self.suspect = False  # IN_SYNC: may differ in unacknowledged writes until repaired
         self.recording = False  # IN_SYNC in memory, the arbiter's record still to come
         self.last_attempt = 0.0
+        self.probing = False  # a probe (INFO) is out on this link
+        self.probe_sent = 0.0
+        self.proven_at = 0.0  # when the newest probe it answered at our generation was sent
         self.dirty = bytearray(regions)  # regions this replica may lack (frontend's copy)
         self.replica_bytes = 0  # its size as it answered OPEN (may exceed ours: growing)
 
@@ -142,12 +145,13 @@ class Hold:
     recorded out of sync (or in sync): settled when the arbiter has the new state and
     every in-sync replica in `waiting` acked a DEGRADE naming what the others lack."""
 
-    __slots__ = ("why", "waiting", "recorded")
+    __slots__ = ("why", "waiting", "recorded", "since")
 
     def __init__(self, why: str, waiting: set[Link] | None = None, recorded: bool = True):
         self.why = why
         self.waiting: set[Link] = waiting or set()
         self.recorded = recorded
+        self.since = time.monotonic()
 
     @property
     def settled(self) -> bool:
@@ -233,6 +237,7 @@ class MirrorCore:
         self.holds: list[Hold] = []  # open: completions are held (the gate)
         self.held: list[Op] = []  # held Python completions (syncs); the C side holds writes
         self.fenced = False
+        self.arbiter_overdue = False  # a record waited for longer than arbiter_wait_s
         self.jobs: dict[str, ResyncJob] = {}
         # activity log: extents named by the replicas' logs when their maps were read (from
         # earlier frontends, or a fenced one), and extents with writes that failed: both stay
@@ -379,6 +384,7 @@ class MirrorCore:
         link.sock = sock
         link.needs_create = False
         link.replica_bytes = int(info.get("size_bytes") or self.size)
+        link.probing = False
         log.info(
             "replica %s connected (generation %s, %s dirty regions, %s log extents)",
             link.rid,
@@ -569,10 +575,12 @@ class MirrorCore:
 
     # ------------------------------------------------------------------ submission
     def _unavailable(self) -> bool:
-        """I/O fails: fenced, too few in-sync replicas, or an in-sync one is away and not
-        yet recorded out of sync (it may be the only one with the latest writes)."""
+        """I/O fails: fenced, too few in-sync replicas, an in-sync one is away and not
+        yet recorded out of sync (it may be the only one with the latest writes), or the
+        arbiter is overdue with a record that acknowledgements wait for."""
         return (
             self.fenced
+            or self.arbiter_overdue
             or self.in_sync_count() < self.min_in_sync
             or any(lk.state == IN_SYNC and not lk.connected for lk in self.links)
         )
@@ -781,6 +789,8 @@ class MirrorCore:
                 # its maps were gathered without an in-sync replica's: ask again
                 self._gather(link)
         self._drop_unreachable_in_sync()
+        self._probe(now)
+        self._check_arbiter_wait(now)
         self._evict_al()
         self._unpin_when_healthy()
         self._pump_jobs()
@@ -793,6 +803,49 @@ class MirrorCore:
             else:
                 self._barrier_step()
         self.flush()
+
+    def _probe(self, now: float) -> None:
+        """One INFO at a time per connected link, every probe_interval_s: a replica checks
+        the connection's generation on every op but PING, so an answer proves it was not
+        fenced when it got the probe (a refusal, -ESTALE, fences this frontend)."""
+        every = self.t.probe_interval_s
+        if every <= 0 or self.fenced:
+            return
+        for link in self.links:
+            if link.connected and not link.probing and now - link.probe_sent >= every:
+                link.probing, link.probe_sent = True, now
+
+                def answered(lk: Link, status: int, _p: object, sent: float = now) -> None:
+                    lk.probing = False
+                    if status == 0:
+                        lk.proven_at = max(lk.proven_at, sent)
+
+                self._ctrl(link, wire.INFO, cb=answered)
+
+    def proof_of_ownership(self, since: float) -> tuple[int, int]:
+        """(proven, needed): the in-sync replicas whose link answered a probe sent at or
+        after `since` (monotonic), and how many must have for no newer frontend to be able
+        to serve. A newer frontend needs min_in_sync of the N replicas in sync at its
+        generation, and a replica opened at a newer generation refuses this frontend's
+        requests from then on; so while more than N - min_in_sync of them answer us, no
+        newer frontend can have the replicas it needs (needs probe_interval_s > 0)."""
+        if self.fenced:
+            return 0, 1
+        proven = sum(1 for lk in self.links if lk.connected and lk.state == IN_SYNC
+                     and not lk.recording and lk.proven_at >= since)
+        replicas = {lk.rid for lk in self.links} | set(self.record.replicas if self.record else ())
+        return proven, max(1, len(replicas) - self.min_in_sync + 1)
+
+    def _check_arbiter_wait(self, now: float) -> None:
+        """A record that acknowledgements wait for, overdue: fail what waits, and I/O until
+        it is recorded (_settle lifts this); not an indefinite stall."""
+        limit = self.t.arbiter_wait_s
+        if limit <= 0 or self.arbiter_overdue or self.fenced:
+            return
+        late = [h for h in self.holds if not h.recorded and now - h.since > limit]
+        if late:
+            self.arbiter_overdue = True
+            self._fail_all(f"the arbiter has not recorded '{late[0].why}' within {limit:g} s")
 
     def _evict_al(self) -> None:
         cold = self.dp.al_evict(self.t.al_max_extents, int(self.t.al_max_extents * 0.9))
@@ -847,6 +900,9 @@ class MirrorCore:
         came meanwhile: then it fails, never succeeds)."""
         self.holds = [h for h in self.holds if not h.settled]
         self.dp.hold = bool(self.holds)
+        if self.arbiter_overdue and all(h.recorded for h in self.holds):
+            self.arbiter_overdue = False
+            log.warning("the arbiter recorded what I/O waited for: I/O resumes")
         if not self.holds and (self.dp.held or self.held):
             if self._unavailable():
                 self._fail_all("completions held across a failure")

@@ -41,8 +41,9 @@ def load_config(path: str) -> FrontendConfig:
 class Guard(Protocol):
     """Something the frontend may only serve under (a lease): checked at every tick."""
 
-    def check(self) -> str:
-        """'' while serving is allowed; else why not (the frontend then fences itself)."""
+    def check(self, core: MirrorCore) -> str:
+        """'' while serving is allowed; else why not (the frontend then fences itself).
+        The core is there for what the replicas say (MirrorCore.proof_of_ownership)."""
         ...
 
 
@@ -110,7 +111,7 @@ class Worker:
             if self.reporter is not None:
                 self.reporter.tick(core)
             if self.guard is not None and not core.fenced:
-                why = self.guard.check()
+                why = self.guard.check(core)
                 if why:
                     core.self_fence(why)
             if self.stopping and (core.idle() or time.monotonic() > self.stop_deadline):

@@ -56,6 +56,12 @@ class FrontendTuning:
     resync_chunk_bytes: int = 1024 * 1024
     resync_inflight_chunks: int = 8
     min_in_sync: int = 1  # fewer reachable in-sync replicas -> I/O fails (EIO)
+    # > 0: an INFO to every connected replica this often, whose answer proves the replica
+    # still serves this frontend's generation (MirrorCore.proof_of_ownership)
+    probe_interval_s: float = 0.0
+    # > 0: a change the arbiter must record (a replica dropped or back in sync) that is not
+    # recorded after this long fails I/O (EIO) until it is; 0: I/O waits for it
+    arbiter_wait_s: float = 0.0
     node_safety: bool = True  # PR_SET_IO_FLUSHER, mlockall, oom_score_adj -1000
 
 

@@ -213,6 +213,11 @@ class ControllerProc(Proc):
             cluster.env)
 
 
+# what an external-provisioner retries on a DeleteVolume: a replica its frontend just let
+# go of (FAILED_PRECONDITION), another call on the volume still running (ABORTED)
+RETRIED_BY_THE_PROVISIONER = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED)
+
+
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
              details: Callable[[], str] = lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
@@ -227,9 +232,12 @@ class TandemCluster:
                  lease_ttl_s: int = 3, reconcile_interval_s: float = 2.0,
                  intent_timeout_s: float = 600.0, node_args: tuple[str, ...] = (),
                  controller_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 mirror: bool = False, frontend_lease_ttl_s: int = 4,
+                 mirror: bool = False, frontend_lease_ttl_s: int = 6,
                  fence_margin_s: float = 2.0, extra_hosts: int = 1):
         """mirror: the nodes serve replicas and run frontends (mirrored volumes).
+        frontend_lease_ttl_s, fence_margin_s: with renewals every second, 6 and 2 leave the
+        frontends a 2 s window to serve on their replicas' word when etcd is unreachable
+        (control/frontend_main.py proof_window); below 5 s of TTL minus margin, none.
         extra_hosts: namespaces beside the zones (x1 holds the controllers; x2.. are the
         test's, e.g. for an S3 server: `topo.ns("x2")`, `topo.host_ip(2)`)."""
         assert extra_hosts >= 1, "x1 holds the controllers"

@@ -12,7 +12,10 @@ actions produced asks for nothing more.
 
 The trigger is the frontend's lease, never the node agent's: a frontend key
 `frontend/<volume>` that disappears while it said "serving" means the data path on that
-node died or was cut off from etcd (and fenced itself before the lease ran out). A dead
+node died or was cut off from etcd (and fenced itself before the lease ran out, or, if it
+still reaches its replicas, fences itself when the new ControllerPublish fences them:
+docs/cluster-internals.md, "Self-fencing"). While etcd has no quorum no lease expires,
+and a frontend serving on its replicas' word renews its lease when etcd is back. A dead
 agent with live frontends is not a dead data path; a NotReady node whose frontends still
 renew their leases is serving I/O; both are left alone.
 
@@ -33,7 +36,8 @@ frontend key for V has appeared:
 Timing, from the data path's death to the pods' deletion (defaults: frontend lease TTL
 10 s as control/frontend_main.py grants it, settle 5 s):
     t0             the frontend's last lease renewal that reached etcd
-    < t0 + TTL     the frontend fences itself (its margin before the lease can expire)
+    < t0 + TTL     the frontend fences itself (its margin before the lease can expire;
+                   one still reaching its replicas does later, when they are fenced)
     t0 + TTL       etcd expires the lease (its lessor checks every 500 ms) and deletes
                    the key; the watch delivers the deletion within milliseconds
     + settle_s     the decision runs on fresh Kubernetes lists (four list calls)

@@ -11,6 +11,7 @@ makes the attacher's and the kubelet's calls on the new node.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from control import mirrored
 from mirror.testkit import VerifiedWriter
 from proto import csi_pb2
 from tests import support
-from tests.cluster import TandemCluster, wait_for
+from tests.cluster import RETRIED_BY_THE_PROVISIONER, TandemCluster, wait_for
 from tests.conftest import require_root
 
 MIB = 1024 * 1024
@@ -106,7 +107,7 @@ def delete(cluster: TandemCluster, volume_id: str) -> None:
             cluster.controller(0).stubs().controller.DeleteVolume(
                 csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            if e.code() not in RETRIED_BY_THE_PROVISIONER:
                 raise
             return False
         return True
@@ -115,11 +116,11 @@ def delete(cluster: TandemCluster, volume_id: str) -> None:
              "the deleted volume's records gone")
 
 
-def frontend_log(cluster: TandemCluster, zone: int, volume_id: str) -> str:
+def frontend_log(cluster: TandemCluster, zone: int, volume_id: str, tail: int = 3000) -> str:
     path = os.path.join(cluster.node(zone).state_dir, "frontends", volume_id, "worker.log")
     try:
         with open(path, errors="replace") as f:
-            return f.read()[-3000:]
+            return f.read()[-tail:]
     except FileNotFoundError:
         return f"(no {path})"
 
@@ -317,3 +318,74 @@ def test_a_replica_away_too_long_is_replaced_and_rebuilt(cluster):
         cluster.node(2).pool_dir, "replicas", vol.volume_id)), 60,
         "the retired replica's storage removed", cluster.logs)
     delete(cluster, vol.volume_id)
+
+
+def test_io_goes_on_without_etcd_quorum_until_a_replica_must_be_dropped(cluster):
+    """Two of the three etcd members die: no lease renewal gets through, yet the volume's
+    I/O goes on for three lease TTLs (the frontend serves on its replicas' word: no
+    takeover can have happened). Then a replica's service dies: dropping it needs the
+    arbiter (etcd), so writes fail (EIO) within TTL - margin while reads go on. The
+    members return: the drop is recorded, writes are acknowledged again by the same
+    frontend (no re-stage), its lease is renewed, and nothing acknowledged was lost.
+    (Before: the frontend fenced itself TTL - margin after the members died.)"""
+    vol = create(cluster, "mirrored-no-quorum", preferred_zone=2)
+    a = Attached(cluster, vol, 2)
+    dev = a.up()
+    before = cluster.store().get(f"frontend/{vol.volume_id}")
+    assert before is not None and before.value["state"] == "serving"
+    ttl, margin = cluster.frontend_lease_ttl_s, cluster.fence_margin_s
+    writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
+    writer.wait_writes(100)
+    lost = (0, 2)  # zone 2's member stays: it has no leader
+    for k in lost:
+        cluster.etcd.kill(k)
+    try:
+        time.sleep(3 * ttl)
+        assert writer.errors == [], frontend_log(cluster, 2, vol.volume_id)
+        assert writer.acks_after(time.monotonic() - 1.0) > 0, "writes stopped"
+        # a replica must be dropped: the arbiter cannot record it
+        killed_at = time.monotonic()
+        os.kill(_pid(cluster.node(3).state_dir, "pool/replicas/service.pid"), signal.SIGKILL)
+        wait_for(lambda: writer.errors, ttl - margin + 3, "writes failing",
+                 lambda: frontend_log(cluster, 2, vol.volume_id))
+        failing_after = time.monotonic() - killed_at
+        time.sleep(1.0)
+        stalled_at = time.monotonic()
+        time.sleep(1.0)
+        assert writer.acks_after(stalled_at) == 0, "a write acknowledged without the arbiter"
+        assert not read_fails(dev), "reads stopped too"
+        assert "serving on the word of" in frontend_log(cluster, 2, vol.volume_id, 10**6)
+    finally:
+        for k in lost:
+            cluster.etcd.members[k].start()
+    cluster.etcd.wait_healthy()
+    back_at = time.monotonic()
+    wait_for(lambda: writer.acks_after(back_at) > 100, 30, "writes acknowledged again",
+             lambda: frontend_log(cluster, 2, vol.volume_id))
+    writer.stop()
+    wait_for(lambda: "etcd renewed the lease again" in frontend_log(
+        cluster, 2, vol.volume_id, 10**6), 15, "the lease renewed",
+        lambda: frontend_log(cluster, 2, vol.volume_id))
+    after = cluster.store().get(f"frontend/{vol.volume_id}")
+    assert after is not None and after.value["state"] == "serving"
+    assert after.value["pid"] == before.value["pid"]  # the same frontend all along
+    assert writer.verify(dev, direct=True) == []  # nothing acknowledged was lost
+    print(f"writes failed {failing_after:.1f} s after the replica died")
+    cluster.wait_ready()
+    wait_for(lambda: not condition(cluster, vol.volume_id).abnormal, 60,
+             "the restarted replica back in sync",
+             lambda: condition(cluster, vol.volume_id).message)
+    a.down()
+    delete(cluster, vol.volume_id)
+
+
+def read_fails(dev: str) -> bool:
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        os.preadv(fd, [buf], 0)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False

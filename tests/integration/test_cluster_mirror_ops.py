@@ -26,7 +26,7 @@ from mirror.testkit import BLOCK, VerifiedWriter
 from proto import csi_pb2
 from tests import support
 from tests.bench.qos import BLKIO, Lab
-from tests.cluster import NodeProc, TandemCluster, wait_for
+from tests.cluster import RETRIED_BY_THE_PROVISIONER, NodeProc, TandemCluster, wait_for
 from tests.conftest import require_root
 
 MIB = 1024 * 1024
@@ -245,7 +245,7 @@ def delete_volume(cluster: TandemCluster, volume_id: str) -> None:
         try:
             ctl(cluster).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume_id))
         except grpc.RpcError as e:  # a replica its frontend just let go of: retried
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            if e.code() not in RETRIED_BY_THE_PROVISIONER:
                 raise
             return False
         return True

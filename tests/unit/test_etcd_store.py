@@ -271,6 +271,39 @@ def test_a_lease_that_cannot_be_renewed_is_lost_in_time(etcd1, open_store):
         assert not lease.alive()
 
 
+def test_a_persistent_lease_is_renewed_again_after_an_outage(etcd1, open_store):
+    """No renewal gets through for longer than the TTL: a persistent lease is not certainly
+    valid meanwhile, but not lost either (etcd may still have it: here it does, the
+    requests reach it); once answers come back it is valid again."""
+    with TcpProxy(etcd1.endpoints[0]) as proxy:
+        store = open_store([proxy.endpoint])
+        lease = store.grant_lease(1, persistent=True)
+        assert lease.renew_period_s <= 1.0
+        proxy.mode = "drop_replies"
+        time.sleep(1.6)
+        assert lease.remaining_s() == 0 and not lease.lost.is_set() and not lease.gone.is_set()
+        proxy.mode = "forward"
+        deadline = time.monotonic() + 5
+        while lease.remaining_s() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lease.remaining_s() > 0 and not lease.lost.is_set()
+        lease.revoke()
+        assert lease.gone.is_set()
+
+
+def test_a_persistent_lease_that_etcd_let_expire_is_gone(etcd1, open_store):
+    """etcd expired the lease while no renewal reached it: the next answer says so, and
+    the lease is gone (and lost) for good."""
+    with TcpProxy(etcd1.endpoints[0]) as proxy:
+        store = open_store([proxy.endpoint])
+        lease = store.grant_lease(1, persistent=True)
+        proxy.mode = "drop_requests"
+        time.sleep(2.5)  # the TTL and etcd's expiry check
+        assert not lease.gone.is_set()
+        proxy.mode = "forward"
+        assert lease.gone.wait(5) and lease.lost.is_set() and lease.remaining_s() == 0
+
+
 # -- leader election ------------------------------------------------------------------------------
 def test_leadership_hands_over_on_resign_and_fences_the_old_leader(open_store):
     a, b = open_store(), open_store()

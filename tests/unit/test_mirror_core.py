@@ -376,3 +376,50 @@ def test_a_returning_replica_is_not_read_before_its_repair(env):
     assert h.spin(lambda: 4 in h.replies)
     assert h.replies[3] == h.replies[4], "the block changed between two reads"
     assert checksum(svcs[0]) == checksum(svcs[1])
+
+
+def test_probes_prove_the_replicas_serve_this_generation_and_reveal_a_takeover(env):
+    """With probes on, the core can say how many in-sync replicas answered at its
+    generation lately; a replica that stops answering stops counting; and an idle
+    frontend whose replicas a newer one opened learns it from the next probe, with no
+    I/O of its own (before: nothing told it until its next request)."""
+    svcs, arb, make = env
+    old = make(owner="old", probe_interval_s=0.1)
+    start = time.monotonic()
+    assert old.spin(lambda: old.core.proof_of_ownership(start) == (2, 2), timeout_s=3)
+    svcs[1].test_delay_s = 0.8  # r2 answers, but late
+    time.sleep(0.3)
+    recent = time.monotonic()
+    assert old.spin(lambda: old.core.proof_of_ownership(recent - 0.2)[0] == 1, timeout_s=3)
+    svcs[1].test_delay_s = 0.0
+    assert old.spin(lambda: old.core.proof_of_ownership(time.monotonic() - 0.5)[0] == 2,
+                    timeout_s=5)
+    new = make(owner="new")
+    assert old.spin(lambda: old.core.fenced, timeout_s=2), "the takeover went unnoticed"
+    assert old.core.proof_of_ownership(0.0)[0] == 0
+    new.core.submit_read(1, 0, 4096)
+    assert new.spin(lambda: 1 in new.replies) and new.replies[1][0] == 0
+
+
+def test_an_overdue_arbiter_fails_io_until_it_records_the_change(env):
+    """A replica must be dropped while the arbiter is down: writes wait at most
+    arbiter_wait_s, then fail (EIO) at once, reads go on; once the arbiter records the
+    drop, writes are acknowledged again (before: they waited for as long as it was down)."""
+    svcs, arb, make = env
+    h = make(arbiter_wait_s=0.6)
+    h.write(1, 0, b"x" * 4096)
+    assert h.spin(lambda: 1 in h.replies) and h.replies[1] == (0, 4096)
+    arb.down = True
+    svcs[1].stop()
+    h.write(2, 65536, b"y" * 4096)
+    assert not h.spin(lambda: 2 in h.replies, timeout_s=0.4), "acked without the arbiter"
+    assert h.spin(lambda: 2 in h.replies, timeout_s=2) and h.replies[2][0] == -errno.EIO
+    h.write(3, 2 * 65536, b"z" * 4096)
+    assert h.spin(lambda: 3 in h.replies, timeout_s=0.5) and h.replies[3][0] == -errno.EIO
+    h.core.submit_read(4, 0, 4096)
+    assert h.spin(lambda: 4 in h.replies) and h.replies[4] == (0, b"x" * 4096)
+    arb.down = False
+    assert h.spin(lambda: not h.core.arbiter_overdue, timeout_s=5)
+    h.write(5, 3 * 65536, b"w" * 4096)
+    assert h.spin(lambda: 5 in h.replies) and h.replies[5] == (0, 4096)
+    assert arb.get("vol").replicas == {"r1": "in_sync", "r2": "out_of_sync"}
