@@ -6,8 +6,7 @@ from collections.abc import Mapping
 
 from control.idempotency import CapabilityKey, CreateAsk
 from csi import validation
-from engine.filesystem import check_fs_type
-from engine.node_volumes import MOUNT
+from engine.access import MOUNT, check_fs_type
 from proto import csi_pb2
 
 

@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass
 
 from control import mirrored
+from engine.access import BLOCK, MOUNT, check_fs_type
 from engine.errors import InvalidSpec, InvalidToken
-from engine.filesystem import check_fs_type
-from engine.node_volumes import BLOCK, MOUNT
 from engine.qos.tiers import QOS_KEYS
 from proto import csi_pb2
 

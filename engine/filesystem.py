@@ -8,17 +8,8 @@ from dataclasses import dataclass
 from engine import command
 from engine.errors import CommandFailed, InvalidSpec
 
-SUPPORTED_FS = ("ext4", "xfs")
-DEFAULT_FS = "ext4"
 # mkfs.xfs refuses filesystems smaller than this (xfsprogs >= 5.19).
 XFS_MIN_BYTES = 300 * 1024 * 1024
-
-
-def check_fs_type(fs_type: str) -> str:
-    fs_type = fs_type or DEFAULT_FS
-    if fs_type not in SUPPORTED_FS:
-        raise InvalidSpec(f"filesystem {fs_type!r} is not supported (use one of {SUPPORTED_FS})")
-    return fs_type
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import stat
 from dataclasses import dataclass, replace
 
 from engine import crash, fileops, filesystem
+from engine.access import BLOCK, MOUNT, check_fs_type
 from engine.backend import Backend, Device, DeviceView
 from engine.errors import AlreadyExists, InUse, InvalidSpec, NotFound, Precondition
 from engine.mounts import MountEntry, Mounts, is_device_bind, mounts_device
@@ -33,7 +34,6 @@ from engine.volumes import Backing
 
 log = logging.getLogger(__name__)
 
-MOUNT, BLOCK = "mount", "block"
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class NodeVolumes:
                                f"{req.volume_id}: it is staged through its frontend (the "
                                "CO passes the volume's context and the attach's)")
         _check_access_type(backing, req.access_type)
-        fs_type = filesystem.check_fs_type(req.fs_type) if req.access_type == MOUNT else ""
+        fs_type = check_fs_type(req.fs_type) if req.access_type == MOUNT else ""
         if fs_type:
             filesystem.check_size(fs_type, backing.size_bytes)
         flags = [_check_mount_option(o) for o in req.mount_flags]
