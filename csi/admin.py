@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from csi import admin_backup
+from csi import admin_backup, admin_replicas
 from csi.config import Config
 from engine.errors import EngineError
 from engine.node_records import Device, NodeRecords, format_device
@@ -192,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     set_ = cap_sub.add_parser("set", help="set the figure by hand")
     set_.add_argument("iops", type=int)
     admin_backup.add_parser(sub)
+    admin_replicas.add_parser(sub)
     a = p.parse_args(argv)
     if a.command == "backup":
         return admin_backup.run(a)
+    if a.command == "replicas":
+        return admin_replicas.run(a)
     if a.command in ("orphans", "purge"):
         return _orphans_command(p, a)
     # where the driver keeps things, from the same definitions it uses

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from control import mirrored, placement, policy, topology
+from control import mirrored, placement, policy, replica_report, topology
 from control.node_api import SOURCE_BACKUP, Condition, VolumeSource
 from control.records import VolumeRecord, request_hash
 from control.registry import NodeRegistry
@@ -114,22 +114,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def _mirrored_condition(self, vol: VolumeRecord) -> Condition:
         """Each replica's state: in sync, out of sync (the arbiter's record), resyncing n%
         (what the serving frontend reports), node down."""
-        states = self.volumes.mirrors.replica_states(vol.volume_id)
-        seen = self.volumes.mirrors.frontend_view(vol.volume_id)
-        parts, abnormal = [], False
-        for r in vol.replicas:
-            state = states.get(r.node_id, "unknown")
-            view = seen.get(r.node_id) or {}
-            total = int(view.get("resync_total_bytes") or 0)
-            if state != "in_sync" and view.get("state") == "resyncing" and total:
-                done = int(view.get("resync_done_bytes") or 0)
-                state = f"resyncing {min(99, done * 100 // total)}%"
-            if not self.nodes.known(r.node_id):
-                state, abnormal = f"{state}, node down", True
-            elif state != "in_sync":
-                abnormal = True
-            parts.append(f"{r.node_id} ({r.zone}): {state}")
-        return Condition(abnormal, "replicas: " + "; ".join(parts))
+        mirrors = self.volumes.mirrors
+        return replica_report.condition(replica_report.replica_reports(
+            vol, mirrors.replica_states(vol.volume_id), mirrors.frontend_view(vol.volume_id),
+            self.nodes.known))
 
     def _node_condition(self, node_id: str, volume_ids: list[str]) -> dict[str, Condition]:
         node = self.nodes.get(node_id)

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from control import mirrored
+from csi import admin_replicas
 from mirror.testkit import VerifiedWriter
 from proto import csi_pb2
 from tests import support
@@ -180,6 +181,9 @@ def test_failover_to_another_zone_loses_no_acknowledged_write(cluster):
     assert again.errors == []
     cond = condition(cluster, vol.volume_id)
     assert cond.abnormal and "node-z1" in cond.message  # the lost replica shows
+    lost = [r for row in admin_replicas.report(cluster.store(), [vol.volume_id])
+            for r in row["replicas"] if r["node_id"] == "node-z1"]  # and tandem-admin's
+    assert lost and lost[0]["node_up"] is False and lost[0]["summary"].endswith("node down")
     print(f"failover took {failover_s:.1f} s")
     # zone 1 comes back: its replica was recorded out of sync, and is repaired from the
     # others; its kubelet takes down what the moved pod left there

@@ -27,7 +27,8 @@ CONTROLLER_SIDE = ["control/node_api.py", "csi/controller.py", "csi/snapshotter.
                    "csi/snapshot_metadata.py", "csi/group_controller.py", "csi/validation.py",
                    "csi/idempotency.py", "control/volumes.py", "control/snapshots.py",
                    "control/placement.py", "control/policy.py", "control/registry.py",
-                   "control/mirrored.py", "control/backups.py"]
+                   "control/mirrored.py", "control/backups.py",
+                   "control/replica_report.py", "csi/admin_replicas.py"]
 
 
 def is_module(name: str) -> bool:
