@@ -7,8 +7,12 @@ tests/integration/test_cluster_mirror_ops.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 
+from control import placement
 from control.mirrored import QOS_KEY, QOS_VERSION_KEY
 from control.node_api import (
     SOURCE_BACKUP,
@@ -25,8 +29,9 @@ from control.topology import TOPOLOGY_ZONE_KEY
 from control.volumes import VolumeRequest
 from csi.controller import ControllerService
 from engine.crash import InjectedFault
-from engine.errors import Busy, OutOfCapacity, Precondition, Unavailable
+from engine.errors import Busy, InvalidSpec, OutOfCapacity, Precondition, Unavailable
 from engine.qos.tiers import DEFAULT_TIERS, QosSpec
+from proto import csi_pb2
 from tests.fake_nodes import GIB, FakeNode
 from tests.unit.test_control_volumes import Cluster
 
@@ -313,6 +318,28 @@ def test_modify_sets_the_limits_on_the_consumers_node(c):
         assert c.nodes[r.node_id].held[vol.volume_id].qos == DEFAULT_TIERS["gold"]
 
 
+def test_modify_admits_a_raised_minimum_on_every_replicas_node_or_changes_nothing(c):
+    vol = create(c, "v")  # the default tier: no minimum
+    before = c.volumes.require_ready(vol.volume_id)[0]
+    gold = DEFAULT_TIERS["gold"]  # 4,000 guaranteed IOPS
+    # n3 holds a replica: first its whole capacity is below the minimum, then 2,500 of its
+    # 6,000 guaranteed IOPS are taken by another volume
+    c.nodes["n3"].iops_capacity = 3000
+    c.registry.forget_info("n3")
+    with pytest.raises(InvalidSpec, match="whole capacity of 3000"):
+        c.volumes.modify(vol.volume_id, {"tier": "gold"}, lambda _p, m: DEFAULT_TIERS[m["tier"]])
+    c.nodes["n3"].iops_capacity = 6000
+    c.registry.forget_info("n3")
+    c.index.note("vol-other", replace(before, volume_id="vol-other", node_id="n3", replicas=(),
+                                      qos=QosSpec("busy", 1250, 1250)), 1)
+    with pytest.raises(OutOfCapacity, match="3500 of 6000 free"):
+        c.volumes.modify(vol.volume_id, {"tier": "gold"}, lambda _p, m: DEFAULT_TIERS[m["tier"]])
+    after = c.volumes.require_ready(vol.volume_id)[0]
+    assert after.qos == before.qos and after.mutable_parameters == before.mutable_parameters
+    for r in vol.replicas:  # no replica's node was told
+        assert c.nodes[r.node_id].held[vol.volume_id].qos != gold
+
+
 def test_the_condition_shows_a_resyncs_progress(c):
     vol = create(c, "v")
     arbiter = StoreArbiter(c.store)
@@ -340,3 +367,28 @@ def test_backups_and_mirrored_volumes_are_refused_with_the_way_round(c):
     assert c.store.get("snapshot-name/s") is None
     with pytest.raises(Precondition, match="replicas: 1"):
         create(c, "r", source=VolumeSource(SOURCE_BACKUP, "bk-1"))
+
+
+def test_get_capacity_for_three_replicas_through_csi(c):
+    """A zone's capacity for `replicas: 3` is the smaller of its own and the second best
+    of the other zones; nodes that cannot keep the tier's minimum count as nothing."""
+    for node_id, free in (("n2", 30 * GIB), ("n3", 60 * GIB), ("n4", 80 * GIB)):
+        c.nodes[node_id].free_bytes = free
+    c.nodes["n4"].iops_capacity = 3000  # cannot keep gold's 4,000 guaranteed IOPS
+    config = SimpleNamespace(overcommit_ratio=1.0, tiers=DEFAULT_TIERS)
+    service = ControllerService(config,  # type: ignore[arg-type]
+                                c.volumes, c.snapshots, None, c.registry, c.index)
+
+    def capacity(zone_name: str, **params: str) -> int:
+        req = csi_pb2.GetCapacityRequest(parameters={"replicas": "3", **params},
+                                         accessible_topology=csi_pb2.Topology(
+                                             segments=zone(zone_name)))
+        return service.GetCapacity(req, None).available_capacity
+
+    def available(node_id: str) -> int:
+        return placement.available_bytes(c.registry.info(node_id), c.index, 1.0)
+
+    assert capacity("z1") == available("n3")  # n4 and n3 the best others: n3 second
+    assert capacity("z1", tier="gold") == available("n2")  # n4 out: n3 and n2 left
+    assert capacity("z2") == available("n2")  # its own zone is the smallest
+    assert available("n2") < available("n3") < available("n4")
