@@ -459,6 +459,19 @@ def test_rbac_grants_what_the_ha_controller_calls():
     assert not writes
 
 
+def test_the_node_plugin_may_read_its_node_and_nothing_more():
+    """csi/zone.py reads the Node's zone label (read_node) with the node's own account;
+    the binding must reach that account and grant get on nodes, and no write."""
+    sa = workload("tandem-node")["spec"]["template"]["spec"]["serviceAccountName"]
+    roles = [b["roleRef"]["name"] for b in objects("ClusterRoleBinding")
+             if any(s["name"] == sa for s in b["subjects"])]
+    rules = [rule for name in roles for rule in _rules(name)]
+    assert _allows(rules, "", "nodes", "get")
+    with open(os.path.join(REPO, "csi", "zone.py")) as f:
+        assert "read_node(" in f.read()
+    assert {v for r in rules for v in r["verbs"]} <= {"get", "list", "watch"}
+
+
 def test_service_accounts_are_bound():
     accounts = {(s["metadata"]["namespace"], s["metadata"]["name"])
                 for s in objects("ServiceAccount")}
