@@ -19,7 +19,9 @@ import pytest
 from control.node_mirror import ClusterAccess, FrontendHost, ReplicaHost, _read_pid
 from control.store_arbiter import StoreArbiter
 from control.stores import StoreSpec, open_store
+from mirror import auth
 from mirror.arbiter import VolumeRecord
+from mirror.client import ReplicaClient
 from mirror.spec import FrontendTuning, ReplicaAddr
 from mirror.testkit import VerifiedWriter
 from tests.conftest import etcd_namespace
@@ -188,8 +190,21 @@ def test_a_clean_stop_says_stopped(lab, test_root):
     etcd, store, hosts, frontend_host = lab
     addrs = make_volume(test_root, store, hosts, "vol-m3", generation=1)
     fh = frontend_host()
-    fh.ensure("vol-m3", SIZE, addrs, generation=1, min_in_sync=1)
+    dev = fh.ensure("vol-m3", SIZE, addrs, generation=1, min_in_sync=1)
+    writer = VerifiedWriter(dev, blocks=2048, threads=2).start()
+    writer.wait_writes(200)  # writes all over the volume: the activity logs name regions
+    writer.stop()
     fh.stop("vol-m3")
     got = store.get("frontend/vol-m3")
     assert got is not None and got.value["state"] == "stopped"
     assert not os.path.exists(fh._dir("vol-m3"))
+    # a clean stop empties every replica's activity log (nothing for a next start to
+    # treat as suspect) and leaves no region dirty: every acknowledged block is on both
+    key = auth.load_key(f"{test_root}/mirror.key")
+    for a in addrs:
+        with ReplicaClient((a.host, a.port), key) as c:
+            c.open("vol-m3", 2)
+            dirty, activity = c.maps()
+            assert not any(activity), f"{a.replica_id}: activity log not emptied"
+            assert not any(dirty), f"{a.replica_id}: regions left dirty"
+    assert lost_blocks(writer, test_root, "vol-m3") == [[], []]
