@@ -72,11 +72,14 @@ def choose_replicas(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_ra
     lives: when it names fewer zones than there are replicas (the provisioner's
     --strict-topology names one), the rest go to other zones, and the volume is reachable
     from those too (the pod can fail over there)."""
+    problems: list[str] = [f"{n.node_id} serves no replicas (no replica service: "
+                           "--replica-listen unset, or a backend that cannot hold them)"
+                           for n in nodes if not n.replica_address]
+    nodes = [n for n in nodes if n.replica_address]
     inside = [n for n in nodes if not constraints.requisite
               or topology.matches_any(n.node_id, n.zone, constraints.requisite)]
     inside_ids = {n.node_id for n in inside}
     by_zone: dict[str, list[NodeInfo]] = {}
-    problems: list[str] = []
     for node in nodes:
         problem = room_problem(node, index, overcommit_ratio, size, qos)
         if problem:
@@ -118,6 +121,8 @@ def replica_capacity(nodes: Sequence[NodeInfo], index: VolumeIndex, overcommit_r
     zone can hold and the (count-1)th best of the other zones (a replica goes to each)."""
     best: dict[str, int] = {}
     for n in nodes:
+        if not n.replica_address:  # serves no replicas (an NVMe node, say)
+            continue
         best[n.zone] = max(best.get(n.zone, 0), available_bytes(n, index, overcommit_ratio))
     local = max((best.get(z, 0) for z in segment_zones), default=0)
     others = sorted((b for z, b in best.items() if z not in segment_zones), reverse=True)

@@ -43,11 +43,13 @@ GIB = 1024**3
 
 class FakeNode:
     def __init__(self, node_id: str, zone: str, *, free_bytes: int = 100 * GIB,
-                 iops_capacity: int = 10_000, max_volumes: int = 64):
+                 iops_capacity: int = 10_000, max_volumes: int = 64,
+                 serves_replicas: bool = True):
         self._node_id = node_id
         self.zone = zone
         self.free_bytes = free_bytes
         self.iops_capacity = iops_capacity
+        self.serves_replicas = serves_replicas  # False: no replica service (NVMe nodes)
         self.max_volumes = max_volumes
         self.held: dict[str, VolumeInfo] = {}
         self.generations: dict[str, int] = {}  # replicas: the generation fenced at
@@ -86,7 +88,8 @@ class FakeNode:
         self._reach("info")
         return NodeInfo(self._node_id, self.zone, 1000 * GIB, self.free_bytes, GIB,
                         self.iops_capacity, self.max_volumes,
-                        replica_address=f"{self._node_id}:7400")
+                        replica_address=f"{self._node_id}:7400" if self.serves_replicas
+                        else "")
 
     def _check_version(self, volume_id: str, version: int) -> VolumeInfo:
         vol = self.held.get(volume_id)

@@ -95,6 +95,24 @@ def test_capacity_and_minima_are_paid_on_every_replica_node(zones):
         assert vol.volume_id in c.index.guaranteed(r.node_id)
 
 
+def test_nodes_without_a_replica_service_never_hold_replicas(zones):
+    """An NVMe node (or one run without --replica-listen) registers no replica address:
+    placement, self-healing and GetCapacity leave it out rather than fail there."""
+    c = zones
+    c.nodes["n4"].serves_replicas = False
+    for i in range(4):
+        vol = create(c, f"v{i}", constraints=Constraints(preferred=(zone("z1"),)))
+        assert "n4" not in {r.node_id for r in vol.replicas}
+    c.nodes["n3"].serves_replicas = False  # two zones left that serve replicas
+    with pytest.raises(OutOfCapacity, match="n3 serves no replicas"):
+        create(c, "three")
+    with pytest.raises(OutOfCapacity, match="zones asked for"):
+        create(c, "there", constraints=Constraints(requisite=(zone("z4"),)))
+    infos = [n.info() for n in c.nodes.values()]
+    assert placement.replica_capacity(infos, c.index, 1.0, {"z1"}, 3) == 0
+    assert placement.replica_capacity(infos, c.index, 1.0, {"z1"}, 2) > 0
+
+
 def test_replica_capacity_of_a_segment():
     nodes = [FakeNode(f"n{i}", f"z{i}", free_bytes=(i + 1) * GIB) for i in (1, 2, 3)]
     infos = [n.info() for n in nodes]
