@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from control import mirrored
 from csi import admin_replicas
+from mirror.spec import REGION_BYTES
 from mirror.testkit import VerifiedWriter
 from proto import csi_pb2
 from tests import support
@@ -194,6 +196,13 @@ def test_failover_to_another_zone_loses_no_acknowledged_write(cluster):
              "the returned replica back in sync",
              lambda: condition(cluster, vol.volume_id).message + "\n" + frontend_log(
                  cluster, 2, vol.volume_id))
+    # only what changed while it was away went back: the writes since cover 8 MiB of the
+    # 64 (and the first writer's in-flight regions); a full copy would be all of it
+    copies = [int(n) for rid, n in re.findall(
+        r"resync of (\S+) copied (\d+) regions", frontend_log(cluster, 2, vol.volume_id,
+                                                                tail=1 << 20)) if "z1" in rid]
+    assert copies and copies[-1] * REGION_BYTES <= SIZE // 2, frontend_log(
+        cluster, 2, vol.volume_id)
     old = cluster.node(1).stubs().node
     old.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=vol.volume_id, target_path=first.target))
