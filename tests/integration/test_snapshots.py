@@ -12,6 +12,7 @@ import pytest
 
 from proto import csi_pb2
 from tests import support
+from tests.conftest import etcd_namespace
 from tests.integration.helpers import (
     MIB,
     create_request,
@@ -185,10 +186,15 @@ def test_snapshot_while_writing_keeps_every_acknowledged_write(stubs, test_root,
         assert not [m for m in mounts_under(test_root)]  # and nothing left frozen
 
 
+@pytest.mark.parametrize("store", ["sqlite", "etcd"])
 @pytest.mark.parametrize("point", ["snapshot-after-freeze", "snapshot-after-storage",
                                    "create-snapshot-after-engine"])
-def test_kill_9_during_create_snapshot(test_root, point):
-    proc = support.DriverProcess(test_root)
+def test_kill_9_during_create_snapshot(request, test_root, point, store):
+    extra = []
+    if store == "etcd":  # the cluster's records in etcd, the node's in its own SQLite
+        extra = ["--store", request.getfixturevalue("etcd_url"),
+                 "--store-namespace", etcd_namespace()]
+    proc = support.DriverProcess(test_root, extra=extra)
     proc.start(env={"TANDEM_CRASH_AT": point})
     try:
         stubs = proc.stubs()
