@@ -222,6 +222,45 @@ def test_kill_9_during_create_snapshot(request, test_root, point, store):
         proc.stop(signal.SIGKILL)
 
 
+def test_unstage_waits_for_a_snapshot_holding_the_volume_frozen(test_root):
+    """The snapshot's freeze and the node's unpublish/unstage take one per-volume lock:
+    an unpublish that arrives while the filesystem is frozen is ABORTED (the kubelet
+    retries), and the retry after the snapshot unmounts cleanly: nothing unmounts a frozen
+    filesystem, and the snapshot never freezes a filesystem going away."""
+    proc = support.DriverProcess(test_root)
+    proc.start(env={"TANDEM_PAUSE_AT": "snapshot-after-freeze:2"})
+    try:
+        stubs = proc.stubs()
+        vol = Volume(stubs, test_root, "held", block=False)
+        vol.write(0, b"before the snapshot")
+        done: dict[str, float] = {}
+
+        def take_snapshot() -> None:
+            stubs.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+                name="s", source_volume_id=vol.id))
+            done["snapshot"] = time.monotonic()
+        snapper = threading.Thread(target=take_snapshot)
+        snapper.start()
+        time.sleep(0.7)  # the snapshot holds the filesystem frozen for 2 s from here
+        aborted = 0
+        while True:  # as the kubelet does: NodeUnpublish + NodeUnstage, retried on ABORTED
+            try:
+                vol.release(delete=False)
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.ABORTED, e
+                aborted += 1
+                time.sleep(0.2)
+        snapper.join(30)
+        assert "snapshot" in done, "the snapshot failed"
+        assert aborted, "the unpublish ran beside the frozen snapshot"
+        assert not [m for m in mounts_under(test_root)]  # unmounted, nothing left frozen
+        (snap,) = stubs.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries
+        assert snap.snapshot.ready_to_use
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
 def test_group_snapshot_freezes_mounted_members_together(stubs, test_root):
     a = Volume(stubs, test_root, "a", block=False)
     b = Volume(stubs, test_root, "b", block=False)
