@@ -4,6 +4,9 @@
         proxy.mode = "drop_replies"    # requests reach the server, answers never come back
         proxy.mode = "drop_requests"   # requests are swallowed, the server sees nothing
         proxy.reset()                  # close every connection (their streams are torn)
+        proxy.refuse(3, b"HTTP/1.1 503 ...")  # the next 3 connections get that answer to
+                                              # their first request, and are closed
+        proxy.most_open                # the most connections open at once so far
 
 A lost byte stream cannot resume mid-frame, so tests call reset() before forwarding again.
 """
@@ -28,6 +31,11 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._closed = False
         self.forwarded_requests = 0  # bytes client -> server that reached the server
+        self.refused = 0  # connections answered with the refusal
+        self.most_open = 0  # the most client connections open at once
+        self._refuse_next = 0
+        self._refusal = b""
+        self._clients: set[socket.socket] = set()
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def _accept(self) -> None:
@@ -36,11 +44,21 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                refuse = self._refuse_next > 0
+                self._refuse_next -= refuse
+                self.refused += refuse
+                self._clients.add(client)
+                self.most_open = max(self.most_open, len(self._clients))
+            if refuse:
+                threading.Thread(target=self._answer, args=(client,), daemon=True,
+                                 name="proxy-refuse").start()
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=2)
                 server.settimeout(None)
             except OSError:
-                client.close()
+                self._close_pair(client)
                 continue
             with self._lock:
                 if self._closed:
@@ -52,6 +70,19 @@ class TcpProxy:
                                    (server, client, "drop_replies")):
                 threading.Thread(target=self._pump, args=(src, dst, drop), daemon=True,
                                  name="proxy-pump").start()
+
+    def refuse(self, count: int, answer: bytes) -> None:
+        with self._lock:
+            self._refuse_next, self._refusal = count, answer
+
+    def _answer(self, client: socket.socket) -> None:
+        try:
+            client.recv(65536)  # the request's head; the server never sees it
+            client.sendall(self._refusal)
+        except OSError:
+            pass
+        finally:
+            self._close_pair(client)
 
     def _pump(self, src: socket.socket, dst: socket.socket, drop_mode: str) -> None:
         try:
@@ -73,6 +104,7 @@ class TcpProxy:
             s.close()
             with self._lock:
                 self._sockets.discard(s)
+                self._clients.discard(s)
 
     def reset(self) -> None:
         """Tear down every connection through the proxy and forward normally again."""
