@@ -81,6 +81,38 @@ class PoolObject(Protocol):
     def sector_size_bytes(self) -> int: ...
 
 
+def check_version(backing: Backing, version: int) -> None:
+    """Refuse a call acting on an older cluster record than one already acted on."""
+    if version and version < backing.version:
+        raise StaleVersion(f"volume {backing.volume_id}: the call acts on record version "
+                           f"{version}, this node already acted on {backing.version}")
+
+
+def set_backing_qos(store: Store, volume_id: str, qos_json: str, version: int,
+                    storage: str) -> None:
+    """A backing record's tier, for any backend (storage: what it is, for the error)."""
+    with store.txn() as t:
+        rec = t.get(KIND, volume_id)
+        if rec is None:
+            raise NotFound(f"volume {volume_id} has no {storage} on this node")
+        check_version(Backing.from_record(volume_id, rec), version)
+        rec["qos_json"] = qos_json
+        rec["version"] = max(version, rec.get("version", 0))
+        t.put(KIND, volume_id, rec)
+
+
+def set_backing_made_fs(store: Store, volume_id: str, fs_type: str, done: bool,
+                        storage: str) -> Backing:
+    """Record that Tandem is making (done=False) or has made fs_type on the volume."""
+    with store.txn() as t:
+        rec = t.get(KIND, volume_id)
+        if rec is None:
+            raise NotFound(f"volume {volume_id} has no {storage} on this node")
+        rec["made_fs"], rec["made_fs_done"] = fs_type, done
+        t.put(KIND, volume_id, rec)
+    return Backing.from_record(volume_id, rec)
+
+
 class VolumeFiles:
     def __init__(self, store: Store, pool: Pool):
         self.store = store
@@ -165,12 +197,7 @@ class VolumeFiles:
         crash.point("volume-delete-after-file")
         self.store.delete(KIND, volume_id)
 
-    @staticmethod
-    def check_version(backing: Backing, version: int) -> None:
-        """Refuse a call acting on an older cluster record than one already acted on."""
-        if version and version < backing.version:
-            raise StaleVersion(f"volume {backing.volume_id}: the call acts on record version "
-                               f"{version}, this node already acted on {backing.version}")
+    check_version = staticmethod(check_version)  # the module's, for callers holding one
 
     def expand(self, volume_id: str, size_bytes: int, version: int = 0) -> Backing:
         backing = self.require(volume_id)
@@ -190,24 +217,10 @@ class VolumeFiles:
         return grown
 
     def set_qos(self, volume_id: str, qos_json: str, version: int = 0) -> None:
-        with self.store.txn() as t:
-            rec = t.get(KIND, volume_id)
-            if rec is None:
-                raise NotFound(f"volume {volume_id} has no backing file on this node")
-            self.check_version(Backing.from_record(volume_id, rec), version)
-            rec["qos_json"] = qos_json
-            rec["version"] = max(version, rec.get("version", 0))
-            t.put(KIND, volume_id, rec)
+        set_backing_qos(self.store, volume_id, qos_json, version, "backing file")
 
     def set_made_fs(self, volume_id: str, fs_type: str, done: bool) -> Backing:
-        """Record that Tandem is making (done=False) or has made fs_type on the volume."""
-        with self.store.txn() as t:
-            rec = t.get(KIND, volume_id)
-            if rec is None:
-                raise NotFound(f"volume {volume_id} has no backing file on this node")
-            rec["made_fs"], rec["made_fs_done"] = fs_type, done
-            t.put(KIND, volume_id, rec)
-        return Backing.from_record(volume_id, rec)
+        return set_backing_made_fs(self.store, volume_id, fs_type, done, "backing file")
 
     def all(self) -> list[Backing]:
         return [Backing.from_record(k, r) for k, r in self.store.list(KIND)]

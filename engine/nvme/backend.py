@@ -47,7 +47,6 @@ from engine.errors import (
     NotFound,
     OutOfCapacity,
     Precondition,
-    StaleVersion,
 )
 from engine.loopdev import LoopDevice, LoopDevices, file_id
 from engine.mounts import MountEntry, is_device_bind, mounts_device
@@ -61,7 +60,14 @@ from engine.qos import capacity as capacity_mod
 from engine.qos import fio
 from engine.snapshots import NoSnapshots
 from engine.state import Store
-from engine.volumes import EMPTY, Backing, PoolObject
+from engine.volumes import (
+    EMPTY,
+    Backing,
+    PoolObject,
+    check_version,
+    set_backing_made_fs,
+    set_backing_qos,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,30 +218,13 @@ class NvmeBackend:
     def _put_ns(self, rec: NamespaceRecord) -> None:
         self.store.put(NS_KIND, str(rec.nsid), rec.record())
 
-    @staticmethod
-    def check_version(backing: Backing, version: int) -> None:
-        if version and version < backing.version:
-            raise StaleVersion(f"volume {backing.volume_id}: the call acts on record version "
-                               f"{version}, this node already acted on {backing.version}")
+    check_version = staticmethod(check_version)
 
     def set_qos(self, volume_id: str, qos_json: str, version: int = 0) -> None:
-        with self.store.txn() as t:
-            rec = t.get(KIND, volume_id)
-            if rec is None:
-                raise NotFound(f"volume {volume_id} has no namespace on this node")
-            self.check_version(Backing.from_record(volume_id, rec), version)
-            rec["qos_json"] = qos_json
-            rec["version"] = max(version, rec.get("version", 0))
-            t.put(KIND, volume_id, rec)
+        set_backing_qos(self.store, volume_id, qos_json, version, "namespace")
 
     def set_made_fs(self, volume_id: str, fs_type: str, done: bool) -> Backing:
-        with self.store.txn() as t:
-            rec = t.get(KIND, volume_id)
-            if rec is None:
-                raise NotFound(f"volume {volume_id} has no namespace on this node")
-            rec["made_fs"], rec["made_fs_done"] = fs_type, done
-            t.put(KIND, volume_id, rec)
-        return Backing.from_record(volume_id, rec)
+        return set_backing_made_fs(self.store, volume_id, fs_type, done, "namespace")
 
     # --- start-up ----------------------------------------------------------------------
     def open(self) -> None:
