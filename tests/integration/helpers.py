@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from engine.loopdev import LoopDevices
@@ -54,3 +55,38 @@ def mounts_under(root: str, *, except_pool: bool = True) -> list[str]:
     pool = f"{root}/state/pool"
     return [m.target for m in Mounts().table()
             if m.target.startswith(root + "/") and not (except_pool and m.target == pool)]
+
+
+class BlockVolume:
+    """A block volume staged and published through a node's CSI socket, for writing
+    whole blocks (synced) and for its digest. timeout: each node call's, in seconds."""
+
+    def __init__(self, stubs, root: str, volume_id: str, timeout: float | None = None):
+        self.stubs, self.id, self.timeout = stubs, volume_id, timeout
+        self.staging, self.target = f"{root}/{volume_id}-st", f"{root}/{volume_id}-dev"
+        os.makedirs(self.staging, exist_ok=True)
+        stubs.node.NodeStageVolume(stage_request(volume_id, self.staging, block=True),
+                                   timeout=timeout)
+        stubs.node.NodePublishVolume(publish_request(volume_id, self.staging, self.target,
+                                                     block=True), timeout=timeout)
+
+    def write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.target, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        with open(self.target, "rb") as f:
+            while chunk := f.read(4 * MIB):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def release(self) -> None:
+        self.stubs.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=self.id, target_path=self.target), timeout=self.timeout)
+        self.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+            volume_id=self.id, staging_target_path=self.staging), timeout=self.timeout)

@@ -7,7 +7,6 @@ same targets file: all it shares with the first is the bucket.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,7 +20,7 @@ import pytest
 
 from proto import csi_pb2
 from tests import support
-from tests.integration.helpers import MIB, create_request, publish_request, stage_request
+from tests.integration.helpers import MIB, BlockVolume, create_request
 from tests.rgw import Bucket
 
 KEY = "tandem-test-key-" + "k" * 32
@@ -73,42 +72,9 @@ def clusters(test_root, rgw, bucket):
             d.close()
 
 
-class BlockVolume:
-    """A block volume published on its driver's node, for writing and reading."""
-
-    def __init__(self, stubs, root: str, volume_id: str):
-        self.stubs, self.id = stubs, volume_id
-        self.staging, self.target = f"{root}/{volume_id}-st", f"{root}/{volume_id}-dev"
-        os.makedirs(self.staging, exist_ok=True)
-        stubs.node.NodeStageVolume(stage_request(volume_id, self.staging, block=True))
-        stubs.node.NodePublishVolume(publish_request(volume_id, self.staging, self.target,
-                                                     block=True))
-
-    @classmethod
-    def create(cls, stubs, root: str, name: str, size: int = SIZE) -> BlockVolume:
-        vol = stubs.controller.CreateVolume(create_request(name, size=size, block=True)).volume
-        return cls(stubs, root, vol.volume_id)
-
-    def write(self, offset: int, data: bytes) -> None:
-        fd = os.open(self.target, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        with open(self.target, "rb") as f:
-            while chunk := f.read(4 * MIB):
-                h.update(chunk)
-        return h.hexdigest()
-
-    def release(self) -> None:
-        self.stubs.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=self.id, target_path=self.target))
-        self.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=self.id, staging_target_path=self.staging))
+def new_block_volume(stubs, root: str, name: str, size: int = SIZE) -> BlockVolume:
+    vol = stubs.controller.CreateVolume(create_request(name, size=size, block=True)).volume
+    return BlockVolume(stubs, root, vol.volume_id)
 
 
 def random_blocks(vol: BlockVolume, count: int, rng: random.Random,
@@ -172,7 +138,7 @@ def code_of(call, req) -> grpc.RpcError:
 def test_full_backup_restores_in_another_cluster_from_the_bucket_alone(
         clusters, test_root, bucket, secrets):
     a, b = (c.stubs for c in clusters)
-    vol = BlockVolume.create(a, test_root, "src")
+    vol = new_block_volume(a, test_root, "src")
     rng = random.Random(1)
     vol.write(8 * MIB, rng.randbytes(8 * MIB))  # a contiguous run
     run = set(range(8 * MIB // BLOCK, 16 * MIB // BLOCK))
@@ -216,7 +182,7 @@ def test_full_backup_restores_in_another_cluster_from_the_bucket_alone(
 def test_incremental_chain_uploads_changed_blocks_and_survives_a_deletion(
         clusters, test_root, rgw, bucket, secrets):
     a, b = (c.stubs for c in clusters)
-    vol = BlockVolume.create(a, test_root, "src")
+    vol = new_block_volume(a, test_root, "src")
     rng = random.Random(2)
     vol.write(0, rng.randbytes(SIZE))  # full
     digests, snaps = [], []
@@ -272,7 +238,7 @@ def test_incremental_chain_uploads_changed_blocks_and_survives_a_deletion(
 def test_damaged_or_missing_data_fails_the_restore_with_data_loss(
         clusters, test_root, rgw, bucket, secrets):
     a, b = (c.stubs for c in clusters)
-    vol = BlockVolume.create(a, test_root, "src")
+    vol = new_block_volume(a, test_root, "src")
     vol.write(0, random.Random(3).randbytes(4 * MIB))
     snap = backup(a, "b1", vol.id, secrets)
     vol.release()
@@ -319,7 +285,7 @@ def checkpointed_bytes(state_dir: str) -> int:
 
 def test_wrong_key_is_refused(clusters, test_root, bucket, secrets):
     a, b = (c.stubs for c in clusters)
-    vol = BlockVolume.create(a, test_root, "src")
+    vol = new_block_volume(a, test_root, "src")
     vol.write(0, os.urandom(BLOCK))
     snap = backup(a, "b1", vol.id, secrets)
     wrong = {**secrets, "encryptionKey": "another-key-" + "w" * 32}
@@ -347,7 +313,7 @@ def test_interrupted_upload_and_restore_resume_and_credentials_never_reach_the_l
     try:
         proc.start()
         stubs = proc.stubs()
-        vol = BlockVolume.create(stubs, f"{test_root}/a", "src", size=size)
+        vol = new_block_volume(stubs, f"{test_root}/a", "src", size=size)
         for off in range(0, size, 16 * MIB):
             vol.write(off, os.urandom(16 * MIB))
         source = vol.digest()

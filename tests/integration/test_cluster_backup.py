@@ -16,7 +16,6 @@ value may appear in any of their logs.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ from proto import csi_pb2
 from tests import support
 from tests.cluster import NodeProc, TandemCluster, wait_for
 from tests.conftest import require_root
-from tests.integration.helpers import MIB, create_request, publish_request, stage_request
+from tests.integration.helpers import MIB, BlockVolume, create_request
 from tests.rgw import Bucket, RadosGateway
 
 SIZE = 64 * MIB
@@ -127,41 +126,6 @@ def error_of(call) -> grpc.RpcError:
     return e.value
 
 
-class Published:
-    """A block volume staged and published on its node through the node's CSI socket."""
-
-    def __init__(self, node: NodeProc, root: str, volume_id: str):
-        self.stubs, self.id = node.stubs(), volume_id
-        self.staging = os.path.join(root, f"{volume_id}-staging")
-        self.target = os.path.join(root, f"{volume_id}-device")
-        os.makedirs(self.staging)
-        self.stubs.node.NodeStageVolume(stage_request(volume_id, self.staging, block=True),
-                                        timeout=60)
-        self.stubs.node.NodePublishVolume(publish_request(
-            volume_id, self.staging, self.target, block=True), timeout=60)
-
-    def write(self, offset: int, data: bytes) -> None:
-        fd = os.open(self.target, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        with open(self.target, "rb") as f:
-            while chunk := f.read(4 * MIB):
-                h.update(chunk)
-        return h.hexdigest()
-
-    def release(self) -> None:
-        self.stubs.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
-            volume_id=self.id, target_path=self.target), timeout=60)
-        self.stubs.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
-            volume_id=self.id, staging_target_path=self.staging), timeout=60)
-
-
 def node_jobs(node: NodeProc, kind: str) -> dict[str, dict]:
     """The records of a kind (backup or restore jobs, snapshots) a node's own store
     holds (read beside the process, or after it died)."""
@@ -216,7 +180,7 @@ def test_backup_in_one_zone_restores_in_another(setup, test_root):
     # a volume in zone 1 with known data: a run of 8 MiB and scattered blocks
     vol = ctl0.CreateVolume(in_zone("src", 1), timeout=30).volume
     assert cluster.node_of(vol) is z1
-    src = Published(z1, test_root, vol.volume_id)
+    src = BlockVolume(z1.stubs(), test_root, vol.volume_id, timeout=60)
     rng = random.Random(7)
     src.write(8 * MIB, rng.randbytes(8 * MIB))
     for b in rng.sample(range(SIZE // BLOCK), 64):
@@ -255,7 +219,7 @@ def test_backup_in_one_zone_restores_in_another(setup, test_root):
     assert cluster.node_of(restored) is z2
     assert restore().volume.volume_id == restored.volume_id  # idempotent
     assert node_jobs(z2, RESTORE_JOB)[restored.volume_id]["phase"] == "done"
-    copy = Published(z2, test_root, restored.volume_id)
+    copy = BlockVolume(z2.stubs(), test_root, restored.volume_id, timeout=60)
     assert copy.digest() == source
     copy.release()
 
@@ -276,7 +240,7 @@ def test_backup_in_one_zone_restores_in_another(setup, test_root):
     bucket.put(pack_key, intact)
     again = until_made(damaged_restore)
     assert cluster.node_of(again) is z3
-    copy = Published(z3, test_root, again.volume_id)
+    copy = BlockVolume(z3.stubs(), test_root, again.volume_id, timeout=60)
     assert copy.digest() == source
     copy.release()
 
@@ -322,7 +286,7 @@ def test_backups_outlive_their_node(setup, test_root):
     ctl0, ctl1 = (c.stubs().controller for c in cluster.controllers)
     z1, z2 = cluster.node(1), cluster.node(2)
     vol = ctl0.CreateVolume(in_zone("kept", 1), timeout=30).volume
-    src = Published(z1, test_root, vol.volume_id)
+    src = BlockVolume(z1.stubs(), test_root, vol.volume_id, timeout=60)
     src.write(4 * MIB, random.Random(8).randbytes(4 * MIB))
     source = src.digest()
     src.release()
@@ -352,7 +316,7 @@ def test_backups_outlive_their_node(setup, test_root):
         restored = until_made(partial(ctl1.CreateVolume, from_backup(
             "from-newer", 2, newer_id, secrets), timeout=30))
         assert cluster.node_of(restored) is z2
-        copy = Published(z2, test_root, restored.volume_id)
+        copy = BlockVolume(z2.stubs(), test_root, restored.volume_id, timeout=60)
         assert copy.digest() == source
         copy.release()
     finally:
