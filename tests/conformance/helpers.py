@@ -6,6 +6,7 @@ not through the driver's own parsers, so a bug there cannot hide a bug in the dr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -176,6 +177,10 @@ def loops() -> list[Loop]:
                 size = int(f.read()) * 512
         except (FileNotFoundError, ValueError):
             continue
+        except OSError as e:  # detached by another process as we read it: not bound
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                continue
+            raise
         found.append(Loop(name, (major, minor), backing, ro, size))
     return found
 

@@ -116,9 +116,12 @@ class ClusterDriver:
         self.driver = SimpleNamespace(cluster_store=cluster.store())
 
     def _learn(self, volume: csi_pb2.Volume) -> None:
+        """A local volume's node (a mirrored volume's topology names zones only: the
+        test's home node, in one of them, serves it)."""
         if volume.volume_id and volume.accessible_topology:
-            self.placed[volume.volume_id] = volume.accessible_topology[0].segments[
-                TOPOLOGY_NODE_KEY]
+            node_id = volume.accessible_topology[0].segments.get(TOPOLOGY_NODE_KEY)
+            if node_id:
+                self.placed[volume.volume_id] = node_id
 
     def close(self) -> None:
         for ch in self.channels:
