@@ -23,6 +23,7 @@ import pytest
 
 from control import mirrored
 from csi import admin_replicas
+from engine.state import SqliteStore
 from mirror.spec import REGION_BYTES
 from mirror.testkit import VerifiedWriter
 from proto import csi_pb2
@@ -147,6 +148,14 @@ def test_a_mirrored_volume_lives_through_csi(cluster):
     assert writer.errors == [] and writer.verify(dev, direct=True) == []
     cond = condition(cluster, vol.volume_id)
     assert not cond.abnormal, cond.message
+    for n in cluster.nodes:  # each replica is a backing of its node's pool, in its records
+        store = SqliteStore(os.path.join(n.state_dir, "state.sqlite"))
+        try:
+            backing = store.get("backing", vol.volume_id)
+        finally:
+            store.close()
+        assert backing is not None and backing["role"] == "replica", n.node_id
+        assert os.path.exists(os.path.join(n.pool_dir, "replicas", vol.volume_id))
     a.down()
     got = cluster.store().get(f"frontend/{vol.volume_id}")
     assert got is not None and got.value["state"] == "stopped"
