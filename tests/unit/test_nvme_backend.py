@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -536,3 +537,38 @@ def test_concurrent_creates_never_claim_the_same_namespace(rig, monkeypatch):
     for t in threads:
         t.join()
     assert errors == [] and sorted(made) == ["nsid-1", "nsid-2"]
+
+
+def test_iops_are_measured_only_on_the_namespace_reserved_for_it(rig, monkeypatch):
+    """The capacity for guaranteed minima is measured on a namespace kept for it, never
+    one that holds or may hold a volume (fio writes: it would destroy a tenant's data)."""
+    runs: list[str] = []
+    monkeypatch.setattr(nvme.fio, "run", lambda job: (runs.append(job.filename),
+                                                       SimpleNamespace(iops=12345.0))[1])
+    drive = FakeDrive()  # one drive and one sysfs for every backend of this test
+    with pytest.raises(Precondition, match="--nvme-measure-nsid"):
+        opened(rig(drive)).measure_iops()  # none reserved: refused, saying what to give
+    # namespace 1 holds a volume: refused as the measurement's, and left alone
+    backend = opened(rig(drive, store_name="a.sqlite", measure_nsid=1))
+    assert backend.create("vol-a", 16 * MIB).pool_name == "nsid-1"
+    with pytest.raises(Precondition, match="holds or may hold a volume"):
+        backend.measure_iops()
+    assert runs == []
+    # namespace 2 carries another node's volume label: refused as well
+    drive.namespaces[2] = 8192
+    other = opened(rig(drive, store_name="b.sqlite", measure_nsid=2))
+    dev = other._attach_device(2, 8192 * 4096)
+    labels.write(dev.path, dev.size_bytes, labels.Label(labels.VOLUME, volume_id="vol-x",
+                                                        node_id="n9"))
+    other._detach(2)
+    with pytest.raises(Precondition, match="labelled volume vol-x"):
+        other.measure_iops()
+    assert runs == []
+    # a blank namespace reserved for it: measured there, and detached again
+    drive.namespaces[3] = 8192
+    third = opened(rig(drive, store_name="c.sqlite", measure_nsid=3))
+    assert third.measure_iops() == 12345
+    (measured,) = runs
+    assert os.path.basename(measured) == third.sysfs.names[3]  # type: ignore[attr-defined]
+    assert 3 not in drive.attached
+    assert third.measure_iops() == 12345  # its own label does not stop a second run
