@@ -17,11 +17,13 @@ import time
 
 import pytest
 
+from control.local_node import LocalNode
 from csi import admin
 from proto import csi_pb2
+from tests import support
 from tests.conftest import etcd_namespace
 from tests.integration.helpers import create_request, pool_files, publish_request, stage_request
-from tests.support import DriverProcess
+from tests.support import DriverProcess, InProcessDriver
 
 
 def _orphans(root: str) -> dict:
@@ -153,3 +155,24 @@ def test_orphans_are_listed_by_tandem_admin(test_root, capsys):
         assert vol in capsys.readouterr().out
     finally:
         proc.stop(signal.SIGKILL)
+
+
+def test_a_node_with_orphans_says_so_in_its_condition(test_root):
+    """What the node registers (its NodeInfo: the cluster's node record) carries an
+    abnormal condition while storage no record owns is kept, pointing at the tool."""
+    driver = InProcessDriver(support.test_config(test_root))
+    try:
+        driver.stubs.controller.CreateVolume(create_request("v"))
+        assert not LocalNode(driver.driver.engine, 8).info().condition.abnormal
+    finally:
+        driver.close()
+    for name in os.listdir(f"{test_root}/state"):  # the node's store is lost
+        if name.startswith("state.sqlite"):
+            os.unlink(f"{test_root}/state/{name}")
+    driver = InProcessDriver(support.test_config(test_root))
+    try:
+        condition = LocalNode(driver.driver.engine, 8).info().condition
+        assert condition.abnormal and "tandem-admin orphans" in condition.message
+        assert len(pool_files(test_root)) == 1  # kept, not deleted
+    finally:
+        driver.close()
