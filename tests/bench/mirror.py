@@ -1,26 +1,65 @@
 """`python -m tests.bench.mirror`: mirrored vs unmirrored volume, across namespaces.
 
-4 KiB random write/read IOPS at QD1 and QD32 and QD1 write latency for an
-unmirrored loop volume and for 2 and 3 replicas (each in its own zone
-namespace, the frontend in another); resync time for 64 MiB dirtied on a
-16 GiB volume; full rebuild rate. Prints a final JSON line. Needs root.
+Needs root. Runtime about 9 minutes with the defaults (TDM_BENCH_RUNTIME_S=6 seconds per
+fio job, TDM_BENCH_ROUNDS=3); every figure but resync and rebuild comes from devices
+measured side by side in the same run. Prints one JSON line last.
 
-The goal metric (QD32 random-write IOPS over the unmirrored volume's) is taken
-in TDM_BENCH_ROUNDS interleaved rounds (local, 2 and 3 replicas back to back,
-order rotated each round, every device filled first so that all of them
-overwrite allocated blocks): each device's best round over the local volume's
-best. On a shared machine other work's disk traffic slows the local volume
-(direct I/O to the disk) far more than the replicas (page cache until a SYNC),
-so paired ratios swing both ways; best over best is the steadier, and the
-conservative, estimate. The per-round ratios are in the JSON too.
+The rig: three replica services, each in its own zone namespace behind a bridge (veth
+pairs, 198.18.0.0/24 only inside the namespaces); the frontends (FUSE + loop device) in
+another namespace; fio and the commit probe in the root namespace on the loop devices.
+Every device is filled once first (random 4 KiB writes, each block once), so that all
+of them overwrite allocated blocks.
+
+What each side does with a 4 KiB write (the comparison is only fair with this in mind):
+- local: a loop device with direct I/O on a sparse file on the VM's disk (ext4): the
+  write completes when the virtio disk has it (in its volatile cache); a flush
+  (fdatasync of the device) is a flush of the loop device, i.e. fsync of the file, i.e. a
+  cache flush of the disk.
+- mirrored: a loop device with direct I/O on the FUSE file; the worker sends the write
+  to every replica; each replica applies it with a buffered pwrite (page cache) and
+  answers; the write completes when every replica answered. A flush sends SYNC to every
+  replica, which fdatasyncs its data file (the page cache goes to the disk, then a cache
+  flush) and answers; it completes when every replica answered.
+  Both sides hold a write in volatile memory until a flush, as a block device may; the
+  mirrored side's memory is the replicas' page cache, the local side's the disk's cache.
+  So flush-free rows compare direct disk writes with page-cache writes plus the mirror's
+  CPU and network work; flush-heavy rows make both sides durable at every commit; the
+  tmpfs rows take the disk out of both sides.
+
+Rows, each in TDM_BENCH_ROUNDS interleaved rounds (every device once per round, the
+order rotated per round):
+- write_qd32: 4 KiB random writes at QD32, no flush (the historical goal metric).
+- commit_qd1: the commit probe, one 4 KiB random O_DIRECT pwrite then fdatasync, one at a
+  time, as a database commits: commits/s and p50/p99 of pwrite+fdatasync.
+- sync32_qd32: fio 4 KiB random writes at QD32 with fdatasync every 32 writes (fio drains
+  the queue before each fdatasync): write IOPS.
+- tmpfs: replicas' pools and the local volume's file on a tmpfs of this run: fio 4 KiB
+  random write at QD1 (latency, the write alone, no flush; fio's total latency, submit
+  to completion) and QD32 (IOPS). No disk: what is left is Tandem's data path, FUSE,
+  the loop devices and TCP over veth.
+The veth round trip (ICMP, frontend namespace to each zone) is measured at the start
+and at the end of the run; its median is `veth_rtt_us`.
+
+Aggregation: throughput rows report each device's best round over the local volume's
+best round (other work on the shared machine hits whichever device runs at that
+moment; best over best is the steadier estimate), latency rows each device's lowest
+p50 round; the per-round (paired) ratios are in the JSON too (`*_paired`).
+On this rig all replicas share one disk, so a disk-bound flush-heavy load cannot exceed
+about 1/N of local with N replicas: `r{N}_commit_qd1_of_limit` and
+`r{N}_sync32_qd32_of_limit` say where each flush-heavy figure stands against it (1.0 =
+at the limit). Also: read IOPS (QD1, QD32) and QD1 write on the disk devices, resync
+time for 64 MiB dirtied on a 16 GiB volume, full rebuild rate.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,44 +71,84 @@ from mirror.spec import FrontendTuning, ReplicaAddr, ReplicaState
 from mirror.testkit import ReplicaProc, Topology
 
 PORT = 7500
+TMPFS_PORT = 7510
 VOL_BYTES = 1 << 30
+TMPFS_VOL_BYTES = 256 << 20
 RUNTIME_S = int(os.environ.get("TDM_BENCH_RUNTIME_S", "6"))
 ROUNDS = int(os.environ.get("TDM_BENCH_ROUNDS", "3"))
 TUNING = FrontendTuning(io_timeout_s=5.0, reconnect_interval_s=0.2)
+DEVICES = ("local", "r2", "r3")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(argv: list[str], timeout_s: float = 60.0) -> str:
     return command.run(argv, timeout_s=timeout_s).stdout
 
 
-def fio(dev: str, rw: str, qd: int, runtime_s: int = RUNTIME_S) -> dict:
-    out = run(
-        [
-            "fio",
-            "--name=b",
-            f"--filename={dev}",
-            "--direct=1",
-            "--ioengine=libaio",
-            f"--rw={rw}",
-            "--bs=4k",
-            f"--iodepth={qd}",
-            f"--runtime={runtime_s}",
-            "--time_based",
-            "--ramp_time=1",
-            "--size=1g",
-            "--randrepeat=0",
-            "--norandommap",
-            "--output-format=json",
-        ],
-        timeout_s=runtime_s + 60,
-    )
-    job = json.loads(out)["jobs"][0]
+def fio(dev: str, rw: str, qd: int, runtime_s: int = RUNTIME_S, size: int = VOL_BYTES,
+        fdatasync: int = 0) -> dict:
+    """IOPS and total latency (submission to completion) percentiles in microseconds."""
+    argv = [
+        "fio",
+        "--name=b",
+        f"--filename={dev}",
+        "--direct=1",
+        "--ioengine=libaio",
+        f"--rw={rw}",
+        "--bs=4k",
+        f"--iodepth={qd}",
+        f"--runtime={runtime_s}",
+        "--time_based",
+        "--ramp_time=1",
+        f"--size={size}",
+        "--randrepeat=0",
+        "--norandommap",
+        "--lat_percentiles=1",
+        "--output-format=json",
+    ]
+    if fdatasync:
+        argv.append(f"--fdatasync={fdatasync}")
+    job = json.loads(run(argv, timeout_s=runtime_s + 60))["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
-    pct = side["clat_ns"].get("percentile", {})
+    pct = side["lat_ns"].get("percentile", {})
     return {
         "iops": round(side["iops"]),
-        "p50_ms": pct.get("50.000000", 0) / 1e6,
-        "p99_ms": pct.get("99.000000", 0) / 1e6,
+        "p50_us": round(pct.get("50.000000", 0) / 1e3, 1),
+        "p99_us": round(pct.get("99.000000", 0) / 1e3, 1),
+    }
+
+
+def commit_probe(dev: str, runtime_s: int = RUNTIME_S, size: int = VOL_BYTES) -> dict:
+    """A database's commit, one at a time: a random 4 KiB O_DIRECT pwrite, then fdatasync.
+    Commits/s and p50/p99 of the pair in microseconds (fio reports the write and the sync
+    apart, never their sum); the first second is a warm-up."""
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        buf.write(os.urandom(4096))
+        rng = random.Random(12)
+        blocks = size // 4096
+        ns = time.perf_counter_ns
+        start = ns()
+        measure_from = start + 1_000_000_000
+        end = measure_from + runtime_s * 1_000_000_000
+        lat: list[int] = []
+        t = start
+        while t < end:
+            off = rng.randrange(blocks) * 4096
+            t0 = ns()
+            os.pwrite(fd, buf, off)
+            os.fdatasync(fd)
+            t = ns()
+            if t0 >= measure_from:
+                lat.append(t - t0)
+    finally:
+        os.close(fd)
+    lat.sort()
+    return {
+        "iops": round(len(lat) / runtime_s),
+        "p50_us": round(lat[len(lat) // 2] / 1e3, 1),
+        "p99_us": round(lat[min(len(lat) - 1, len(lat) * 99 // 100)] / 1e3, 1),
     }
 
 
@@ -92,8 +171,58 @@ def fill(dev: str, size: int = VOL_BYTES, rw: str = "write", bs: str = "1m", qd:
     )
 
 
+def rtt_us(netns: str, ip: str, count: int = 200) -> list[float]:
+    """ICMP echo round trips from inside a namespace, in microseconds (a child process
+    enters it; this image has no ping binary)."""
+    out = subprocess.run([sys.executable, "-m", "tests.bench.mirror", "ping", netns, ip,
+                          str(count)], cwd=REPO, capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return [float(x) for x in out.split()]
+
+
+def _ping_main(netns_name: str, ip: str, count: int) -> None:
+    """Echo requests one at a time; the reply's time is the kernel's receive timestamp
+    (SO_TIMESTAMPNS), so waking this process is not counted, as with ping(8)."""
+    import socket
+    import struct
+
+    from mirror import netns
+
+    netns.enter(netns_name)
+    so_timestampns = 35
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.setsockopt(socket.SOL_SOCKET, so_timestampns, 1)
+    s.settimeout(1.0)
+    ident = os.getpid() & 0xFFFF
+    got = []
+    for seq in range(count):
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(56)
+        csum = sum(struct.unpack("!%dH" % (len(body) // 2), body))
+        csum = (csum >> 16) + (csum & 0xFFFF)
+        csum = ~(csum + (csum >> 16)) & 0xFFFF
+        pkt = body[:2] + struct.pack("!H", csum) + body[4:]
+        t0 = time.time_ns()
+        s.sendto(pkt, (ip, 0))
+        while True:
+            try:
+                data, anc, _, _ = s.recvmsg(2048, 64)
+            except TimeoutError:
+                break
+            hl = (data[0] & 0xF) * 4
+            typ, _, _, rid, rseq = struct.unpack_from("!BBHHH", data, hl)
+            if typ != 0 or rid != ident or rseq != seq:
+                continue
+            t1 = next((struct.unpack("qq", d[:16]) for lvl, kind, d in anc
+                       if lvl == socket.SOL_SOCKET and kind == so_timestampns), None)
+            if t1 is not None:
+                got.append((t1[0] * 1_000_000_000 + t1[1] - t0) / 1000)
+            break
+        time.sleep(0.002)
+    print(" ".join(f"{x:.1f}" for x in got))
+
+
 def profile(dev: str) -> dict:
-    """Everything but write_qd32, which the interleaved rounds measure."""
+    """Everything the interleaved rounds do not measure."""
     return {
         "write_qd1": fio(dev, "randwrite", 1),
         "read_qd32": fio(dev, "randread", 32),
@@ -105,6 +234,22 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def rounds_of(devs: dict[str, str], measure: dict, label: str) -> list[dict]:
+    """ROUNDS interleaved rounds: every (row, device) once per round, order rotated."""
+    names = list(devs)
+    out = []
+    for i in range(ROUNDS):
+        order = names[i % len(names):] + names[: i % len(names)]
+        got: dict = {}
+        for row, fn in measure.items():
+            got[row] = {k: fn(devs[k]) for k in order}
+            log(f"{label} round {i + 1} {row}: "
+                + ", ".join(f"{k} {got[row][k]['iops']} iops p50 {got[row][k]['p50_us']} us"
+                            for k in names))
+        out.append(got)
+    return out
+
+
 class Bench:
     def __init__(self) -> None:
         self.tmp = tempfile.mkdtemp(prefix="tdm-mir-bench-", dir="/var/tmp")
@@ -113,13 +258,18 @@ class Bench:
         with open(self.key, "wb") as f:
             f.write(os.urandom(24).hex().encode())
         self.replicas: list[ReplicaProc] = []
+        self.tmpfs_replicas: list[ReplicaProc] = []
         self.frontends: list[Frontend] = []
         self.loopdevs = LoopDevices()
         self.loops: list[str] = []
+        self.shm = os.path.join(self.tmp, "shm")
+        self.shm_mounted = False
 
-    def frontend(self, vid: str, size: int, n: int, first: int = 0) -> Frontend:
+    def frontend(self, vid: str, size: int, n: int, first: int = 0,
+                 replicas: list[ReplicaProc] | None = None) -> Frontend:
+        procs = self.replicas if replicas is None else replicas
         addrs = [
-            ReplicaAddr(f"r{i + 1}", self.replicas[i].host, self.replicas[i].port)
+            ReplicaAddr(f"r{i + 1}", procs[i].host, procs[i].port)
             for i in range(first, first + n)
         ]
         fe = Frontend(
@@ -136,46 +286,68 @@ class Bench:
         fe.start()
         return fe
 
+    def local(self, path: str, size: int) -> str:
+        with open(path, "wb") as f:
+            f.truncate(size)
+        dev = self.loopdevs.attach(path, direct_io=True).path
+        self.loops.append(dev)
+        return dev
+
+    def replica_set(self, root: str, port: int) -> list[ReplicaProc]:
+        return [
+            ReplicaProc(os.path.join(root, f"pool{i}"), self.topo.ns(f"z{i}"),
+                        self.topo.zone_ip(i), port, self.key).start()
+            for i in range(1, 4)
+        ]
+
+    def rtt(self) -> list[float]:
+        got: list[float] = []
+        for i in range(1, 4):
+            got += rtt_us(self.topo.ns("fe"), self.topo.zone_ip(i))
+        return got
+
     def run(self) -> dict:
         self.topo.up()
-        for i in range(1, 4):
-            self.replicas.append(
-                ReplicaProc(
-                    os.path.join(self.tmp, f"pool{i}"),
-                    self.topo.ns(f"z{i}"),
-                    self.topo.zone_ip(i),
-                    PORT,
-                    self.key,
-                ).start()
-            )
         res: dict = {}
-        img = os.path.join(self.tmp, "local.img")
-        with open(img, "wb") as f:
-            f.truncate(VOL_BYTES)
-        dev = self.loopdevs.attach(img, direct_io=True).path
-        self.loops.append(dev)
-        fes = {n: self.frontend(f"bench-r{n}", VOL_BYTES, n) for n in (2, 3)}
-        devs = {"local": dev, **{f"r{n}": fe.device_path for n, fe in fes.items()}}
-        names = list(devs)
-        for k in names:  # steady state: every block written once (first writes into holes allocate)
-            # with the measured pattern: 1 MiB writes would leave large folios in the replicas'
-            # page cache, and ext4 (the test pools' filesystem) then walks every block of a
-            # folio on each 4 KiB write (docs/mirror.md, "Benchmark")
-            fill(devs[k], rw="randwrite", bs="4k", qd=32)  # type: ignore[arg-type]
-        rounds = []
-        for i in range(ROUNDS):
-            order = names[i % len(names) :] + names[: i % len(names)]
-            got = {k: fio(devs[k], "randwrite", 32) for k in order}  # type: ignore[arg-type]
-            rounds.append(got)
-            log(
-                f"round {i + 1} write_qd32 iops: "
-                + ", ".join(f"{k} {got[k]['iops']}" for k in names)
-            )
-        res["rounds"] = rounds
-        for k in names:
-            res[k] = profile(devs[k])  # type: ignore[arg-type]
+        rtts = self.rtt()
+        log(f"veth rtt p50 {statistics.median(rtts):.1f} us (start)")
+        self.replicas = self.replica_set(self.tmp, PORT)
+        os.makedirs(self.shm)
+        run(["mount", "-t", "tmpfs", "-o", "size=3g", "tdm-mir-bench", self.shm])
+        self.shm_mounted = True
+        self.tmpfs_replicas = self.replica_set(self.shm, TMPFS_PORT)
+
+        disk = {"local": self.local(os.path.join(self.tmp, "local.img"), VOL_BYTES)}
+        for n in (2, 3):
+            disk[f"r{n}"] = self.frontend(f"bench-r{n}", VOL_BYTES, n).device_path  # type: ignore[assignment]
+        mem = {"local": self.local(os.path.join(self.shm, "local.img"), TMPFS_VOL_BYTES)}
+        for n in (2, 3):
+            mem[f"r{n}"] = self.frontend(f"bench-t{n}", TMPFS_VOL_BYTES, n,  # type: ignore[assignment]
+                                         replicas=self.tmpfs_replicas).device_path
+        # steady state: every block written once (first writes into holes allocate), with the
+        # measured pattern: 1 MiB writes would leave large folios in the replicas' page cache,
+        # and ext4 (the test pools' filesystem) then walks every block of a folio on each
+        # 4 KiB write (docs/mirror.md, "Benchmark")
+        for k in DEVICES:
+            fill(disk[k], rw="randwrite", bs="4k", qd=32)
+            fill(mem[k], TMPFS_VOL_BYTES, rw="randwrite", bs="4k", qd=32)
+
+        res["disk"] = rounds_of(disk, {
+            "write_qd32": lambda d: fio(d, "randwrite", 32),
+            "commit_qd1": commit_probe,
+            "sync32_qd32": lambda d: fio(d, "randwrite", 32, fdatasync=32),
+        }, "disk")
+        res["tmpfs"] = rounds_of(mem, {
+            "write_qd1": lambda d: fio(d, "randwrite", 1, size=TMPFS_VOL_BYTES),
+            "write_qd32": lambda d: fio(d, "randwrite", 32, size=TMPFS_VOL_BYTES),
+        }, "tmpfs")
+        for k in DEVICES:
+            res[k] = profile(disk[k])
             log(f"{k} {res[k]}")
-        for fe in fes.values():
+        end_rtts = self.rtt()
+        log(f"veth rtt p50 {statistics.median(end_rtts):.1f} us (end)")
+        res["rtt_us"] = rtts + end_rtts
+        for fe in list(self.frontends):
             fe.stop()
         res["resync_s_64m_of_16g"] = self.resync()
         res["rebuild_mb_s"] = self.rebuild()
@@ -186,8 +358,6 @@ class Bench:
         assert fe.device_path
         self.replicas[1].kill()
         fd = os.open(fe.device_path, os.O_WRONLY | os.O_DIRECT)
-        import mmap
-
         buf = mmap.mmap(-1, 1 << 20)
         buf.write(os.urandom(1 << 20))
         for off in random.Random(1).sample(range(16 << 10), 64):  # 64 x 1 MiB spread over 16 GiB
@@ -236,44 +406,89 @@ class Bench:
                 self.loopdevs.detach(dev)
             except Exception as e:  # keep cleaning
                 log(f"cleanup: {e}")
-        for r in self.replicas:
+        for r in self.replicas + self.tmpfs_replicas:
             r.kill()
         self.topo.down()
+        if self.shm_mounted:
+            command.run(["umount", self.shm], check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def best(rounds: list[dict], row: str, dev: str, key: str = "iops") -> float:
+    vals = [r[row][dev][key] for r in rounds]
+    return max(vals) if key == "iops" else min(vals)
+
+
+def summarize(res: dict) -> dict:
+    disk, mem, loc = res["disk"], res["tmpfs"], res["local"]
+    rtt = statistics.median(res["rtt_us"])
+    s: dict = {
+        "rounds": len(disk),
+        "runtime_s_per_job": RUNTIME_S,
+        "veth_rtt_us": round(rtt, 1),
+        "veth_rtt_p99_us": round(sorted(res["rtt_us"])[len(res["rtt_us"]) * 99 // 100], 1),
+        "local_write_qd32_iops": best(disk, "write_qd32", "local"),
+        "local_commit_qd1_per_s": best(disk, "commit_qd1", "local"),
+        "local_commit_qd1_p50_us": best(disk, "commit_qd1", "local", "p50_us"),
+        "local_commit_qd1_p99_us": best(disk, "commit_qd1", "local", "p99_us"),
+        "local_sync32_qd32_iops": best(disk, "sync32_qd32", "local"),
+        "local_write_qd1_iops": loc["write_qd1"]["iops"],
+        "local_write_qd1_p99_us": loc["write_qd1"]["p99_us"],
+        "local_read_qd32_iops": loc["read_qd32"]["iops"],
+        "local_read_qd1_iops": loc["read_qd1"]["iops"],
+        "tmpfs_local_write_qd1_p50_us": best(mem, "write_qd1", "local", "p50_us"),
+        "tmpfs_local_write_qd32_iops": best(mem, "write_qd32", "local"),
+    }
+    for n in (2, 3):
+        r = f"r{n}"
+        for row, name in (("write_qd32", "write_qd32"), ("commit_qd1", "commit_qd1"),
+                          ("sync32_qd32", "sync32_qd32")):
+            ratio = best(disk, row, r) / max(best(disk, row, "local"), 1)
+            s[f"{r}_over_local_{name}"] = round(ratio, 3)
+            s[f"{r}_over_local_{name}_paired"] = [
+                round(x[row][r]["iops"] / max(x[row]["local"]["iops"], 1), 3) for x in disk]
+            if row != "write_qd32":
+                s[f"{r}_{name}_of_limit"] = round(ratio * n, 3)  # the rig's limit is 1/n
+        s[f"{r}_write_qd32_iops"] = best(disk, "write_qd32", r)
+        s[f"{r}_commit_qd1_per_s"] = best(disk, "commit_qd1", r)
+        s[f"{r}_commit_qd1_p50_us"] = best(disk, "commit_qd1", r, "p50_us")
+        s[f"{r}_commit_qd1_p99_us"] = best(disk, "commit_qd1", r, "p99_us")
+        s[f"{r}_sync32_qd32_iops"] = best(disk, "sync32_qd32", r)
+        for k in ("write_qd1", "read_qd32", "read_qd1"):
+            s[f"{r}_{k}_iops"] = res[r][k]["iops"]
+            s[f"{r}_over_local_{k}"] = round(res[r][k]["iops"] / max(loc[k]["iops"], 1), 3)
+        s[f"{r}_write_qd1_p50_us"] = res[r]["write_qd1"]["p50_us"]
+        s[f"{r}_write_qd1_p99_us"] = res[r]["write_qd1"]["p99_us"]
+        # tmpfs: the data path alone
+        p50 = best(mem, "write_qd1", r, "p50_us")
+        overhead = p50 - s["tmpfs_local_write_qd1_p50_us"]
+        s[f"tmpfs_{r}_write_qd1_p50_us"] = p50
+        s[f"{r}_qd1_latency_overhead_us_tmpfs"] = round(overhead, 1)
+        s[f"{r}_qd1_latency_overhead_us_tmpfs_paired"] = [
+            round(x["write_qd1"][r]["p50_us"] - x["write_qd1"]["local"]["p50_us"], 1) for x in mem]
+        s[f"{r}_qd1_latency_budget_us_tmpfs"] = round(2 * rtt + 40, 1)
+        s[f"tmpfs_{r}_write_qd32_iops"] = best(mem, "write_qd32", r)
+        s[f"tmpfs_{r}_over_local_write_qd32"] = round(
+            best(mem, "write_qd32", r) / max(s["tmpfs_local_write_qd32_iops"], 1), 3)
+    s["resync_s_64m_of_16g"] = res["resync_s_64m_of_16g"]
+    s["rebuild_mb_s"] = res["rebuild_mb_s"]
+    return s
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "ping":  # the RTT probe's child process
+        _ping_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     if os.geteuid() != 0:
         sys.exit("needs root")
+    t0 = time.monotonic()
     b = Bench()
     try:
         res = b.run()
     finally:
         b.cleanup()
-    loc = res["local"]
-    rounds = res["rounds"]
-    best = {k: max(r[k]["iops"] for r in rounds) for k in ("local", "r2", "r3")}
-    summary: dict = {
-        "local_write_qd32_iops": best["local"],
-        "local_write_qd1_iops": loc["write_qd1"]["iops"],
-        "local_read_qd32_iops": loc["read_qd32"]["iops"],
-        "local_read_qd1_iops": loc["read_qd1"]["iops"],
-        "write_qd32_rounds": len(rounds),
-    }
-    for n in (2, 3):
-        r = res[f"r{n}"]
-        ratios = [x[f"r{n}"]["iops"] / max(x["local"]["iops"], 1) for x in rounds]
-        summary[f"r{n}_write_qd32_iops"] = best[f"r{n}"]
-        summary[f"r{n}_over_local_write_qd32"] = round(best[f"r{n}"] / max(best["local"], 1), 3)
-        summary[f"r{n}_over_local_write_qd32_paired"] = [round(x, 3) for x in ratios]
-        for k in ("write_qd1", "read_qd32", "read_qd1"):
-            summary[f"r{n}_{k}_iops"] = r[k]["iops"]
-            summary[f"r{n}_over_local_{k}"] = round(r[k]["iops"] / max(loc[k]["iops"], 1), 3)
-        summary[f"r{n}_write_qd1_p50_ms"] = round(r["write_qd1"]["p50_ms"], 3)
-        summary[f"r{n}_write_qd1_p99_ms"] = round(r["write_qd1"]["p99_ms"], 3)
-    summary["local_write_qd1_p99_ms"] = round(loc["write_qd1"]["p99_ms"], 3)
-    summary["resync_s_64m_of_16g"] = res["resync_s_64m_of_16g"]
-    summary["rebuild_mb_s"] = res["rebuild_mb_s"]
+    summary = summarize(res)
+    summary["bench_s"] = round(time.monotonic() - t0)
     print(json.dumps(summary, sort_keys=True))
 
 
