@@ -199,7 +199,7 @@ def _ping_main(netns_name: str, ip: str, count: int) -> None:
     got = []
     for seq in range(count):
         body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(56)
-        csum = sum(struct.unpack("!%dH" % (len(body) // 2), body))
+        csum = sum(struct.unpack(f"!{len(body) // 2}H", body))
         csum = (csum >> 16) + (csum & 0xFFFF)
         csum = ~(csum + (csum >> 16)) & 0xFFFF
         pkt = body[:2] + struct.pack("!H", csum) + body[4:]
@@ -223,6 +223,62 @@ def _ping_main(netns_name: str, ip: str, count: int) -> None:
     print(" ".join(f"{x:.1f}" for x in got))
 
 
+def tcp_echo_us(client_ns: str, server_ns: str, ip: str, count: int = 2000) -> list[float]:
+    """Round trips of a 64-byte TCP message between two processes in two namespaces, in
+    microseconds: the veth as a replica link uses it (TCP_NODELAY, both ends woken from a
+    blocking recv), without the mirror's own work."""
+    out = subprocess.run([sys.executable, "-m", "tests.bench.mirror", "echo", client_ns,
+                          server_ns, ip, str(count)], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return [float(x) for x in out.split()]
+
+
+def _echo_main(client_ns: str, server_ns: str, ip: str, count: int) -> None:
+    """A socket stays in the namespace it was made in: listen in the server's, connect from
+    the client's, then fork so that each end is a process of its own."""
+    import socket
+
+    from mirror import netns
+
+    netns.enter(server_ns)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((ip, 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    netns.enter(client_ns)
+    c = socket.create_connection((ip, port), timeout=10)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    srv, _ = lsock.accept()
+    srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = bytes(64)
+    pid = os.fork()
+    if pid == 0:  # the server: echo until the client closes
+        c.close()
+        try:
+            while True:
+                got = srv.recv(64)
+                if not got:
+                    break
+                srv.sendall(got)
+        finally:
+            os._exit(0)
+    srv.close()
+    ns = time.perf_counter_ns
+    got_us = []
+    for i in range(count + 100):  # the first 100 warm up
+        t0 = ns()
+        c.sendall(msg)
+        n = 0
+        while n < len(msg):
+            n += len(c.recv(64))
+        if i >= 100:
+            got_us.append((ns() - t0) / 1000)
+    c.close()
+    os.waitpid(pid, 0)
+    print(" ".join(f"{x:.1f}" for x in got_us))
+
+
 def profile(dev: str) -> dict:
     """Everything the interleaved rounds do not measure."""
     return {
@@ -236,18 +292,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def rounds_of(devs: dict[str, str], measure: dict, label: str) -> list[dict]:
-    """ROUNDS interleaved rounds: every (row, device) once per round, order rotated."""
+def rounds_of(devs: dict[str, str], measure: dict, label: str,
+              only: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
+    """ROUNDS interleaved rounds: every (row, device) once per round, order rotated;
+    only: the devices of a row that is not measured on all of them."""
     names = list(devs)
     out = []
     for i in range(ROUNDS):
         order = names[i % len(names):] + names[: i % len(names)]
         got: dict = {}
         for row, fn in measure.items():
-            got[row] = {k: fn(devs[k]) for k in order}
+            wanted = (only or {}).get(row, DEVICES)
+            got[row] = {k: fn(devs[k]) for k in order if k in wanted}
             log(f"{label} round {i + 1} {row}: "
                 + ", ".join(f"{k} {got[row][k]['iops']} iops p50 {got[row][k]['p50_us']} us"
-                            for k in names))
+                            for k in names if k in got[row]))
         out.append(got)
     return out
 
@@ -288,10 +347,10 @@ class Bench:
         fe.start()
         return fe
 
-    def local(self, path: str, size: int) -> str:
+    def local(self, path: str, size: int, direct_io: bool = True) -> str:
         with open(path, "wb") as f:
             f.truncate(size)
-        dev = self.loopdevs.attach(path, direct_io=True).path
+        dev = self.loopdevs.attach(path, direct_io=direct_io).path
         self.loops.append(dev)
         return dev
 
@@ -302,24 +361,31 @@ class Bench:
             for i in range(1, 4)
         ]
 
-    def rtt(self) -> list[float]:
-        got: list[float] = []
+    def rtt(self) -> tuple[list[float], list[float]]:
+        """ICMP and TCP echo round trips from the frontends' namespace to every zone."""
+        icmp: list[float] = []
+        tcp: list[float] = []
         for i in range(1, 4):
-            got += rtt_us(self.topo.ns("fe"), self.topo.zone_ip(i))
-        return got
+            icmp += rtt_us(self.topo.ns("fe"), self.topo.zone_ip(i))
+            tcp += tcp_echo_us(self.topo.ns("fe"), self.topo.ns(f"z{i}"), self.topo.zone_ip(i))
+        log(f"veth rtt p50: icmp {statistics.median(icmp):.1f} us, "
+            f"tcp echo {statistics.median(tcp):.1f} us")
+        return icmp, tcp
 
     def run(self) -> dict:
         self.topo.up()
         res: dict = {}
-        rtts = self.rtt()
-        log(f"veth rtt p50 {statistics.median(rtts):.1f} us (start)")
+        rtts, echos = self.rtt()
         self.replicas = self.replica_set(self.tmp, PORT)
         os.makedirs(self.shm)
         run(["mount", "-t", "tmpfs", "-o", "size=3g", "tdm-mir-bench", self.shm])
         self.shm_mounted = True
         self.tmpfs_replicas = self.replica_set(self.shm, TMPFS_PORT)
 
-        disk = {"local": self.local(os.path.join(self.tmp, "local.img"), VOL_BYTES)}
+        disk = {"local": self.local(os.path.join(self.tmp, "local.img"), VOL_BYTES),
+                # the same durability work as a replica's for a write: the page cache
+                "localbuf": self.local(os.path.join(self.tmp, "localbuf.img"), VOL_BYTES,
+                                       direct_io=False)}
         for n in (2, 3):
             disk[f"r{n}"] = self.frontend(f"bench-r{n}", VOL_BYTES, n).device_path  # type: ignore[assignment]
         mem = {"local": self.local(os.path.join(self.shm, "local.img"), TMPFS_VOL_BYTES)}
@@ -331,14 +397,15 @@ class Bench:
         # and ext4 (the test pools' filesystem) then walks every block of a folio on each
         # 4 KiB write (docs/mirror.md, "Benchmark")
         for k in DEVICES:
-            fill(disk[k], rw="randwrite", bs="4k", qd=32)
             fill(mem[k], TMPFS_VOL_BYTES, rw="randwrite", bs="4k", qd=32)
+        for k in disk:
+            fill(disk[k], rw="randwrite", bs="4k", qd=32)
 
         res["disk"] = rounds_of(disk, {
             "write_qd32": lambda d: fio(d, "randwrite", 32),
             "commit_qd1": commit_probe,
             "sync32_qd32": lambda d: fio(d, "randwrite", 32, fdatasync=32),
-        }, "disk")
+        }, "disk", only={"write_qd32": DEVICES + ("localbuf",)})
         res["tmpfs"] = rounds_of(mem, {
             "write_qd1": lambda d: fio(d, "randwrite", 1, size=TMPFS_VOL_BYTES),
             "write_qd32": lambda d: fio(d, "randwrite", 32, size=TMPFS_VOL_BYTES),
@@ -346,9 +413,9 @@ class Bench:
         for k in DEVICES:
             res[k] = profile(disk[k])
             log(f"{k} {res[k]}")
-        end_rtts = self.rtt()
-        log(f"veth rtt p50 {statistics.median(end_rtts):.1f} us (end)")
+        end_rtts, end_echos = self.rtt()
         res["rtt_us"] = rtts + end_rtts
+        res["tcp_echo_us"] = echos + end_echos
         for fe in list(self.frontends):
             fe.stop()
         if not QUICK:
@@ -430,7 +497,9 @@ def summarize(res: dict) -> dict:
         "runtime_s_per_job": RUNTIME_S,
         "veth_rtt_us": round(rtt, 1),
         "veth_rtt_p99_us": round(sorted(res["rtt_us"])[len(res["rtt_us"]) * 99 // 100], 1),
+        "veth_tcp_echo_us": round(statistics.median(res["tcp_echo_us"]), 1),
         "local_write_qd32_iops": best(disk, "write_qd32", "local"),
+        "localbuf_write_qd32_iops": best(disk, "write_qd32", "localbuf"),
         "local_commit_qd1_per_s": best(disk, "commit_qd1", "local"),
         "local_commit_qd1_p50_us": best(disk, "commit_qd1", "local", "p50_us"),
         "local_commit_qd1_p99_us": best(disk, "commit_qd1", "local", "p99_us"),
@@ -450,6 +519,9 @@ def summarize(res: dict) -> dict:
             s[f"{r}_over_local_{name}"] = round(ratio, 3)
             s[f"{r}_over_local_{name}_paired"] = [
                 round(x[row][r]["iops"] / max(x[row]["local"]["iops"], 1), 3) for x in disk]
+            if row == "write_qd32":  # against the local volume doing a replica's work
+                s[f"{r}_over_localbuf_{name}"] = round(
+                    best(disk, row, r) / max(best(disk, row, "localbuf"), 1), 3)
             if row != "write_qd32":
                 s[f"{r}_{name}_of_limit"] = round(ratio * n, 3)  # the rig's limit is 1/n
         s[f"{r}_write_qd32_iops"] = best(disk, "write_qd32", r)
@@ -473,6 +545,14 @@ def summarize(res: dict) -> dict:
         s[f"tmpfs_{r}_write_qd32_iops"] = best(mem, "write_qd32", r)
         s[f"tmpfs_{r}_over_local_write_qd32"] = round(
             best(mem, "write_qd32", r) / max(s["tmpfs_local_write_qd32_iops"], 1), 3)
+    s["goals_met"] = {
+        "r2_write_qd32_0.85": s["r2_over_local_write_qd32"] >= 0.85,
+        "r3_write_qd32_0.80": s["r3_over_local_write_qd32"] >= 0.80,
+        **{f"r{n}_qd1_latency_tmpfs": s[f"r{n}_qd1_latency_overhead_us_tmpfs"]
+           <= s[f"r{n}_qd1_latency_budget_us_tmpfs"] for n in (2, 3)},
+        **{f"r{n}_{row}_0.8_of_limit": s[f"r{n}_{row}_of_limit"] >= 0.8
+           for n in (2, 3) for row in ("commit_qd1", "sync32_qd32")},
+    }
     s["quick"] = QUICK
     for k in ("resync_s_64m_of_16g", "rebuild_mb_s"):
         if k in res:
@@ -483,6 +563,9 @@ def summarize(res: dict) -> dict:
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "ping":  # the RTT probe's child process
         _ping_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    if len(sys.argv) == 6 and sys.argv[1] == "echo":  # the TCP echo probe's child process
+        _echo_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
         return
     if os.geteuid() != 0:
         sys.exit("needs root")
