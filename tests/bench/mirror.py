@@ -125,11 +125,15 @@ def fio(dev: str, rw: str, qd: int, runtime_s: int = RUNTIME_S, size: int = VOL_
     job = json.loads(run(argv, timeout_s=runtime_s + 60))["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     pct = side["lat_ns"].get("percentile", {})
-    return {
+    got = {
         "iops": round(side["iops"]),
         "p50_us": round(pct.get("50.000000", 0) / 1e3, 1),
         "p99_us": round(pct.get("99.000000", 0) / 1e3, 1),
     }
+    if fdatasync:  # how long each fdatasync took (fio times it apart from the writes)
+        sync_pct = job.get("sync", {}).get("lat_ns", {}).get("percentile", {})
+        got["sync_p50_us"] = round(sync_pct.get("50.000000", 0) / 1e3, 1)
+    return got
 
 
 def commit_probe(dev: str, runtime_s: int = RUNTIME_S, size: int = VOL_BYTES) -> dict:
@@ -515,6 +519,7 @@ def summarize(res: dict) -> dict:
         "local_commit_qd1_p50_us": best(disk, "commit_qd1", "local", "p50_us"),
         "local_commit_qd1_p99_us": best(disk, "commit_qd1", "local", "p99_us"),
         "local_sync32_qd32_iops": best(disk, "sync32_qd32", "local"),
+        "local_sync32_fdatasync_p50_us": best(disk, "sync32_qd32", "local", "sync_p50_us"),
         "local_write_qd1_iops": loc["write_qd1"]["iops"],
         "local_write_qd1_p99_us": loc["write_qd1"]["p99_us"],
         "local_read_qd32_iops": loc["read_qd32"]["iops"],
@@ -540,6 +545,7 @@ def summarize(res: dict) -> dict:
         s[f"{r}_commit_qd1_p50_us"] = best(disk, "commit_qd1", r, "p50_us")
         s[f"{r}_commit_qd1_p99_us"] = best(disk, "commit_qd1", r, "p99_us")
         s[f"{r}_sync32_qd32_iops"] = best(disk, "sync32_qd32", r)
+        s[f"{r}_sync32_fdatasync_p50_us"] = best(disk, "sync32_qd32", r, "sync_p50_us")
         for k in ("write_qd1", "read_qd32", "read_qd1"):
             s[f"{r}_{k}_iops"] = res[r][k]["iops"]
             s[f"{r}_over_local_{k}"] = round(res[r][k]["iops"] / max(loc[k]["iops"], 1), 3)
