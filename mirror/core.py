@@ -62,9 +62,6 @@ from .spec import (
 log = logging.getLogger(__name__)
 
 RSHIFT = REGION_BYTES.bit_length() - 1
-# how long the C loop may keep handling FUSE and replica events before the worker's loop
-# (timers, guard, reporter) runs again; it always runs at once after any Python callback
-POLL_SPIN_MS = 2
 IN_SYNC, OUT_OF_SYNC, RESYNCING = (
     ReplicaState.IN_SYNC,
     ReplicaState.OUT_OF_SYNC,
@@ -685,8 +682,8 @@ class MirrorCore:
     def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
         """Wait for and handle FUSE and replica events; returns the other fds' events.
         While nothing here needs to see every event (no write barrier, no deferred write),
-        the C loop keeps handling its own events for up to POLL_SPIN_MS before returning."""
-        spin = POLL_SPIN_MS if self.barrier is None and not self.deferred else 0
+        the C loop keeps handling its own events for up to tuning.poll_spin_ms first."""
+        spin = self.t.poll_spin_ms if self.barrier is None and not self.deferred else 0
         others = self.dp.poll(timeout_ms, spin)
         self._after_events()
         return others
