@@ -155,6 +155,7 @@ typedef struct {
     int flushq[MAX_LINKS];
     int nflush;
     int depth;
+    uint64_t py_calls; /* calls into Python (callbacks, deferred errors): poll stops spinning */
     PyObject *exc_type, *exc_value, *exc_tb; /* first error raised inside a loop */
     uint64_t st_fast_writes, st_fast_reads, st_slow, st_fuse_reads, st_sends, st_recvs, st_polls,
         st_replies, st_completions;
@@ -166,6 +167,7 @@ typedef struct {
  * first exception is raised when the outermost call returns. */
 static void defer_exc(DataPath *self)
 {
+    self->py_calls++;
     if (self->exc_type == NULL)
         PyErr_Fetch(&self->exc_type, &self->exc_value, &self->exc_tb);
     else
@@ -249,6 +251,7 @@ static void fuse_reply(DataPath *self, uint64_t unique, int32_t err, int kind, c
         defer_exc(self);
         return;
     }
+    self->py_calls++;
     PyObject *r = PyObject_CallFunction(self->reply_cb, "KiO", (unsigned long long)unique, (int)err, payload);
     Py_DECREF(payload);
     if (r == NULL)
@@ -454,6 +457,7 @@ static void link_error(DataPath *self, int slot, int status, const char *reason)
 {
     if (self->on_error == NULL || self->on_error == Py_None)
         return;
+    self->py_calls++;
     PyObject *r = PyObject_CallFunction(self->on_error, "iis", slot, status, reason);
     if (r == NULL)
         defer_exc(self);
@@ -607,6 +611,7 @@ static void call_slow(DataPath *self, Py_ssize_t n)
     self->st_slow++;
     if (self->slow_cb == NULL)
         return;
+    self->py_calls++;
     PyObject *r = PyObject_CallFunction(self->slow_cb, "n", n);
     if (r == NULL)
         defer_exc(self);
@@ -799,6 +804,7 @@ static void on_readable(DataPath *self, int slot)
             if (view == NULL && self->on_reply) {
                 defer_exc(self);
             } else if (view != NULL) {
+                self->py_calls++;
                 PyObject *r = PyObject_CallFunction(self->on_reply, "iOiO", slot, py, (int)status, view);
                 if (r == NULL)
                     defer_exc(self);
@@ -1511,49 +1517,66 @@ static PyObject *DataPath_on_event(DataPath *self, PyObject *args)
     return leave(self, Py_NewRef(Py_True));
 }
 
-/* poll(timeout_ms) -> [(fd, events)] for the fds that are not ours; ours are handled */
-static PyObject *DataPath_poll(DataPath *self, PyObject *arg)
+/* poll(timeout_ms, spin_ms=0) -> [(fd, events)] for the fds that are not ours; ours are handled.
+ *
+ * spin_ms > 0: after a round of events that needed no Python (no callback ran, no other fd
+ * fired, no error, not holding), wait again here, for up to spin_ms from the call, instead
+ * of returning: under load the caller's loop (timers, guards) then runs every spin_ms
+ * rather than after every FUSE request and every replica reply, which cost more per write
+ * than the C path itself. The first wait, as ever, is for timeout_ms. */
+static PyObject *DataPath_poll(DataPath *self, PyObject *args)
 {
-    int timeout = (int)PyLong_AsLong(arg);
-    if (timeout == -1 && PyErr_Occurred())
+    int timeout, spin_ms = 0;
+    if (!PyArg_ParseTuple(args, "i|i:poll", &timeout, &spin_ms))
         return NULL;
     struct epoll_event evs[MAX_EVENTS];
     int n;
     enter(self);
     do_flush(self);
-    Py_BEGIN_ALLOW_THREADS
-    n = epoll_wait(self->epfd, evs, MAX_EVENTS, timeout);
-    Py_END_ALLOW_THREADS
-    if (n < 0) {
-        if (errno != EINTR)
-            defer_oserror(self, errno, "epoll_wait");
-        n = 0;
-        if (PyErr_CheckSignals() < 0)
-            defer_exc(self);
-    }
-    self->st_polls++;
+    uint64_t calls = self->py_calls;
+    double spin_end = spin_ms > 0 ? mono_now() + spin_ms / 1000.0 : 0.0;
     PyObject *others = NULL;
-    for (int i = 0; i < n; i++) {
-        uint32_t t = (uint32_t)evs[i].data.u64;
-        if ((t & TAG_MASK) == TAG_BASE) {
-            if (t == TAG_FUSE) {
-                if (self->fuse_fd >= 0)
-                    drain_fuse(self);
-            } else if ((t & 0xFFF) < MAX_LINKS) {
-                on_link_event(self, (int)(t & 0xFFF), evs[i].events);
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(self->epfd, evs, MAX_EVENTS, timeout);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno != EINTR)
+                defer_oserror(self, errno, "epoll_wait");
+            n = 0;
+            if (PyErr_CheckSignals() < 0)
+                defer_exc(self);
+        }
+        self->st_polls++;
+        for (int i = 0; i < n; i++) {
+            uint32_t t = (uint32_t)evs[i].data.u64;
+            if ((t & TAG_MASK) == TAG_BASE) {
+                if (t == TAG_FUSE) {
+                    if (self->fuse_fd >= 0)
+                        drain_fuse(self);
+                } else if ((t & 0xFFF) < MAX_LINKS) {
+                    on_link_event(self, (int)(t & 0xFFF), evs[i].events);
+                }
+                continue;
             }
-            continue;
+            if (others == NULL && (others = PyList_New(0)) == NULL) {
+                defer_exc(self);
+                continue;
+            }
+            PyObject *p = Py_BuildValue("(iI)", (int)t, evs[i].events);
+            if (p == NULL || PyList_Append(others, p) < 0)
+                defer_exc(self);
+            Py_XDECREF(p);
         }
-        if (others == NULL && (others = PyList_New(0)) == NULL) {
-            defer_exc(self);
-            continue;
-        }
-        PyObject *p = Py_BuildValue("(iI)", (int)t, evs[i].events);
-        if (p == NULL || PyList_Append(others, p) < 0)
-            defer_exc(self);
-        Py_XDECREF(p);
+        do_flush(self);
+        if (n == 0 || spin_ms <= 0 || others != NULL || self->py_calls != calls || self->exc_type != NULL ||
+            self->destroyed || self->hold)
+            break;
+        int left_ms = (int)((spin_end - mono_now()) * 1000.0);
+        if (left_ms <= 0)
+            break;
+        timeout = timeout >= 0 && timeout < left_ms ? timeout : left_ms;
     }
-    do_flush(self);
     if (others == NULL)
         others = PyList_New(0);
     return leave(self, others);
@@ -1680,7 +1703,8 @@ static PyMethodDef DataPath_methods[] = {
      "fail_writes(errno): fail every unanswered write, held ones too"},
     {"on_event", (PyCFunction)DataPath_on_event, METH_VARARGS,
      "on_event(tag, events) -> False if the tag is not ours"},
-    {"poll", (PyCFunction)DataPath_poll, METH_O, "poll(timeout_ms) -> [(fd, events)] not ours"},
+    {"poll", (PyCFunction)DataPath_poll, METH_VARARGS,
+     "poll(timeout_ms, spin_ms=0) -> [(fd, events)] not ours"},
     {"flush", (PyCFunction)DataPath_flush, METH_NOARGS, "send what is queued, one send per link"},
     {"pending", (PyCFunction)DataPath_pending, METH_O, "pending(slot) -> unanswered requests"},
     {"oldest", (PyCFunction)DataPath_oldest, METH_O, "oldest(slot) -> send time of the oldest, or None"},

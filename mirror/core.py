@@ -680,8 +680,11 @@ class MirrorCore:
         self.dp.flush()
 
     def poll(self, timeout_ms: int) -> list[tuple[int, int]]:
-        """Wait for and handle FUSE and replica events; returns the other fds' events."""
-        others = self.dp.poll(timeout_ms)
+        """Wait for and handle FUSE and replica events; returns the other fds' events.
+        While nothing here needs to see every event (no write barrier, no deferred write),
+        the C loop keeps handling its own events for up to tuning.poll_spin_ms first."""
+        spin = self.t.poll_spin_ms if self.barrier is None and not self.deferred else 0
+        others = self.dp.poll(timeout_ms, spin)
         self._after_events()
         return others
 

@@ -75,7 +75,11 @@ class ReplicaVolume:
         self._maps_unsynced = False
         self.writer_epoch = 0  # in memory: which data link may write (see replica_server)
         self._batches = 0  # batches being applied right now (see wait_for_batches)
-        self._batches_done = threading.Condition()
+        # a plain Lock: begin/end run for every received batch, and Condition's own
+        # __enter__/notify_all are Python code; notify only when someone waits
+        self._batch_lock = threading.Lock()
+        self._batches_done = threading.Condition(self._batch_lock)
+        self._batch_waiters = 0
 
     @property
     def regions(self) -> int:
@@ -151,20 +155,24 @@ class ReplicaVolume:
 
     # --- batches -----------------------------------------------------------
     def begin_batch(self) -> None:
-        with self._batches_done:
+        with self._batch_lock:
             self._batches += 1
 
     def end_batch(self) -> None:
-        with self._batches_done:
+        with self._batch_lock:
             self._batches -= 1
-            if self._batches == 0:
+            if self._batches == 0 and self._batch_waiters:
                 self._batches_done.notify_all()
 
     def wait_for_batches(self, timeout_s: float = 30.0) -> bool:
         """Wait until no batch is being applied: one that passed its generation check
         before a newer frontend raised the generation lands before that frontend goes on."""
         with self._batches_done:
-            return self._batches_done.wait_for(lambda: self._batches == 0, timeout_s)
+            self._batch_waiters += 1
+            try:
+                return self._batches_done.wait_for(lambda: self._batches == 0, timeout_s)
+            finally:
+                self._batch_waiters -= 1
 
     # --- data ------------------------------------------------------------
     def check_range(self, offset: int, count: int) -> None:

@@ -7,6 +7,8 @@ import errno
 import os
 import select
 import socket
+import threading
+import time
 
 import pytest
 
@@ -173,6 +175,58 @@ def test_fast_write_fans_out_and_completes_after_every_ack(rig):
     (length, err, unique), rest = r.fuse_reply()
     assert (length, err, unique, F.WRITE_OUT.unpack(rest)) == (24, 0, 7, (4096, 0))
     assert r.dp.inflight == 0 and r.dp.stats()["fast_writes"] == 1 and not r.slow
+
+
+def test_poll_with_a_spin_window_serves_a_whole_write_in_one_call(rig):
+    """FUSE request, fan-out and both acks arrive while one poll(timeout, spin) runs: it
+    keeps handling them in C (no Python needed) and answers FUSE before it returns."""
+    r = rig().ready()
+    data = os.urandom(4096)
+
+    def replicas() -> None:
+        time.sleep(0.05)  # poll is waiting by now
+        r.kernel.send(fuse_write(9, 4096, data))
+        for far in r.far:
+            (_, _, _, _, rid, _, _), _payload = r.request(far)
+            far.sendall(wire.reply(rid))
+
+    t = threading.Thread(target=replicas)
+    t.start()
+    polls = r.dp.stats()["polls"]
+    assert r.dp.poll(2000, 1000) == []
+    t.join()
+    (length, err, unique), rest = r.fuse_reply()
+    assert (length, err, unique, F.WRITE_OUT.unpack(rest)) == (24, 0, 9, (4096, 0))
+    assert r.dp.stats()["polls"] - polls >= 3  # FUSE, then each ack, in the one call
+
+
+def test_poll_spin_ends_at_a_python_callback_or_another_fd(rig):
+    r = rig().ready()
+    r.dp.fast = False  # every FUSE request goes to the slow path (a Python callback)
+    req = fuse_write(1, 0, b"x" * 4096)
+    r.kernel.send(req)
+    t0 = time.monotonic()
+    assert r.dp.poll(2000, 1000) == []
+    assert r.slow == [req] and time.monotonic() - t0 < 0.5
+    other_r, other_w = socket.socketpair()
+    try:
+        r.ep.register(other_r.fileno(), select.EPOLLIN)
+        other_w.send(b"!")
+        t0 = time.monotonic()
+        assert r.dp.poll(2000, 1000) == [(other_r.fileno(), select.EPOLLIN)]
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        r.ep.unregister(other_r.fileno())
+        other_r.close()
+        other_w.close()
+
+
+def test_poll_without_spin_returns_after_one_round(rig):
+    r = rig().ready()
+    r.kernel.send(fuse_write(3, 0, b"y" * 4096))
+    t0 = time.monotonic()
+    assert r.dp.poll(2000) == []
+    assert time.monotonic() - t0 < 0.5 and r.dp.inflight == 1
 
 
 @pytest.mark.parametrize(
