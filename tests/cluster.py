@@ -213,9 +213,11 @@ class ControllerProc(Proc):
             cluster.env)
 
 
-# what an external-provisioner retries on a DeleteVolume: a replica its frontend just let
-# go of (FAILED_PRECONDITION), another call on the volume still running (ABORTED)
-RETRIED_BY_THE_PROVISIONER = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED)
+# what an external-provisioner retries on a DeleteVolume (it retries every error, with
+# backoff): a replica its frontend just let go of (FAILED_PRECONDITION), another call on the
+# volume still running (ABORTED), etcd slow to answer on this loaded machine (UNAVAILABLE)
+RETRIED_BY_THE_PROVISIONER = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+                              grpc.StatusCode.UNAVAILABLE)
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str,
