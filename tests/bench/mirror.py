@@ -1,8 +1,8 @@
 """`python -m tests.bench.mirror`: mirrored vs unmirrored volume, across namespaces.
 
 Needs root. Runtime about 8 minutes with the defaults (TDM_BENCH_RUNTIME_S=6 seconds per
-fio job, TDM_BENCH_ROUNDS=3; 461 to 516 s in five runs on the 2-core VM); quick mode for development,
-TDM_BENCH_QUICK=1 (2-second jobs, one round, 256 MiB volumes, no resync/rebuild), about
+fio job, TDM_BENCH_ROUNDS=3; 461 to 516 s in five runs on the 2-core VM); quick mode for
+development, TDM_BENCH_QUICK=1 (2-second jobs, one round, 256 MiB volumes, no resync/rebuild), about
 1.5 minutes. Every figure but resync and rebuild comes from devices measured side by side
 in the same run. Prints one JSON line last; only same-run ratios mean anything on a shared
 machine.
