@@ -14,9 +14,10 @@ XFS), one driver per (layout, size), everything through its CSI socket:
   volume. The writes land on blocks the first snapshot shares, so they are copied on
   write: the case where a layout pays per new extent.
 - read after random writes: the just-filled snapshot's file (the volume as the random fill
-  left it) is read sequentially with 1 MiB direct reads, against a second volume of the
-  same size written sequentially (also snapshotted, and its snapshot timed: the
-  unfragmented case) and read the same way. Restores, clones, backups and rebuilds read
+  left it) is read sequentially with 1 MiB direct reads; then everything is deleted (and
+  the pool trimmed, so its image gives the space back) and a second volume of the same
+  size is written sequentially, snapshotted (its snapshot timed: the unfragmented case)
+  and read the same way. Restores, clones, backups and rebuilds read
   volumes like this.
 
 The reference, csi-driver-host-path v1.18.0's `hostpathplugin` (path from the environment
@@ -35,8 +36,9 @@ same ratios for the sizes run.
 
 Runtime (this VM): about 2 minutes with --sizes 1 --layouts btrfs, about 8 minutes with
 --sizes 1,4, about 25-30 minutes with the default 1,4,16 (the 4 KiB random fill of 16
-GiB dominates). Disk: at 16 GiB about 35 GiB free under /tmp (hostpath's volume and copy
-are deleted before the layouts run; each pool image is deleted before the next).
+GiB dominates). Disk: at 16 GiB about 36 GiB free under /tmp at the peak (hostpath's
+volume and copy, 32 GiB, are deleted before the layouts run; a pool holds one 16 GiB
+volume at a time and is deleted before the next).
 
     TANDEM_BENCH_HOSTPATH=/path/to/hostpathplugin \\
         python -m tests.bench.snapshot [--sizes 1,4,16] [--layouts btrfs,xfs]
@@ -55,6 +57,7 @@ import time
 
 import grpc
 
+from engine.loopdev import LoopDevices
 from proto import csi_pb2, csi_pb2_grpc
 from tests import support
 from tests.integration.helpers import create_request, publish_request, stage_request
@@ -126,6 +129,19 @@ def newest_snapshot_file(pool: str, before: set[str]) -> str:
     return new
 
 
+def give_back_space(pool: str, want_free_bytes: int, timeout_s: float = 60.0) -> None:
+    """Wait for the pool to free what was deleted (btrfs drops deleted subvolumes in the
+    background), then discard it, so the pool image on the host shrinks again: 16 GiB
+    runs fit beside other work on the disk."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = os.statvfs(pool)
+        if st.f_bavail * st.f_frsize >= want_free_bytes:
+            break
+        time.sleep(0.5)
+    subprocess.run(["fstrim", pool], check=True, capture_output=True)
+
+
 def bench_tandem(layout: str, gib: int) -> dict[str, float]:
     size = gib * GIB
     root = support.make_root("tdm-bench-snap-")
@@ -136,33 +152,40 @@ def bench_tandem(layout: str, gib: int) -> dict[str, float]:
     try:
         proc.start()
         s = proc.stubs()
+        st = os.statvfs(pool)
+        empty_free = st.f_bavail * st.f_frsize
         snaps_before: set[str] = set()
 
         # just filled
         vol = Volume(s, root, f"rand{gib}", size)
         out["fill_mib_s"] = fio(vol.device, "randwrite", size)
-        out["snapshot_filled_s"], _ = vol.snapshot(f"filled{gib}")
+        out["snapshot_filled_s"], filled_id = vol.snapshot(f"filled{gib}")
         rand_file = newest_snapshot_file(pool, snaps_before)
         snaps_before.add(rand_file)
         out["extents"] = extents(rand_file)
 
-        # steady state: the pool committed on its own, then a fixed amount written
+        # steady state: the pool committed, then a fixed amount written at random
         # (the snapshot just taken committed the pool; a sync makes sure nothing is left)
         out["pool_sync_s"], _ = timed(lambda: subprocess.run(["sync", "-f", pool], check=True))
         fio(vol.device, "randwrite", size, io_bytes=STEADY_BYTES)
-        out["snapshot_steady_s"], _ = vol.snapshot(f"steady{gib}")
+        out["snapshot_steady_s"], steady_id = vol.snapshot(f"steady{gib}")
         snaps_before.add(newest_snapshot_file(pool, snaps_before))
         vol.release()
+        # the volume as the random fill left it, read sequentially
+        out["seqread_random_mib_s"] = fio(rand_file, "read", size, bs="1M", iodepth=8)
+        for sid in (filled_id, steady_id):
+            s.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sid))
+        s.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.id))
+        give_back_space(pool, empty_free - 256 * MIB)
 
         # sequentially written, same size: its snapshot, and the read rate to compare with
         seq = Volume(s, root, f"seq{gib}", size)
         fio(seq.device, "write", size, bs="1M", iodepth=8)
         out["snapshot_seqfilled_s"], _ = seq.snapshot(f"seq{gib}")
-        seq_file = newest_snapshot_file(pool, snaps_before)
+        seq_file = newest_snapshot_file(pool, set())
         seq.release()
         out["extents_seq"] = extents(seq_file)
         out["seqread_seq_mib_s"] = fio(seq_file, "read", size, bs="1M", iodepth=8)
-        out["seqread_random_mib_s"] = fio(rand_file, "read", size, bs="1M", iodepth=8)
         out["seqread_after_random_ratio"] = out["seqread_random_mib_s"] / out["seqread_seq_mib_s"]
     finally:
         proc.stop(signal.SIGTERM)
@@ -183,21 +206,35 @@ def bench_hostpath(binary: str, gib: int) -> dict[str, float]:
             [binary, "--endpoint", endpoint, "--nodeid", "bench-node", "--drivername",
              "hostpath.csi.k8s.io", "--statedir", state, "--v", "0"],
             stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(endpoint)
+    controller = csi_pb2_grpc.ControllerStub(channel)
+    vol_id = snap_id = ""
     try:
-        channel = grpc.insecure_channel(endpoint)
         grpc.channel_ready_future(channel).result(timeout=30)
-        controller = csi_pb2_grpc.ControllerStub(channel)
-        vol = controller.CreateVolume(create_request(f"hp{gib}", size=size, block=True)).volume
-        (backing,) = [p for p in glob.glob(f"{state}/*") if vol.volume_id in p]
+        vol_id = controller.CreateVolume(
+            create_request(f"hp{gib}", size=size, block=True)).volume.volume_id
+        (backing,) = [p for p in glob.glob(f"{state}/*") if vol_id in p]
         fio(backing, "write", size, bs="1M", iodepth=8)
-        t, _ = timed(lambda: controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
-            name=f"hps{gib}", source_volume_id=vol.volume_id)))
-        channel.close()
+        t, snap = timed(lambda: controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(
+            name=f"hps{gib}", source_volume_id=vol_id)).snapshot)
+        snap_id = snap.snapshot_id
         return {"snapshot_filled_s": round(t, 4)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        shutil.rmtree(root, ignore_errors=True)
+        # hostpath attaches a loop device to a block volume when it makes it, and only
+        # DeleteVolume detaches it: a removed file would keep its space through it
+        try:
+            if snap_id:
+                controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap_id))
+            if vol_id:
+                controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol_id))
+        finally:
+            channel.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            for dev in LoopDevices().all():  # whatever it left on its files, should it fail
+                if dev.backing_file.startswith(state + "/"):
+                    LoopDevices().detach(dev.path)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def ratio(results: dict, key: str, hi: int, lo: int) -> float | None:
