@@ -98,6 +98,15 @@ def free_gib(path: str) -> float:
     return st.f_bavail * st.f_frsize / GIB
 
 
+def btrfs_last_commit_s(pool: str) -> float:
+    """How long the pool's last transaction commit took, as btrfs measured it."""
+    uuid = subprocess.run(["findmnt", "-no", "UUID", "-T", pool], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    with open(f"/sys/fs/btrfs/{uuid}/commit_stats") as f:
+        stats = dict(line.split() for line in f if line.strip())
+    return int(stats["last_commit_ms"]) / 1000
+
+
 class Volume:
     """A staged and published block volume of one driver."""
 
@@ -142,12 +151,12 @@ def give_back_space(pool: str, want_free_bytes: int, timeout_s: float = 60.0) ->
     subprocess.run(["fstrim", pool], check=True, capture_output=True)
 
 
-def bench_tandem(layout: str, gib: int) -> dict[str, float]:
+def bench_tandem(layout: str, gib: int, pool_gib: int) -> dict[str, float]:
     size = gib * GIB
     root = support.make_root("tdm-bench-snap-")
     pool = f"{root}/state/pool"
     proc = support.DriverProcess(root, extra=["--pool-fs", layout, "--pool-size-gib",
-                                              str(2 * gib + 8), "--log-level", "WARNING"])
+                                              str(pool_gib), "--log-level", "WARNING"])
     out: dict[str, float] = {}
     try:
         proc.start()
@@ -160,6 +169,8 @@ def bench_tandem(layout: str, gib: int) -> dict[str, float]:
         vol = Volume(s, root, f"rand{gib}", size)
         out["fill_mib_s"] = fio(vol.device, "randwrite", size)
         out["snapshot_filled_s"], filled_id = vol.snapshot(f"filled{gib}")
+        if layout == "btrfs":  # the transaction commit the snapshot waited for
+            out["commit_filled_s"] = btrfs_last_commit_s(pool)
         rand_file = newest_snapshot_file(pool, snaps_before)
         snaps_before.add(rand_file)
         out["extents"] = extents(rand_file)
@@ -169,7 +180,11 @@ def bench_tandem(layout: str, gib: int) -> dict[str, float]:
         out["pool_sync_s"], _ = timed(lambda: subprocess.run(["sync", "-f", pool], check=True))
         fio(vol.device, "randwrite", size, io_bytes=STEADY_BYTES)
         out["snapshot_steady_s"], steady_id = vol.snapshot(f"steady{gib}")
-        snaps_before.add(newest_snapshot_file(pool, snaps_before))
+        if layout == "btrfs":
+            out["commit_steady_s"] = btrfs_last_commit_s(pool)
+        steady_file = newest_snapshot_file(pool, snaps_before)
+        snaps_before.add(steady_file)
+        out["extents_steady"] = extents(steady_file)
         vol.release()
         # the volume as the random fill left it, read sequentially
         out["seqread_random_mib_s"] = fio(rand_file, "read", size, bs="1M", iodepth=8)
@@ -264,7 +279,9 @@ def main() -> None:
         results[f"hostpath_snapshot_filled_s_{gib}g"] = hp["snapshot_filled_s"]
         print(f"hostpath {gib:3} GiB: snapshot {hp['snapshot_filled_s']:8.3f}s", flush=True)
         for layout in layouts:
-            row = bench_tandem(layout, gib)
+            # one pool size for every volume size, as on a node (a filesystem's journal
+            # grows with it, and what a commit may hold with the journal)
+            row = bench_tandem(layout, gib, pool_gib=2 * sizes[-1] + 8)
             for k, v in row.items():
                 results[f"{layout}_{k}_{gib}g"] = v
             results[f"{layout}_speedup_vs_hostpath_{gib}g"] = round(
