@@ -190,7 +190,7 @@ def test_random_writes_leave_xfs_volumes_in_hint_sized_extents(test_root):
     pool = Pool(f"{test_root}/pool", f"{test_root}/pool.img", 2 * GIB, image_fs="xfs")
     pool.open()
     try:
-        vol, size = "1" * 32, 64 * MIB
+        vol, size = "1" * 32, 32 * MIB
         pool.create_volume(vol, size)
         blocks = list(range(size // 4096))
         random.Random(12).shuffle(blocks)
