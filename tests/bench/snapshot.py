@@ -30,18 +30,18 @@ the comparison is generous to it.
 Figures on a shared 2-core VM are noisy: only ratios within one run mean anything. The
 final stdout line is JSON: `snapshot_16g_over_1g_filled`, `snapshot_16g_over_1g_steady`,
 `snapshot_speedup_vs_hostpath_16g`, `seqread_after_random_ratio` for the first layout given
-(the default image's), and every per-layout figure as `LAYOUT_KEY_Ng`. The fixed keys are
-null when the run did not include 1 and 16 GiB; `..._{hi}g_over_{lo}g_...` keys give the
-same ratios for the sizes run.
+(by default xfs, the layout these figures choose: docs/snapshots.md), and every per-layout
+figure as `LAYOUT_KEY_Ng`. The fixed keys are null when the run did not include 1 and
+16 GiB; `..._{hi}g_over_{lo}g_...` keys give the same ratios for the sizes run.
 
-Runtime (this VM): about 2 minutes with --sizes 1 --layouts btrfs, about 8 minutes with
---sizes 1,4, about 25-30 minutes with the default 1,4,16 (the 4 KiB random fill of 16
-GiB dominates). Disk: at 16 GiB about 40 GiB free under /tmp (checked first): hostpath's
-volume and copy (32 GiB) are deleted before the layouts run; a pool holds two 16 GiB
-volumes at most and is deleted before the next.
+Runtime (this VM, shared): under a minute with --sizes 1, about 4 minutes with --sizes 1,4,
+17 minutes (1022 s) with the default 1,4,16 (the 4 KiB random fills of 16 GiB and the
+full reads of the btrfs volume dominate). Disk: at 16 GiB about 40 GiB free under /tmp
+(checked first): hostpath's volume and copy (32 GiB) are deleted before the layouts run;
+a pool holds two 16 GiB volumes at most and is deleted before the next.
 
     TANDEM_BENCH_HOSTPATH=/path/to/hostpathplugin \\
-        python -m tests.bench.snapshot [--sizes 1,4,16] [--layouts btrfs,xfs]
+        python -m tests.bench.snapshot [--sizes 1,4,16] [--layouts xfs,btrfs]
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def ratio(results: dict, key: str, hi: int, lo: int) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,4,16", help="GiB, comma-separated")
-    ap.add_argument("--layouts", default="btrfs,xfs", help="first one is reported as chosen")
+    ap.add_argument("--layouts", default="xfs,btrfs", help="first one is reported as chosen")
     args = ap.parse_args()
     binary = os.environ.get("TANDEM_BENCH_HOSTPATH", "")
     if not binary or not os.access(binary, os.X_OK):
@@ -309,7 +309,7 @@ def main() -> None:
         for case in ("filled", "steady", "seqfilled"):
             results[f"{layout}_snapshot_{hi}g_over_{lo}g_{case}"] = ratio(
                 results, f"{layout}_snapshot_{case}_s", hi, lo)
-    chosen = layouts[0]  # the default image's layout comes first
+    chosen = layouts[0]
     summary = {
         "layout": chosen,
         "sizes_gib": sizes,
