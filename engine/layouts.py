@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 VOLUMES_DIR, SNAPSHOTS_DIR = "volumes", "snapshots"
 MIB = 1024 * 1024
 # XFS extent-size and CoW extent-size hints on the volume directories (see docs/engine.md)
-EXTENT_HINT_BYTES = 1 * MIB
+EXTENT_HINT_BYTES = 16 * MIB
 _NAME = re.compile(r"^[0-9a-f]{32}$")
 
 
