@@ -69,6 +69,10 @@ def release_tree(root: str, keep: tuple[str, ...] = ()) -> None:
                  if (m.target == root or m.target.startswith(root + "/"))
                  and m.target not in keep]
         for m in sorted(under, key=lambda m: -len(m.target)):
+            # a driver killed between a snapshot's freeze and its thaw leaves the
+            # filesystem frozen: unmounted so, it stays alive (and frozen) with no mount
+            # point left to thaw it, holding its loop device for good
+            subprocess.run(["fsfreeze", "--unfreeze", m.target], capture_output=True)
             subprocess.run(["umount", m.target], capture_output=True)
         mounted = {(m.major, m.minor) for m in mounts.table()}
         # identities are asked only for paths that lead nowhere here (relative, or

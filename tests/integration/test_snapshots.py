@@ -229,6 +229,7 @@ def test_unstage_waits_for_a_snapshot_holding_the_volume_frozen(test_root):
     filesystem, and the snapshot never freezes a filesystem going away."""
     proc = support.DriverProcess(test_root)
     proc.start(env={"TANDEM_PAUSE_AT": "snapshot-after-freeze:2"})
+    snapper: threading.Thread | None = None
     try:
         stubs = proc.stubs()
         vol = Volume(stubs, test_root, "held", block=False)
@@ -258,6 +259,8 @@ def test_unstage_waits_for_a_snapshot_holding_the_volume_frozen(test_root):
         (snap,) = stubs.controller.ListSnapshots(csi_pb2.ListSnapshotsRequest()).entries
         assert snap.snapshot.ready_to_use
     finally:
+        if snapper is not None:  # a kill while it holds the freeze would keep it frozen
+            snapper.join(30)
         proc.stop(signal.SIGKILL)
 
 
