@@ -14,7 +14,7 @@ import pytest
 from proto import csi_pb2
 from tests import support
 from tests.cluster import RETRIED_BY_THE_PROVISIONER, TandemCluster
-from tests.conformance.cluster.conftest import ClusterCO, ClusterDriver, _homes
+from tests.conformance.cluster.conftest import ClusterCO, driver  # noqa: F401 (fixture)
 from tests.conformance.helpers import SNW
 from tests.conftest import require_root
 
@@ -33,15 +33,6 @@ def cluster(request):
             print(c.logs())
         c.down()
         support.cleanup_tree(root)
-
-
-@pytest.fixture
-def driver(cluster, test_root):
-    d = ClusterDriver(cluster, next(_homes) % cluster.zones + 1, test_root)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 class MirroredCO(ClusterCO):
@@ -130,7 +121,7 @@ class MirroredCO(ClusterCO):
 
 
 @pytest.fixture
-def co(driver, test_root):
+def co(driver, test_root):  # noqa: F811 (the imported fixture)
     orchestrator = MirroredCO(driver, test_root)
     yield orchestrator
     errors = orchestrator.cleanup()
