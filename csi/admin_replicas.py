@@ -48,13 +48,14 @@ def report(store: Store, volume_ids: list[str]) -> list[dict]:
                                   mirrors.frontend_view(vol.volume_id),
                                   lambda node_id: store.get(NODE + node_id) is not None)
         frontend = store.get(FRONTEND_PREFIX + vol.volume_id)
+        overall = condition(reports)
         out.append({
             "volume_id": vol.volume_id, "name": vol.name, "state": vol.state,
             "min_in_sync": vol.min_in_sync,
             "frontend": None if frontend is None else {
                 k: frontend.value.get(k) for k in ("node_id", "generation", "state")},
-            "condition": condition(reports).message,
-            "abnormal": condition(reports).abnormal,
+            "condition": overall.message,
+            "abnormal": overall.abnormal,
             "replicas": [r.to_dict() for r in reports],
         })
     return out

@@ -24,6 +24,7 @@ leader leases of 3 s, a reconcile round every 2 s.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -211,6 +212,25 @@ class ControllerProc(Proc):
             "--reconcile-interval", str(cluster.reconcile_interval_s),
             "--intent-timeout", str(cluster.intent_timeout_s), *cluster.controller_args],
             cluster.env)
+
+
+@contextlib.contextmanager
+def running(request, prefix: str, **options) -> Iterator[TandemCluster]:
+    """A cluster for a fixture's scope (root needed): up, its processes' logs printed when
+    a test in that scope failed, everything removed after."""
+    from tests.conftest import require_root  # pytest's module: only where a fixture asks
+    require_root()
+    root = support.make_root(prefix)
+    cluster = TandemCluster(root, **options)
+    failed = request.session.testsfailed
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        if request.session.testsfailed > failed:
+            print(cluster.logs())  # shown with the failure: what each process said
+        cluster.down()
+        support.cleanup_tree(root)
 
 
 # what an external-provisioner retries on a DeleteVolume (it retries every error, with

@@ -21,9 +21,7 @@ import pytest
 from control.records import VOLUME
 from control.topology import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
 from proto import csi_pb2
-from tests import support
-from tests.cluster import TandemCluster, wait_for
-from tests.conftest import require_root
+from tests.cluster import TandemCluster, running, wait_for
 from tests.integration.helpers import capability, create_request, publish_request, stage_request
 
 MIB = 1024 * 1024
@@ -33,18 +31,8 @@ RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    require_root()
-    root = support.make_root("tdm-cluster-")
-    c = TandemCluster(root)
-    failed = request.session.testsfailed
-    try:
-        c.up()
+    with running(request, "tdm-cluster-") as c:
         yield c
-    finally:
-        if request.session.testsfailed > failed:
-            print(c.logs())  # shown with the failure: what each process said
-        c.down()
-        support.cleanup_tree(root)
 
 
 @pytest.fixture

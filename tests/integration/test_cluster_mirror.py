@@ -27,9 +27,7 @@ from engine.state import SqliteStore
 from mirror.spec import REGION_BYTES
 from mirror.testkit import VerifiedWriter
 from proto import csi_pb2
-from tests import support
-from tests.cluster import RETRIED_BY_THE_PROVISIONER, TandemCluster, wait_for
-from tests.conftest import require_root
+from tests.cluster import RETRIED_BY_THE_PROVISIONER, TandemCluster, running, wait_for
 
 MIB = 1024 * 1024
 SIZE = 64 * MIB
@@ -40,16 +38,9 @@ BLOCK = csi_pb2.VolumeCapability(
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    require_root()
-    root = support.make_root("tdm-clm-")
-    c = TandemCluster(root, mirror=True)
-    try:
-        c.up()
+def cluster(request):
+    with running(request, "tdm-clm-", mirror=True) as c:
         yield c
-    finally:
-        c.down()
-        support.cleanup_tree(root)
 
 
 def create(cluster: TandemCluster, name: str, preferred_zone: int,

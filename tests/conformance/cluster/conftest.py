@@ -23,28 +23,17 @@ import pytest
 from control.topology import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
 from proto import csi_pb2, csi_pb2_grpc
 from tests import support
-from tests.cluster import TandemCluster
+from tests.cluster import TandemCluster, running
 from tests.conformance.conftest import CO
 from tests.conformance.helpers import loops_left_under
-from tests.conftest import require_root
 
 _homes = itertools.count()
 
 
 @pytest.fixture(scope="package")
 def cluster(request):
-    require_root()
-    root = support.make_root("tdm-conf-cluster-")
-    c = TandemCluster(root)
-    failed = request.session.testsfailed
-    try:
-        c.up()
+    with running(request, "tdm-conf-cluster-") as c:
         yield c
-    finally:
-        if request.session.testsfailed > failed:
-            print(c.logs())
-        c.down()
-        support.cleanup_tree(root)
 
 
 class Alternating:

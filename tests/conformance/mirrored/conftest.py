@@ -12,27 +12,15 @@ import grpc
 import pytest
 
 from proto import csi_pb2
-from tests import support
-from tests.cluster import RETRIED_BY_THE_PROVISIONER, TandemCluster
+from tests.cluster import RETRIED_BY_THE_PROVISIONER, running
 from tests.conformance.cluster.conftest import ClusterCO, driver  # noqa: F401 (fixture)
 from tests.conformance.helpers import SNW
-from tests.conftest import require_root
 
 
 @pytest.fixture(scope="package")
 def cluster(request):
-    require_root()
-    root = support.make_root("tdm-conf-mirrored-")
-    c = TandemCluster(root, mirror=True)
-    failed = request.session.testsfailed
-    try:
-        c.up()
+    with running(request, "tdm-conf-mirrored-", mirror=True) as c:
         yield c
-    finally:
-        if request.session.testsfailed > failed:
-            print(c.logs())
-        c.down()
-        support.cleanup_tree(root)
 
 
 class MirroredCO(ClusterCO):
