@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 from control.store import (
     MAX_OPS,
+    Check,
     Compacted,
     Conflict,
     Delete,
@@ -42,9 +43,9 @@ from control.store import (
     Watch,
     decode,
     encode,
-    is_write,
     validate_ops,
 )
+from engine.group_commit import GroupCommit
 
 MAX_GROUP = 32  # commits made durable together at most
 HISTORY_EVENTS = 4096  # events kept for watches that start in the past
@@ -88,18 +89,8 @@ class SqliteStore:
         self._path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # SQLite gives -wal/-shm the same mode
         os.close(fd)
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._open = False  # an outer SQLite transaction is open
-        self._batch = 0  # the group being filled (or last filled)
-        self._committed = 0  # the last group finished (made durable or failed)
-        self._committing = False
-        self._pending = 0  # callers between arrival and the end of their savepoint
-        self._failed: dict[int, BaseException] = {}
-        self._bodies = 0  # commits in the group being filled
-        self._group_changes: list[_Change] = []
-        self.commits = 0  # commits applied, and the groups (fsyncs) that made them durable
-        self.groups = 0
+        self._lock = threading.Lock()  # watches, history and the list of readers
+        self._group_changes: list[_Change] = []  # the open group's writes
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -117,13 +108,25 @@ class SqliteStore:
         self._watches: list[tuple[str, int, Watch]] = []  # (prefix, start revision, watch)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._closed = False
+        self._group = GroupCommit(self._conn, lambda: Unavailable("the cluster store is closed"),
+                                  on_begin=self._read_revision,
+                                  before_commit=self._save_revision,
+                                  after_commit=self._group_done, max_group=MAX_GROUP)
+
+    @property
+    def commits(self) -> int:
+        """Commits applied; `groups`: the COMMITs (fsyncs) that made them durable."""
+        return self._group.bodies
+
+    @property
+    def groups(self) -> int:
+        return self._group.groups
 
     # -- reads -----------------------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._closed:
+            if self._group.closed:
                 raise Unavailable("the cluster store is closed")
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA query_only=ON")
@@ -175,121 +178,90 @@ class SqliteStore:
             if isinstance(op, Put) and op.lease:
                 raise ValueError("the SQLite store has no leases (they need etcd)")
         encoded = [encode(op.value) if isinstance(op, Put) else "" for op in ops]
-        with self._cond:
-            if self._closed:
-                raise Unavailable("the cluster store is closed")
-            self._pending += 1
-            while self._committing:  # no statement may run while COMMIT does
-                self._cond.wait()
-            if self._closed:
-                self._pending -= 1
-                raise Unavailable("the cluster store is closed")
-            if not self._open:
-                self._conn.execute("BEGIN IMMEDIATE")
-                # the file's counter, not ours alone: another store object or process may
-                # have committed since (BEGIN IMMEDIATE excludes it from now on)
-                (self._revision,) = self._conn.execute(
-                    "SELECT value FROM meta WHERE name='revision'").fetchone()
-                self._open = True
-                self._batch += 1
-                self._bodies = 0
-            batch = self._batch
-            self._conn.execute("SAVEPOINT op")
-            try:
-                conflict = self._apply(ops, encoded)
-            except BaseException:
-                self._conn.execute("ROLLBACK TO op")
-                self._conn.execute("RELEASE op")
-                self._pending -= 1
-                self._cond.notify_all()
-                raise
-            if conflict is not None:
-                self._conn.execute("ROLLBACK TO op")
-            self._conn.execute("RELEASE op")
+        conflict: Conflict | None = None
+        with self._group.body():
+            if not self._apply(ops, encoded):
+                self._group.undo_body()  # and still waits for its group
+                conflict = Conflict(self._failed_guards(ops))
             revision = self._revision
-            self._pending -= 1
-            self._bodies += 1
-            self.commits += 1
-            self._wait_durable(batch)
         if conflict is not None:
             raise conflict
         return revision
 
-    def _apply(self, ops: Sequence[Op], encoded: Sequence[str]) -> Conflict | None:
-        """Check every guard, then write; called inside the commit's savepoint."""
-        failed = [op.key for op in ops if op.expect is not None
-                  and self._version(op.key) != op.expect]
-        if failed:
-            return Conflict(failed)
-        if not any(is_write(op) for op in ops):
-            return None
+    def _apply(self, ops: Sequence[Op], encoded: Sequence[str]) -> bool:
+        """Write every op under its guard; False as soon as a guard fails (the caller rolls
+        the body back). Called inside the commit's savepoint.
+
+        A write's guard is part of its statement (UPDATE ... WHERE version=?, an INSERT
+        that does nothing when the key exists): no separate read per guarded key. Checks
+        go first, so every guard sees the state before this commit (a commit writes each
+        key once, so no write changes another write's guard)."""
+        for op in ops:
+            if isinstance(op, Check) and self._version(op.key) != op.expect:
+                return False
         revision = self._revision + 1
         changes = []
+        execute = self._conn.execute
         for op, data in zip(ops, encoded, strict=True):
             if isinstance(op, Put):
-                self._conn.execute(
-                    "INSERT INTO records(key, version, data) VALUES (?,?,?) ON CONFLICT(key)"
-                    " DO UPDATE SET version=excluded.version, data=excluded.data",
-                    (op.key, revision, data))
+                if op.expect is None:
+                    execute("INSERT INTO records(key, version, data) VALUES (?,?,?) ON "
+                            "CONFLICT(key) DO UPDATE SET version=excluded.version, "
+                            "data=excluded.data", (op.key, revision, data))
+                elif op.expect == 0:
+                    if not execute("INSERT INTO records(key, version, data) VALUES (?,?,?) "
+                                   "ON CONFLICT(key) DO NOTHING",
+                                   (op.key, revision, data)).rowcount:
+                        return False
+                elif not execute("UPDATE records SET version=?, data=? WHERE key=? AND "
+                                 "version=?", (revision, data, op.key, op.expect)).rowcount:
+                    return False
                 changes.append(_Change(op.key, data, revision))
-            elif isinstance(op, Delete) and self._conn.execute(
-                    "DELETE FROM records WHERE key=?", (op.key,)).rowcount:
-                changes.append(_Change(op.key, None, revision))
-        self._revision = revision  # saved in the file once per group, before its COMMIT
-        self._group_changes.extend(changes)
-        return None
+            elif isinstance(op, Delete):
+                if op.expect is None:
+                    deleted = execute("DELETE FROM records WHERE key=?", (op.key,)).rowcount
+                else:
+                    deleted = execute("DELETE FROM records WHERE key=? AND version=?",
+                                      (op.key, op.expect)).rowcount
+                    if not deleted:
+                        return False
+                if deleted:
+                    changes.append(_Change(op.key, None, revision))
+        if changes:
+            self._revision = revision  # saved in the file once per group, before its COMMIT
+            self._group_changes.extend(changes)
+        return True
+
+    def _failed_guards(self, ops: Sequence[Op]) -> Sequence[str]:
+        return [op.key for op in ops
+                if op.expect is not None and self._version(op.key) != op.expect]
 
     def _version(self, key: str) -> int:
         row = self._conn.execute("SELECT version FROM records WHERE key=?", (key,)).fetchone()
         return row[0] if row else 0
 
-    def _wait_durable(self, batch: int) -> None:
-        """Return once `batch` is committed; commit it ourselves when nobody else will add
-        to it. Called with the lock held."""
-        while self._committed < batch:
-            # commit when no one else is about to add to the group, or when it is big
-            # enough that waiting longer would only add latency
-            full = self._bodies >= MAX_GROUP
-            if not self._committing and self._open and (self._pending == 0 or full):
-                self._commit_group(batch)
-            else:
-                self._cond.wait()
-        if batch in self._failed:
-            raise self._failed[batch]
+    # -- the group commit's steps (engine/group_commit.py), the writer held ---------------
+    def _read_revision(self) -> None:
+        # the file's counter, not ours alone: another store object or process may have
+        # committed since (BEGIN IMMEDIATE excludes it from now on)
+        (self._revision,) = self._conn.execute(
+            "SELECT value FROM meta WHERE name='revision'").fetchone()
 
-    def _commit_group(self, batch: int) -> None:
-        self._committing = True
+    def _save_revision(self) -> None:
+        self._conn.execute("UPDATE meta SET value=? WHERE name='revision' AND value<>?",
+                           (self._revision, self._revision))
+
+    def _group_done(self, durable: bool) -> None:
         changes, self._group_changes = self._group_changes, []
-        revision = self._revision
-        self._lock.release()  # others may queue up meanwhile: they form the next group
-        error: BaseException | None = None
-        try:
-            self._conn.execute("UPDATE meta SET value=? WHERE name='revision' AND value<>?",
-                               (revision, revision))
-            self._conn.execute("COMMIT")
-        except BaseException as e:  # noqa: BLE001 - handed to every caller of the group
-            error = e
-        finally:
-            self._lock.acquire()
-        if error is not None:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self._failed[batch] = error
-        else:
-            self.groups += 1
-            self._publish(changes)
-        self._open = False
-        self._committing = False
-        self._committed = batch
-        self._cond.notify_all()
+        if durable:
+            with self._lock:
+                self._publish(changes)
 
     # -- watches -------------------------------------------------------------------------------
     def watch(self, prefix: str = "", start_revision: int = 0) -> Watch:
         """Events of keys starting with prefix, from start_revision (0: from now on)."""
         with self._lock:
-            if self._closed:
+            if self._group.closed:
                 raise Unavailable("the cluster store is closed")
             start = start_revision if start_revision > 0 else self._published + 1
             entry: _WatchEntry = []
@@ -311,6 +283,8 @@ class SqliteStore:
 
     def _publish(self, changes: Sequence[_Change]) -> None:
         """Hand a durable group's changes to the watchers; called with the lock held."""
+        if not changes:
+            return
         for change in changes:
             if len(self._history) == self._history.maxlen:
                 self._history_floor = self._history[0].revision
@@ -318,25 +292,24 @@ class SqliteStore:
             for prefix, start, w in self._watches:
                 if change.revision >= start and change.key.startswith(prefix):
                     w.push(change.event())
-        self._published = self._revision  # (no commit can run while a group commits)
+        self._published = changes[-1].revision
 
     # -- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
-        with self._cond:
-            while self._committing:  # a group's COMMIT runs without the lock held
-                self._cond.wait()
-            if self._closed:
-                return
-            self._closed = True  # callers waiting to start a commit give up
-            if self._open:  # the group being filled: commit it, its callers are waiting
-                self._commit_group(self._batch)
-            for _, _, w in self._watches:
-                w.fail(Unavailable("the cluster store was closed"))
-            self._watches.clear()
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        if self._group.closed:
+            return
+
+        def fail_watches_and_disconnect() -> None:
+            with self._lock:
+                for _, _, w in self._watches:
+                    w.fail(Unavailable("the cluster store was closed"))
+                self._watches.clear()
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
             self._conn.close()
+
+        self._group.close(fail_watches_and_disconnect)
 
     def __enter__(self) -> SqliteStore:
         return self

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from engine import permissions
+from engine.group_commit import GroupCommit
 
 SCHEMA_VERSION = 1
-MAX_GROUP = 32  # transactions committed together at most
 
 Record = dict[str, Any]
 
@@ -75,25 +75,16 @@ class SqliteStore:
     thread, so lookups never wait behind a commit's fsync (WAL readers see the last
     committed state).
 
-    Writes are group-committed: transactions from concurrent threads run one after the
-    other as savepoints inside one SQLite transaction, and a single COMMIT (one fsync)
-    makes the whole group durable; no caller returns before its group is on disk. The
-    last transaction of a group commits it, so a lone caller still pays exactly one
-    commit, and callers that arrive while a commit runs form the next group.
+    Writes are group-committed (engine/group_commit.py): transactions from concurrent
+    threads run one after the other as savepoints inside one SQLite transaction, and a
+    single COMMIT (one fsync) makes the whole group durable; no caller returns before its
+    group is on disk.
     """
 
     def __init__(self, path: str):
         self._path = path
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._lock = threading.Lock()  # the list of reader connections
         self._in_txn = threading.local()
-        self._open = False  # an outer SQLite transaction is open
-        self._batch = 0  # the group being filled (or last filled)
-        self._committed = 0  # the last group made durable
-        self._committing = False
-        self._pending = 0  # callers inside txn() whose body has not finished
-        self._failed: dict[int, BaseException] = {}
-        self._bodies = 0  # transactions in the group being filled
         # Every tenant's records: owner-only. SQLite makes its -wal and -shm files with the
         # database's mode, so the database is made 0600 before SQLite opens it; files left
         # looser by an older release are tightened.
@@ -108,14 +99,19 @@ class SqliteStore:
             " kind TEXT NOT NULL, key TEXT NOT NULL, schema INTEGER NOT NULL,"
             " data TEXT NOT NULL, PRIMARY KEY (kind, key))"
         )
+        self._group = GroupCommit(self._conn, lambda: RuntimeError("the state store is closed"))
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._closed = False
+
+    @property
+    def groups(self) -> int:
+        """COMMITs (fsyncs) so far: fewer than the transactions when they were grouped."""
+        return self._group.groups
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._closed:
+            if self._group.closed:
                 raise RuntimeError("the state store is closed")
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA query_only=ON")
@@ -130,67 +126,12 @@ class SqliteStore:
         when the block exits."""
         if getattr(self._in_txn, "active", False):
             raise RuntimeError("state store transactions do not nest")
-        with self._cond:
-            self._pending += 1
-            while self._committing:  # no statement may run while COMMIT does
-                self._cond.wait()
-            if not self._open:
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._open = True
-                self._batch += 1
-                self._bodies = 0
-            batch = self._batch
-            self._conn.execute("SAVEPOINT body")
-            self._in_txn.active = True
-            try:
-                yield _SqliteTxn(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK TO body")
-                self._conn.execute("RELEASE body")
-                self._pending -= 1
-                self._cond.notify_all()
-                raise
-            finally:
-                self._in_txn.active = False
-            self._conn.execute("RELEASE body")
-            self._pending -= 1
-            self._bodies += 1
-            self._wait_durable(batch)
-
-    def _wait_durable(self, batch: int) -> None:
-        """Return once `batch` is committed; commit it ourselves when nobody else will add
-        to it. Called with the lock held."""
-        while self._committed < batch:
-            # commit when no one else is about to add to the group, or when it is big
-            # enough that waiting longer would only add latency
-            full = self._bodies >= MAX_GROUP
-            if not self._committing and self._open and (self._pending == 0 or full):
-                self._commit(batch)
-            else:
-                self._cond.wait()
-        if batch in self._failed:
-            raise self._failed[batch]
-
-    def _commit(self, batch: int) -> None:
-        self._committing = True
-        self._lock.release()  # others may queue up meanwhile: they form the next group
-        error: BaseException | None = None
+        self._in_txn.active = True
         try:
-            self._conn.execute("COMMIT")
-        except BaseException as e:  # noqa: BLE001 - handed to every caller of the group
-            error = e
+            with self._group.body():
+                yield _SqliteTxn(self._conn)
         finally:
-            self._lock.acquire()
-        if error is not None:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self._failed[batch] = error
-        self._open = False
-        self._committing = False
-        self._committed = batch
-        self._cond.notify_all()
+            self._in_txn.active = False
 
     def get(self, kind: str, key: str) -> Record | None:
         return _SqliteTxn(self._reader()).get(kind, key)
@@ -220,14 +161,11 @@ class SqliteStore:
             t.delete(kind, key)
 
     def close(self) -> None:
-        with self._cond:
-            while self._committing:  # a group's COMMIT runs without the lock held
-                self._cond.wait()
-            if self._open:
-                self._conn.execute("COMMIT")
-                self._open = False
-            self._closed = True
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        def close_connections() -> None:
+            with self._lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
             self._conn.close()
+
+        self._group.close(close_connections)
