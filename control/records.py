@@ -54,20 +54,30 @@ def request_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_SCALARS = (str, int, float, bool, type(None))
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _plain(value: Any) -> dict:
-    """Dataclass -> JSON-able dict: tuples become lists, nested dataclasses dicts."""
+    """Dataclass -> JSON-able dict: tuples become lists, nested dataclasses dicts. (On the
+    path of every create and delete: field names are looked up once per class, and the
+    common scalar fields take one type check.)"""
+    cls = type(value)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(value))
     out = {}
-    for f in dataclasses.fields(value):
-        item = getattr(value, f.name)
-        if isinstance(item, QosSpec):
-            item = dict(vars(item))  # flat: cheaper than dataclasses.asdict
-        elif isinstance(item, BackupState):
-            item = dataclasses.asdict(item)
+    for name in names:
+        item = getattr(value, name)
+        if type(item) in _SCALARS:
+            pass
+        elif isinstance(item, QosSpec | BackupState):
+            item = dict(vars(item))  # flat
         elif isinstance(item, tuple):
             item = [list(i) if isinstance(i, tuple) else i for i in item]
         elif isinstance(item, dict):
             item = dict(item)
-        out[f.name] = item
+        out[name] = item
     return out
 
 

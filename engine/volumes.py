@@ -66,7 +66,7 @@ class Backing:
         return cls(volume_id=volume_id, **rec)
 
     def record(self) -> dict:
-        rec = dataclasses.asdict(self)
+        rec = dict(vars(self))  # every field is flat: no need for asdict's deep copy
         del rec["volume_id"]
         return rec
 

@@ -57,7 +57,7 @@ class QosSpec:
         )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(vars(self), sort_keys=True)  # flat: asdict's deep copy is not needed
 
     @classmethod
     def from_json(cls, text: str) -> QosSpec:
