@@ -52,6 +52,8 @@ class Healer:
             vol = VolumeRecord.from_value(got.value)
             if vol.state != READY or not vol.mirrored:
                 continue
+            if not vol.retired_replicas and not self._replacements_due(vol, now):
+                continue  # nothing to do: the volume's lock stays free for the CO's calls
             try:
                 with self.volumes.locks.hold(vol.volume_id):
                     self._heal(vol, got.version, now)
@@ -67,6 +69,14 @@ class Healer:
                 node.delete_replica(vol.volume_id, version)
                 vol, version = self._save(vol.replace(retired_replicas=tuple(
                     n for n in vol.retired_replicas if n != node_id)), version)
+        for placement in self._replacements_due(vol, now):
+            vol, version = self._replace(vol, version, placement)
+            self._away_since.pop((vol.volume_id, placement.node_id), None)
+
+    def _replacements_due(self, vol: VolumeRecord, now: float) -> list[ReplicaPlacement]:
+        """The replicas whose nodes have been away for replace_after_s (and notes since
+        when the others are away)."""
+        due = []
         for placement in vol.replicas:
             key = (vol.volume_id, placement.node_id)
             if self.nodes.known(placement.node_id):
@@ -74,8 +84,8 @@ class Healer:
                 continue
             since = self._away_since.setdefault(key, now)
             if now - since >= self.replace_after_s:
-                vol, version = self._replace(vol, version, placement)
-                self._away_since.pop(key, None)
+                due.append(placement)
+        return due
 
     def _replace(self, vol: VolumeRecord, version: int,
                  lost: ReplicaPlacement) -> tuple[VolumeRecord, int]:

@@ -55,6 +55,12 @@ class VolumeIndex:
                 del self._entries[volume_id]
                 self._gone[volume_id] = revision
 
+    def storage_removed(self, volume_id: str, revision: int) -> bool:
+        """True if this controller saw the storage of the tombstone at `revision` go (the
+        tombstone only waits for its sweep)."""
+        with self._lock:
+            return self._gone.get(volume_id, 0) >= revision
+
     def note_value(self, key: str, value: dict | None, revision: int) -> None:
         """The same, from a raw store event."""
         if key.startswith(VOLUME):

@@ -13,6 +13,7 @@ from each other (ABORTED), as the CSI spec suggests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from engine.errors import (
     InUse,
     InvalidSpec,
     NotFound,
+    OperationPending,
     OutOfCapacity,
     OutOfRange,
     Precondition,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
+TOMBSTONE_WAIT_S = 5.0  # a repeated DeleteVolume waits this long for a converging tombstone
 # what a node answers when it can never make the volume asked for: the intent ends at once
 REFUSALS = (Precondition, InvalidSpec, OutOfRange, OutOfCapacity, AlreadyExists, NotFound)
 
@@ -308,20 +311,39 @@ class Volumes:
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, volume_id: str) -> None:
-        with self.locks.hold(volume_id):
-            for _ in range(CAS_ATTEMPTS):
-                found = self.record(volume_id)
-                if found is None:
+        found = self.record(volume_id)
+        if found is not None and found[0].state == DELETING:
+            # Already a tombstone: a repeated call, while this call's first attempt or the
+            # reconciler may be converging it. Wait for that a little; if it still runs,
+            # the deletion stands all the same (a tombstone always converges), so OK.
+            with contextlib.ExitStack() as held:
+                try:  # only this lock's refusal means OK; a node's Busy stays ABORTED
+                    held.enter_context(self.locks.hold(volume_id, wait_s=TOMBSTONE_WAIT_S))
+                except OperationPending:
+                    log.info("volume %s: its tombstone is converging in another call",
+                             volume_id)
                     return
-                record, version = found
-                if record.state != DELETING:
-                    try:
-                        record, version = self._tombstone(record, version, check_use=True)
-                    except Conflict:
-                        continue
-                self.converge_deleted(record, version)
+                self._delete(volume_id)
+            return
+        with self.locks.hold(volume_id):
+            self._delete(volume_id)
+
+    def _delete(self, volume_id: str) -> None:
+        for _ in range(CAS_ATTEMPTS):
+            found = self.record(volume_id)
+            if found is None:
                 return
-            raise Busy(f"volume {volume_id} is contended; retry")
+            record, version = found
+            if record.state != DELETING:
+                try:
+                    record, version = self._tombstone(record, version, check_use=True)
+                except Conflict:
+                    continue
+            elif self.index.storage_removed(volume_id, version):
+                return  # a repeated call: only the sweep of the tombstone is left
+            self.converge_deleted(record, version)
+            return
+        raise Busy(f"volume {volume_id} is contended; retry")
 
     def _tombstone(self, record: VolumeRecord, version: int,
                    check_use: bool) -> tuple[VolumeRecord, int]:

@@ -46,6 +46,11 @@ class Busy(EngineError):
     """Another operation on the same object is under way: retry later (CSI ABORTED)."""
 
 
+class OperationPending(Busy):
+    """This process already runs an operation on the same name or ID (the lock table's
+    refusal, as opposed to a node's or a device's Busy)."""
+
+
 class StaleVersion(Busy):
     """The call acts on an older cluster record than the node already acted on: the
     caller re-reads the record and retries (ABORTED)."""

@@ -265,3 +265,27 @@ def test_a_replica_back_in_time_is_not_replaced(zones):
     c.clock.now += 120
     healer.run_once()
     assert c.volumes.record(vol.volume_id)[0].replicas == vol.replicas
+
+
+def test_healing_leaves_healthy_volumes_unlocked(zones):
+    # A round over volumes with nothing to heal must not take their locks: the CO's own
+    # calls on them (ControllerUnpublish, DeleteVolume) would be ABORTED meanwhile.
+    c = zones
+    healer = Healer(c.store, c.registry, c.volumes, replace_after_s=60, clock=c.clock)
+    vol = create(c, "a")
+    taken = []
+    real_hold = c.volumes.locks.hold
+
+    def spy(*keys, **kw):
+        taken.extend(keys)
+        return real_hold(*keys, **kw)
+
+    c.volumes.locks.hold = spy
+    healer.run_once()
+    assert taken == []
+    c.registry.remove(vol.replicas[0].node_id)
+    healer.run_once()
+    assert taken == []  # away, but not for long yet
+    c.clock.now += 61
+    healer.run_once()
+    assert vol.volume_id in taken  # a replacement was due: then it locks

@@ -250,6 +250,33 @@ def test_delete_on_a_down_node_keeps_a_tombstone_until_it_returns(three_zones):
     c.volumes.delete(vol.volume_id)  # idempotent
 
 
+def test_a_repeated_delete_while_the_tombstone_converges_elsewhere_is_ok(three_zones):
+    # The reconciler (or the first DeleteVolume) holds the volume while it converges the
+    # tombstone: a repeat waits for it a little and then answers OK, not ABORTED.
+    c = three_zones
+    vol = c.create("a")
+    node = c.nodes[vol.node_id]
+    node.down = True
+    c.registry.remove(node.node_id)
+    c.volumes.delete(vol.volume_id)
+    assert c.state(vol.volume_id) == DELETING
+    started = time.monotonic()
+    with c.volumes.locks.hold(vol.volume_id):  # the reconciler's round
+        c.volumes.delete(vol.volume_id)
+    assert time.monotonic() - started >= 4.9  # it waited for the holder first
+    assert c.state(vol.volume_id) == DELETING  # and the tombstone still converges later
+    node.down = False
+    c.registry.add(node)
+    # a live volume stays ABORTED while another call holds it (no silent OK)
+    live = c.create("b")
+    with c.volumes.locks.hold(live.volume_id):
+        with pytest.raises(Busy):
+            c.volumes.delete(live.volume_id)
+    assert c.state(live.volume_id) == READY
+    c.reconciler.run_once()
+    assert c.state(vol.volume_id) is None and vol.volume_id not in node.held
+
+
 def test_delete_refuses_published_or_staged(three_zones):
     c = three_zones
     vol = c.create("a")

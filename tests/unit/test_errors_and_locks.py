@@ -1,5 +1,6 @@
 import errno
 import threading
+import time
 
 import grpc
 import pytest
@@ -66,3 +67,23 @@ def test_replica_errnos_translate_through_the_one_table(err, code):
     from mirror.client import Fenced, ReplicaError
     assert code_for(ReplicaError(err, "replica said no")) == code
     assert code_for(Fenced(errno.ESTALE, "fenced")) == grpc.StatusCode.ABORTED
+
+
+def test_key_locks_can_wait_for_a_holder_that_finishes():
+    locks = KeyLocks()
+    inside = threading.Event()
+
+    def hold_briefly():
+        with locks.hold("vol-1"):
+            inside.set()
+            time.sleep(0.2)
+
+    t = threading.Thread(target=hold_briefly)
+    t.start()
+    inside.wait()
+    with pytest.raises(errors.OperationPending):
+        with locks.hold("vol-1", wait_s=0.01):
+            pass
+    with locks.hold("vol-1", wait_s=5):  # released meanwhile: held now
+        assert not t.is_alive()
+    t.join()
