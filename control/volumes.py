@@ -323,14 +323,14 @@ class Volumes:
                     log.info("volume %s: its tombstone is converging in another call",
                              volume_id)
                     return
-                self._delete(volume_id)
+                self._delete(volume_id, self.record(volume_id))
             return
         with self.locks.hold(volume_id):
-            self._delete(volume_id)
+            self._delete(volume_id, found)
 
-    def _delete(self, volume_id: str) -> None:
+    def _delete(self, volume_id: str, found: tuple[VolumeRecord, int] | None) -> None:
+        """`found`: the record as just read (a stale one fails its guard: read again)."""
         for _ in range(CAS_ATTEMPTS):
-            found = self.record(volume_id)
             if found is None:
                 return
             record, version = found
@@ -338,6 +338,7 @@ class Volumes:
                 try:
                     record, version = self._tombstone(record, version, check_use=True)
                 except Conflict:
+                    found = self.record(volume_id)
                     continue
             elif self.index.storage_removed(volume_id, version):
                 return  # a repeated call: only the sweep of the tombstone is left

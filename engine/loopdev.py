@@ -196,7 +196,9 @@ class LoopDevices:
         ident = file_id(path)
         if ident is None:
             return []
-        names = {os.path.basename(path), os.path.basename(os.path.realpath(path))}
+        names = {os.path.basename(path)}
+        if os.path.islink(path):  # only a link as the last component changes the name
+            names.add(os.path.basename(os.path.realpath(path)))
         return [d for d, i in self.identified(names) if i == ident]
 
     def holds(self, dev: LoopDevice, path: str) -> bool:
