@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from typing import Protocol
 
 from engine import btrfs, command, fileops, permissions
@@ -158,14 +159,18 @@ class _Reclaimer:
         threading.Thread(target=self._loop, daemon=True, name="btrfs-reclaim").start()
 
     def poke(self) -> None:
-        self._poked.set()
+        # cheap when already poked: a delete must not wake this thread, only mark the pool
+        # (a wake-up per delete costs a context switch and a fight for the GIL)
+        if not self._poked.is_set():
+            self._poked.set()
 
     def _loop(self) -> None:
         while True:
             self._poked.wait()
             self._poked.clear()
             for delay in self.DELAYS_S:
-                if self._poked.wait(delay):
+                time.sleep(delay)
+                if self._poked.is_set():
                     break  # more deletes: start the sequence again
                 try:
                     btrfs.sync(self._root)
