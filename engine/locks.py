@@ -16,7 +16,7 @@ from engine.errors import OperationPending
 
 class KeyLocks:
     def __init__(self) -> None:
-        self._guard = threading.Condition()
+        self._guard = threading.Condition(threading.Lock())  # not re-entrant: cheaper
         self._held: set[str] = set()
 
     @contextlib.contextmanager
