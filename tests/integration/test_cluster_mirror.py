@@ -11,6 +11,7 @@ makes the attacher's and the kubelet's calls on the new node.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
@@ -226,13 +227,33 @@ def test_the_frontend_outlives_its_agent_restarted_in_a_new_mount_namespace(clus
         dev = a.up()
         before = cluster.store().get(f"frontend/{vol.volume_id}")
         assert before is not None and before.value["state"] == "serving"
-        writer = VerifiedWriter(dev, blocks=2048, threads=2, fsync_every=16).start()
-        writer.wait_writes(100)
-        cluster.node(3).kill()  # the agent only: its data path stays
-        writer.wait_writes(200)  # the pod's I/O goes on without it
-        cluster.node(3).start(wrap=("unshare", "--mount", "--propagation", "unchanged"))
-        writer.wait_writes(100)
-        writer.stop()
+        # fio verify, as a pod would run it: every block written (flushed every 16
+        # writes) is read back and checked once the writes end, after the restart
+        fio = subprocess.Popen(
+            ["fio", "--name=across-agent-restart", f"--filename={dev}", "--rw=randwrite",
+             "--bs=4k", "--direct=1", "--ioengine=psync", "--size=24m", "--rate_iops=400",
+             "--fsync=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+             "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        writer = VerifiedWriter(dev, blocks=2048, threads=1, fsync_every=16,
+                                first_block=8192).start()  # beside fio: counts writes
+        try:
+            writer.wait_writes(100)
+            cluster.node(3).kill()  # the agent only: its data path stays
+            writer.wait_writes(200)  # the pod's I/O goes on without it
+            cluster.node(3).start(wrap=("unshare", "--mount", "--propagation", "unchanged"))
+            writer.wait_writes(100)
+            assert fio.poll() is None, "fio ended before the new agent was up"
+            out, err = fio.communicate(timeout=120)
+        finally:
+            if fio.poll() is None:
+                fio.kill()
+                fio.wait()
+            writer.stop()
+        assert fio.returncode == 0, err
+        job = json.loads(out)["jobs"][0]
+        assert job["error"] == 0 and job["write"]["total_ios"] >= 6144, job
+        assert job["read"]["total_ios"] >= 6144  # the verify pass read everything back
         assert writer.errors == []
         assert writer.verify(dev, direct=True) == []
         after = cluster.store().get(f"frontend/{vol.volume_id}")
