@@ -207,6 +207,9 @@ def test_resync_copies_only_dirty_regions(env, tmp_path):
     svcs[1].start()
     assert h.spin(lambda: h.core.status()[1].state == ReplicaState.IN_SYNC, timeout_s=10)
     st = h.core.status()
+    # in sync in memory first; recorded by the arbiter next, and only then do the
+    # sources stop tracking (CLEAR_DIRTY): wait for that before the clean stop
+    assert h.spin(lambda: not any(lk.recording for lk in h.core.links), timeout_s=10)
     assert arb.get("vol").replicas["r2"] == "in_sync"
     h.core.close()
     for i in range(8):
