@@ -122,7 +122,7 @@ class LocalNode:
             if backing is not None:
                 self.engine.files.check_version(backing, version)
             self.jobs.forget_restore(volume_id)  # a restore writing into it stops first
-            self.engine.delete_volume(volume_id, version, backing)
+            self.engine.delete_volume(volume_id, version)
 
     def expand_volume(self, volume_id: str, size_bytes: int, version: int) -> VolumeInfo:
         with self.engine.locks.hold(volume_id):

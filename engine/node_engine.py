@@ -160,12 +160,10 @@ class NodeEngine:
                                  qos_json=qos.to_json(), version=version,
                                  access_types=access_types, role=role)
 
-    def delete_volume(self, volume_id: str, version: int = 0,
-                      backing: Backing | None = None) -> None:
+    def delete_volume(self, volume_id: str, version: int = 0) -> None:
         """Delete the volume's storage once no device holds it any more: a device a
-        driver lost track of is released first, or the delete refused while it is in use.
-        `backing`: its record as the caller just read it under the volume's lock."""
-        backing = backing or self.files.get(volume_id)
+        driver lost track of is released first, or the delete refused while it is in use."""
+        backing = self.files.get(volume_id)
         if backing is None:
             return
         self.files.check_version(backing, version)

@@ -233,6 +233,7 @@ def test_the_frontend_outlives_its_agent_restarted_in_a_new_mount_namespace(clus
             ["fio", "--name=across-agent-restart", f"--filename={dev}", "--rw=randwrite",
              "--bs=4k", "--direct=1", "--ioengine=psync", "--size=24m", "--rate_iops=400",
              "--fsync=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+             "--verify_state_save=0",  # else a state file lands in the cwd
              "--output-format=json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         writer = VerifiedWriter(dev, blocks=2048, threads=1, fsync_every=16,
