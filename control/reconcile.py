@@ -96,7 +96,10 @@ class Reconciler:
     def _volume(self, vol: VolumeRecord, version: int, now: float) -> None:
         if vol.state == DELETING:
             if self.volumes.index.storage_removed(vol.volume_id, version):
-                return  # done here; the sweeper removes the tombstone
+                # its storage went through this controller: only the tombstone is left
+                # (its sweep may have failed: queued again, never the node call again)
+                self.volumes.remove_tombstone(vol, version)
+                return
             with self.volumes.locks.hold(vol.volume_id):
                 self.volumes.converge_deleted(vol, version)
         elif vol.state == CREATING and vol.intent_deadline and now > vol.intent_deadline:

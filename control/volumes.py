@@ -13,7 +13,6 @@ from each other (ABORTED), as the CSI spec suggests.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,7 +50,6 @@ from engine.errors import (
     InUse,
     InvalidSpec,
     NotFound,
-    OperationPending,
     OutOfCapacity,
     OutOfRange,
     Precondition,
@@ -316,10 +314,9 @@ class Volumes:
             # Already a tombstone: a repeated call, while this call's first attempt or the
             # reconciler may be converging it. Wait for that a little; if it still runs,
             # the deletion stands all the same (a tombstone always converges), so OK.
-            with contextlib.ExitStack() as held:
-                try:  # only this lock's refusal means OK; a node's Busy stays ABORTED
-                    held.enter_context(self.locks.hold(volume_id, wait_s=TOMBSTONE_WAIT_S))
-                except OperationPending:
+            # (only this lock's refusal means OK; a node's Busy stays ABORTED)
+            with self.locks.hold_unless_busy(volume_id, wait_s=TOMBSTONE_WAIT_S) as held:
+                if not held:
                     log.info("volume %s: its tombstone is converging in another call",
                              volume_id)
                     return
@@ -382,6 +379,11 @@ class Volumes:
         crash.point("delete-volume-after-engine")
         log.info("deleted volume %s (%s)", tomb.volume_id, tomb.name)
         self.index.storage_gone(tomb.volume_id, version)
+        return self.remove_tombstone(tomb, version)
+
+    def remove_tombstone(self, tomb: VolumeRecord, version: int) -> bool:
+        """The tombstone's storage is gone: remove the tombstone itself (again, when an
+        earlier sweep failed, e.g. while the store had no quorum)."""
         if self.sweeper is not None:
             self.sweeper.add(tomb.key, version)  # bookkeeping, off the request path
             return True

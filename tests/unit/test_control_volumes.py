@@ -16,6 +16,7 @@ from control.registry import NodeRegistry
 from control.snapshots import Snapshots
 from control.sqlite_store import SqliteStore
 from control.store import Delete
+from control.tombstones import TombstoneSweeper
 from control.topology import TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY
 from control.volume_index import VolumeIndex
 from control.volumes import VolumePolicy, VolumeRequest, Volumes
@@ -275,6 +276,61 @@ def test_a_repeated_delete_while_the_tombstone_converges_elsewhere_is_ok(three_z
     assert c.state(live.volume_id) == READY
     c.reconciler.run_once()
     assert c.state(vol.volume_id) is None and vol.volume_id not in node.held
+
+
+def test_a_repeated_snapshot_delete_while_its_tombstone_converges_elsewhere_is_ok(
+        three_zones):
+    c = three_zones
+    vol = c.create("a")
+    snap = c.snapshots.create("s", vol.volume_id, "h")
+    live = c.snapshots.create("t", vol.volume_id, "h2")
+    node = c.nodes[vol.node_id]
+    node.down = True
+    c.registry.remove(node.node_id)
+    assert c.snapshots.delete(snap.snapshot_id)  # a tombstone, converging later
+    started = time.monotonic()
+    with c.snapshots.locks.hold(snap.snapshot_id):  # the reconciler's round
+        assert c.snapshots.delete(snap.snapshot_id)
+    assert time.monotonic() - started >= 4.9  # it waited for the holder first
+    with c.snapshots.locks.hold(live.snapshot_id):  # a live one stays ABORTED
+        with pytest.raises(Busy):
+            c.snapshots.delete(live.snapshot_id)
+    node.down = False
+    c.registry.add(node)
+    c.reconciler.run_once()
+    assert c.snapshots.record(snap.snapshot_id) is None
+    assert c.snapshots.record(live.snapshot_id) is not None
+
+
+def test_a_tombstone_whose_sweep_failed_is_swept_by_the_reconciler(three_zones, monkeypatch):
+    # The node removed the storage, then the store lost its quorum before the sweeper
+    # removed the tombstone: the reconciler sweeps it later (without the node call).
+    c = three_zones
+    c.volumes.sweeper = TombstoneSweeper(c.store, lambda key, rev: c.index.note_value(
+        key, None, rev), delay_s=0)
+    vol = c.create("a")
+    node = c.nodes[vol.node_id]
+    commit = c.store.commit
+
+    def no_quorum_for_deletes(ops):  # the sweep's commit: the tombstone's Delete
+        if any(isinstance(op, Delete) and op.key == VOLUME + vol.volume_id for op in ops):
+            raise Unavailable("etcd: no quorum")
+        return commit(ops)
+
+    monkeypatch.setattr(c.store, "commit", no_quorum_for_deletes)
+    try:
+        c.volumes.delete(vol.volume_id)
+        with pytest.raises(Unavailable):  # the sweep fails (its loop logs it and goes on)
+            c.volumes.sweeper.flush()
+        assert c.state(vol.volume_id) == DELETING and vol.volume_id not in node.held
+        monkeypatch.undo()
+        c.reconciler.run_once()
+        c.volumes.sweeper.flush()
+        assert c.state(vol.volume_id) is None
+        # the storage was gone: no second node call
+        assert [call for call, _ in node.calls].count("delete_volume") == 1
+    finally:
+        c.volumes.sweeper.close()
 
 
 def test_delete_refuses_published_or_staged(three_zones):
