@@ -33,7 +33,8 @@ from control.records import (
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
-from control.volumes import CAS_ATTEMPTS, REFUSALS, TOMBSTONE_WAIT_S, Volumes
+from control.tombstones import delete_lock
+from control.volumes import CAS_ATTEMPTS, REFUSALS, Volumes
 from engine import crash
 from engine.backup.targets import BackupRef
 from engine.errors import (
@@ -216,17 +217,9 @@ class Snapshots:
     def delete(self, snapshot_id: str, secrets: dict[str, str] | None = None) -> bool:
         """False when no record names the snapshot (nothing was done)."""
         found = self.record(snapshot_id)
-        if found is not None and found[0].state == DELETING:
-            # a repeated call while this call's first attempt or the reconciler converges
-            # the tombstone: wait for it a little; still busy, the deletion stands (OK)
-            with self.locks.hold_unless_busy(snapshot_id, wait_s=TOMBSTONE_WAIT_S) as held:
-                if not held:
-                    log.info("snapshot %s: its tombstone is converging in another call",
-                             snapshot_id)
-                    return True
-                return self._delete(snapshot_id, secrets)
-        with self.locks.hold(snapshot_id):
-            return self._delete(snapshot_id, secrets)
+        tombstone = found is not None and found[0].state == DELETING
+        with delete_lock(self.locks, snapshot_id, tombstone) as held:
+            return self._delete(snapshot_id, secrets) if held else True
 
     def _delete(self, snapshot_id: str, secrets: dict[str, str] | None) -> bool:
         found = self.record(snapshot_id)  # again, under the lock

@@ -10,14 +10,38 @@ removes them again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from control.store import Conflict, Delete, Store
 from engine.errors import EngineError
+from engine.locks import KeyLocks
 
 log = logging.getLogger(__name__)
+
+TOMBSTONE_WAIT_S = 5.0  # a repeated Delete* call waits this long for a converging tombstone
+
+
+@contextlib.contextmanager
+def delete_lock(locks: KeyLocks, object_id: str, tombstone: bool) -> Iterator[bool]:
+    """The lock a DeleteVolume or DeleteSnapshot call works under; yields False when the
+    call has nothing left to do.
+
+    On a live record: held, or ABORTED (OperationPending) while another call holds it. On
+    a tombstone (a repeated call, while this call's first attempt or the reconciler
+    converges it): waits for the holder a little; if it still runs, the deletion stands
+    all the same (a tombstone always converges), so False and the call answers OK. Only
+    this lock's refusal means OK: a node's Busy stays ABORTED."""
+    if not tombstone:
+        with locks.hold(object_id):
+            yield True
+        return
+    with locks.hold_unless_busy(object_id, wait_s=TOMBSTONE_WAIT_S) as held:
+        if not held:
+            log.info("%s: its tombstone is converging in another call", object_id)
+        yield held
 
 
 class TombstoneSweeper:

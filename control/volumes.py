@@ -40,7 +40,7 @@ from control.records import (
 )
 from control.registry import NodeRegistry
 from control.store import Conflict, Delete, Put, Store
-from control.tombstones import TombstoneSweeper
+from control.tombstones import TombstoneSweeper, delete_lock
 from control.volume_index import VolumeIndex
 from engine import crash
 from engine.errors import (
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 8  # a name or record contended by other controllers: re-read and retry
-TOMBSTONE_WAIT_S = 5.0  # a repeated DeleteVolume waits this long for a converging tombstone
 # what a node answers when it can never make the volume asked for: the intent ends at once
 REFUSALS = (Precondition, InvalidSpec, OutOfRange, OutOfCapacity, AlreadyExists, NotFound)
 
@@ -310,20 +309,10 @@ class Volumes:
     # --- delete ----------------------------------------------------------------------
     def delete(self, volume_id: str) -> None:
         found = self.record(volume_id)
-        if found is not None and found[0].state == DELETING:
-            # Already a tombstone: a repeated call, while this call's first attempt or the
-            # reconciler may be converging it. Wait for that a little; if it still runs,
-            # the deletion stands all the same (a tombstone always converges), so OK.
-            # (only this lock's refusal means OK; a node's Busy stays ABORTED)
-            with self.locks.hold_unless_busy(volume_id, wait_s=TOMBSTONE_WAIT_S) as held:
-                if not held:
-                    log.info("volume %s: its tombstone is converging in another call",
-                             volume_id)
-                    return
-                self._delete(volume_id, self.record(volume_id))
-            return
-        with self.locks.hold(volume_id):
-            self._delete(volume_id, found)
+        tombstone = found is not None and found[0].state == DELETING
+        with delete_lock(self.locks, volume_id, tombstone) as held:
+            if held:  # a tombstone's record is read again under the lock
+                self._delete(volume_id, self.record(volume_id) if tombstone else found)
 
     def _delete(self, volume_id: str, found: tuple[VolumeRecord, int] | None) -> None:
         """`found`: the record as just read (a stale one fails its guard: read again)."""
