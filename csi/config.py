@@ -25,7 +25,7 @@ class Config:
     zone: str = DEFAULT_ZONE
     pool_dir: str = ""  # default: <state_dir>/pool
     pool_image_bytes: int = 100 * GIB
-    pool_image_fs: str = "btrfs"  # the image made when the pool dir is not copy-on-write
+    pool_image_fs: str = "xfs"  # the image made when the pool dir is not copy-on-write
     overcommit_ratio: float = 20.0
     max_volumes_per_node: int = 128
     default_volume_bytes: int = 1 * GIB

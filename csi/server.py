@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--pool", default="", help="pool directory (default: STATE_DIR/pool)")
     p.add_argument("--pool-size-gib", type=int, default=100,
                    help="size of the sparse pool image made when --pool is not copy-on-write")
-    p.add_argument("--pool-fs", choices=["btrfs", "xfs"], default="btrfs",
-                   help="filesystem of that image: btrfs (constant-time snapshots) or xfs")
+    p.add_argument("--pool-fs", choices=["btrfs", "xfs"], default="xfs",
+                   help="filesystem of that image: xfs (reflinked files, 16 MiB extent "
+                        "hints) or btrfs (subvolume snapshots); docs/snapshots.md")
     p.add_argument("--overcommit-ratio", type=float, default=None,
                    help="thin provisioning of the loop pool (default 20); 1 for nvme")
     p.add_argument("--max-volumes-per-node", type=int, default=128)

@@ -40,7 +40,7 @@ class Pool:
         image_path: str,
         image_size_bytes: int,
         *,
-        image_fs: str = "btrfs",
+        image_fs: str = "xfs",
         loops: LoopDevices | None = None,
         mounts: Mounts | None = None,
     ):

@@ -17,7 +17,7 @@ through CSI as the sidecars and the kubelet drive it.
   Every replica and the local volume share this machine's one disk: a disk-bound figure
   cannot exceed about 1/3 of local for 3 replicas.
 
-    python -m tests.bench.cluster [--seconds 10] [--creates 40]
+    python -m tests.bench.cluster [--seconds 10] [--creates 40] [--pool-fs xfs|btrfs]
 
 Runtime: about 2 minutes (cluster start ~10 s, creates, two failovers, fio 4 x --seconds).
 The final line is JSON.
@@ -175,10 +175,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--creates", type=int, default=40)
+    ap.add_argument("--pool-fs", choices=("xfs", "btrfs"), default="xfs",
+                    help="the nodes' pool images (the driver's default: xfs)")
     args = ap.parse_args()
     root = support.make_root("tdm-bench-cl-")
-    results: dict[str, float] = {}
-    cluster = TandemCluster(root, mirror=True, frontend_lease_ttl_s=10, fence_margin_s=3.0)
+    results: dict[str, float | str] = {"pool_fs": args.pool_fs}
+    cluster = TandemCluster(root, mirror=True, frontend_lease_ttl_s=10, fence_margin_s=3.0,
+                            node_args=("--pool-fs", args.pool_fs))
     try:
         cluster.up()
         for replicas in (1, 2, 3):

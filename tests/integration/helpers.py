@@ -42,8 +42,17 @@ def publish_request(volume_id: str, staging: str, target: str, block: bool = Fal
 
 
 def pool_files(root: str) -> list[str]:
+    """The pool names of the volumes in a driver's pool: volumes/NAME.img on XFS, a
+    subvolume volumes/NAME on btrfs."""
     path = f"{root}/state/pool/volumes"
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    names = os.listdir(path) if os.path.isdir(path) else []
+    return sorted(name.removesuffix(".img") for name in names)
+
+
+def volume_image(root: str, pool_name: str) -> str:
+    """The image file of the pool volume pool_name, in either layout."""
+    base = f"{root}/state/pool/volumes/{pool_name}"
+    return f"{base}.img" if os.path.exists(f"{base}.img") else f"{base}/data.img"
 
 
 def volume_loops(root: str) -> list[str]:

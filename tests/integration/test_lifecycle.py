@@ -106,16 +106,29 @@ def test_bad_flags_are_refused(test_root):
         p.stubs().identity.Probe(csi_pb2.ProbeRequest(), timeout=1)
 
 
-def test_empty_volume_lost_to_a_power_cut_is_remade(proc, test_root):
+@pytest.mark.parametrize("pool_fs", ["xfs", "btrfs"])
+def test_empty_volume_lost_to_a_power_cut_is_remade(pool_fs, test_root):
     """Creating an empty volume is not forced to disk; if a power cut takes it back, the
-    restart remakes it empty (nothing was ever flushed to it)."""
+    restart remakes it empty (nothing was ever flushed to it), in either pool layout."""
+    proc = DriverProcess(test_root, extra=["--pool-fs", pool_fs])
+    try:
+        _lost_and_remade(proc, test_root, pool_fs)
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def _lost_and_remade(proc: DriverProcess, test_root: str, pool_fs: str) -> None:
     proc.start()
     vol = proc.stubs().controller.CreateVolume(create_request("fresh")).volume
     assert proc.stop(signal.SIGTERM) == 0
     volumes_dir = f"{test_root}/state/pool/volumes"
     (name,) = os.listdir(volumes_dir)
-    subprocess.run(["btrfs", "subvolume", "delete", f"{volumes_dir}/{name}"], check=True,
-                   capture_output=True)  # what the lost transaction leaves: nothing
+    lost = f"{volumes_dir}/{name}"  # what the lost transaction leaves: nothing
+    if pool_fs == "btrfs":  # the volume's subvolume
+        subprocess.run(["btrfs", "subvolume", "delete", lost], check=True, capture_output=True)
+    else:  # the volume's file
+        assert name.endswith(".img"), name
+        os.remove(lost)
     proc.start()
     assert os.listdir(volumes_dir) == [name]
     staging = f"{test_root}/staging"

@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     pool_files,
     publish_request,
     stage_request,
+    volume_image,
 )
 
 PATTERN = b"block data kept " * 256  # 4 KiB
@@ -50,7 +51,7 @@ class Node:
             vid = stubs.controller.CreateVolume(
                 create_request(kind, block=kind == "block")).volume.volume_id
             (name,) = set(pool_files(root)) - before
-            path = f"{root}/state/pool/volumes/{name}/data.img"
+            path = volume_image(root, name)
             st = os.stat(path)
             self.vols[kind], self.files[kind], self.ids[kind] = vid, path, (st.st_dev, st.st_ino)
 
@@ -91,7 +92,7 @@ class Node:
         if os.path.exists(self.files[kind]):
             st = os.stat(self.files[kind])
             self.ids[kind] = (st.st_dev, st.st_ino)
-        return support.loops_on(self.ids[kind], "data.img")
+        return support.loops_on(self.ids[kind], os.path.basename(self.files[kind]))
 
     def conditions(self) -> dict[str, csi_pb2.VolumeCondition]:
         listed = self.stubs.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
@@ -123,13 +124,14 @@ def check_both(node: Node) -> None:
 
 
 # --- a restart in another mount namespace ----------------------------------------------------
-def test_a_restart_in_a_new_mount_namespace_keeps_track_of_devices(test_root):
+@pytest.mark.parametrize("pool_fs", ["xfs", "btrfs"])  # btrfs: subvolumes, new st_dev per mount
+def test_a_restart_in_a_new_mount_namespace_keeps_track_of_devices(test_root, pool_fs):
     # The kubelet's directory reaches the driver's container with Bidirectional propagation:
     # here test_root is shared between this namespace and the driver's own.
     subprocess.run(["mount", "--bind", test_root, test_root], check=True)
     subprocess.run(["mount", "--make-shared", test_root], check=True)
     proc = support.DriverProcess(test_root, wrap=["unshare", "--mount", "--propagation",
-                                                  "unchanged"])
+                                                  "unchanged"], extra=["--pool-fs", pool_fs])
     node = None
     pod: list[int] = []
     try:
@@ -199,8 +201,9 @@ def reboot(proc: support.DriverProcess, root: str) -> None:
     proc.start()
 
 
-def test_after_a_reboot_a_volume_unpublishes_unstages_and_deletes(test_root):
-    proc = support.DriverProcess(test_root)
+@pytest.mark.parametrize("pool_fs", ["xfs", "btrfs"])
+def test_after_a_reboot_a_volume_unpublishes_unstages_and_deletes(test_root, pool_fs):
+    proc = support.DriverProcess(test_root, extra=["--pool-fs", pool_fs])
     node = None
     try:
         proc.start()
@@ -244,8 +247,9 @@ def test_after_a_reboot_a_volume_unpublishes_unstages_and_deletes(test_root):
             node.release()
 
 
-def test_after_a_reboot_stage_and_publish_bring_a_volume_back(test_root):
-    proc = support.DriverProcess(test_root)
+@pytest.mark.parametrize("pool_fs", ["xfs", "btrfs"])
+def test_after_a_reboot_stage_and_publish_bring_a_volume_back(test_root, pool_fs):
+    proc = support.DriverProcess(test_root, extra=["--pool-fs", pool_fs])
     node = None
     try:
         proc.start()

@@ -23,8 +23,10 @@ from tests.integration.helpers import (
     capability,
     create_request,
     mounts_under,
+    pool_files,
     publish_request,
     stage_request,
+    volume_image,
 )
 
 PATTERN = b"tandem-raw-data!" * 4096  # 64 KiB, no signature blkid knows
@@ -149,8 +151,8 @@ def test_a_mkfs_cut_short_is_tandems_own_and_redone(test_root):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         proc.wait_exit()
         # what a partial mkfs leaves: blocks written, no signature yet
-        (volume_dir,) = os.listdir(f"{test_root}/state/pool/volumes")
-        with open(f"{test_root}/state/pool/volumes/{volume_dir}/data.img", "r+b") as f:
+        (pool_name,) = pool_files(test_root)
+        with open(volume_image(test_root, pool_name), "r+b") as f:
             f.seek(4 * MIB)
             f.write(b"\xaa" * 65536)
         proc.env = {}
@@ -268,7 +270,7 @@ def volume_is_whole_and_usable(stubs, test_root, vol, block: bool):
     stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=clone.volume_id))
     stubs.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     stubs.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol["id"]))
-    assert support.loops_gone(vol["ident"], "data.img") == []
+    assert support.loops_gone(vol["ident"], os.path.basename(vol["file"])) == []
 
 
 @pytest.mark.parametrize("case, access, how, code", STAGE_CASES,
