@@ -306,8 +306,9 @@ def test_a_tombstone_whose_sweep_failed_is_swept_by_the_reconciler(three_zones, 
     # The node removed the storage, then the store lost its quorum before the sweeper
     # removed the tombstone: the reconciler sweeps it later (without the node call).
     c = three_zones
-    c.volumes.sweeper = TombstoneSweeper(c.store, lambda key, rev: c.index.note_value(
-        key, None, rev), delay_s=0)
+    sweeper = TombstoneSweeper(c.store, lambda key, rev: c.index.note_value(key, None, rev))
+    sweeper.close()  # its thread ends: the test sweeps by hand (flush), at known moments
+    c.volumes.sweeper = sweeper
     vol = c.create("a")
     node = c.nodes[vol.node_id]
     commit = c.store.commit
@@ -318,19 +319,16 @@ def test_a_tombstone_whose_sweep_failed_is_swept_by_the_reconciler(three_zones, 
         return commit(ops)
 
     monkeypatch.setattr(c.store, "commit", no_quorum_for_deletes)
-    try:
-        c.volumes.delete(vol.volume_id)
-        with pytest.raises(Unavailable):  # the sweep fails (its loop logs it and goes on)
-            c.volumes.sweeper.flush()
-        assert c.state(vol.volume_id) == DELETING and vol.volume_id not in node.held
-        monkeypatch.undo()
-        c.reconciler.run_once()
-        c.volumes.sweeper.flush()
-        assert c.state(vol.volume_id) is None
-        # the storage was gone: no second node call
-        assert [call for call, _ in node.calls].count("delete_volume") == 1
-    finally:
-        c.volumes.sweeper.close()
+    c.volumes.delete(vol.volume_id)
+    with pytest.raises(Unavailable):  # the sweep fails (its loop logs it and goes on)
+        sweeper.flush()
+    assert c.state(vol.volume_id) == DELETING and vol.volume_id not in node.held
+    monkeypatch.undo()
+    c.reconciler.run_once()
+    sweeper.flush()
+    assert c.state(vol.volume_id) is None
+    # the storage was gone: no second node call
+    assert [call for call, _ in node.calls].count("delete_volume") == 1
 
 
 def test_delete_refuses_published_or_staged(three_zones):
