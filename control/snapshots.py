@@ -216,13 +216,16 @@ class Snapshots:
     # --- delete ----------------------------------------------------------------------
     def delete(self, snapshot_id: str, secrets: dict[str, str] | None = None) -> bool:
         """False when no record names the snapshot (nothing was done)."""
-        found = self.record(snapshot_id)
-        tombstone = found is not None and found[0].state == DELETING
-        with delete_lock(self.locks, snapshot_id, tombstone) as held:
+        with delete_lock(self.locks, snapshot_id,
+                         lambda: self._is_tombstone(snapshot_id)) as held:
             return self._delete(snapshot_id, secrets) if held else True
 
+    def _is_tombstone(self, snapshot_id: str) -> bool:
+        found = self.record(snapshot_id)
+        return found is not None and found[0].state == DELETING
+
     def _delete(self, snapshot_id: str, secrets: dict[str, str] | None) -> bool:
-        found = self.record(snapshot_id)  # again, under the lock
+        found = self.record(snapshot_id)  # under the lock
         if found is None:
             return False
         snap, version = found

@@ -25,17 +25,22 @@ TOMBSTONE_WAIT_S = 5.0  # a repeated Delete* call waits this long for a convergi
 
 
 @contextlib.contextmanager
-def delete_lock(locks: KeyLocks, object_id: str, tombstone: bool) -> Iterator[bool]:
-    """The lock a DeleteVolume or DeleteSnapshot call works under; yields False when the
-    call has nothing left to do.
+def delete_lock(locks: KeyLocks, object_id: str,
+                is_tombstone: Callable[[], bool]) -> Iterator[bool]:
+    """The lock a DeleteVolume or DeleteSnapshot call works under (the caller reads its
+    record inside); yields False when the call has nothing left to do.
 
-    On a live record: held, or ABORTED (OperationPending) while another call holds it. On
-    a tombstone (a repeated call, while this call's first attempt or the reconciler
-    converges it): waits for the holder a little; if it still runs, the deletion stands
-    all the same (a tombstone always converges), so False and the call answers OK. Only
-    this lock's refusal means OK: a node's Busy stays ABORTED."""
-    if not tombstone:
-        with locks.hold(object_id):
+    Free: held. Busy on a live record: ABORTED (OperationPending). Busy on a tombstone (a
+    repeated call, while this call's first attempt or the reconciler converges it): waits
+    for the holder a little; if it still runs, the deletion stands all the same (a
+    tombstone always converges), so False and the call answers OK. Only this lock's
+    refusal means OK: a node's Busy stays ABORTED. is_tombstone is asked only when busy."""
+    with locks.hold_unless_busy(object_id, wait_s=0.0) as held:
+        if held:
+            yield True
+            return
+    if not is_tombstone():
+        with locks.hold(object_id):  # OperationPending, unless released meanwhile
             yield True
         return
     with locks.hold_unless_busy(object_id, wait_s=TOMBSTONE_WAIT_S) as held:

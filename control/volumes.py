@@ -308,14 +308,17 @@ class Volumes:
 
     # --- delete ----------------------------------------------------------------------
     def delete(self, volume_id: str) -> None:
+        with delete_lock(self.locks, volume_id, lambda: self._is_tombstone(volume_id)) as held:
+            if held:
+                self._delete(volume_id, self.record(volume_id))
+
+    def _is_tombstone(self, volume_id: str) -> bool:
         found = self.record(volume_id)
-        tombstone = found is not None and found[0].state == DELETING
-        with delete_lock(self.locks, volume_id, tombstone) as held:
-            if held:  # a tombstone's record is read again under the lock
-                self._delete(volume_id, self.record(volume_id) if tombstone else found)
+        return found is not None and found[0].state == DELETING
 
     def _delete(self, volume_id: str, found: tuple[VolumeRecord, int] | None) -> None:
-        """`found`: the record as just read (a stale one fails its guard: read again)."""
+        """`found`: the record as just read under the lock (a stale one fails its guard:
+        read again)."""
         for _ in range(CAS_ATTEMPTS):
             if found is None:
                 return
