@@ -25,8 +25,8 @@ TOMBSTONE_WAIT_S = 5.0  # a repeated Delete* call waits this long for a convergi
 
 
 @contextlib.contextmanager
-def delete_lock(locks: KeyLocks, object_id: str,
-                is_tombstone: Callable[[], bool]) -> Iterator[bool]:
+def delete_lock(locks: KeyLocks, object_id: str, is_tombstone: Callable[[], bool],
+                wait_s: float = TOMBSTONE_WAIT_S) -> Iterator[bool]:
     """The lock a DeleteVolume or DeleteSnapshot call works under (the caller reads its
     record inside); yields False when the call has nothing left to do.
 
@@ -34,7 +34,8 @@ def delete_lock(locks: KeyLocks, object_id: str,
     repeated call, while this call's first attempt or the reconciler converges it): waits
     for the holder a little; if it still runs, the deletion stands all the same (a
     tombstone always converges), so False and the call answers OK. Only this lock's
-    refusal means OK: a node's Busy stays ABORTED. is_tombstone is asked only when busy."""
+    refusal means OK: a node's Busy stays ABORTED. is_tombstone is asked only when busy.
+    wait_s=0 for a call with nothing to do on a tombstone (ControllerUnpublish)."""
     with locks.hold_unless_busy(object_id, wait_s=0.0) as held:
         if held:
             yield True
@@ -43,7 +44,7 @@ def delete_lock(locks: KeyLocks, object_id: str,
         with locks.hold(object_id):  # OperationPending, unless released meanwhile
             yield True
         return
-    with locks.hold_unless_busy(object_id, wait_s=TOMBSTONE_WAIT_S) as held:
+    with locks.hold_unless_busy(object_id, wait_s=wait_s) as held:
         if not held:
             log.info("%s: its tombstone is converging in another call", object_id)
         yield held

@@ -509,7 +509,12 @@ class Volumes:
             return context
 
     def unpublish(self, volume_id: str, node_id: str) -> None:
-        with self.locks.hold(volume_id):
+        # A tombstone has no attachments (DeleteVolume refuses a published volume): on one
+        # the reconciler is converging, the call answers OK at once, not ABORTED.
+        with delete_lock(self.locks, volume_id, lambda: self._is_tombstone(volume_id),
+                         wait_s=0.0) as held:
+            if not held:
+                return
             targets = [node_id] if node_id else [a.node_id for a in self.attachments(volume_id)]
             for target in targets:
                 self.store.commit([Delete(attachment_key(volume_id, target))])

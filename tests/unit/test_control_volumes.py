@@ -278,6 +278,27 @@ def test_a_repeated_delete_while_the_tombstone_converges_elsewhere_is_ok(three_z
     assert c.state(vol.volume_id) is None and vol.volume_id not in node.held
 
 
+def test_unpublish_of_a_converging_tombstone_is_ok_at_once(three_zones):
+    # The CO's cleanup after DeleteVolume (ControllerUnpublish) must not be ABORTED while
+    # the reconciler converges the tombstone: a tombstone has nothing attached.
+    c = three_zones
+    vol = c.create("a")
+    node = c.nodes[vol.node_id]
+    node.down = True
+    c.registry.remove(node.node_id)
+    c.volumes.delete(vol.volume_id)
+    assert c.state(vol.volume_id) == DELETING
+    started = time.monotonic()
+    with c.volumes.locks.hold(vol.volume_id):  # the reconciler's round
+        c.volumes.unpublish(vol.volume_id, vol.node_id)
+        c.volumes.unpublish(vol.volume_id, "")
+    assert time.monotonic() - started < 1.0
+    live = c.create("b")
+    with c.volumes.locks.hold(live.volume_id):  # a live volume stays ABORTED
+        with pytest.raises(Busy):
+            c.volumes.unpublish(live.volume_id, live.node_id)
+
+
 def test_a_repeated_snapshot_delete_while_its_tombstone_converges_elsewhere_is_ok(
         three_zones):
     c = three_zones
