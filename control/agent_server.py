@@ -12,7 +12,6 @@ status's trailing metadata so the client raises the same class again.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 from typing import Any
 
@@ -22,6 +21,7 @@ from control import agent_codec
 from control.agent_tls import ReloadingTls
 from control.grpc_errors import translated
 from control.node_api import NodeApi
+from control.warm_pool import WarmPool
 from proto import agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ class AgentServer:
         self.listen = listen
         self.tls = tls
         self.server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                  thread_name_prefix="agent"),
+            WarmPool(max_workers=workers, name="agent"),
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
                      # notice controllers that vanished (a cut link) and free their calls
                      ("grpc.keepalive_time_ms", 10_000),

@@ -5,7 +5,6 @@ node: csi/node_mode.py), which reuse this driver's pieces."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import errno
 import fcntl
@@ -27,6 +26,7 @@ from control.registry import NodeRegistry
 from control.store import Store
 from control.stores import StoreSpec, open_store
 from control.volumes import VolumePolicy
+from control.warm_pool import WarmPool
 from csi import cluster_config
 from csi.config import DEFAULT_ZONE, GIB, Config
 from csi.controller import ControllerService
@@ -315,7 +315,7 @@ class Driver:
 
     def grpc_server(self) -> grpc.Server:
         return grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=self.config.workers),
+            WarmPool(max_workers=self.config.workers, name="csi"),
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
         )
 

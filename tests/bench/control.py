@@ -4,7 +4,9 @@ Runs, in one run and with one client: Tandem (the real driver as a process on a 
 pool) on its embedded SQLite store, Tandem on etcd (one member started here on
 loopback), and the reference, csi-driver-host-path v1.18.0's `hostpathplugin`, whose
 path comes from TANDEM_BENCH_HOSTPATH (built by hand from a fetched copy; never part of
-this repository). Each is driven over its unix socket by 1, 8 and 32 concurrent clients
+this repository). Beside them, the Python floor: tests/bench/noop_csi.py, a controller
+whose handlers do nothing, served with the driver's executor (what any Python driver pays
+for gRPC alone; `over_python_floor_*` is the share of it Tandem reaches). Each is driven over its unix socket by 1, 8 and 32 concurrent clients
 (one gRPC channel per client, as sidecars have); ratios are taken within the run. Also:
 Tandem's CPU seconds per pair (the driver process's user+system time during the 8-client
 phase over the pairs it made), its RSS holding 1,000 volumes, and listing them.
@@ -25,6 +27,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -166,6 +169,19 @@ def hostpath(binary: str, root: str, seconds: float) -> dict[str, float]:
         proc.wait(10)
 
 
+def python_floor(root: str, seconds: float) -> dict[str, float]:
+    """The same pairs against tests/bench/noop_csi.py: Python's gRPC layer doing no work."""
+    endpoint = f"unix://{root}/noop.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.bench.noop_csi", "--endpoint",
+                             endpoint], cwd=support.REPO)
+    try:
+        wait_socket(endpoint)
+        return measure_pairs(endpoint, seconds, proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -184,6 +200,12 @@ def main() -> None:
     try:
         ref = hostpath(binary, root, args.seconds)
         print(f"hostpath: {ref}", flush=True)
+        floor = python_floor(root, args.seconds)
+        print(f"python floor (no-op handlers): {floor}", flush=True)
+        for c in CLIENTS:
+            results[f"python_floor_pairs_per_s_c{c}"] = floor[f"c{c}"]
+            results[f"python_floor_over_hostpath_c{c}"] = round(floor[f"c{c}"] / ref[f"c{c}"], 2)
+        results["python_floor_cpu_s_per_pair"] = floor["cpu_s_per_pair"]
         if "sqlite" in stores:
             mine = tandem(f"{root}/sqlite", args.seconds, args.volumes, [])
             print(f"tandem (sqlite): {mine}", flush=True)
@@ -191,6 +213,7 @@ def main() -> None:
                 results[f"pairs_per_s_c{c}"] = mine[f"c{c}"]
                 results[f"hostpath_pairs_per_s_c{c}"] = ref[f"c{c}"]
                 results[f"over_hostpath_c{c}"] = round(mine[f"c{c}"] / ref[f"c{c}"], 2)
+                results[f"over_python_floor_c{c}"] = round(mine[f"c{c}"] / floor[f"c{c}"], 2)
             results["cpu_s_per_pair"] = mine["cpu_s_per_pair"]
             results["hostpath_cpu_s_per_pair"] = ref["cpu_s_per_pair"]
             for key in ("rss_mib_idle", "rss_mib_1000_volumes", "list_1000_volumes_s"):

@@ -1,0 +1,98 @@
+"""The handler executor: few threads while calls are quick, more as soon as calls stall."""
+
+import threading
+import time
+
+import pytest
+
+from control.warm_pool import WarmPool
+
+
+@pytest.fixture
+def pool():
+    pools = []
+
+    def make(**kw):
+        p = WarmPool(**{"max_workers": 8, "core": 2, "slow_after_s": 0.2, **kw})
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.shutdown(wait=True)
+
+
+def test_results_and_errors_reach_the_caller(pool):
+    p = pool()
+    assert p.submit(lambda a, b=0: a + b, 2, b=3).result(5) == 5
+    with pytest.raises(ZeroDivisionError):
+        p.submit(lambda: 1 / 0).result(5)
+    assert [f.result(5) for f in [p.submit(lambda i=i: i * i) for i in range(50)]] == \
+        [i * i for i in range(50)]
+
+
+def test_quick_calls_run_on_core_threads_only(pool):
+    p = pool(core=2, slow_after_s=5.0)
+    running, most, lock = [0], [0], threading.Lock()
+
+    def call():
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+
+    for f in [p.submit(call) for _ in range(60)]:
+        f.result(10)
+    assert most[0] == 2  # never more than core at once (and both were used)
+    assert p.threads() == 2  # the queue waited for warm threads
+
+
+def test_a_stalled_call_lends_its_place_soon(pool):
+    # Two calls stuck on something (a disk, a node) must not hold the next call up for
+    # longer than slow_after_s, Probe-like calls included.
+    p = pool(core=2, slow_after_s=0.2)
+    release = threading.Event()
+    stuck = [p.submit(release.wait, 30) for _ in range(2)]
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert p.submit(lambda: "probe").result(10) == "probe"
+    waited = time.monotonic() - started
+    release.set()
+    assert all(f.result(10) for f in stuck)
+    assert 0.1 <= waited < 2.0, waited  # it waited for the stuck calls to count as slow
+
+
+def test_calls_that_wait_for_each_other_do_not_deadlock(pool):
+    p = pool(core=1, slow_after_s=0.1)
+    second_ran = threading.Event()
+
+    def first():
+        return second_ran.wait(10)  # needs the call queued behind it
+
+    a = p.submit(first)
+    b = p.submit(second_ran.set)
+    assert a.result(15) is True
+    b.result(5)
+
+
+def test_threads_never_exceed_max_workers(pool):
+    p = pool(max_workers=3, core=1, slow_after_s=0.05)
+    release = threading.Event()
+    futures = [p.submit(release.wait, 30) for _ in range(6)]
+    time.sleep(1.0)  # long enough for every lend the watcher would make
+    assert p.busy() == 3 and p.threads() == 3
+    release.set()
+    assert all(f.result(10) for f in futures)
+
+
+def test_shutdown_runs_what_was_queued_and_refuses_more(pool):
+    p = pool(core=1, slow_after_s=5.0)
+    done = []
+    for i in range(5):
+        p.submit(lambda i=i: (time.sleep(0.01), done.append(i)))
+    p.shutdown(wait=True)
+    assert done == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError):
+        p.submit(lambda: None)
