@@ -6,8 +6,9 @@ loopback), and the reference, csi-driver-host-path v1.18.0's `hostpathplugin`, w
 path comes from TANDEM_BENCH_HOSTPATH (built by hand from a fetched copy; never part of
 this repository). Beside them, the Python floor: tests/bench/noop_csi.py, a controller
 whose handlers do nothing, served with the driver's executor (what any Python driver pays
-for gRPC alone; `over_python_floor_*` is the share of it Tandem reaches). Each is driven over its unix socket by 1, 8 and 32 concurrent clients
-(one gRPC channel per client, as sidecars have); ratios are taken within the run. Also:
+for gRPC alone; `over_python_floor_*` is the share of it Tandem reaches). Each is driven
+over its unix socket by 1, 8 and 32 concurrent clients (one gRPC channel per client, as
+sidecars have); ratios are taken within the run. Also:
 Tandem's CPU seconds per pair (the driver process's user+system time during the 8-client
 phase over the pairs it made), its RSS holding 1,000 volumes, and listing them.
 
