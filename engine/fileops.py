@@ -9,6 +9,8 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+from engine import waits
+
 FICLONE = 0x40049409
 FS_IOC_FIEMAP = 0xC020660B
 FS_IOC_GETFLAGS = 0x80086601
@@ -26,7 +28,8 @@ _FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with waits.io_wait():
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -48,7 +51,8 @@ def write_file_atomic(path: str, data: bytes | str, mode: int = 0o600) -> None:
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        with waits.io_wait():
+            os.fsync(fd)
     finally:
         os.close(fd)
 

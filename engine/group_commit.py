@@ -21,6 +21,8 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 
+from engine import waits
+
 MAX_GROUP = 32  # bodies made durable together at most
 
 
@@ -35,6 +37,15 @@ class _Group:
 
 def _nothing() -> None:
     return None
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Release a lock taken already when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class GroupCommit:
@@ -74,7 +85,10 @@ class GroupCommit:
         with self._count_lock:
             self._queued += 1
         group: _Group | None = None
-        with self._writer:
+        if not self._writer.acquire(blocking=False):
+            with waits.io_wait():  # behind a commit's fsync, most likely
+                self._writer.acquire()
+        with _held(self._writer):
             try:
                 if self.closed:
                     raise self._closed_error()
@@ -103,7 +117,9 @@ class GroupCommit:
                     alone = self._queued == 0
                 if self._group is not None and (alone or self._group.bodies >= self._max_group):
                     self._commit_group()
-        group.done.wait()
+        if not group.done.is_set():
+            with waits.io_wait():
+                group.done.wait()
         if group.error is not None:
             raise group.error
 
@@ -136,7 +152,8 @@ class GroupCommit:
             return
         try:
             self._before_commit()
-            self._conn.execute("COMMIT")
+            with waits.io_wait():  # the fsync
+                self._conn.execute("COMMIT")
         except BaseException as e:  # noqa: BLE001 - handed to every member of the group
             group.error = e
             try:

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from control.warm_pool import WarmPool
+from engine import waits
 
 
 @pytest.fixture
@@ -96,3 +97,39 @@ def test_shutdown_runs_what_was_queued_and_refuses_more(pool):
     assert done == [0, 1, 2, 3, 4]
     with pytest.raises(RuntimeError):
         p.submit(lambda: None)
+
+
+def test_a_call_waiting_on_the_disk_lends_its_place_after_a_grace(pool):
+    # engine/waits.py marks fsyncs and group-commit turns: on a slow disk the CPU must not
+    # idle (and commits must still group) while the only core thread waits.
+    p = pool(core=1, slow_after_s=30.0)
+    disk = threading.Event()
+
+    def committing():
+        with waits.io_wait():
+            return disk.wait(10)
+
+    a = p.submit(committing)
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert p.submit(lambda: "next").result(5) == "next"
+    assert time.monotonic() - started < 2.0  # far less than slow_after_s
+    disk.set()
+    assert a.result(5) is True
+
+
+def test_a_call_computing_keeps_its_place(pool):
+    p = pool(core=1, slow_after_s=30.0)
+    busy = threading.Event()
+    a = p.submit(busy.wait, 10)  # not marked as a disk wait: counts as computing
+    time.sleep(0.05)
+    b = p.submit(lambda: "next")
+    with pytest.raises(TimeoutError):
+        b.result(0.5)
+    busy.set()
+    assert a.result(5) is True and b.result(5) == "next"
+
+
+def test_disk_waits_outside_a_pool_do_nothing():
+    with waits.io_wait():
+        pass
