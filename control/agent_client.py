@@ -38,6 +38,7 @@ from control.node_api import (
     SnapshotMember,
     VolumeInfo,
 )
+from engine import waits
 from engine.errors import Unavailable
 from engine.qos.tiers import QosSpec
 from proto import agent_pb2_grpc
@@ -108,7 +109,8 @@ class AgentClient:
         rpc = getattr(self._current_stub(), agent_codec.rpc_name(method))
         timeout = self.read_timeout_s if method in READS else self.write_timeout_s
         try:
-            reply = rpc(agent_codec.encode_call(method, args), timeout=timeout)
+            with waits.io_wait():  # the node's round trip: lend this thread's place
+                reply = rpc(agent_codec.encode_call(method, args), timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(method, e) from None
         return agent_codec.decode_result(method, reply)

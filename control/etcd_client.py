@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from control.store import Compacted
+from engine import waits
 from engine.errors import NotFound, OutOfCapacity, Unavailable
 from proto.etcd import rpc_pb2_grpc
 
@@ -218,13 +219,14 @@ class EtcdClient:
             rpc = getattr(self._stubs[index][service], method)
             timeout = min(remaining, self.config.attempt_timeout_s)
             try:
-                if stream:
-                    responses = rpc(iter([request]), timeout=timeout)
-                    try:
-                        return next(responses)
-                    finally:
-                        responses.cancel()
-                return rpc(request, timeout=timeout)
+                with waits.io_wait():  # etcd's round trip: lend this thread's place
+                    if stream:
+                        responses = rpc(iter([request]), timeout=timeout)
+                        try:
+                            return next(responses)
+                        finally:
+                            responses.cancel()
+                    return rpc(request, timeout=timeout)
             except StopIteration:
                 raise Unavailable(f"etcd {method}: the stream ended without an answer") from None
             except grpc.RpcError as e:

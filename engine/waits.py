@@ -1,9 +1,10 @@
-"""Lets the executor that runs a call know when the call waits on the disk.
+"""Lets the executor that runs a call know when the call waits on I/O.
 
 The gRPC servers keep few threads computing at once (control/warm_pool.py: more would
-spend their time passing the GIL around). A call that blocks on an fsync says so here,
-and its thread stops counting while it waits, so that another call computes meanwhile
-instead of the CPU idling. engine/ knows nothing of the executor: a worker thread
+spend their time passing the GIL around). A call that blocks on an fsync, a commit, or a
+round trip to etcd or to a node agent says so here, and its thread stops counting while
+it waits (after a short grace), so that another call computes meanwhile instead of the
+CPU idling. engine/ knows nothing of the executor: a worker thread
 registers a context-manager factory for itself; on any other thread io_wait() does
 nothing.
 """
@@ -24,7 +25,7 @@ def set_waiter(factory: Callable[[], contextlib.AbstractContextManager[None]] | 
 
 @contextlib.contextmanager
 def io_wait() -> Iterator[None]:
-    """Wrap a wait on the disk (an fsync, a commit, a group commit's turn)."""
+    """Wrap a wait on I/O (an fsync, a commit, a group commit's turn, a remote call)."""
     factory = getattr(_local, "factory", None)
     if factory is None:
         yield
