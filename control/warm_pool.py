@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from engine import waits
 
 CORE = 2  # threads taking calls while none is slow: the best of 1/2/4/8/16, measured
 SLOW_AFTER_S = 0.1  # a call running longer is waiting, not computing
-IO_GRACE_S = 0.005  # a call waiting on the disk longer lends its place (see _waiting)
+IO_GRACE_S = 0.005  # a call waiting on I/O longer lends its place (see wait_begins)
 
 
 class WarmPool(concurrent.futures.Executor):
@@ -140,32 +139,30 @@ class WarmPool(concurrent.futures.Executor):
                 # a call may start a disk wait meanwhile: look again within a grace period
                 self._late.wait(min(timeout, IO_GRACE_S))
 
-    @contextlib.contextmanager
-    def _waiting(self) -> Iterator[None]:
-        """The running call waits on the disk (engine/waits.py, an fsync or a group
-        commit): if the wait lasts IO_GRACE_S, the call stops counting and a queued call
-        gets a thread, so that a slow disk does not idle the CPU (and commits still group:
-        measured with fsyncs throttled to 15 ms, a 2-thread pool without this made half
-        the pairs/s of a 16-thread pool at 32 clients; with it, as many). Quick waits (a
-        fast disk) change nothing: waking another thread for each one cost more CPU than
-        the wait."""
+    # --- engine/waits.py's Waiter, for this pool's worker threads ----------------------
+    def wait_begins(self) -> float | None:
+        """The running call waits on I/O (engine/waits.py: an fsync, a group commit, a
+        round trip to etcd or a node): if the wait lasts IO_GRACE_S, the call stops
+        counting and a queued call gets a thread, so that a slow disk does not idle the
+        CPU (and commits still group: measured with fsyncs throttled to 15 ms, a 2-thread
+        pool without this made half the pairs/s of a 16-thread pool at 32 clients; with
+        it, as many). Quick waits (a fast disk) change nothing: waking another thread for
+        each one cost more CPU than the wait. Returns what wait_ends restores."""
         me = threading.get_ident()
         with self._lock:
             started = self._started.get(me)
-            if started is not None:
+            if started is not None:  # (None: between calls)
                 turns_slow = self._clock() + IO_GRACE_S
                 self._started[me] = min(started, turns_slow - self.slow_after_s)
-        if started is None:  # not inside a call (a thread of the pool between calls)
-            yield
-            return
-        try:
-            yield
-        finally:
+        return started
+
+    def wait_ends(self, started: float | None) -> None:
+        if started is not None:
             with self._lock:
-                self._started[me] = started
+                self._started[threading.get_ident()] = started
 
     def _worker(self) -> None:
-        waits.set_waiter(self._waiting)
+        waits.set_waiter(self)
         me = threading.get_ident()
         starting = True
         while True:

@@ -11,24 +11,33 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 _local = threading.local()
 
 
-def set_waiter(factory: Callable[[], contextlib.AbstractContextManager[None]] | None) -> None:
+class Waiter(Protocol):
+    def wait_begins(self) -> Any: ...  # a token for wait_ends
+    def wait_ends(self, token: Any) -> None: ...
+
+
+def set_waiter(waiter: Waiter | None) -> None:
     """Called by an executor's worker thread for itself."""
-    _local.factory = factory
+    _local.waiter = waiter
 
 
-@contextlib.contextmanager
-def io_wait() -> Iterator[None]:
-    """Wrap a wait on I/O (an fsync, a commit, a group commit's turn, a remote call)."""
-    factory = getattr(_local, "factory", None)
-    if factory is None:
-        yield
-        return
-    with factory():
-        yield
+class io_wait:  # noqa: N801 - used like a function: `with io_wait():`
+    """Wrap a wait on I/O (an fsync, a commit, a group commit's turn, a remote call).
+    A plain class, not a generator: it runs several times per call."""
+
+    __slots__ = ("_waiter", "_token")
+
+    def __enter__(self) -> None:
+        self._waiter = getattr(_local, "waiter", None)
+        if self._waiter is not None:
+            self._token = self._waiter.wait_begins()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._waiter is not None:
+            self._waiter.wait_ends(self._token)
