@@ -251,16 +251,22 @@ def test_delete_on_a_down_node_keeps_a_tombstone_until_it_returns(three_zones):
     c.volumes.delete(vol.volume_id)  # idempotent
 
 
-def test_a_repeated_delete_while_the_tombstone_converges_elsewhere_is_ok(three_zones):
-    # The reconciler (or the first DeleteVolume) holds the volume while it converges the
-    # tombstone: a repeat waits for it a little and then answers OK, not ABORTED.
-    c = three_zones
-    vol = c.create("a")
+def tombstone_on_a_down_node(c: Cluster, name: str):
+    """A volume deleted while its node is away: its tombstone waits for the node."""
+    vol = c.create(name)
     node = c.nodes[vol.node_id]
     node.down = True
     c.registry.remove(node.node_id)
     c.volumes.delete(vol.volume_id)
     assert c.state(vol.volume_id) == DELETING
+    return vol, node
+
+
+def test_a_repeated_delete_while_the_tombstone_converges_elsewhere_is_ok(three_zones):
+    # The reconciler (or the first DeleteVolume) holds the volume while it converges the
+    # tombstone: a repeat waits for it a little and then answers OK, not ABORTED.
+    c = three_zones
+    vol, node = tombstone_on_a_down_node(c, "a")
     started = time.monotonic()
     with c.volumes.locks.hold(vol.volume_id):  # the reconciler's round
         c.volumes.delete(vol.volume_id)
@@ -282,12 +288,7 @@ def test_unpublish_of_a_converging_tombstone_is_ok_at_once(three_zones):
     # The CO's cleanup after DeleteVolume (ControllerUnpublish) must not be ABORTED while
     # the reconciler converges the tombstone: a tombstone has nothing attached.
     c = three_zones
-    vol = c.create("a")
-    node = c.nodes[vol.node_id]
-    node.down = True
-    c.registry.remove(node.node_id)
-    c.volumes.delete(vol.volume_id)
-    assert c.state(vol.volume_id) == DELETING
+    vol, _ = tombstone_on_a_down_node(c, "a")
     started = time.monotonic()
     with c.volumes.locks.hold(vol.volume_id):  # the reconciler's round
         c.volumes.unpublish(vol.volume_id, vol.node_id)
