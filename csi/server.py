@@ -26,7 +26,7 @@ from control.registry import NodeRegistry
 from control.store import Store
 from control.stores import StoreSpec, open_store
 from control.volumes import VolumePolicy
-from control.warm_pool import WarmPool
+from control.warm_pool import WarmPool, fast_lane
 from csi import cluster_config
 from csi.config import DEFAULT_ZONE, GIB, Config
 from csi.controller import ControllerService
@@ -321,7 +321,9 @@ class Driver:
 
     def add_identity(self) -> None:
         assert self.server is not None
-        csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(self.ready), self.server)
+        identity = fast_lane(IdentityService(self.ready),
+                             ("Probe", "GetPluginInfo", "GetPluginCapabilities"))
+        csi_pb2_grpc.add_IdentityServicer_to_server(identity, self.server)
 
     def add_controller(self, plane: ControlPlane, nodes: NodeRegistry) -> None:
         """Controller, GroupController and SnapshotMetadata over the control plane."""

@@ -133,3 +133,45 @@ def test_a_call_computing_keeps_its_place(pool):
 def test_disk_waits_outside_a_pool_do_nothing():
     with waits.io_wait():
         pass
+
+
+def test_probe_on_its_fast_lane_answers_while_every_handler_thread_is_taken(tmp_path):
+    # A kubelet's or a sidecar's Probe must not queue behind provisioning calls.
+    import grpc
+
+    from control.warm_pool import fast_lane
+    from proto import csi_pb2, csi_pb2_grpc
+
+    release = threading.Event()
+
+    class Stuck(csi_pb2_grpc.ControllerServicer):
+        def CreateVolume(self, request, context):
+            release.wait(30)
+            return csi_pb2.CreateVolumeResponse()
+
+    class Identity(csi_pb2_grpc.IdentityServicer):
+        def Probe(self, request, context):
+            return csi_pb2.ProbeResponse()
+
+    executor = WarmPool(max_workers=1, core=1, slow_after_s=0.05)
+    server = grpc.server(executor)
+    csi_pb2_grpc.add_ControllerServicer_to_server(Stuck(), server)
+    csi_pb2_grpc.add_IdentityServicer_to_server(fast_lane(Identity(), ("Probe",)), server)
+    endpoint = f"unix://{tmp_path}/s.sock"
+    server.add_insecure_port(endpoint)
+    server.start()
+    try:
+        with grpc.insecure_channel(endpoint) as ch:
+            stuck = csi_pb2_grpc.ControllerStub(ch).CreateVolume.future(
+                csi_pb2.CreateVolumeRequest(name="x"), timeout=30)
+            deadline = time.monotonic() + 5
+            while executor.busy() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert executor.busy() == 1  # the only handler thread is taken
+            csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=2)
+            release.set()
+            stuck.result(10)
+    finally:
+        release.set()
+        server.stop(0).wait()
+        executor.shutdown(wait=True)
