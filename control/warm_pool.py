@@ -13,9 +13,10 @@ So: `core` threads take calls, in order; a thread whose call has run for `slow_a
 is taken to be waiting (on a disk, a remote node, a lock) and stops counting, so the next
 queued call gets another thread at once, up to `max_workers`. No call waits behind slow
 ones longer than `slow_after_s`, and calls that wait for each other cannot deadlock (a
-waiting call turns slow and lends its place). A call that waits on the disk (an fsync, a
-group commit's turn: engine/waits.py) lends its place after IO_GRACE_S already, so a slow
-disk neither idles the CPU nor keeps commits from grouping. grpc.server takes any
+waiting call turns slow and lends its place). A call that waits on I/O (an fsync, a
+group commit's turn, a round trip to etcd or a node: engine/waits.py) lends its place
+after IO_GRACE_S already, so a slow disk neither idles the CPU nor keeps commits from
+grouping. grpc.server takes any
 Executor with submit.
 """
 
@@ -133,10 +134,9 @@ class WarmPool(concurrent.futures.Executor):
                         break
                     lent += 1
                 young = [t for t in self._started.values() if now - t < self.slow_after_s]
-                # sleep until the next young call turns slow (or a submit or a disk wait
-                # wakes us to plan again)
+                # until the next young call turns slow, but within IO_GRACE_S: a call may
+                # begin an I/O wait meanwhile, and nothing wakes us for it
                 timeout = min(young) + self.slow_after_s - now if young else self.slow_after_s
-                # a call may start a disk wait meanwhile: look again within a grace period
                 self._late.wait(min(timeout, IO_GRACE_S))
 
     # --- engine/waits.py's Waiter, for this pool's worker threads ----------------------
@@ -211,4 +211,3 @@ def fast_lane(servicer: Any, names: tuple[str, ...], workers: int = 2) -> Any:
         call.experimental_thread_pool = pool  # type: ignore[attr-defined]
         setattr(servicer, name, call)
     return servicer
-

@@ -4,9 +4,8 @@ The gRPC servers keep few threads computing at once (control/warm_pool.py: more 
 spend their time passing the GIL around). A call that blocks on an fsync, a commit, or a
 round trip to etcd or to a node agent says so here, and its thread stops counting while
 it waits (after a short grace), so that another call computes meanwhile instead of the
-CPU idling. engine/ knows nothing of the executor: a worker thread
-registers a context-manager factory for itself; on any other thread io_wait() does
-nothing.
+CPU idling. engine/ knows nothing of the executor: a worker thread registers itself as
+the Waiter of its thread; on any other thread io_wait() does nothing.
 """
 
 from __future__ import annotations
